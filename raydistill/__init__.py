@@ -1,0 +1,3 @@
+"""raydistill: chain-of-thought distillation studies on Ray."""
+
+__version__ = "0.1.0"

@@ -56,7 +56,8 @@ def _answer_piece(task: str, text: str) -> tuple[str, bool]:
     found = len(pieces) > 1
     if found:
         pred = pieces[-1]
-    return pred.strip("\n").rstrip(".").rstrip("/").strip(" "), found
+    # Upstream strips only "\n" before the trailing "."; all whitespace here, so "5. " -> "5".
+    return pred.strip().rstrip(".").rstrip("/").strip(), found
 
 
 def _pick(candidates: list[str], found: bool) -> str | None:
@@ -171,15 +172,15 @@ def _fix_sqrt(s: str) -> str:
 
 
 def _remove_right_units(s: str) -> str:
-    r"""Drop a trailing ``\text{ units}`` (``_remove_right_units``; upstream asserts one)."""
-    return s.split("\\text{ ")[0]
+    r"""Drop trailing ``\text{ units}`` (``_remove_right_units``; also ``\mbox{ units}``)."""
+    return re.split(r"\\(?:text|mbox)\{ ", s)[0]
 
 
 def _strip_string(s: str) -> str:
     """MATH answer normalisation, step for step MAmmoTH ``_strip_string``.
 
-    One addition: surrounding ``$`` / ``\\(`` ``\\)`` math delimiters are dropped first, so
-    "The answer is $\\frac{1}{2}$" normalises like the boxed form.
+    Additions: surrounding ``$`` / ``\\(`` ``\\)`` math delimiters are dropped first, so
+    "The answer is $\\frac{1}{2}$" normalises like the boxed form; a bare "%" goes too.
     """
     s = s.replace("\n", "").strip()
     s = re.sub(r"^\\\((.*)\\\)$", r"\1", s).strip("$").strip()
@@ -190,7 +191,7 @@ def _strip_string(s: str) -> str:
     s = s.replace("^{\\circ}", "").replace("^\\circ", "")
     s = s.replace("\\$", "")
     s = _remove_right_units(s)
-    s = s.replace("\\%", "")
+    s = s.replace("\\%", "").replace("%", "")  # bare "%" too: "52%" -> "52"
     s = s.replace(" .", " 0.").replace("{.", "{0.")
     if not s:
         return s
@@ -205,13 +206,23 @@ def _strip_string(s: str) -> str:
     return _fix_a_slash_b(s)
 
 
+def _repair_escapes(s: str) -> str:
+    r"""Undo JSON escapes eaten from LaTeX: ``\frac`` read as form feed + "rac", etc.
+
+    Seen in the released MATH teacher outputs; \b and \f never occur in real text, \t and
+    \r only count when a letter follows (``\times``, ``\text``, ``\right``).
+    """
+    s = s.replace("\f", "\\f").replace("\b", "\\b")
+    return re.sub(r"[\t\r](?=[a-z])", lambda m: "\\t" if m.group() == "\t" else "\\r", s)
+
+
 def _extract_math(task: str, text: str) -> str | None:
     """Mirrors MAmmoTH ``extract_math_answer`` applied to ``answer_clean``'s piece.
 
     boxed content if any; else, after a trigger, the text after the last '=' (a leading
     number followed by words keeps just the number); else the last number.
     """
-    piece, found = _answer_piece(task, text)
+    piece, found = _answer_piece(task, _repair_escapes(text))
     if "boxed" in piece:
         pred = _find_box(piece)
     elif found:
@@ -290,13 +301,21 @@ def normalize_gold(task: str, raw: Any) -> str:
             raise ValueError(f"{task}: no number in gold {raw!r}")
         return numbers[0].rstrip(".").rstrip("/")
     if task == "math":
+        s = _repair_escapes(s)
         if "boxed" in s:
             s = _find_box(s)
+        s += "}" * (s.count("{") - s.count("}"))  # released MATH golds cut at the first "}"
         return _strip_string(s)
-    letters = "ABCD" if task == "obqa" else "ABCDE"
-    m = re.match(r"\(?([A-Ea-e])\b", s)
-    if not m or m.group(1).upper() not in letters:
-        raise ValueError(f"{task}: gold {raw!r} is not one of the letters {letters}")
+    return _gold_letter(task, s, "ABCD" if task == "obqa" else "ABCDE")
+
+
+def _gold_letter(task: str, s: str, letters: str) -> str:
+    """The choice letter in a gold string: "B", "(b)", "B.", "Option C", "- D", "is 7=D"."""
+    m = (re.search(rf"(?<![A-Za-z])([{letters}])(?![A-Za-z])", s)
+         or re.search(rf"(?i)option\s*\(?([{letters}])\b", s)
+         or re.fullmatch(rf"[\W_]*([{letters.lower()}])[\W_]*", s))
+    if not m:
+        raise ValueError(f"{task}: no choice letter ({letters}) in gold {s!r}")
     return m.group(1).upper()
 
 
@@ -321,6 +340,11 @@ def _numbers_match(pred: float, gold: float) -> bool:
     return abs(pred - gold) <= abs(gold) * _REL_TOL
 
 
+def _drop_text(s: str) -> str:
+    r"""``\text{A,B}`` -> ``A,B``, as MAmmoTH ``compare_answer_with_groundtruth`` does."""
+    return s.replace("\\text{", "").rstrip("}") if "\\text{" in s else s
+
+
 def is_correct(task: str, text: str, gold: Any) -> bool:
     """Whether the answer extracted from ``text`` matches ``gold`` (raw or normalised).
 
@@ -337,6 +361,7 @@ def is_correct(task: str, text: str, gold: Any) -> bool:
         gold_s = str(gold).strip()
     if task not in _MATH_TASKS:
         return pred == gold_s
+    pred, gold_s = _drop_text(pred), _drop_text(gold_s)
     if pred.lower() == gold_s.lower():
         return True
     if task == "math":

@@ -183,7 +183,8 @@ def _strip_string(s: str) -> str:
     "The answer is $\\frac{1}{2}$" normalises like the boxed form; a bare "%" goes too.
     """
     s = s.replace("\n", "").strip()
-    s = re.sub(r"^\\\((.*)\\\)$", r"\1", s).strip("$").strip()
+    s = re.sub(r"^\\\((.*)\\\)$", r"\1", s)
+    s = re.sub(r"^\$+|(?<!\\)\$+$", "", s).strip()  # "$x$" -> "x", but "5\$" stays
     s = s.replace("\\!", "")
     s = s.replace("\\\\", "\\")
     s = s.replace("tfrac", "frac").replace("dfrac", "frac")

@@ -1,0 +1,342 @@
+"""Dataset registry: test-set sizes, the SVAMP split, leak removal, source resolution, errors.
+
+Reads the mirror at ../shared/data (or $RAYDISTILL_DATA_DIR). Downloads only ever go to an HTTP
+server on 127.0.0.1 that the tests start.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import json
+import logging
+import os
+import shutil
+import socket
+import threading
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raydistill import datasets
+from raydistill.datasets import (ChecksumMismatch, DataUnavailable, MalformedData, available_cells,
+                                 contamination, load_test, load_train, resolve)
+from raydistill.schemas import EXAMPLE_SCHEMA
+
+REPO = Path(__file__).resolve().parents[1]
+MIRROR = Path(os.environ.get("RAYDISTILL_DATA_DIR") or REPO.parent / "shared" / "data")
+TEST_SIZES = {"svamp": 300, "gsm8k": 1319, "aqua": 254, "math": 500, "csqa": 1221, "obqa": 500,
+              "strategyqa": 290}
+NOT_MIRRORED = "distilling-cot/train/gsm8k_ChatGPT_level1_ranked.json"  # >= 4 MiB upstream
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def data_env(monkeypatch, tmp_path):
+    """Mirror = the shared mirror; cache = a temp dir; downloads = a closed local port."""
+    assert (MIRROR / datasets.DATASET_INFO).is_file(), f"data mirror missing at {MIRROR}"
+    monkeypatch.setenv("RAYDISTILL_DATA_DIR", str(MIRROR))
+    monkeypatch.setenv("RAYDISTILL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("RAYDISTILL_DATA_URL", f"http://127.0.0.1:{_closed_port()}")
+    monkeypatch.setenv("RAYDISTILL_DOWNLOAD_TIMEOUT", "5")
+
+
+@pytest.fixture
+def server(tmp_path, monkeypatch):
+    """A static HTTP server on 127.0.0.1 laid out like raw.githubusercontent.com."""
+    root = tmp_path / "www"
+    root.mkdir()
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    monkeypatch.setenv("RAYDISTILL_DATA_URL", base)
+
+    def publish(relpath: str, content: bytes) -> None:
+        target = root / datasets.upstream_url(relpath)[len(base) + 1:]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content)
+
+    yield publish
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join()
+
+
+def _ids(table: pa.Table) -> set[str]:
+    return set(table.column("question_id").to_pylist())
+
+
+# ------------------------------------------------------------------------------ test sets
+
+
+@pytest.mark.parametrize("task,size", TEST_SIZES.items())
+def test_test_set_size_and_schema(task, size):
+    table = load_test(task)
+    assert table.num_rows == size
+    assert table.schema.equals(EXAMPLE_SCHEMA)
+    assert len(_ids(table)) == size  # no duplicate questions
+    assert all(table.column("answer").to_pylist())  # every test row has a gold answer
+
+
+def test_svamp_test_is_svamp_minus_the_700_training_questions():
+    test, train = load_test("svamp"), load_train("svamp", "answer_only")
+    everything = json.loads((MIRROR / "mammoth2-math-eval/SVAMP/SVAMP.json").read_text())
+    all_ids = {datasets.question_id(f"{r['Body']} {r['Question']}") for r in everything}
+    assert (len(everything), train.num_rows, test.num_rows) == (1000, 700, 300)
+    assert _ids(test) & _ids(train) == set()
+    assert _ids(test) | _ids(train) == all_ids
+
+
+def test_test_rows_are_normalised():
+    aqua = load_test("aqua").slice(0, 1).to_pylist()[0]
+    assert aqua["question"].endswith("Answer Choices: (A) 5(√3 + 1) (B) 6(√3 + √2) "
+                                     "(C) 7(√3 – 1) (D) 8(√3 – 2) (E) None of these")
+    assert (aqua["answer"], aqua["source"]) == ("A", "mammoth2-math-eval/AQuA/AQuA.json#0")
+    gsm = load_test("gsm8k").slice(0, 1).to_pylist()[0]
+    assert gsm["answer"] == "18" and gsm["rationale"].endswith("#### 18")
+    assert load_test("svamp").column("answer").to_pylist()[0] == "51"
+    assert set(load_test("strategyqa").column("answer").to_pylist()) == {"True", "False"}
+
+
+def test_question_id_is_stable():
+    assert datasets.question_id("  Hello \n World ") == "2aae6c35c94fcfb4"  # sha1("hello world")
+    assert datasets.question_id("hello world") == datasets.question_id("HELLO\tWORLD")
+    assert datasets.question_id("hello world") != datasets.question_id("hello worlds")
+    assert load_test("obqa").column("question_id").equals(load_test("obqa").column("question_id"))
+
+
+# -------------------------------------------------------------------------- training sets
+
+
+def test_registry_covers_every_dataset_info_entry():
+    info = json.loads((MIRROR / datasets.DATASET_INFO).read_text())
+    assert sum(len(available_cells(t)) for t in datasets.TASKS) == len(info) == 156
+    tf = datasets.train_file
+    assert (tf("math", "chatgpt", 3).path, tf("math", "chatgpt", 3).response) == (
+        "distilling-cot/train/math_mix_level3.json", "chatgpt_output")
+    assert tf("math", "gemini", 2).response == "gemini_output"
+    assert (tf("math", "answer_only").path, tf("math", "answer_only").response) == (
+        "distilling-cot/train/math_human.json", "output")
+    assert tf("math", "human").response == "solution"
+    assert tf("svamp", "chatgpt", 5, "sym").path.endswith("/0_SVAMP_chatgpt_level5SYM.json")
+    assert tf("gsm8k", "chatgpt", 3, "bsm").path.endswith("/0_gsm8k_chatgpt_level3BSM.json")
+    assert tf("obqa", "chatgpt", 3, "sym").path.endswith(
+        "/openbookqa_chatgpt_symbolic_level3_ranked.json")
+    assert tf("csqa", "human").path.endswith("/ecqa_train.json")
+    assert [c.level for c in available_cells("svamp") if c.teacher == "llama"] == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="svamp has no cell llama/L5"):
+        tf("svamp", "llama", 5)
+    with pytest.raises(ValueError, match="needs a level"):
+        tf("svamp", "chatgpt")
+
+
+def test_availability_reports_unmirrored_cells_without_crashing():
+    svamp = available_cells("svamp")
+    assert len(svamp) == 24 and all(c.where == "mirror" for c in svamp)
+    gsm = {(c.teacher, c.level, c.format): c for c in available_cells("gsm8k")}
+    assert [gsm["chatgpt", k, "cot"].offline for k in range(1, 7)] == [False] * 6
+    assert gsm["gemini", 1, "cot"].where == "mirror"
+    assert all(c.offline for c in available_cells("math"))
+
+
+def test_load_train_rows_and_answers():
+    table = load_train("svamp", "chatgpt", 1)
+    assert table.schema.equals(EXAMPLE_SCHEMA) and table.num_rows == 700
+    first = table.slice(0, 1).to_pylist()[0]
+    assert first["answer"] == "145" and first["rationale"].endswith("The answer is 145")
+    assert first["source"] == "distilling-cot/train/SVAMP_ChatGPT_level1_ranked.json#0"
+    math = load_train("math", "chatgpt", 1)
+    assert math.num_rows == 1297 and math.slice(0, 1).to_pylist()[0]["answer"] == "52"
+
+
+def test_math_gemini_level1_rows_without_the_teacher_column_are_skipped(caplog):
+    with caplog.at_level(logging.WARNING, logger="raydistill.datasets"):
+        table = load_train("math", "gemini", 1)
+    assert table.num_rows == 1297 - 195
+    assert "skipped 195 rows without column 'gemini_output'" in caplog.text
+
+
+def test_strategyqa_human_file_leak_is_reported_and_removed(caplog):
+    report = contamination("strategyqa")
+    by_path = {o.path: o for o in report.sources}
+    human = by_path["distilling-cot/train/stqa_human_annotation.json"]
+    assert (human.rows, human.id_overlap, human.text_overlap) == (2290, 290, 290)
+    assert all(o.id_overlap == 0 for p, o in by_path.items() if o is not human)
+    with caplog.at_level(logging.WARNING, logger="raydistill.datasets"):
+        train = load_train("strategyqa", "human")
+    assert train.num_rows == 2000
+    assert _ids(train) & _ids(load_test("strategyqa")) == set()
+    assert "dropped 290 of 2290" in caplog.text
+
+
+def test_csqa_text_overlap_sees_through_the_choice_layout():
+    test_q = "A revolving door is at a what? Answer Choices:\nA. bank\nB. library\n"
+    train_q = "Q: A revolving door is at a what? Answer choices: A: bank, B: library"
+    assert datasets.text_key(test_q) == datasets.text_key(train_q)
+    assert datasets.question_id(test_q) != datasets.question_id(train_q)
+
+
+def test_write_parquet_round_trip_and_schema_check(tmp_path):
+    table = load_test("strategyqa")
+    datasets.write_parquet(table, tmp_path / "sub" / "t.parquet")
+    assert pq.read_table(tmp_path / "sub" / "t.parquet").equals(table)
+    with pytest.raises(ValueError, match="EXAMPLE_SCHEMA"):
+        datasets.write_parquet(table.drop_columns(["source"]), tmp_path / "bad.parquet")
+
+
+# ---------------------------------------------------------------------- source resolution
+
+
+def test_upstream_json_is_pinned_from_the_mirror():
+    pinned = json.loads(datasets.MANIFEST.read_text())
+    assert datasets.build_manifest(MIRROR) == pinned
+    missing = [p for p, e in pinned["files"].items() if e["sha256"] is None]
+    assert len(missing) == 53 and NOT_MIRRORED in missing
+    assert all(not (MIRROR / p).exists() for p in missing)
+
+
+def test_unmirrored_file_raises_one_clear_error():
+    with pytest.raises(DataUnavailable) as err:
+        load_train("gsm8k", "chatgpt", 1)
+    message = str(err.value)
+    assert "\n" not in message
+    assert NOT_MIRRORED in message and str(MIRROR) in message
+    assert "RAYDISTILL_DATA_DIR" in message and "go online" in message
+
+
+def test_download_verifies_sha256_and_caches(server, tmp_path, monkeypatch):
+    rel = "distilling-cot/test/strategyQA_test.json"
+    monkeypatch.setenv("RAYDISTILL_DATA_DIR", str(tmp_path / "empty-mirror"))
+    content = (MIRROR / rel).read_bytes()
+    server(rel, content)
+    path = resolve(rel)
+    assert path == tmp_path / "cache" / rel and path.read_bytes() == content
+    pinned = json.loads(datasets.MANIFEST.read_text())["files"][rel]["sha256"]
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == pinned
+    assert load_test("strategyqa").num_rows == 290  # read from the cache
+    monkeypatch.setenv("RAYDISTILL_DATA_URL", f"http://127.0.0.1:{_closed_port()}")
+    assert resolve(rel) == path  # second time: no network needed
+
+
+def test_download_checksum_mismatch_deletes_and_raises(server, tmp_path, monkeypatch):
+    rel = "distilling-cot/test/strategyQA_test.json"
+    monkeypatch.setenv("RAYDISTILL_DATA_DIR", str(tmp_path / "empty-mirror"))
+    server(rel, (MIRROR / rel).read_bytes().replace(b"False", b"True"))
+    with pytest.raises(ChecksumMismatch, match="does not match the pinned"):
+        resolve(rel)
+    assert not (tmp_path / "cache" / rel).exists()
+    assert list((tmp_path / "cache" / rel).parent.iterdir()) == []  # no partial file left
+
+
+def test_download_404_is_data_unavailable(server):
+    with pytest.raises(DataUnavailable, match="HTTP Error 404"):
+        resolve(NOT_MIRRORED)
+
+
+def test_unpinned_download_is_accepted_with_a_warning(server, tmp_path, caplog):
+    server(NOT_MIRRORED, b"[]")
+    with caplog.at_level(logging.WARNING, logger="raydistill.datasets"):
+        assert resolve(NOT_MIRRORED).read_bytes() == b"[]"
+    assert "no pinned sha256" in caplog.text
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture
+def small_mirror(tmp_path, monkeypatch):
+    """A mirror with StrategyQA's files only, whose files a test may overwrite."""
+    root = tmp_path / "mirror"
+    for rel in (datasets.DATASET_INFO, "distilling-cot/test/strategyQA_test.json",
+                "distilling-cot/train/strategyQA_onlyans.json",
+                "distilling-cot/train/strategyQA_chatgpt_level_1_ranked.json"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(MIRROR / rel, root / rel)
+    monkeypatch.setenv("RAYDISTILL_DATA_DIR", str(root))
+
+    def write(rel: str, rows) -> None:
+        (root / rel).write_text(rows if isinstance(rows, str) else json.dumps(rows))
+
+    return write
+
+
+CHATGPT_L1 = "distilling-cot/train/strategyQA_chatgpt_level_1_ranked.json"
+
+
+def test_train_row_without_prompt_column_names_file_row_and_column(small_mirror):
+    small_mirror(CHATGPT_L1, [{"instruction": "Is water wet?", "output": "The answer is True"},
+                              {"output": "The answer is False"}])
+    with pytest.raises(MalformedData) as err:
+        load_train("strategyqa", "chatgpt", 1)
+    assert str(err.value) == f"{CHATGPT_L1}: row 1 has no column 'instruction'"
+
+
+def test_test_row_without_label_names_file_row_and_column(small_mirror):
+    rel = "distilling-cot/test/strategyQA_test.json"
+    small_mirror(rel, [{"instruction": "a?", "label": "True"},
+                       {"instruction": "b?", "label": "False"}, {"instruction": "c?"}])
+    with pytest.raises(MalformedData, match=rf"^{rel}: row 2 has no column 'label'$"):
+        load_test("strategyqa")
+
+
+def test_unnormalisable_gold_and_bad_json_name_the_file(small_mirror):
+    rel = "distilling-cot/test/strategyQA_test.json"
+    small_mirror(rel, [{"instruction": "a?", "label": "maybe"}])
+    with pytest.raises(MalformedData, match=rf"^{rel}: row 0 gold answer 'maybe'"):
+        load_test("strategyqa")
+    small_mirror(rel, '[{"instruction": "a?", ')
+    with pytest.raises(MalformedData, match=rf"^{rel}: invalid JSON"):
+        load_test("strategyqa")
+
+
+def test_missing_response_rows_are_skipped_unless_all_are_missing(small_mirror):
+    small_mirror(CHATGPT_L1, [{"instruction": "Is water wet?", "output": "The answer is True"},
+                              {"instruction": "Is fire cold?"}])
+    table = load_train("strategyqa", "chatgpt", 1)
+    assert table.column("question").to_pylist() == ["Is water wet?"]
+    assert table.column("answer").to_pylist() == ["True"]  # extracted: not in answer-only file
+    small_mirror(CHATGPT_L1, [{"instruction": "Is water wet?", "response": "True"}])
+    with pytest.raises(MalformedData, match="no row has column 'output'"):
+        load_train("strategyqa", "chatgpt", 1)
+
+
+# --------------------------------------------------------------------------------- CLI
+
+
+def test_cli_export_list_and_contamination(tmp_path, capsys):
+    out = tmp_path / "svamp.parquet"
+    rc = datasets.main(["export", "--task", "svamp", "--teacher", "chatgpt", "--level", "1",
+                        "--out", str(out)])
+    assert rc == 0 and pq.read_table(out).schema.equals(EXAMPLE_SCHEMA)
+    assert pq.read_table(out).num_rows == 700
+    assert datasets.main(["export", "--task", "math", "--split", "test", "--out", str(out)]) == 0
+    assert pq.read_table(out).num_rows == 500
+    capsys.readouterr()
+    assert datasets.main(["list", "--task", "gsm8k"]) == 0
+    listing = capsys.readouterr().out
+    assert "not available offline  distilling-cot/train/gsm8k_ChatGPT_level1_ranked.json" in listing
+    assert datasets.main(["check-contamination", "--task", "strategyqa"]) == 0
+    assert "290 id    290 text  of  2290 rows" in capsys.readouterr().out
+
+
+def test_cli_export_of_unmirrored_cell_fails_cleanly(tmp_path, capsys):
+    rc = datasets.main(["export", "--task", "gsm8k", "--teacher", "chatgpt", "--level", "1",
+                        "--out", str(tmp_path / "x.parquet")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and NOT_MIRRORED in err[0]
+    assert not (tmp_path / "x.parquet").exists()

@@ -1,0 +1,228 @@
+"""Typed specs: a sweep YAML becomes a `SweepSpec`; the planner turns it into `TrialSpec`s.
+
+Defaults are the paper's (LLaMA-Factory SFT: full fine-tuning, lr 5e-5, 3 epochs, cosine, no
+warm-up, global batch 64, cutoff 4096, grad-norm 1.0, seed 100, DeepSpeed ZeRO-3). A CPU demo
+overrides a few of them in its YAML.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+TASK_NAMES = ("svamp", "gsm8k", "aqua", "math", "csqa", "obqa", "strategyqa")
+REPLAY_TEACHERS = ("chatgpt", "gemini", "llama", "human", "answer_only")
+LEVELLESS_TEACHERS = ("human", "answer_only")
+FORMATS = ("cot", "bsm", "rar", "sym", "least_to_most")
+
+
+class SpecError(ValueError):
+    """A config that cannot run; the message names the file and the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoraSpec(_Strict):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | None = None  # None: the student family's default
+    merge_on_save: bool = True
+
+
+class TrainSpec(_Strict):
+    learning_rate: float = Field(5e-5, gt=0)
+    epochs: float = Field(3.0, gt=0)
+    global_batch_size: int = Field(64, ge=1)
+    micro_batch_size: int = Field(4, ge=1)
+    cutoff_len: int = Field(4096, ge=8)
+    max_grad_norm: float = Field(1.0, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    seed: int = 100
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    precision: Literal["fp32", "bf16"] = "fp32"
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    lora: LoraSpec | None = None
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> TrainSpec:
+        per_step = self.micro_batch_size * self.num_workers
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"global_batch_size {self.global_batch_size} is not a multiple of "
+                f"micro_batch_size x num_workers = {per_step}"
+            )
+        return self
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.num_workers)
+
+
+class EvalSpec(_Strict):
+    engine: Literal["auto", "hf", "vllm"] = "auto"
+    max_new_tokens: int = Field(640, ge=1)
+    batch_size: int = Field(16, ge=1)
+    num_actors: int = Field(1, ge=1)
+    cpus_per_actor: float = Field(1.0, gt=0)
+    use_gpu: bool = False
+
+
+class CellSpec(_Strict):
+    """One annotation cell: the supervision a student is trained on."""
+
+    dataset: str
+    teacher: str
+    level: int | None = None
+    format: str = "cot"
+    train_limit: int | None = None
+
+    @property
+    def label(self) -> str:
+        level = f"L{self.level}" if self.level is not None else "-"
+        return f"{self.dataset}/{self.teacher}/{level}/{self.format}"
+
+
+class TrialSpec(_Strict):
+    """One trial = fine-tune `student` on `cell`, then evaluate it on the dataset's test set."""
+
+    cell: CellSpec
+    student: str
+    seed: int
+    test_limit: int | None
+    train: TrainSpec
+    eval: EvalSpec
+
+    @property
+    def trial_hash(self) -> str:
+        return content_hash(self.model_dump(mode="json"))
+
+    def axes(self) -> dict[str, str]:
+        """The values that identify this trial in tables, MLflow params and tags."""
+        return {
+            "dataset": self.cell.dataset,
+            "teacher": self.cell.teacher,
+            "level": "" if self.cell.level is None else str(self.cell.level),
+            "format": self.cell.format,
+            "student": self.student,
+            "seed": str(self.seed),
+        }
+
+
+class SweepSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    output_dir: str = "outputs"
+    datasets: list[str] = Field(min_length=1)
+    teachers: list[str] = Field(min_length=1)
+    levels: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5, 6])
+    formats: list[str] = Field(default_factory=lambda: ["cot"])
+    students: list[str] = Field(min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [100])
+    train_limit: int | None = Field(None, ge=1)
+    test_limit: int | None = Field(None, ge=1)
+    max_concurrent_trials: int = Field(1, ge=1)
+    mlflow_tracking_uri: str | None = None  # default sqlite:///<output_dir>/<name>/mlflow.db
+    train: TrainSpec = TrainSpec()
+    eval: EvalSpec = EvalSpec()
+
+    @field_validator("datasets")
+    @classmethod
+    def _known_datasets(cls, value: list[str]) -> list[str]:
+        return _check_members("datasets", value, TASK_NAMES)
+
+    @field_validator("formats")
+    @classmethod
+    def _known_formats(cls, value: list[str]) -> list[str]:
+        return _check_members("formats", value, FORMATS)
+
+    @field_validator("levels")
+    @classmethod
+    def _levels_in_range(cls, value: list[int]) -> list[int]:
+        bad = [lvl for lvl in value if not 1 <= lvl <= 6]
+        if bad:
+            raise ValueError(f"granularity levels run from 1 to 6, got {bad}")
+        return value
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir).expanduser().resolve() / self.name
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"sqlite:///{self.run_dir / 'mlflow.db'}"
+
+    def cells(self) -> list[CellSpec]:
+        """Annotation cells of the grid; teachers without levels (human, answer-only) appear once."""
+        cells: dict[CellSpec, None] = {}
+        for dataset in self.datasets:
+            for teacher in self.teachers:
+                levelless = teacher in LEVELLESS_TEACHERS
+                for level in [None] if levelless else self.levels:
+                    for fmt in ["cot"] if levelless else self.formats:
+                        cells[CellSpec(dataset=dataset, teacher=teacher, level=level,
+                                       format=fmt, train_limit=self.train_limit)] = None
+        return list(cells)
+
+    def trials(self) -> list[TrialSpec]:
+        return [
+            TrialSpec(cell=cell, student=student, seed=seed, test_limit=self.test_limit,
+                      train=self.train.model_copy(update={"seed": seed}), eval=self.eval)
+            for cell in self.cells()
+            for student in self.students
+            for seed in self.seeds
+        ]
+
+
+def _check_members(field: str, value: list[str], allowed: tuple[str, ...]) -> list[str]:
+    unknown = [v for v in value if v not in allowed]
+    if unknown:
+        raise ValueError(f"unknown {field} {unknown}; choose from {list(allowed)}")
+    return value
+
+
+def content_hash(obj: object) -> str:
+    """Stable 16-hex-char hash of a JSON-serialisable object."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_sweep(path: str | Path, overrides: dict | None = None) -> SweepSpec:
+    """Read a sweep YAML (plus dotted-key overrides) into a validated `SweepSpec`."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise SpecError(f"{path}: cannot read sweep config: {err}") from err
+    return sweep_from_dict(raw, source=str(path), overrides=overrides)
+
+
+def sweep_from_dict(raw: dict, source: str = "<config>", overrides: dict | None = None) -> SweepSpec:
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: a sweep config is a mapping of fields, got {type(raw).__name__}")
+    raw = dict(raw)
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    try:
+        return SweepSpec.model_validate(raw)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"field '{'.'.join(str(p) for p in e['loc']) or '<root>'}': {e['msg']}" for e in err.errors()
+        )
+        raise SpecError(f"{source}: {problems}") from None
+
+
+def _set_dotted(raw: dict, dotted: str, value: object) -> None:
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[leaf] = value

@@ -1,0 +1,263 @@
+"""Sweep: a Ray Tune grid of trials, one per (student, annotation cell, seed).
+
+    plan      expand the YAML grid into TrialSpecs, each with a content hash
+    prepare   annotation cells and test sets -> Parquet once, shared by every trial that needs them
+    run       Ray Tune runs `run_trial` (Ray Train SFT -> Ray Data evaluation) for every trial;
+              a trial whose record already exists is not recomputed
+    track     each finished trial becomes an MLflow run (see `raydistill.tracking`)
+    report    results table (Markdown + CSV) and accuracy-vs-granularity plot
+
+    raydistill sweep --config sweeps/granularity.yaml [--set train.epochs=1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import yaml
+
+from raydistill.spec import CellSpec, SpecError, SweepSpec, TrialSpec, content_hash, load_sweep
+
+log = logging.getLogger("raydistill.sweep")
+
+TRIAL_SLOT = "trial_slot"  # custom resource that bounds how many trial drivers run at once
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+def cell_dir(run_dir: Path, cell: CellSpec) -> Path:
+    return run_dir / "cells" / content_hash(cell.model_dump(mode="json"))
+
+
+def prepare_cell(cell: CellSpec, run_dir: Path) -> Path:
+    """Training Parquet of one annotation cell (released annotations replayed), written once."""
+    from raydistill.datasets import load_train
+
+    path = cell_dir(run_dir, cell) / "train.parquet"
+    if path.exists():
+        return path
+    table = load_train(cell.dataset, cell.teacher, level=cell.level, fmt=cell.format)
+    if cell.train_limit is not None:
+        table = table.slice(0, cell.train_limit)
+    _write_atomic(table, path)
+    (path.parent / "cell.json").write_text(json.dumps(cell.model_dump(mode="json"), indent=2))
+    return path
+
+
+def prepare_test(task: str, limit: int | None, run_dir: Path) -> Path:
+    from raydistill.datasets import load_test
+
+    path = run_dir / "test" / f"{task}-{limit or 'all'}.parquet"
+    if not path.exists():
+        table = load_test(task)
+        _write_atomic(table.slice(0, limit) if limit else table, path)
+    return path
+
+
+def _write_atomic(table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------- one trial
+
+
+def run_trial(config: dict) -> dict:
+    """Tune trainable: fine-tune the student on the cell, evaluate, write the trial record."""
+    from ray import tune
+
+    payload = config["payload"]
+    trial = TrialSpec.model_validate(payload["trial"])
+    trial_dir = Path(payload["run_dir"]) / "trials" / trial.trial_hash
+    record_path = trial_dir / "record.json"
+    if not record_path.exists():
+        record = _train_and_evaluate(trial, payload, trial_dir)
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        tmp = record_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=2))
+        tmp.replace(record_path)
+    record = json.loads(record_path.read_text())
+    result = {**record["metrics"], "record_path": str(record_path)}
+    tune.report(result)
+    return result
+
+
+def _train_and_evaluate(trial: TrialSpec, payload: dict, trial_dir: Path) -> dict:
+    from raydistill.evaluate import evaluate
+    from raydistill.train import TrainJob, fit
+
+    job = TrainJob(student=trial.student, model_path=payload["model_path"], data_path=payload["train_path"],
+                   run_name=f"train-{trial.trial_hash}", storage_path=str(Path(payload["run_dir"]) / "ray"),
+                   spec=trial.train.model_dump(mode="json"))
+    trained = fit(job, report_to_tune=True)
+    test = pq.read_table(payload["test_path"])
+    started = time.perf_counter()
+    result = evaluate(trained.model_path, trial.student, trial.cell.dataset, test, trial.eval,
+                      trial_dir / "predictions.parquet", cell_hash=trial.trial_hash)
+    eval_seconds = time.perf_counter() - started
+    history = json.loads((Path(trained.model_path) / "train_state.json").read_text())["history"]
+    return {
+        "trial_hash": trial.trial_hash,
+        "axes": trial.axes(),
+        "train_spec": trial.train.model_dump(mode="json"),
+        "eval_spec": trial.eval.model_dump(mode="json"),
+        "model_path": trained.model_path,
+        "predictions_path": result.predictions_path,
+        "train_history": history,
+        "metrics": {
+            "accuracy": result.accuracy,
+            "n_test": result.n,
+            "extraction_failure_rate": result.extraction_failure_rate,
+            "mean_generated_tokens": result.mean_generated_tokens,
+            "train_examples": trained.examples,
+            "train_truncated": trained.truncated,
+            "train_steps": trained.steps,
+            "final_train_loss": trained.final_loss,
+            "train_seconds": trained.train_seconds,
+            "eval_seconds": eval_seconds,
+        },
+    }
+
+
+# --------------------------------------------------------------------------- the sweep
+
+
+def _init_ray(spec: SweepSpec) -> None:
+    """Join the cluster this runs in (`ray job submit`, RAY_ADDRESS) or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        ray.init(resources={TRIAL_SLOT: spec.max_concurrent_trials})
+
+
+def _trial_resources() -> dict:
+    """A trial driver only waits on its Train workers and Ray Data actors: it takes no CPU.
+
+    Tune cannot schedule a trial that asks for nothing, so it holds one `trial_slot`; a cluster
+    started without that resource gets a sliver of CPU instead.
+    """
+    import ray
+
+    if ray.cluster_resources().get(TRIAL_SLOT, 0) >= 1:
+        return {"cpu": 0, TRIAL_SLOT: 1}
+    return {"cpu": 0.01}
+
+
+def plan(spec: SweepSpec) -> list[TrialSpec]:
+    return spec.trials()
+
+
+def run_sweep(spec: SweepSpec) -> list[dict]:
+    """Run every trial of the sweep (skipping finished ones) and return their records."""
+    from ray import tune
+
+    from raydistill.report import write_report
+    from raydistill.students import resolve_student
+    from raydistill.tracking import MLflowTrialLogger, setup_experiment
+
+    run_dir = spec.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "sweep.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    trials = plan(spec)
+    log.info("sweep %s: %d trials over %d annotation cells", spec.name, len(trials), len(spec.cells()))
+
+    train_paths = {cell: prepare_cell(cell, run_dir) for cell in spec.cells()}
+    test_paths = {task: prepare_test(task, spec.test_limit, run_dir) for task in spec.datasets}
+    model_paths = {student: str(resolve_student(student)) for student in spec.students}
+
+    _init_ray(spec)
+    experiment_id = setup_experiment(spec.tracking_uri, spec.name, run_dir / "mlartifacts")
+    payloads = [
+        {"trial": t.model_dump(mode="json"), "run_dir": str(run_dir), "train_path": str(train_paths[t.cell]),
+         "test_path": str(test_paths[t.cell.dataset]), "model_path": model_paths[t.student]}
+        for t in trials
+    ]
+    tuner = tune.Tuner(
+        tune.with_resources(run_trial, _trial_resources()),
+        param_space={"payload": tune.grid_search(payloads)},
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=spec.max_concurrent_trials,
+            trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
+        ),
+        run_config=tune.RunConfig(
+            name="tune", storage_path=str(run_dir / "ray"),
+            callbacks=[MLflowTrialLogger(spec.tracking_uri, experiment_id)],
+            failure_config=tune.FailureConfig(max_failures=1),
+        ),
+    )
+    results = tuner.fit()
+    errors = [r.error for r in results if r.error]
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {len(trials)} trials failed; first error: {errors[0]}")
+    records = [json.loads(Path(r.metrics["record_path"]).read_text()) for r in results]
+    write_report(records, run_dir)
+    return records
+
+
+def _trial_name(trial) -> str:
+    return "trial-" + TrialSpec.model_validate(trial.config["payload"]["trial"]).trial_hash
+
+
+def print_summary(spec: SweepSpec) -> None:
+    run_dir = spec.run_dir
+    print((run_dir / "results.md").read_text())
+    print(f"results table : {run_dir / 'results.md'} (and results.csv)")
+    print(f"plot          : {run_dir / 'accuracy_vs_level.png'}")
+    print(f"MLflow store  : {spec.tracking_uri}")
+    print(f"open the UI   : mlflow ui --backend-store-uri {spec.tracking_uri} --port 5000")
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`--set a.b=1` pairs, values parsed as YAML (numbers, lists, booleans)."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def main(argv: list[str], prog: str = "raydistill sweep") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="sweep YAML (see sweeps/*.yaml); the last one given wins")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set train.epochs=1 --set levels=[1,6]")
+    parser.add_argument("--output-dir", default=os.environ.get("RAYDISTILL_OUTPUT_DIR"),
+                        help="parent folder of the sweep's outputs (default: $RAYDISTILL_OUTPUT_DIR, "
+                             "else the config's output_dir)")
+    args = parser.parse_args(argv)
+    overrides = parse_overrides(args.set)
+    if args.output_dir:
+        overrides["output_dir"] = args.output_dir
+    try:
+        spec = load_sweep(args.config, overrides)
+    except SpecError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    run_and_print(spec)
+    return 0
+
+
+def run_and_print(spec: SweepSpec) -> list[dict]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    started = time.perf_counter()
+    records = run_sweep(spec)
+    print_summary(spec)
+    print(f"wall time     : {time.perf_counter() - started:.0f} s for {len(records)} trials")
+    return records
+

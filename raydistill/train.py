@@ -1,0 +1,341 @@
+"""SFT stage: Ray Train `TorchTrainer` + DeepSpeed ZeRO on an annotations Parquet.
+
+Each worker tokenises the cell with the student's template (loss on the response tokens only),
+draws its shard of length-grouped micro-batches, and steps a DeepSpeed engine. Rank 0 saves the
+final model as a plain HF folder that evaluation loads.
+
+    raydistill train --student tiny-llama --data cell.parquet --out runs/ --set epochs=1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from raydistill.spec import TrainSpec
+
+IGNORE_INDEX = -100
+TRAIN_STATE_FILE = "train_state.json"
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """Everything one fine-tuning run needs; plain data so it travels to Ray workers."""
+
+    student: str  # registry name or local HF folder (for the template)
+    model_path: str  # HF folder with the initial weights
+    data_path: str  # Parquet with EXAMPLE_SCHEMA (question, rationale)
+    run_name: str
+    storage_path: str
+    spec: dict  # TrainSpec.model_dump()
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    model_path: str  # HF folder of the fine-tuned model
+    steps: int
+    final_loss: float
+    train_seconds: float
+    examples: int
+    truncated: int
+
+
+# --------------------------------------------------------------------------- data
+
+
+def tokenize_examples(rows: list[dict], tokenizer, template, cutoff_len: int) -> tuple[list[dict], int]:
+    """Token ids with the prompt masked out of the labels; sequences over `cutoff_len` are cut.
+
+    Returns the examples and how many were truncated.
+    """
+    examples, truncated = [], 0
+    for row in rows:
+        prompt, response = template.training_pair(row["question"], row["rationale"], tokenizer)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+        input_ids = prompt_ids + response_ids
+        labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
+        if len(input_ids) > cutoff_len:
+            truncated += 1
+            input_ids, labels = input_ids[:cutoff_len], labels[:cutoff_len]
+        examples.append({"input_ids": input_ids, "labels": labels})
+    return examples, truncated
+
+
+def micro_batches(lengths: list[int], spec: TrainSpec, rank: int, world: int) -> list[list[int]]:
+    """This rank's micro-batches (lists of example indices) for the whole run.
+
+    Each epoch is a seeded shuffle cut into global micro-batches of `micro_batch_size x world`
+    examples, grouped by length within windows of 50 to cut padding; rank r takes every
+    world-th example of each. The count is a whole number of optimizer steps, equal on every rank.
+    """
+    per_step = spec.micro_batch_size * world
+    batches_per_epoch = max(1, len(lengths) // per_step)
+    steps = max(1, round(spec.epochs * batches_per_epoch / spec.grad_accum_steps))
+    needed = steps * spec.grad_accum_steps
+    rng = random.Random(spec.seed)
+    mine: list[list[int]] = []
+    while len(mine) < needed:
+        order = rng.sample(range(len(lengths)), len(lengths))
+        order = (order * math.ceil(per_step / len(order)))[: max(1, len(order) // per_step) * per_step]
+        mine += [group[rank::world] for group in _length_grouped(order, lengths, per_step, rng)]
+    return mine[:needed]
+
+
+def _length_grouped(order: list[int], lengths: list[int], size: int, rng: random.Random,
+                    window_batches: int = 50) -> list[list[int]]:
+    groups = []
+    for start in range(0, len(order), size * window_batches):
+        window = sorted(order[start:start + size * window_batches], key=lengths.__getitem__)
+        groups += [window[i:i + size] for i in range(0, len(window), size)]
+    rng.shuffle(groups)
+    return groups
+
+
+def padding_fraction(batches: list[list[int]], lengths: list[int]) -> float:
+    """Share of the token slots in padded micro-batches that hold padding."""
+    slots = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+    real = sum(lengths[i] for b in batches for i in b)
+    return 1.0 - real / slots if slots else 0.0
+
+
+def collate(examples: list[dict], indices: list[int], pad_id: int):
+    import torch
+
+    width = max(len(examples[i]["input_ids"]) for i in indices)
+    ids, labels, mask = [], [], []
+    for i in indices:
+        seq, lab = examples[i]["input_ids"], examples[i]["labels"]
+        pad = width - len(seq)
+        ids.append(seq + [pad_id] * pad)
+        labels.append(lab + [IGNORE_INDEX] * pad)
+        mask.append([1] * len(seq) + [0] * pad)
+    return {
+        "input_ids": torch.tensor(ids),
+        "labels": torch.tensor(labels),
+        "attention_mask": torch.tensor(mask),
+    }
+
+
+# --------------------------------------------------------------------------- DeepSpeed
+
+
+def deepspeed_config(spec: TrainSpec) -> dict:
+    """DeepSpeed config for one run; the optimizer is AdamW in plain torch (no op to compile)."""
+    config = {
+        "train_micro_batch_size_per_gpu": spec.micro_batch_size,
+        "gradient_accumulation_steps": spec.grad_accum_steps,
+        "gradient_clipping": spec.max_grad_norm,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": spec.learning_rate, "weight_decay": 0.0, "torch_adam": True},
+        },
+        "zero_optimization": {"stage": spec.zero_stage},
+        "bf16": {"enabled": spec.precision == "bf16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if spec.zero_stage == 3:
+        config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    return config
+
+
+def _cosine_schedule(spec: TrainSpec, total_steps: int):
+    from transformers import get_cosine_schedule_with_warmup
+
+    return lambda optimizer: get_cosine_schedule_with_warmup(optimizer, spec.warmup_steps, total_steps)
+
+
+def _save_hf_folder(engine, tokenizer, spec: TrainSpec, out_dir: Path, rank: int) -> None:
+    """Write the full model (gathered from ZeRO-3 shards if needed) as an HF folder on rank 0."""
+    import deepspeed
+
+    model = engine.module
+    params = list(model.parameters())
+    gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if spec.zero_stage == 3 else _nullcontext()
+    with gather:
+        if rank == 0:
+            model.save_pretrained(out_dir)
+            tokenizer.save_pretrained(out_dir)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# --------------------------------------------------------------------------- worker loop
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import deepspeed
+    import ray.train
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raydistill.students import get_template
+
+    job = TrainJob(**config["job"])
+    spec = TrainSpec.model_validate(job.spec)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(spec.seed)
+
+    tokenizer = AutoTokenizer.from_pretrained(job.model_path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    template = get_template(job.student, tokenizer)
+    rows = pq.read_table(job.data_path, columns=["question", "rationale"]).to_pylist()
+    examples, truncated = tokenize_examples(rows, tokenizer, template, spec.cutoff_len)
+    lengths = [len(e["input_ids"]) for e in examples]
+    batches = micro_batches(lengths, spec, rank, world)
+    total_steps = len(batches) // spec.grad_accum_steps
+
+    dtype = torch.bfloat16 if spec.precision == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(job.model_path, dtype=dtype)
+    model = _maybe_lora(model, spec)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=deepspeed_config(spec),
+        lr_scheduler=_cosine_schedule(spec, total_steps),
+    )
+
+    history, window_loss, window_tokens, started = [], 0.0, 0, time.perf_counter()
+    for micro_step, indices in enumerate(batches, start=1):
+        batch = {k: v.to(engine.device) for k, v in collate(examples, indices, pad_id).items()}
+        loss = engine(**batch).loss
+        engine.backward(loss)
+        engine.step()
+        window_loss += loss.item() / spec.grad_accum_steps
+        window_tokens += int(batch["attention_mask"].sum())
+        if micro_step % spec.grad_accum_steps == 0:
+            step = micro_step // spec.grad_accum_steps
+            elapsed = time.perf_counter() - started
+            record = {"step": step, "loss": window_loss, "lr": engine.get_lr()[0],
+                      "tokens_per_s": window_tokens * world / max(elapsed, 1e-9)}
+            history.append(record)
+            ray.train.report({"train_loss": window_loss, "step": step})
+            window_loss, window_tokens, started = 0.0, 0, time.perf_counter()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "model"
+        _save_hf_folder(engine, tokenizer, spec, out, rank)
+        checkpoint = None
+        if rank == 0:
+            model_dir = _merge_lora_if_needed(out, spec, job.model_path)
+            state = {"history": history, "examples": len(examples), "truncated": truncated,
+                     "padding_fraction": padding_fraction(batches, lengths),
+                     "steps": total_steps, "world_size": world}
+            (model_dir / TRAIN_STATE_FILE).write_text(json.dumps(state))
+            checkpoint = ray.train.Checkpoint.from_directory(str(model_dir))
+        ray.train.report({"train_loss": history[-1]["loss"], "step": total_steps, "done": 1},
+                         checkpoint=checkpoint)
+    engine.destroy()
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _maybe_lora(model, spec: TrainSpec):
+    if spec.lora is None:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lora = spec.lora
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=lora.target_modules or "all-linear", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def _merge_lora_if_needed(out: Path, spec: TrainSpec, base_path: str) -> Path:
+    """With LoRA, `out` holds an adapter; merge it into the base so evaluation loads a plain folder."""
+    if spec.lora is None or not spec.lora.merge_on_save:
+        return out
+    from peft import AutoPeftModelForCausalLM
+
+    merged = out.parent / "merged"
+    model = AutoPeftModelForCausalLM.from_pretrained(out).merge_and_unload()
+    model.save_pretrained(merged)
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(out).save_pretrained(merged)
+    return merged
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def fit(job: TrainJob, report_to_tune: bool = False) -> TrainResult:
+    """Run one fine-tuning job on the current Ray cluster and return where the model landed."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    spec = TrainSpec.model_validate(job.spec)
+    callbacks = []
+    if report_to_tune:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks.append(TuneReportCallback())
+    resources = {"CPU": spec.cpus_per_worker}
+    if spec.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": asdict(job)},
+        torch_config=TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=spec.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=job.run_name, storage_path=job.storage_path, callbacks=callbacks),
+    )
+    started = time.perf_counter()
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {job.run_name} finished without a checkpoint")
+    model_path = result.checkpoint.path
+    state = json.loads((Path(model_path) / TRAIN_STATE_FILE).read_text())
+    return TrainResult(model_path=model_path, steps=state["steps"], final_loss=state["history"][-1]["loss"],
+                       train_seconds=time.perf_counter() - started, examples=state["examples"],
+                       truncated=state["truncated"])
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="raydistill train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--student", required=True, help="registry name or local HF folder")
+    parser.add_argument("--data", required=True, help="Parquet with question and rationale columns")
+    parser.add_argument("--out", default="outputs/train", help="storage path for the run")
+    parser.add_argument("--name", default="sft", help="run name under --out")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a TrainSpec field, e.g. --set epochs=1 --set zero_stage=2")
+    args = parser.parse_args(argv)
+
+    import ray
+    import yaml
+
+    from raydistill.students import resolve_student
+
+    overrides = dict(item.split("=", 1) for item in args.set)
+    spec = TrainSpec.model_validate({k: yaml.safe_load(v) for k, v in overrides.items()})
+    job = TrainJob(student=args.student, model_path=str(resolve_student(args.student)),
+                   data_path=str(Path(args.data).resolve()), run_name=args.name,
+                   storage_path=str(Path(args.out).resolve()), spec=spec.model_dump())
+    ray.init(ignore_reinit_error=True)
+    result = fit(job)
+    print(json.dumps(asdict(result), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(os.sys.argv[1:]))

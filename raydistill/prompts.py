@@ -1,0 +1,187 @@
+"""Teacher prompts for the annotation stage: granularity levels, formats and one-shot exemplars.
+
+The prompt texts live in files under ``data/prompts/`` (override with ``prompt_dir``)::
+
+    system.md                 the system message; {level_instruction}, {format_instruction}, {answer_rule}
+    answer_only.md            the system message of the answer-only probe (hybrid granularity)
+    levels/level1..6.md       one instruction per granularity level (1 = minimal, 6 = very detailed)
+    formats/<format>.md       one instruction per format: cot, least_to_most, rar, bsm, sym
+    exemplars/<family>.yaml   the one-shot example per task family (math_numeric, multiple_choice,
+                              yes_no, math_latex); exemplars/<task>.yaml overrides it for a task
+
+A request is a chat: system message (level + format instructions), the exemplar question as a
+user turn, the exemplar's solution at the requested level (cot) or in the requested format
+(other formats) as the assistant turn, then the real question as the last user turn.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+LEVELS = (1, 2, 3, 4, 5, 6)
+FORMATS = ("cot", "least_to_most", "rar", "bsm", "sym")
+TASKS = ("svamp", "gsm8k", "aqua", "math", "csqa", "obqa", "strategyqa")
+FAMILY_OF_TASK = {
+    "svamp": "math_numeric",
+    "gsm8k": "math_numeric",
+    "aqua": "multiple_choice",
+    "csqa": "multiple_choice",
+    "obqa": "multiple_choice",
+    "strategyqa": "yes_no",
+    "math": "math_latex",
+}
+
+DEFAULT_PROMPT_DIR = Path(__file__).resolve().parent.parent / "data" / "prompts"
+
+_STEP = re.compile(r"^\d+\.\s")
+
+
+class PromptError(ValueError):
+    """A prompt file is missing or malformed."""
+
+
+def unwrap(text: str) -> str:
+    """Re-join a hard-wrapped block.
+
+    Wrapped lines join with a space; a line starting with "N. " or following a blank line starts
+    a new line.
+    """
+    out: list[str] = []
+    new_line = True
+    for raw in str(text).strip().splitlines():
+        line = raw.strip()
+        if not line:
+            new_line = True
+            continue
+        if out and not new_line and not _STEP.match(line):
+            out[-1] = out[-1] + " " + line
+        else:
+            out.append(line)
+        new_line = False
+    return "\n".join(out)
+
+
+@dataclass(frozen=True)
+class Exemplar:
+    family: str
+    question: str
+    answer: str
+    answer_rule: str
+    levels: dict[int, str]
+    formats: dict[str, str]
+    source: str  # file name the exemplar came from
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise PromptError(f"prompt file not found: {path}") from None
+
+
+@functools.lru_cache(maxsize=64)
+def _exemplar(prompt_dir: str, task: str) -> Exemplar:
+    root = Path(prompt_dir) / "exemplars"
+    path = root / f"{task}.yaml"
+    if not path.exists():
+        path = root / f"{FAMILY_OF_TASK[task]}.yaml"
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PromptError(f"no exemplar for task {task!r}: {path} not found") from None
+    except yaml.YAMLError as e:
+        raise PromptError(f"{path}: invalid YAML: {e}") from None
+    missing = [k for k in ("question", "answer", "answer_rule", "levels", "formats") if k not in data]
+    if missing:
+        raise PromptError(f"{path}: missing keys {missing}")
+    levels = {int(k): unwrap(v) for k, v in data["levels"].items()}
+    if sorted(levels) != list(LEVELS):
+        raise PromptError(f"{path}: levels must be exactly 1..6, got {sorted(levels)}")
+    formats = {str(k): unwrap(v) for k, v in data["formats"].items()}
+    need = set(FORMATS) - {"cot"}
+    if not need <= set(formats):
+        raise PromptError(f"{path}: formats missing {sorted(need - set(formats))}")
+    return Exemplar(
+        family=str(data.get("family", FAMILY_OF_TASK[task])),
+        question=unwrap(data["question"]),
+        answer=str(data["answer"]),
+        answer_rule=str(data["answer_rule"]),
+        levels=levels,
+        formats=formats,
+        source=path.name,
+    )
+
+
+def exemplar(task: str, prompt_dir: str | Path | None = None) -> Exemplar:
+    if task not in FAMILY_OF_TASK:
+        raise PromptError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+    return _exemplar(str(prompt_dir or DEFAULT_PROMPT_DIR), task)
+
+
+@functools.lru_cache(maxsize=256)
+def _file(prompt_dir: str, rel: str) -> str:
+    return _read(Path(prompt_dir) / rel)
+
+
+def _check(level: int, fmt: str) -> None:
+    if level not in LEVELS:
+        raise PromptError(f"granularity level must be one of {LEVELS}, got {level!r}")
+    if fmt not in FORMATS:
+        raise PromptError(f"format must be one of {FORMATS}, got {fmt!r}")
+
+
+def system_message(task: str, level: int, fmt: str, prompt_dir: str | Path | None = None) -> str:
+    _check(level, fmt)
+    d = str(prompt_dir or DEFAULT_PROMPT_DIR)
+    ex = exemplar(task, d)
+    return _file(d, "system.md").format(
+        level_instruction=_file(d, f"levels/level{level}.md"),
+        format_instruction=_file(d, f"formats/{fmt}.md"),
+        answer_rule=ex.answer_rule,
+    )
+
+
+def build_messages(
+    task: str, level: int, fmt: str, question: str, prompt_dir: str | Path | None = None
+) -> list[dict[str, str]]:
+    """The chat for one teacher request at granularity ``level`` in format ``fmt``."""
+    _check(level, fmt)
+    ex = exemplar(task, prompt_dir)
+    shot = ex.levels[level] if fmt == "cot" else ex.formats[fmt]
+    return [
+        {"role": "system", "content": system_message(task, level, fmt, prompt_dir)},
+        {"role": "user", "content": ex.question},
+        {"role": "assistant", "content": shot},
+        {"role": "user", "content": question.strip()},
+    ]
+
+
+def answer_only_messages(task: str, question: str, prompt_dir: str | Path | None = None) -> list[dict[str, str]]:
+    """The chat of the answer-only probe: the teacher answers without reasoning."""
+    d = str(prompt_dir or DEFAULT_PROMPT_DIR)
+    ex = exemplar(task, d)
+    return [
+        {"role": "system", "content": _file(d, "answer_only.md").format(answer_rule=ex.answer_rule)},
+        {"role": "user", "content": ex.question},
+        {"role": "assistant", "content": f"The answer is {ex.answer}"},
+        {"role": "user", "content": question.strip()},
+    ]
+
+
+def template_fingerprint(task: str, level: int | None, fmt: str, prompt_dir: str | Path | None = None) -> str:
+    """sha256 of the prompt texts a (task, level, format) request uses; part of a cell's identity.
+
+    ``level=None`` fingerprints the answer-only probe.
+    """
+    if level is None:
+        msgs = answer_only_messages(task, "{question}", prompt_dir)
+    else:
+        msgs = build_messages(task, level, fmt, "{question}", prompt_dir)
+    return hashlib.sha256(json.dumps(msgs, ensure_ascii=False, sort_keys=True).encode()).hexdigest()

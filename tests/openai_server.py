@@ -1,0 +1,389 @@
+"""A small OpenAI-compatible chat-completions server for tests and benchmarks.
+
+It answers ``POST /v1/chat/completions`` on 127.0.0.1 with deterministic replies that end in
+"The answer is X", and can inject latency and failures (HTTP 429, HTTP 500, or a reply slower than
+the client's timeout). Every request is appended to a JSON Lines log (one line per request, written
+when the server has finished with it) so tests can check what was sent, when, and how often.
+
+Run it as a process (tests do this, so the server's CPU and event loop are separate from the
+client under test)::
+
+    python tests/openai_server.py --port 0 --log /tmp/log.jsonl --ready-file /tmp/ready.json \
+        --latency 0.05 --fail-rate 0.2 --fail-kinds 429,500,timeout --answers gold.json
+
+``--ready-file`` receives ``{"port": P, "pid": N}`` once the socket listens. ``GET /stats`` returns
+counters, ``GET /health`` answers ``ok``. From Python, :class:`ServerProcess` starts and stops it.
+
+Reply policy: the last user message is the question. ``--answers`` maps question text to the gold
+answer (JSON object); with ``--policy gold`` the reply's answer is the gold answer when known (else
+``--fixed-answer``), with ``--policy fixed`` it is always ``--fixed-answer``; ``--wrong-rate`` makes
+that share of questions (chosen by hash) answer wrongly. The rationale's length follows the last
+assistant message in the conversation (the prompt's one-shot exemplar), like a teacher that copies
+the exemplar's granularity.
+
+Failures are chosen by hashing (request key, attempt number), so a run is reproducible:
+``--fail-rate`` is the chance that an attempt fails transiently, ``--permanent-fail-rate`` the
+share of request keys that fail on every attempt. The request key is the sha256 of the canonical
+JSON of (model, messages, temperature, max_tokens, top_p, seed).
+
+The log line: ``{"key", "question", "status", "kind", "t_recv", "t_done", "attempt", "auth"}``
+where ``kind`` is ``ok``, ``429``, ``500`` or ``timeout`` and ``auth`` says whether the bearer
+token matched ``--expect-key-sha256`` (the key itself is never logged).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from aiohttp import web
+
+
+def request_key(body: dict) -> str:
+    canon = {k: body.get(k) for k in ("model", "messages", "temperature", "max_tokens", "top_p", "seed")}
+    return hashlib.sha256(json.dumps(canon, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def _unit(*parts: object) -> float:
+    """A deterministic number in [0, 1) from the parts."""
+    h = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2**64
+
+
+def _content(msg: dict) -> str:
+    c = msg.get("content") or ""
+    if isinstance(c, list):  # content parts
+        c = " ".join(p.get("text", "") for p in c if isinstance(p, dict))
+    return str(c)
+
+
+_FILLER = [
+    "We read the question and note the quantities it gives.",
+    "We decide which operation connects them.",
+    "We carry out the computation carefully.",
+    "We check the result against the question.",
+    "We make sure the units and the wording match.",
+    "We restate what was asked before answering.",
+]
+
+
+class Server:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.answers: dict[str, str] = {}
+        if args.answers:
+            self.answers = json.loads(Path(args.answers).read_text())
+        self.fail_kinds = [k for k in args.fail_kinds.split(",") if k]
+        self.attempts: Counter[str] = Counter()
+        self.stats: Counter[str] = Counter()
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.log = open(args.log, "a", buffering=1) if args.log else None
+        self.expect_key_sha256 = args.expect_key_sha256
+        self.rng = random.Random(args.seed)
+        self.by_key_ok: defaultdict[str, int] = defaultdict(int)
+
+    def _latency(self) -> float:
+        lat = self.args.latency
+        if self.args.latency_jitter:
+            lat += self.rng.uniform(-self.args.latency_jitter, self.args.latency_jitter)
+        return max(0.0, lat)
+
+    def _answer(self, question: str) -> str:
+        a = self.args
+        gold = self.answers.get(question.strip())
+        if a.policy == "fixed" or gold is None:
+            ans = a.fixed_answer
+        else:
+            ans = gold
+        if a.wrong_rate and _unit("wrong", a.seed, question) < a.wrong_rate:
+            ans = _wrong(ans)
+        return ans
+
+    def _reply(self, messages: list[dict]) -> str:
+        users = [_content(m) for m in messages if m.get("role") == "user"]
+        question = users[-1] if users else ""
+        exemplar = [_content(m) for m in messages if m.get("role") == "assistant"]
+        target_words = len(exemplar[-1].split()) if exemplar else self.args.default_words
+        words: list[str] = []
+        i = 0
+        first = " ".join(question.split()[:12])
+        words += f"The question asks: {first}.".split()
+        while len(words) < max(target_words - 4, 0):
+            words += _FILLER[i % len(_FILLER)].split()
+            i += 1
+        return " ".join(words) + f" The answer is {self._answer(question)}"
+
+    async def chat(self, request: web.Request) -> web.Response:
+        t_recv = time.time()
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            try:
+                body = await request.json()
+            except Exception:
+                return web.json_response({"error": {"message": "invalid JSON"}}, status=400)
+            key = request_key(body)
+            attempt = self.attempts[key]
+            self.attempts[key] += 1
+            auth = request.headers.get("Authorization", "")
+            token = auth[7:] if auth.startswith("Bearer ") else ""
+            auth_ok = None
+            if self.expect_key_sha256:
+                auth_ok = hashlib.sha256(token.encode()).hexdigest() == self.expect_key_sha256
+            messages = body.get("messages") or []
+            users = [_content(m) for m in messages if m.get("role") == "user"]
+            question = users[-1] if users else ""
+
+            kind = "ok"
+            a = self.args
+            if a.permanent_fail_rate and _unit("perm", a.seed, key) < a.permanent_fail_rate:
+                kind = self.fail_kinds[int(_unit("pk", a.seed, key) * len(self.fail_kinds))] if self.fail_kinds else "500"
+            elif a.fail_rate and self.fail_kinds and _unit("fail", a.seed, key, attempt) < a.fail_rate:
+                kind = self.fail_kinds[int(_unit("kind", a.seed, key, attempt) * len(self.fail_kinds))]
+            if self.expect_key_sha256 and not auth_ok:
+                kind = "401"
+
+            await asyncio.sleep(self._latency())
+            if kind == "ok":
+                content = self._reply(messages)
+                prompt_tokens = sum(len(_content(m).split()) for m in messages)
+                completion_tokens = len(content.split())
+                payload = {
+                    "id": "chatcmpl-" + key[:24],
+                    "object": "chat.completion",
+                    "created": int(t_recv),
+                    "model": body.get("model", "mock"),
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": content},
+                            "finish_reason": "stop",
+                        }
+                    ],
+                    "usage": {
+                        "prompt_tokens": prompt_tokens,
+                        "completion_tokens": completion_tokens,
+                        "total_tokens": prompt_tokens + completion_tokens,
+                    },
+                }
+                resp = web.json_response(payload)
+                status = 200
+            elif kind == "429":
+                resp = web.json_response(
+                    {"error": {"message": "rate limited (injected)", "type": "rate_limit_error"}},
+                    status=429,
+                    headers={"Retry-After": str(a.retry_after)},
+                )
+                status = 429
+            elif kind == "timeout":
+                await asyncio.sleep(a.timeout_sleep)
+                resp = web.json_response({"error": {"message": "too slow (injected)"}}, status=504)
+                status = 504
+            elif kind == "401":
+                resp = web.json_response({"error": {"message": "bad api key", "type": "auth_error"}}, status=401)
+                status = 401
+            else:
+                resp = web.json_response({"error": {"message": "internal error (injected)"}}, status=500)
+                status = 500
+            self.stats[kind] += 1
+            if kind == "ok":
+                self.by_key_ok[key] += 1
+            if self.log:
+                self.log.write(
+                    json.dumps(
+                        {
+                            "key": key,
+                            "question": question,
+                            "status": status,
+                            "kind": kind,
+                            "t_recv": t_recv,
+                            "t_done": time.time(),
+                            "attempt": attempt,
+                            "auth": auth_ok,
+                        },
+                        ensure_ascii=False,
+                    )
+                    + "\n"
+                )
+            return resp
+        finally:
+            self.in_flight -= 1
+
+    async def stats_handler(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "counts": dict(self.stats),
+                "requests": sum(self.stats.values()),
+                "ok": self.stats["ok"],
+                "distinct_ok": len(self.by_key_ok),
+                "duplicate_ok": sum(v - 1 for v in self.by_key_ok.values() if v > 1),
+                "in_flight": self.in_flight,
+                "max_in_flight": self.max_in_flight,
+            }
+        )
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "mock", "object": "model"}]})
+
+
+def _wrong(ans: str) -> str:
+    if re.fullmatch(r"-?\d+", ans or ""):
+        return str(int(ans) + 1)
+    if ans in ("A", "B", "C", "D", "E"):
+        return "ABCDE"[("ABCDE".index(ans) + 1) % 5]
+    if ans in ("True", "False"):
+        return "False" if ans == "True" else "True"
+    return (ans or "") + "1"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--ready-file", default=None, help="write {port, pid} here once listening")
+    p.add_argument("--log", default=None, help="append one JSON line per request here")
+    p.add_argument("--latency", type=float, default=0.0, help="seconds before each reply")
+    p.add_argument("--latency-jitter", type=float, default=0.0, help="uniform +- jitter, seconds")
+    p.add_argument("--fail-rate", type=float, default=0.0, help="chance an attempt fails transiently")
+    p.add_argument("--permanent-fail-rate", type=float, default=0.0, help="share of requests that always fail")
+    p.add_argument("--fail-kinds", default="429,500,timeout", help="comma list of 429, 500, timeout")
+    p.add_argument("--timeout-sleep", type=float, default=5.0, help="how long an injected timeout stalls")
+    p.add_argument("--retry-after", type=float, default=0, help="Retry-After header of 429 replies")
+    p.add_argument("--answers", default=None, help="JSON file: question text -> gold answer")
+    p.add_argument("--policy", choices=["gold", "fixed"], default="gold")
+    p.add_argument("--fixed-answer", default="0")
+    p.add_argument("--wrong-rate", type=float, default=0.0)
+    p.add_argument("--default-words", type=int, default=30, help="rationale length without an exemplar")
+    p.add_argument("--expect-key-sha256", default=None, help="401 unless the bearer token hashes to this")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    server = Server(args)
+    app = web.Application(client_max_size=64 * 2**20)
+    app.router.add_post("/v1/chat/completions", server.chat)
+    app.router.add_post("/chat/completions", server.chat)
+    app.router.add_get("/v1/models", server.models)
+    app.router.add_get("/stats", server.stats_handler)
+    app.router.add_get("/health", server.health)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, args.host, args.port, backlog=4096)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    if args.ready_file:
+        tmp = args.ready_file + ".tmp"
+        Path(tmp).write_text(json.dumps({"port": port, "pid": os.getpid()}))
+        os.replace(tmp, args.ready_file)
+    print(f"listening on http://{args.host}:{port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()
+    if server.log:
+        server.log.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    asyncio.run(_serve(parse_args(argv)))
+    return 0
+
+
+class ServerProcess:
+    """Start the server as a child process; ``with ServerProcess(tmp_path, latency=0.1) as s: ...``.
+
+    Keyword options map to the command-line flags (``fail_rate=0.2`` -> ``--fail-rate 0.2``);
+    ``answers`` may be a dict (written to a JSON file). ``base_url`` is ``http://127.0.0.1:P/v1``.
+    """
+
+    def __init__(self, workdir: str | os.PathLike, **options: object):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.workdir / "server-requests.jsonl"
+        self.ready_path = self.workdir / "server-ready.json"
+        answers = options.pop("answers", None)
+        if isinstance(answers, dict):
+            p = self.workdir / "server-answers.json"
+            p.write_text(json.dumps(answers))
+            answers = str(p)
+        if answers:
+            options["answers"] = answers
+        self.options = options
+        self.proc: subprocess.Popen | None = None
+        self.port: int | None = None
+
+    def start(self, timeout: float = 30.0) -> "ServerProcess":
+        if self.ready_path.exists():
+            self.ready_path.unlink()
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--log", str(self.log_path)]
+        cmd += ["--ready-file", str(self.ready_path)]
+        for k, v in self.options.items():
+            cmd += ["--" + k.replace("_", "-"), str(v)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(self.workdir / "server.err", "ab"))
+        deadline = time.time() + timeout
+        while not self.ready_path.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mock server exited: {(self.workdir / 'server.err').read_text()[-2000:]}")
+            if time.time() > deadline:
+                self.stop()
+                raise TimeoutError("mock server did not start")
+            time.sleep(0.05)
+        self.port = json.loads(self.ready_path.read_text())["port"]
+        return self
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def stats(self) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/stats", timeout=10) as r:
+            return json.loads(r.read())
+
+    def log_entries(self) -> list[dict]:
+        if not self.log_path.exists():
+            return []
+        out = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass  # a line being written right now
+        return out
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def __enter__(self) -> "ServerProcess":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

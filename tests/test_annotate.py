@@ -1,0 +1,233 @@
+"""Annotation stage, the parts that need neither Ray nor a server: prompts, config, cache keys,
+the durable cache's file format, the rate-limit bucket, padding and hybrid level choice."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from raydistill import annotate as A
+from raydistill import prompts
+
+
+# -- prompts --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", prompts.TASKS)
+def test_every_level_and_format_builds_a_one_shot_chat(task):
+    for fmt in prompts.FORMATS:
+        for level in prompts.LEVELS:
+            msgs = prompts.build_messages(task, level, fmt, "  What is 1 + 1?  ")
+            assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]
+            assert msgs[-1]["content"] == "What is 1 + 1?"
+            assert f"Granularity level {level}" in msgs[0]["content"]
+            assert "The answer is" in msgs[2]["content"]
+            assert not re.search(r"\{(level_instruction|format_instruction|answer_rule)\}", msgs[0]["content"])
+
+
+@pytest.mark.parametrize("task", ["svamp", "aqua", "csqa", "strategyqa", "math"])
+def test_exemplar_length_grows_with_level(task):
+    ex = prompts.exemplar(task)
+    words = [len(ex.levels[lv].split()) for lv in prompts.LEVELS]
+    assert words == sorted(words) and len(set(words)) == 6, words
+    assert words[-1] >= 4 * words[0]
+    # every exemplar ends with its own answer, so the extractor agrees with the file
+    for text in [*ex.levels.values(), *ex.formats.values()]:
+        assert text.rstrip().endswith(f"The answer is {ex.answer}")
+
+
+def test_exemplars_pass_the_answer_checker():
+    from raydistill import answers
+
+    for task in prompts.TASKS:
+        ex = prompts.exemplar(task)
+        for text in [*ex.levels.values(), *ex.formats.values()]:
+            assert answers.is_correct(task, text, answers.normalize_gold(task, ex.answer)), (task, text[-60:])
+
+
+def test_fingerprints_separate_levels_formats_and_tasks():
+    fps = {prompts.template_fingerprint(t, lv, f) for t in ("svamp", "csqa") for lv in (1, 6) for f in ("cot", "sym")}
+    assert len(fps) == 8
+    assert prompts.template_fingerprint("svamp", None, "cot") not in fps
+
+
+def test_unwrap_keeps_numbered_steps_on_their_own_lines():
+    text = "Intro that is\nwrapped here.\n1. One\ncontinued.\n2. Two.\n\nSo, done. The answer is 3"
+    assert prompts.unwrap(text) == "Intro that is wrapped here.\n1. One continued.\n2. Two.\nSo, done. The answer is 3"
+
+
+def test_prompt_errors_are_clear(tmp_path):
+    with pytest.raises(prompts.PromptError, match="granularity level"):
+        prompts.build_messages("svamp", 7, "cot", "q")
+    with pytest.raises(prompts.PromptError, match="not found"):
+        prompts.build_messages("svamp", 1, "cot", "q", prompt_dir=tmp_path)
+
+
+# -- config ---------------------------------------------------------------------------------------
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "a.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_config_grid_and_cells_expand(tmp_path):
+    cfg = A.load_config(_write(tmp_path, f"""
+output_dir: {tmp_path}/out
+teacher: {{model: openai/gpt-4o, temperature: 0}}
+grid: {{tasks: [svamp, gsm8k], levels: [1, 3, 5], formats: [cot, sym]}}
+cells:
+  - {{task: svamp, level: 1, pad: {{to_level: 5}}}}
+  - {{task: svamp, hybrid: {{by: question_length}}}}
+"""))
+    cells = cfg.expand()
+    assert len(cells) == 2 * 3 * 2 + 2
+    names = [s.cell_name() for s, _ in cells]
+    assert "svamp-gpt-4o-cot-L1-pad5" in names and "gsm8k-gpt-4o-sym-L5" in names
+    assert all(Path(s.runtime.cache_dir) == tmp_path / "out" / "request-cache" for s, _ in cells)
+    assert len({s.cell_hash() for s, _ in cells}) == len(cells)
+
+
+@pytest.mark.parametrize(
+    "teacher, message",
+    [
+        ("{model: openai/gpt-4o, api_key: sk-123}", "API keys are never read from a config"),
+        ("{model: openai/gpt-4o, extra_params: {api_key: sk-1}}", "API keys are never read from a config"),
+        ("{model: openai/gpt-4o, temperature: 5}", "teacher.temperature"),
+        ("{temperature: 0}", "teacher.model: Field required"),
+    ],
+)
+def test_config_errors_name_the_field(tmp_path, teacher, message):
+    p = _write(tmp_path, f"output_dir: out\nteacher: {teacher}\ngrid: {{tasks: [svamp]}}\n")
+    with pytest.raises(A.ConfigError) as e:
+        A.load_config(p)
+    assert message in str(e.value)
+    assert "sk-1" not in str(e.value)
+
+
+def test_config_errors_levels_and_yaml(tmp_path):
+    with pytest.raises(A.ConfigError, match="grid.levels"):
+        A.load_config(_write(tmp_path, "output_dir: o\nteacher: {model: m}\ngrid: {tasks: [svamp], levels: [7]}\n"))
+    with pytest.raises(A.ConfigError, match="not valid YAML"):
+        A.load_config(_write(tmp_path, "output_dir: [\n"))
+    with pytest.raises(A.ConfigError, match="nothing to annotate"):
+        A.load_config(_write(tmp_path, "output_dir: o\nteacher: {model: m}\n"))
+    with pytest.raises(A.ConfigError, match="exactly one of level"):
+        A.load_config(_write(tmp_path, "output_dir: o\nteacher: {model: m}\ncells: [{task: svamp}]\n"))
+
+
+def test_cell_hash_ignores_runtime_but_not_sampling():
+    base = A.AnnotationSpec(task="svamp", level=2, teacher={"model": "openai/x"})
+    faster = base.model_copy(update={"runtime": A.RuntimeSpec(concurrency=512)})
+    hotter = A.AnnotationSpec(task="svamp", level=2, teacher={"model": "openai/x", "temperature": 0.7})
+    assert base.cell_hash() == faster.cell_hash() != hotter.cell_hash()
+
+
+def test_runtime_layout_reaches_the_concurrency():
+    for c in (1, 8, 64, 256):
+        actors, per_actor, batch, calls = A.RuntimeSpec(concurrency=c, num_actors=2, batch_size=16).layout()
+        assert actors * per_actor >= c and calls * batch >= per_actor
+
+
+# -- request keys and the cache -------------------------------------------------------------------
+
+
+def test_request_key_covers_model_messages_and_params():
+    m = [{"role": "user", "content": "hi"}]
+    k = A.request_key("openai/x", m, {"temperature": 0, "max_tokens": 10})
+    assert k == A.request_key("openai/x", [dict(m[0])], {"max_tokens": 10, "temperature": 0})
+    assert k != A.request_key("openai/y", m, {"temperature": 0, "max_tokens": 10})
+    assert k != A.request_key("openai/x", m, {"temperature": 0, "max_tokens": 11})
+    assert k != A.request_key("openai/x", [{"role": "user", "content": "hi!"}], {"temperature": 0, "max_tokens": 10})
+
+
+def test_cache_survives_a_torn_last_line_and_filters_keys(tmp_path):
+    cache = A.RequestCache(tmp_path / "c")
+    w1, w2 = cache.writer(), cache.writer(fsync=True)
+    w1.append({"key": "a" * 64, "response": "one"})
+    w2.append({"key": "b" * 64, "response": "two \u00e9"})
+    w1.close()
+    w2.close()
+    with open(w1.path, "ab") as f:  # a crash in the middle of a write
+        f.write(b'{"key": "' + b"c" * 64 + b'", "respo')
+    assert cache.load() == {"a" * 64: {"key": "a" * 64, "response": "one"},
+                            "b" * 64: {"key": "b" * 64, "response": "two \u00e9"}}
+    assert set(cache.load({"b" * 64, "z" * 64})) == {"b" * 64}
+    assert len(cache.shards()) == 2
+
+
+# -- rate limiting --------------------------------------------------------------------------------
+
+
+def test_token_bucket_reserves_in_order():
+    now = [0.0]
+    b = A.TokenBucket(rate_per_s=10, capacity=5, clock=lambda: now[0])
+    delays = [b.reserve(1) for _ in range(8)]
+    assert delays[:5] == [0.0] * 5
+    assert delays[5:] == pytest.approx([0.1, 0.2, 0.3])
+    now[0] = 10.0  # refilled, but never above capacity
+    assert [b.reserve(1) for _ in range(5)] == [0.0] * 5
+    assert b.reserve(1) == pytest.approx(0.1)
+    b.adjust(-10)  # a refund cannot exceed capacity
+    assert b.level <= b.capacity
+
+
+def test_rate_limiter_takes_the_slower_bucket():
+    lim = A.RateLimiter(requests_per_minute=600, tokens_per_minute=6000, burst_s=1.0)
+    # 10 req/s and 100 tok/s: requests of 50 tokens are limited by tokens (2/s)
+    delays = [lim.reserve(50) for _ in range(6)]
+    assert delays[:2] == [0.0, 0.0]
+    assert delays[-1] == pytest.approx(2.0, rel=0.05)
+
+
+# -- failures -------------------------------------------------------------------------------------
+
+
+def test_classify_retries_only_transient_errors():
+    import litellm
+
+    def err(cls, status, **kw):
+        e = cls.__new__(cls)
+        Exception.__init__(e, "x")
+        e.status_code = status
+        return e
+
+    assert A._classify(err(litellm.RateLimitError, 429))[:2] == (True, "rate_limit")
+    assert A._classify(err(litellm.InternalServerError, 500))[:2] == (True, "http_500")
+    assert A._classify(err(litellm.Timeout, 408))[:2] == (True, "timeout")
+    assert A._classify(TimeoutError())[0] is True
+    assert A._classify(err(litellm.AuthenticationError, 401))[:2] == (False, "http_401")
+    assert A._classify(err(litellm.BadRequestError, 400))[:2] == (False, "http_400")
+
+
+def test_scrub_removes_secrets():
+    assert A._scrub("bad key sk-SECRET-1 given", ["sk-SECRET-1", ""]) == "bad key *** given"
+
+
+# -- padding and hybrid ---------------------------------------------------------------------------
+
+
+def test_padding_reaches_the_target_and_keeps_the_answer_last():
+    text = "Divide 290 by 2 to get 145. The answer is 145"
+    padded = A.pad_rationale(text, 30)
+    assert len(padded.split()) == 30
+    assert padded.endswith("The answer is 145")
+    content = [w for w in padded.split() if w != "..."]
+    assert content == text.split()
+    assert A.pad_rationale(text, 5) == text  # already long enough
+    assert A.pad_rationale("no trigger here", 6, filler="<pad> <pad>").endswith("<pad> <pad>")
+
+
+def test_hybrid_by_question_length_splits_at_the_quantile():
+    t = pa.table({"question": ["a b", "a b c d e f", "a", "a b c d e f g h i"]})
+    levels = A._question_length_levels(t, A.HybridSpec(by="question_length", easy_level=2, hard_level=6))
+    assert levels == [2, 6, 2, 6]
+
+
+def test_ensure_trigger_appends_the_extracted_answer():
+    assert A._ensure_trigger("2+2 is 4.", "4") == "2+2 is 4. The answer is 4"
+    assert A._ensure_trigger(" So 4. The answer is 4 ", "4") == "So 4. The answer is 4"

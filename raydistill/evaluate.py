@@ -88,10 +88,7 @@ def cut_at_stop(text: str, stop_strings: list[str]) -> str:
     return text[:cut].strip()
 
 
-def build_prompts(test: pa.Table, student: str, tokenizer) -> list[dict]:
-    from raydistill.students import get_template
-
-    template = get_template(student, tokenizer)
+def build_prompts(test: pa.Table, template, tokenizer) -> list[dict]:
     return [
         {"question_id": r["question_id"], "prompt": template.prompt(r["question"], tokenizer), "gold": r["answer"]}
         for r in test.select(["question_id", "question", "answer"]).to_pylist()
@@ -157,12 +154,13 @@ def evaluate(model_path: str, student: str, task: str, test: pa.Table, spec: Eva
     """Generate, grade and write predictions for one model on one test table."""
     from transformers import AutoTokenizer
 
-    from raydistill.students import get_template
+    from raydistill.students import get_student
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    prompts = build_prompts(test, student, tokenizer)
-    stops = get_template(student, tokenizer).stop_strings(tokenizer)
-    rows = generate(prompts, model_path, spec, stops)
+    template = get_student(student).prompt_template
+    template.fix_tokenizer(tokenizer)
+    prompts = build_prompts(test, template, tokenizer)
+    rows = generate(prompts, model_path, spec, list(template.stop_strings(tokenizer)))
     predictions = grade(task, rows, cell_hash).sort_by("question_id")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -102,8 +102,9 @@ def _train_and_evaluate(trial: TrialSpec, payload: dict, trial_dir: Path) -> dic
     trained = fit(job, report_to_tune=True)
     test = pq.read_table(payload["test_path"])
     started = time.perf_counter()
-    result = evaluate(trained.model_path, trial.student, trial.cell.dataset, test, trial.eval,
-                      trial_dir / "predictions.parquet", cell_hash=trial.trial_hash)
+    result = outside_trial_placement_group(
+        evaluate, trained.model_path, trial.student, trial.cell.dataset, test, trial.eval,
+        trial_dir / "predictions.parquet", cell_hash=trial.trial_hash)
     eval_seconds = time.perf_counter() - started
     history = json.loads((Path(trained.model_path) / "train_state.json").read_text())["history"]
     return {
@@ -127,6 +128,20 @@ def _train_and_evaluate(trial: TrialSpec, payload: dict, trial_dir: Path) -> dic
             "eval_seconds": eval_seconds,
         },
     }
+
+
+def outside_trial_placement_group(fn, *args, **kwargs):
+    """Call `fn` in a zero-CPU Ray task that is not captured by the trial's placement group.
+
+    Tune runs each trial in a placement group that holds only its `trial_slot`; Ray Data tasks
+    and actors started from inside it would be confined to that bundle and never scheduled.
+    """
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    escaped = ray.remote(num_cpus=0, max_retries=0,
+                         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))(fn)
+    return ray.get(escaped.remote(*args, **kwargs))
 
 
 # --------------------------------------------------------------------------- the sweep

@@ -59,9 +59,7 @@ def tokenize_examples(rows: list[dict], tokenizer, template, cutoff_len: int) ->
     """
     examples, truncated = [], 0
     for row in rows:
-        prompt, response = template.training_pair(row["question"], row["rationale"], tokenizer)
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+        prompt_ids, response_ids = template.encode(tokenizer, row["question"], row["rationale"])
         input_ids = prompt_ids + response_ids
         labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
         if len(input_ids) > cutoff_len:
@@ -187,7 +185,7 @@ def train_loop_per_worker(config: dict) -> None:
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from raydistill.students import get_template
+    from raydistill.students import get_student
 
     job = TrainJob(**config["job"])
     spec = TrainSpec.model_validate(job.spec)
@@ -196,8 +194,9 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(spec.seed)
 
     tokenizer = AutoTokenizer.from_pretrained(job.model_path)
+    template = get_student(job.student).prompt_template
+    template.fix_tokenizer(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    template = get_template(job.student, tokenizer)
     rows = pq.read_table(job.data_path, columns=["question", "rationale"]).to_pylist()
     examples, truncated = tokenize_examples(rows, tokenizer, template, spec.cutoff_len)
     lengths = [len(e["input_ids"]) for e in examples]
@@ -242,7 +241,7 @@ def train_loop_per_worker(config: dict) -> None:
                      "steps": total_steps, "world_size": world}
             (model_dir / TRAIN_STATE_FILE).write_text(json.dumps(state))
             checkpoint = ray.train.Checkpoint.from_directory(str(model_dir))
-        ray.train.report({"train_loss": history[-1]["loss"], "step": total_steps, "done": 1},
+        ray.train.report({"train_loss": history[-1]["loss"], "step": total_steps},
                          checkpoint=checkpoint)
     engine.destroy()
     if dist.is_initialized():

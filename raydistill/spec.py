@@ -52,6 +52,13 @@ class TrainSpec(_Strict):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     lora: LoraSpec | None = None
+    # DeepSpeed JSON: a path, or a file name in raydistill/configs/deepspeed/ (zero2.json,
+    # zero3.json, zero3_offload.json); None picks zero{zero_stage}.json. "auto" values are filled
+    # from this spec (batch sizes, lr, clipping, bf16).
+    deepspeed_config: str | None = None
+    checkpoint_every_steps: int = Field(0, ge=0)  # 0: only at epoch ends and the end of the run
+    max_failures: int = Field(0, ge=-1)  # worker-group restarts from the last checkpoint; -1: unlimited
+    overlong: Literal["truncate", "drop"] = "truncate"  # sequences longer than cutoff_len
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainSpec:

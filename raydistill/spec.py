@@ -82,6 +82,19 @@ class EvalSpec(_Strict):
     num_actors: int = Field(1, ge=1)
     cpus_per_actor: float = Field(1.0, gt=0)
     use_gpu: bool = False
+    # Decoding: greedy by default; the paper's commonsense evaluator used beam search (num_beams 5).
+    num_beams: int = Field(1, ge=1)
+    do_sample: bool = False
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1.0)
+    n_samples: int = Field(1, ge=1)  # generations per question (one prediction row each)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _samples_possible(self) -> EvalSpec:
+        if self.n_samples > 1 and not self.do_sample and self.num_beams < self.n_samples:
+            raise ValueError(f"n_samples {self.n_samples} needs do_sample: true or num_beams >= n_samples")
+        return self
 
 
 class CellSpec(_Strict):

@@ -1,26 +1,35 @@
 """Evaluation stage: batched generation on Ray Data, graded by `raydistill.answers`.
 
-Test questions -> the student's prompt template -> an actor pool of generation engines ->
-extracted answer -> predictions Parquet (`PREDICTION_SCHEMA`) + metrics.
+Test questions -> the student's prompt template -> an actor pool of generation engines
+(`raydistill.engines`) -> extracted answer -> predictions Parquet (`PREDICTION_SCHEMA`) + metrics.
 
-    raydistill eval --model tiny-llama --task svamp --limit 20 --out preds.parquet
+Predictions are written batch by batch into ``<out>.parts/`` as they are generated, so a crash
+loses only the batches in flight and a rerun generates only the questions not yet predicted;
+``<out>`` is then written from the parts, sorted by question id.
+
+    raydistill eval --model tiny-llama --task svamp --limit 20 --out-dir preds
+    raydistill eval --model outputs/x/adapter --task all --num-beams 5
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import statistics
+import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raydistill import answers
+from raydistill.engines import HFEngine, choose_engine, cut_at_stop, load_tokenizer  # noqa: F401
 from raydistill.schemas import PREDICTION_SCHEMA
-from raydistill.spec import EvalSpec
+from raydistill.spec import EvalSpec, content_hash
 
 
 @dataclass(frozen=True)
@@ -32,60 +41,10 @@ class EvalResult:
     mean_generated_tokens: float
     median_generated_tokens: float
     predictions_path: str
+    engine: str = "hf"
 
 
-class HFGenerator:
-    """Ray Data callable class: greedy batched `generate` with a left-padded HF causal LM."""
-
-    def __init__(self, model_path: str, max_new_tokens: int, stop_strings: list[str], use_gpu: bool = False):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        self.device = "cuda" if use_gpu else "cpu"
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        dtype = torch.bfloat16 if use_gpu else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
-        self.max_new_tokens = max_new_tokens
-        self.stop_strings = stop_strings
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
-        prompts = [str(p) for p in batch["prompt"]]
-        encoded = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        encoded = {k: v.to(self.device) for k, v in encoded.items()}
-        with torch.inference_mode():
-            output = self.model.generate(
-                **encoded, max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1,
-                stop_strings=self.stop_strings or None, tokenizer=self.tokenizer,
-                pad_token_id=self.tokenizer.pad_token_id,
-            )
-        new_tokens = output[:, encoded["input_ids"].shape[1]:].tolist()
-        texts, counts = [], []
-        for ids in new_tokens:
-            ids = _until_eos(ids, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
-            texts.append(cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), self.stop_strings))
-            counts.append(len(ids))
-        batch["generation"] = np.array(texts, dtype=object)
-        batch["tokens_generated"] = np.array(counts, dtype=np.int64)
-        return batch
-
-
-def _until_eos(ids: list[int], eos_id: int | None, pad_id: int | None) -> list[int]:
-    """Generated ids up to and including the first EOS; trailing padding dropped."""
-    if eos_id is not None and eos_id in ids:
-        return ids[: ids.index(eos_id) + 1]
-    while ids and pad_id is not None and ids[-1] == pad_id:
-        ids = ids[:-1]
-    return ids
-
-
-def cut_at_stop(text: str, stop_strings: list[str]) -> str:
-    """Text before the earliest stop string (the paper's evaluator stops generation there)."""
-    cut = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=len(text))
-    return text[:cut].strip()
+# --------------------------------------------------------------------------- prompts and grading
 
 
 def build_prompts(test: pa.Table, template, tokenizer) -> list[dict]:
@@ -113,7 +72,7 @@ def grade(task: str, rows: list[dict], cell_hash: str) -> pa.Table:
     return pa.Table.from_pylist(graded, schema=PREDICTION_SCHEMA)
 
 
-def metrics(task: str, predictions: pa.Table, path: str) -> EvalResult:
+def metrics(task: str, predictions: pa.Table, path: str, engine: str = "hf") -> EvalResult:
     rows = predictions.to_pylist()
     tokens = [r["tokens_generated"] for r in rows] or [0]
     n = len(rows)
@@ -125,59 +84,164 @@ def metrics(task: str, predictions: pa.Table, path: str) -> EvalResult:
         mean_generated_tokens=float(statistics.fmean(tokens)),
         median_generated_tokens=float(statistics.median(tokens)),
         predictions_path=path,
+        engine=engine,
     )
 
 
-def generate(prompts: list[dict], model_path: str, spec: EvalSpec, stop_strings: list[str]) -> list[dict]:
-    """Run the prompts through an actor pool of engines on Ray Data; returns rows with generations."""
+# --------------------------------------------------------------------------- incremental output
+
+
+def parts_dir(out_path: str | Path) -> Path:
+    """Where the per-batch prediction files of ``out_path`` accumulate."""
+    out_path = Path(out_path)
+    return out_path.with_name(out_path.name + ".parts")
+
+
+def read_parts(parts: Path, cell_hash: str) -> pa.Table:
+    """Every prediction written so far for this cell (parts of other cells are ignored)."""
+    files = sorted(parts.glob("part-*.parquet")) if parts.is_dir() else []
+    table = pa.concat_tables([pq.read_table(f, schema=PREDICTION_SCHEMA) for f in files]) if files \
+        else PREDICTION_SCHEMA.empty_table()
+    return table.filter(pa.compute.equal(table["cell_hash"], cell_hash)) if len(table) else table
+
+
+def write_part(parts: Path, table: pa.Table) -> None:
+    """Write one batch atomically (a crash mid-write leaves no half file behind)."""
+    parts.mkdir(parents=True, exist_ok=True)
+    name = f"part-{uuid.uuid4().hex}.parquet"
+    pq.write_table(table, parts / f".{name}.tmp")
+    os.replace(parts / f".{name}.tmp", parts / name)
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def generate_batches(prompts: list[dict], model_path: str, template_name: str, spec: EvalSpec,
+                     stop_strings: list[str]) -> Iterator[list[dict]]:
+    """Rows with generations, one list per finished batch, from an actor pool on Ray Data."""
     import ray
 
-    if spec.engine == "vllm":
-        raise NotImplementedError("the vLLM engine is not available yet; use engine: hf")
-    dataset = ray.data.from_items(prompts)
     # Similar lengths in one batch waste less compute on padding.
-    dataset = dataset.map(lambda r: {**r, "prompt_chars": len(r["prompt"])}).sort("prompt_chars")
-    generated = dataset.map_batches(
-        HFGenerator,
-        fn_constructor_kwargs={"model_path": model_path, "max_new_tokens": spec.max_new_tokens,
-                               "stop_strings": stop_strings, "use_gpu": spec.use_gpu},
+    prompts = sorted(prompts, key=lambda r: len(r["prompt"]))
+    generated = ray.data.from_items(prompts).map_batches(
+        HFEngine,
+        fn_constructor_kwargs={"model_path": model_path, "template_name": template_name,
+                               "spec": spec.model_dump(mode="json"), "stop_strings": stop_strings},
         batch_size=spec.batch_size,
         concurrency=spec.num_actors,
         num_cpus=spec.cpus_per_actor,
         num_gpus=1 if spec.use_gpu else 0,
     )
-    return generated.take_all()
+    for batch in generated.iter_batches(batch_size=None, batch_format="pyarrow"):
+        yield batch.to_pylist()
+
+
+def generate(prompts: list[dict], model_path: str, spec: EvalSpec, stop_strings: list[str],
+             template_name: str = "chat") -> list[dict]:
+    """All generations at once (no incremental output); see `generate_batches`."""
+    return [row for batch in generate_batches(prompts, model_path, template_name, spec, stop_strings)
+            for row in batch]
+
+
+# --------------------------------------------------------------------------- models
+
+
+def is_adapter(model_path: str | Path) -> bool:
+    return (Path(model_path) / "adapter_config.json").is_file()
+
+
+def merged_model(adapter_path: str | Path) -> str:
+    """An HF folder with the LoRA adapter merged into its base model (built once, then cached)."""
+    from raydistill.students import STUDENT_INFO_FILE, default_cache_dir
+
+    adapter = Path(adapter_path).resolve()
+    stamp = [str(adapter)] + [(f.name, f.stat().st_mtime_ns) for f in sorted(adapter.iterdir()) if f.is_file()]
+    target = default_cache_dir() / "merged" / content_hash(stamp)
+    if (target / "config.json").is_file():
+        return str(target)
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
+
+    base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    tokenizer_source = adapter if (adapter / "tokenizer_config.json").is_file() else base
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
+    AutoPeftModelForCausalLM.from_pretrained(str(adapter)).merge_and_unload().save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(str(tokenizer_source)).save_pretrained(tmp)
+    if (adapter / STUDENT_INFO_FILE).is_file():
+        shutil.copy(adapter / STUDENT_INFO_FILE, tmp / STUDENT_INFO_FILE)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process merged it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+# --------------------------------------------------------------------------- evaluate
 
 
 def evaluate(model_path: str, student: str, task: str, test: pa.Table, spec: EvalSpec,
-             out_path: str | Path, cell_hash: str = "") -> EvalResult:
-    """Generate, grade and write predictions for one model on one test table."""
-    from transformers import AutoTokenizer
+             out_path: str | Path, cell_hash: str = "", progress: bool = True) -> EvalResult:
+    """Generate, grade and write predictions for one model on one test table (resumable)."""
+    from tqdm.auto import tqdm
 
-    from raydistill.students import get_student
+    from raydistill.students import get_student, get_template
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    template = get_student(student).prompt_template
-    template.fix_tokenizer(tokenizer)
-    prompts = build_prompts(test, template, tokenizer)
-    rows = generate(prompts, model_path, spec, list(template.stop_strings(tokenizer)))
-    predictions = grade(task, rows, cell_hash).sort_by("question_id")
+    engine = choose_engine(spec)
+    if engine != "hf":
+        raise NotImplementedError("the vLLM engine is not wired in yet; set eval.engine: hf")
+    model_path = merged_model(model_path) if is_adapter(model_path) else str(model_path)
+    template_name = get_student(student).template
+    tokenizer = load_tokenizer(model_path, template_name)
+    prompts = build_prompts(test, get_template(template_name), tokenizer)
+    parts = parts_dir(out_path)
+    done = set(read_parts(parts, cell_hash)["question_id"].to_pylist())
+    todo = [p for p in prompts if p["question_id"] not in done]
+    stop_strings = list(get_template(template_name).stop_strings(tokenizer))
+    if todo:
+        with tqdm(total=len(todo), desc=f"eval {task}", unit="q", disable=not progress) as bar:
+            for rows in generate_batches(todo, model_path, template_name, spec, stop_strings):
+                write_part(parts, grade(task, rows, cell_hash))
+                bar.update(len(rows) // spec.n_samples)
+    wanted = pa.array(sorted({p["question_id"] for p in prompts}), pa.string())
+    predictions = read_parts(parts, cell_hash)
+    predictions = predictions.filter(pa.compute.is_in(predictions["question_id"], wanted)).sort_by("question_id")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(predictions, out_path)
-    return metrics(task, predictions, str(out_path))
+    return metrics(task, predictions, str(out_path), engine)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def _spec_from_args(args: argparse.Namespace) -> EvalSpec:
+    return EvalSpec(engine=args.engine, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                    num_actors=args.num_actors, cpus_per_actor=args.cpus_per_actor, use_gpu=args.gpu,
+                    num_beams=args.num_beams, do_sample=args.do_sample, temperature=args.temperature,
+                    top_p=args.top_p, n_samples=args.n_samples, seed=args.seed)
 
 
 def main(argv: list[str]) -> int:
+    defaults = EvalSpec()
     parser = argparse.ArgumentParser(prog="raydistill eval", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="student registry name, or an HF folder")
-    parser.add_argument("--student", help="template family when --model is a folder (default: --model)")
-    parser.add_argument("--task", required=True, choices=answers.TASKS)
+    parser.add_argument("--model", required=True,
+                        help="student registry name, an HF folder (e.g. an SFT output) or a LoRA adapter folder")
+    parser.add_argument("--student", help="registry name whose template to use (default: from --model)")
+    parser.add_argument("--task", nargs="+", required=True, choices=[*answers.TASKS, "all"])
     parser.add_argument("--limit", type=int, help="evaluate only the first N test questions")
-    parser.add_argument("--out", default="predictions.parquet", help="predictions Parquet path")
-    parser.add_argument("--max-new-tokens", type=int, default=EvalSpec().max_new_tokens)
-    parser.add_argument("--batch-size", type=int, default=EvalSpec().batch_size)
-    parser.add_argument("--num-actors", type=int, default=1)
+    parser.add_argument("--out-dir", default="predictions", help="writes <out-dir>/<task>.parquet")
+    parser.add_argument("--engine", choices=["auto", "hf", "vllm"], default=defaults.engine)
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--num-actors", type=int, default=defaults.num_actors)
+    parser.add_argument("--cpus-per-actor", type=float, default=defaults.cpus_per_actor)
+    parser.add_argument("--gpu", action="store_true", help="one GPU per engine actor")
+    parser.add_argument("--num-beams", type=int, default=defaults.num_beams)
+    parser.add_argument("--do-sample", action="store_true")
+    parser.add_argument("--temperature", type=float, default=defaults.temperature)
+    parser.add_argument("--top-p", type=float, default=defaults.top_p)
+    parser.add_argument("--n-samples", type=int, default=defaults.n_samples)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
     args = parser.parse_args(argv)
 
     import ray
@@ -185,12 +249,17 @@ def main(argv: list[str]) -> int:
     from raydistill.datasets import load_test
     from raydistill.students import resolve_student
 
-    test = load_test(args.task)
-    if args.limit:
-        test = test.slice(0, args.limit)
-    spec = EvalSpec(engine="hf", max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                    num_actors=args.num_actors)
+    spec = _spec_from_args(args)
+    model_path = args.model if is_adapter(args.model) else str(resolve_student(args.model))
+    tasks = answers.TASKS if "all" in args.task else list(dict.fromkeys(args.task))
     ray.init(ignore_reinit_error=True)
-    result = evaluate(str(resolve_student(args.model)), args.student or args.model, args.task, test, spec, args.out)
-    print(json.dumps(asdict(result), indent=2))
+    try:
+        for task in tasks:
+            test = load_test(task)
+            test = test.slice(0, args.limit) if args.limit else test
+            result = evaluate(model_path, args.student or args.model, task, test, spec,
+                              Path(args.out_dir) / f"{task}.parquet")
+            print(json.dumps(asdict(result)), flush=True)
+    finally:
+        ray.shutdown()
     return 0

@@ -204,16 +204,22 @@ class RuntimeSpec(_Strict):
     backoff_max_s: float = Field(30.0, ge=0)
     cache_dir: str | None = Field(None, description="request cache folder (POSIX path; default <out>/request-cache)")
     fsync: bool = Field(False, description="fsync the cache after every response (survives power loss, slower)")
+    actor_start_timeout_s: float = Field(600, gt=0, description="how long to wait for the actor pool to start")
     progress: bool = True
     ray_progress_bars: bool = False
     ray_address: str | None = None
 
     def layout(self) -> tuple[int, int, int, int]:
-        """(actors, in-flight per actor, batch size, concurrent batches per actor)."""
+        """(actors, in-flight requests per actor, batch size, concurrent batches per actor).
+
+        Each actor runs twice the batches its share of the concurrency needs, and a semaphore
+        caps its requests in flight: a batch waiting for its slowest row then never leaves a
+        slot idle, because rows of the next batch take the slots that free up.
+        """
         actors = max(1, min(self.num_actors, self.concurrency))
         per_actor = math.ceil(self.concurrency / actors)
         batch = max(1, min(self.batch_size, per_actor))
-        calls = max(1, math.ceil(per_actor / batch))
+        calls = max(1, math.ceil(per_actor / batch)) * (2 if per_actor > 1 else 1)
         return actors, per_actor, batch, calls
 
 
@@ -354,7 +360,11 @@ class AnnotateConfig(_Strict):
             )
         seen: dict[str, AnnotationSpec] = {}
         for s in specs:
-            seen.setdefault(s.cell_name(), s)
+            name = s.cell_name()
+            if name in seen and seen[name].cell_hash() != s.cell_hash():
+                raise ConfigError(f"two different cells are both named {name!r} (they would share a folder); "
+                                  "give one of them its own questions or policy in the grid, not in cells")
+            seen.setdefault(name, s)
         return [(s, out_root / name) for name, s in seen.items()]
 
 
@@ -391,7 +401,7 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
         return cfg
     except ValidationError as e:
         raise ConfigError(_format_validation(e, str(p))) from None
-    except prompts.PromptError as e:
+    except (prompts.PromptError, ConfigError) as e:
         raise ConfigError(f"{p}: {e}") from None
 
 
@@ -632,13 +642,38 @@ def _scrub(text: str, secrets: Iterable[str]) -> str:
     return text
 
 
+def _empty_result(key: str) -> dict[str, Any]:
+    return {"key": key, "response": None, "extracted": None, "correct": None, "tokens_in": 0, "tokens_out": 0,
+            "cost_usd": 0.0, "latency_s": 0.0, "error": None, "error_kind": None, "cache_hit": False,
+            "attempts": 0, "finish_reason": None, "cpu_s": 0.0}
+
+
+def _finish_result(out: dict[str, Any], rec: dict[str, Any], task: str, gold: str | None, answers: Any
+                   ) -> dict[str, Any]:
+    """Fill a result from a completed response (fresh or cached) and verify its answer."""
+    out.update(response=rec["response"], tokens_in=rec["tokens_in"], tokens_out=rec["tokens_out"],
+               cost_usd=rec["cost_usd"], latency_s=rec["latency_s"], finish_reason=rec.get("finish_reason"))
+    if not out["response"]:
+        out.update(error=f"empty response (finish_reason={rec.get('finish_reason')})", error_kind="empty")
+        return out
+    try:
+        out["extracted"] = answers.extract(task, out["response"])
+        out["correct"] = bool(answers.is_correct(task, out["response"], gold)) if gold else None
+    except Exception as e:  # noqa: BLE001 - a checker bug must not lose the response
+        out["correct"] = None
+        log.warning("answer check failed for %s: %s", out["key"][:12], e)
+    return out
+
+
 class TeacherCaller:
     """Ray Data actor UDF: one teacher request per row, many in flight per actor via asyncio.
 
-    Input columns: key, teacher_idx, task, gold, messages (JSON), cached (JSON or null).
+    Input columns: key, teacher_idx, task, gold, messages (JSON). Cached requests never reach it.
     Output columns: key, response, extracted, correct, tokens_in, tokens_out, cost_usd, latency_s,
     error, error_kind, cache_hit, attempts, finish_reason, cpu_s.
     """
+
+    SLOT_TOLERANCE_S = 0.1
 
     def __init__(self, teachers: list[dict[str, Any]], runtime: dict[str, Any], cache_dir: str,
                  limiters: list[str | None], in_flight: int):
@@ -658,9 +693,17 @@ class TeacherCaller:
         self.sem: asyncio.Semaphore | None = None
         self.cpu_mark = time.process_time()
         self.expected_out = [min(t.max_tokens, 256) for t in self.teachers]
+        self.unpriced = [False] * len(self.teachers)
         from raydistill import answers
 
         self.answers = answers
+        # litellm imports and builds much of its machinery on the first call; do it now, offline,
+        # so the first real requests are not held up behind it.
+        try:
+            litellm.completion(model=self.teachers[0].model, messages=[{"role": "user", "content": "warm-up"}],
+                               mock_response="ok")
+        except Exception:  # noqa: BLE001 - a warm-up only
+            pass
 
     # -- helpers -------------------------------------------------------------------------------
     def _limiter(self, i: int) -> Any:
@@ -680,13 +723,32 @@ class TeacherCaller:
             return key
         return None
 
-    def _cost(self, t: TeacherSpec, resp: Any, tin: int, tout: int) -> float:
+    def _cost(self, i: int, resp: Any, tin: int, tout: int) -> float:
+        t = self.teachers[i]
         if t.input_cost_per_token is not None or t.output_cost_per_token is not None:
             return tin * (t.input_cost_per_token or 0.0) + tout * (t.output_cost_per_token or 0.0)
+        hidden = getattr(resp, "_hidden_params", None) or {}
+        if hidden.get("response_cost") is not None:  # litellm priced it already
+            return float(hidden["response_cost"])
+        if self.unpriced[i]:
+            return 0.0
         try:
             return float(self.litellm.completion_cost(completion_response=resp) or 0.0)
         except Exception:
-            return 0.0  # a model litellm has no price for (local servers)
+            self.unpriced[i] = True  # a model litellm has no price for (local servers): 0, and stop asking
+            return 0.0
+
+    async def _wait_for_slot(self, limiter: Any, est_tokens: float) -> None:
+        """Reserve a slot from the shared limiter and sleep until it. A slot this process reached
+        late (its event loop was busy) is given up and a new one reserved, so a stall here never
+        turns into a burst at the server."""
+        for _ in range(8):
+            t0 = time.monotonic()
+            delay = await limiter.reserve.remote(est_tokens)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if time.monotonic() - t0 - delay <= self.SLOT_TOLERANCE_S:
+                return
 
     async def _send(self, i: int, messages: list[dict[str, str]]) -> tuple[Any, int, float]:
         t = self.teachers[i]
@@ -703,9 +765,7 @@ class TeacherCaller:
         while True:
             attempts += 1
             if limiter is not None:
-                delay = await limiter.reserve.remote(est)
-                if delay > 0:
-                    await asyncio.sleep(delay)
+                await self._wait_for_slot(limiter, est)
             t0 = time.perf_counter()
             try:
                 resp = await asyncio.wait_for(self.litellm.acompletion(**kw), timeout=t.timeout_s * 1.5 + 5)
@@ -714,8 +774,6 @@ class TeacherCaller:
                 raise
             except Exception as e:  # noqa: BLE001 - every failure is classified and recorded
                 retry, kind, status = _classify(e)
-                if limiter is not None and kind == "rate_limit":
-                    pass  # the server's own limit: back off below
                 if not retry or attempts >= self.runtime.max_attempts:
                     msg = _scrub(str(e), [key or ""]).replace("\n", " ")[:400]
                     st = f" (HTTP {status})" if status else ""
@@ -732,59 +790,39 @@ class TeacherCaller:
             return await self._row_inner(r)
         except Exception as e:  # noqa: BLE001 - a bug here must cost one row, not the job
             log.exception("internal error on request %s", r["key"][:12])
-            return {"key": r["key"], "response": None, "extracted": None, "correct": None, "tokens_in": 0,
-                    "tokens_out": 0, "cost_usd": 0.0, "latency_s": 0.0, "cache_hit": False, "attempts": 0,
-                    "finish_reason": None, "error_kind": "internal",
-                    "error": f"internal error: {type(e).__name__}: {str(e)[:300]}"}
+            out = _empty_result(r["key"])
+            out.update(error_kind="internal", error=f"internal error: {type(e).__name__}: {str(e)[:300]}")
+            return out
 
     async def _row_inner(self, r: dict[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = {"key": r["key"], "response": None, "extracted": None, "correct": None,
-                               "tokens_in": 0, "tokens_out": 0, "cost_usd": 0.0, "latency_s": 0.0,
-                               "error": None, "error_kind": None, "cache_hit": False, "attempts": 0,
-                               "finish_reason": None}
-        rec = json.loads(r["cached"]) if r.get("cached") else None
-        if rec is not None:
-            out["cache_hit"] = True
-        else:
-            i = int(r["teacher_idx"])
-            t = self.teachers[i]
-            assert self.sem is not None
-            async with self.sem:
-                try:
-                    resp, attempts, latency = await self._send(i, json.loads(r["messages"]))
-                except _Failed as f:
-                    out.update(error=f.reason, error_kind=f.kind, attempts=f.attempts)
-                    return out
-            choice = resp.choices[0]
-            text = getattr(choice.message, "content", None) or ""
-            usage = getattr(resp, "usage", None)
-            tin = int(getattr(usage, "prompt_tokens", 0) or 0)
-            tout = int(getattr(usage, "completion_tokens", 0) or 0)
-            rec = {"key": r["key"], "model": t.model, "response": text, "tokens_in": tin, "tokens_out": tout,
-                   "cost_usd": self._cost(t, resp, tin, tout), "latency_s": latency,
-                   "finish_reason": getattr(choice, "finish_reason", None), "t": time.time()}
-            self.cache.append(rec)  # durable before anything else happens to it
-            out["attempts"] = attempts
-            if tout:
-                self.expected_out[i] = 0.9 * self.expected_out[i] + 0.1 * tout
-            lim = self._limiter(i)
-            if lim is not None and t.tokens_per_minute:
-                est = sum(len(m["content"]) for m in json.loads(r["messages"])) / 4 + self.expected_out[i]
-                lim.adjust.remote(tin + tout - est)
-        out.update(response=rec["response"], tokens_in=rec["tokens_in"], tokens_out=rec["tokens_out"],
-                   cost_usd=rec["cost_usd"], latency_s=rec["latency_s"], finish_reason=rec.get("finish_reason"))
-        if not out["response"]:
-            out.update(error=f"empty response (finish_reason={rec.get('finish_reason')})", error_kind="empty")
-            return out
-        try:
-            out["extracted"] = self.answers.extract(r["task"], out["response"])
-            gold = r.get("gold")
-            out["correct"] = bool(self.answers.is_correct(r["task"], out["response"], gold)) if gold else None
-        except Exception as e:  # noqa: BLE001 - a checker bug must not lose the response
-            out["correct"] = None
-            out["error_kind"] = None
-            log.warning("answer check failed for %s: %s", r["key"][:12], e)
-        return out
+        out = _empty_result(r["key"])
+        i = int(r["teacher_idx"])
+        t = self.teachers[i]
+        messages = json.loads(r["messages"])
+        assert self.sem is not None
+        async with self.sem:
+            try:
+                resp, attempts, latency = await self._send(i, messages)
+            except _Failed as f:
+                out.update(error=f.reason, error_kind=f.kind, attempts=f.attempts)
+                return out
+        choice = resp.choices[0]
+        text = getattr(choice.message, "content", None) or ""
+        usage = getattr(resp, "usage", None)
+        tin = int(getattr(usage, "prompt_tokens", 0) or 0)
+        tout = int(getattr(usage, "completion_tokens", 0) or 0)
+        rec = {"key": r["key"], "model": t.model, "response": text, "tokens_in": tin, "tokens_out": tout,
+               "cost_usd": self._cost(i, resp, tin, tout), "latency_s": latency,
+               "finish_reason": getattr(choice, "finish_reason", None), "t": time.time()}
+        self.cache.append(rec)  # durable before anything else happens to it
+        out["attempts"] = attempts
+        lim = self._limiter(i)
+        if lim is not None and t.tokens_per_minute:  # charge what the request really used
+            est = sum(len(m["content"]) for m in messages) / 4 + self.expected_out[i]
+            lim.adjust.remote(tin + tout - est)
+        if tout:
+            self.expected_out[i] = 0.9 * self.expected_out[i] + 0.1 * tout
+        return _finish_result(out, rec, r["task"], r.get("gold"), self.answers)
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         if self.sem is None:
@@ -1140,19 +1178,19 @@ def _reuse(spec: AnnotationSpec, out_dir: Path) -> AnnotationResult | None:
     return AnnotationResult(**{**res, "reused": True})
 
 
-def _ensure_ray(runtime: RuntimeSpec) -> bool:
-    """Start or join Ray if the caller did not; returns whether this call started it."""
+def _ensure_ray(runtime: RuntimeSpec, started: list[bool]) -> None:
+    """Start or join Ray if the caller did not; records in ``started`` that this call did."""
     import ray
 
     if ray.is_initialized():
-        return False
+        return
     ray.init(address=runtime.ray_address, ignore_reinit_error=True, log_to_driver=False,
              include_dashboard=False if runtime.ray_address is None else None)
-    return True
+    started.append(True)
 
 
-def _run_requests(reqs: list[_Req], cached: dict[str, dict[str, Any]], teachers: list[TeacherSpec],
-                  runtime: RuntimeSpec, cache_dir: Path, on_batch) -> None:
+def _run_requests(reqs: list[_Req], teachers: list[TeacherSpec], runtime: RuntimeSpec, cache_dir: Path,
+                  on_batch) -> None:
     """Send the requests through the actor pool; calls ``on_batch(list[result dict])`` as results arrive."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
@@ -1176,15 +1214,22 @@ def _run_requests(reqs: list[_Req], cached: dict[str, dict[str, Any]], teachers:
     actors, per_actor, batch, calls = runtime.layout()
     rows = [
         {"key": r.key, "teacher_idx": r.teacher_idx, "task": r.task, "gold": r.gold,
-         "messages": json.dumps(r.messages, ensure_ascii=False),
-         "cached": json.dumps(cached[r.key], ensure_ascii=False) if r.key in cached else None}
+         "messages": json.dumps(r.messages, ensure_ascii=False)}
         for r in reqs
     ]
     ctx = DataContext.get_current()
+    saved = (ctx.enable_progress_bars, ctx.wait_for_min_actors_s)
     ctx.enable_progress_bars = runtime.ray_progress_bars
-    # One block per batch, so the actors can work on many batches at once. from_items builds the
-    # blocks in this process (from_arrow would run one remote metadata task per block).
-    ds = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / batch))
+    # Start sending only when every actor is up, so the first seconds do not run at a fraction of
+    # the concurrency while the other actors still import litellm.
+    ctx.wait_for_min_actors_s = int(runtime.actor_start_timeout_s)
+    try:
+        # One block per batch, so the actors can work on many batches at once. from_items builds
+        # the blocks in this process (from_arrow would run one remote metadata task per block);
+        # the dataset keeps a copy of the context as it is now.
+        ds = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / batch))
+    finally:
+        ctx.enable_progress_bars, ctx.wait_for_min_actors_s = saved
     ds = ds.map_batches(
         TeacherCaller,
         fn_constructor_kwargs=dict(
@@ -1197,7 +1242,7 @@ def _run_requests(reqs: list[_Req], cached: dict[str, dict[str, Any]], teachers:
         batch_size=batch,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=calls,
-                                  max_tasks_in_flight_per_actor=calls * 2),
+                                  max_tasks_in_flight_per_actor=calls + 2),
         num_cpus=runtime.num_cpus_per_actor,
     )
     for out in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -1249,7 +1294,7 @@ def annotate_cells(cells: Sequence[tuple[AnnotationSpec, str | os.PathLike]], *,
             qcache[qk] = load_questions(spec.task, spec.questions)
         states.append(_CellState(i, spec, out, qcache[qk], tindex[tk]))
 
-    started_ray = _ensure_ray(runtime)
+    started: list[bool] = []  # set when this call starts Ray (only if something is not cached)
     cache = RequestCache(cache_dir)
     totals: Counter = Counter()
     try:
@@ -1257,7 +1302,7 @@ def annotate_cells(cells: Sequence[tuple[AnnotationSpec, str | os.PathLike]], *,
         probe_cells = [c for c in states if c.spec.hybrid and c.spec.hybrid.by == "answer_only"]
         if probe_cells:
             reqs, targets = _plan(probe_cells, teachers, probe=True)
-            _execute(reqs, targets, states, cache, teachers, runtime, cache_dir, show, totals, "probe")
+            _execute(reqs, targets, states, cache, teachers, runtime, cache_dir, show, totals, "probe", started)
             for c in probe_cells:
                 _write_probe(c)
         for c in states:
@@ -1272,7 +1317,7 @@ def annotate_cells(cells: Sequence[tuple[AnnotationSpec, str | os.PathLike]], *,
                               for p in c.probe_rows]
         # Stage 2: the rationales.
         reqs, targets = _plan(states, teachers, probe=False)
-        _execute(reqs, targets, states, cache, teachers, runtime, cache_dir, show, totals, "annotate")
+        _execute(reqs, targets, states, cache, teachers, runtime, cache_dir, show, totals, "annotate", started)
         wall = time.perf_counter() - t_start
         for c in states:
             order = {q: k for k, q in enumerate(c.qids)}
@@ -1286,7 +1331,7 @@ def annotate_cells(cells: Sequence[tuple[AnnotationSpec, str | os.PathLike]], *,
                     pass
             if c.tmp_path.exists():
                 c.tmp_path.unlink()
-        if started_ray:
+        if started:
             import ray
 
             ray.shutdown()
@@ -1326,7 +1371,7 @@ def _plan(states: list[_CellState], teachers: list[TeacherSpec], probe: bool
 
 def _execute(reqs: dict[str, _Req], targets: dict[str, list[_Target]], states: list[_CellState],
              cache: RequestCache, teachers: list[TeacherSpec], runtime: RuntimeSpec, cache_dir: Path,
-             show: bool, totals: Counter, stage: str) -> None:
+             show: bool, totals: Counter, stage: str, started: list[bool]) -> None:
     from tqdm.auto import tqdm
 
     by_idx = {c.idx: c for c in states}
@@ -1358,7 +1403,21 @@ def _execute(reqs: dict[str, _Req], targets: dict[str, list[_Target]], states: l
         bar.set_postfix(cached=counts["cache_hits"], failed=counts["failed"], refresh=False)
 
     try:
-        _run_requests(list(reqs.values()), cached, teachers, runtime, cache_dir, on_batch)
+        # Cached responses are served here, without Ray; only the rest goes to the actor pool.
+        from raydistill import answers
+
+        hits = [r for r in reqs.values() if r.key in cached]
+        for i in range(0, len(hits), 256):
+            chunk = []
+            for r in hits[i:i + 256]:
+                res = _empty_result(r.key)
+                res["cache_hit"] = True
+                chunk.append(_finish_result(res, cached[r.key], r.task, r.gold, answers))
+            on_batch(chunk)
+        misses = [r for r in reqs.values() if r.key not in cached]
+        if misses:
+            _ensure_ray(runtime, started)
+            _run_requests(misses, teachers, runtime, cache_dir, on_batch)
     finally:
         bar.close()
     if counts["requests"] != len(reqs):

@@ -27,8 +27,9 @@ share of request keys that fail on every attempt. The request key is the sha256 
 JSON of (model, messages, temperature, max_tokens, top_p, seed).
 
 The log line: ``{"key", "question", "status", "kind", "t_recv", "t_done", "attempt", "auth"}``
-where ``kind`` is ``ok``, ``429``, ``500`` or ``timeout`` and ``auth`` says whether the bearer
-token matched ``--expect-key-sha256`` (the key itself is never logged).
+where ``kind`` is ``ok``, ``429``, ``500``, ``timeout`` or ``401`` and ``auth`` says whether the
+bearer token matched ``--expect-key-sha256`` (the key itself is never logged). An injected timeout
+is logged when it starts stalling, since the client gives up before it ends.
 """
 
 from __future__ import annotations
@@ -156,6 +157,11 @@ class Server:
             if self.expect_key_sha256 and not auth_ok:
                 kind = "401"
 
+            if kind == "timeout":
+                # Logged now: the client gives up long before this reply would come.
+                self._log(key, question, 504, kind, t_recv, attempt, auth_ok)
+                await asyncio.sleep(a.timeout_sleep)
+                return web.json_response({"error": {"message": "too slow (injected)"}}, status=504)
             await asyncio.sleep(self._latency())
             if kind == "ok":
                 content = self._reply(messages)
@@ -188,39 +194,26 @@ class Server:
                     headers={"Retry-After": str(a.retry_after)},
                 )
                 status = 429
-            elif kind == "timeout":
-                await asyncio.sleep(a.timeout_sleep)
-                resp = web.json_response({"error": {"message": "too slow (injected)"}}, status=504)
-                status = 504
             elif kind == "401":
                 resp = web.json_response({"error": {"message": "bad api key", "type": "auth_error"}}, status=401)
                 status = 401
             else:
                 resp = web.json_response({"error": {"message": "internal error (injected)"}}, status=500)
                 status = 500
-            self.stats[kind] += 1
-            if kind == "ok":
-                self.by_key_ok[key] += 1
-            if self.log:
-                self.log.write(
-                    json.dumps(
-                        {
-                            "key": key,
-                            "question": question,
-                            "status": status,
-                            "kind": kind,
-                            "t_recv": t_recv,
-                            "t_done": time.time(),
-                            "attempt": attempt,
-                            "auth": auth_ok,
-                        },
-                        ensure_ascii=False,
-                    )
-                    + "\n"
-                )
+            self._log(key, question, status, kind, t_recv, attempt, auth_ok)
             return resp
         finally:
             self.in_flight -= 1
+
+    def _log(self, key: str, question: str, status: int, kind: str, t_recv: float, attempt: int,
+             auth_ok: bool | None) -> None:
+        self.stats[kind] += 1
+        if kind == "ok":
+            self.by_key_ok[key] += 1
+        if self.log:
+            entry = {"key": key, "question": question, "status": status, "kind": kind, "t_recv": t_recv,
+                     "t_done": time.time(), "attempt": attempt, "auth": auth_ok}
+            self.log.write(json.dumps(entry, ensure_ascii=False) + "\n")
 
     async def stats_handler(self, request: web.Request) -> web.Response:
         return web.json_response(

@@ -1,0 +1,267 @@
+"""Throughput of the annotation pipeline against the local OpenAI-compatible test server.
+
+Writes one JSON file with:
+
+(a) ceiling   - rows/s at zero server latency and high concurrency: what the CPU allows.
+(b) latency   - rows/s at a realistic teacher reply time (2 s) for concurrency 1, 8, 64, 256, each
+                next to its bound min(concurrency / latency, ceiling).
+(c) sequential - a plain loop of litellm.completion calls at the same latency, and the speed-up of
+                each concurrency over it.
+(d) cpu       - where the CPU of a row goes: the annotator actors, the driver, Ray's own processes,
+                the server; plus micro-benchmarks of one litellm call and of one bare aiohttp call.
+
+Rows/s are measured at the server, from the first request received to the last reply sent, so they
+exclude the pipeline's start-up (actor start and the litellm import, reported as startup_s).
+
+    python benchmarks/annotate.py --out outputs/bench/annotate.json            # about 4 minutes
+    python benchmarks/annotate.py --quick --out /tmp/annotate.json             # a smoke run
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
+import argparse
+import asyncio
+import json
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from openai_server import ServerProcess  # noqa: E402
+
+from raydistill import annotate as A  # noqa: E402
+
+KEY_ENV = "RAYDISTILL_BENCH_KEY"
+
+
+def _questions(folder: Path, n: int, tag: str) -> tuple[Path, dict[str, str]]:
+    qs = [f"[{tag}] Question {i}: Tom has {i + 3} apples and gets {2 * i + 1} more. How many apples now?"
+          for i in range(n)]
+    golds = [str(3 * i + 4) for i in range(n)]
+    path = folder / f"q-{tag}.parquet"
+    pq.write_table(pa.table({"question": qs, "answer": golds}), path)
+    return path, dict(zip(qs, golds))
+
+
+def _cpu_of(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            parts = f.read().rsplit(")", 1)[1].split()
+        return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return 0.0
+
+
+def _ray_cpu() -> dict[int, tuple[str, float]]:
+    """CPU seconds of this process's descendants, by kind: "core" (gcs, raylet, agents, monitors)
+    or "workers" (Ray workers other than the annotator actors, which report their own CPU)."""
+    import psutil
+
+    out = {}
+    for p in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(p.cmdline()[:3])
+            if "openai_server.py" in cmd or "MapWorker" in cmd:
+                continue
+            kind = "workers" if cmd.startswith("ray::") and "Agent" not in cmd else "core"
+            t = p.cpu_times()
+            out[p.pid] = (kind, t.user + t.system)
+        except psutil.Error:
+            pass
+    return out
+
+
+def _cpu_delta(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], kind: str) -> float:
+    return sum(v - before.get(pid, (k, 0.0))[1] for pid, (k, v) in after.items() if k == kind)
+
+
+def run_pipeline(server: ServerProcess, work: Path, n: int, concurrency: int, tag: str, actors: int,
+                 batch: int) -> dict:
+    qpath, _ = _questions(work, n, tag)
+    spec = A.AnnotationSpec(
+        task="svamp", level=3,
+        teacher=dict(model="openai/bench-teacher", api_base=server.base_url, api_key_env=KEY_ENV, timeout_s=60),
+        questions=dict(source="parquet", path=str(qpath)),
+        runtime=dict(concurrency=concurrency, num_actors=actors, batch_size=batch, progress=False,
+                     cache_dir=str(work / f"cache-{tag}"), num_cpus_per_actor=0.5),
+    )
+    n0 = len(server.log_entries())
+    srv0, drv0, sys0 = _cpu_of(server.proc.pid), time.process_time(), _ray_cpu()
+    t0 = time.time()
+    run = A.annotate_cells([(spec, work / f"out-{tag}")], progress=False)
+    wall = time.time() - t0
+    srv1, drv1, sys1 = _cpu_of(server.proc.pid), time.process_time(), _ray_cpu()
+    log = server.log_entries()[n0:]
+    r = run.cells[0]
+    assert r.rows == n and r.failed == 0, (r.rows, r.failed, r.errors)
+    first = min(e["t_recv"] for e in log)
+    last = max(e["t_done"] for e in log)
+    span = last - first
+    return {
+        "concurrency": concurrency,
+        "rows": n,
+        "actors": min(actors, concurrency),
+        "rows_per_s": n / span if span > 0 else float("inf"),
+        "end_to_end_rows_per_s": n / wall,
+        "wall_s": wall,
+        "startup_s": first - t0,
+        "requests_seen_by_server": len(log),
+        "cpu_ms_per_row": {
+            "annotator_actors": 1000 * run.totals.get("actor_cpu_s", 0.0) / n,
+            "driver": 1000 * (drv1 - drv0) / n,
+            "ray_core": 1000 * _cpu_delta(sys0, sys1, "core") / n,
+            "other_ray_workers": 1000 * _cpu_delta(sys0, sys1, "workers") / n,
+            "server": 1000 * (srv1 - srv0) / n,
+        },
+    }
+
+
+def sequential(server: ServerProcess, n: int) -> dict:
+    import litellm
+
+    litellm.suppress_debug_info = True
+    t0 = time.time()
+    for i in range(n):
+        litellm.completion(model="openai/bench-teacher", api_base=server.base_url, api_key="sk-bench",
+                           messages=[{"role": "user", "content": f"sequential {i}"}], max_retries=0)
+    wall = time.time() - t0
+    return {"rows": n, "rows_per_s": n / wall, "wall_s": wall}
+
+
+def microbench(server: ServerProcess, calls: int, concurrency: int) -> dict:
+    """CPU per call in this process: litellm.acompletion vs a bare aiohttp POST."""
+    import aiohttp
+    import litellm
+
+    from raydistill import answers
+
+    litellm.suppress_debug_info = True
+    url = server.base_url + "/chat/completions"
+
+    async def with_litellm():
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one(i):
+            async with sem:
+                await litellm.acompletion(model="openai/bench-teacher", api_base=server.base_url,
+                                          api_key="sk-bench", max_retries=0,
+                                          messages=[{"role": "user", "content": f"micro {i}"}])
+        await one(-1)  # first call builds the client
+        c0 = time.process_time()
+        await asyncio.gather(*(one(i) for i in range(calls)))
+        return time.process_time() - c0
+
+    async def with_aiohttp():
+        sem = asyncio.Semaphore(concurrency)
+        async with aiohttp.ClientSession(headers={"Authorization": "Bearer sk-bench"}) as s:
+            async def one(i):
+                async with sem:
+                    async with s.post(url, json={"model": "bench-teacher", "messages": [
+                            {"role": "user", "content": f"raw {i}"}]}) as r:
+                        await r.json()
+            await one(-1)
+            c0 = time.process_time()
+            await asyncio.gather(*(one(i) for i in range(calls)))
+            return time.process_time() - c0
+
+    lit = asyncio.run(with_litellm())
+    raw = asyncio.run(with_aiohttp())
+    text = "Step one. Step two gives 3 + 4 = 7. The answer is 7"
+    c0 = time.process_time()
+    for _ in range(2000):
+        answers.is_correct("svamp", text, "7")
+    chk = time.process_time() - c0
+    return {
+        "calls": calls,
+        "litellm_acompletion_cpu_ms": 1000 * lit / calls,
+        "aiohttp_post_cpu_ms": 1000 * raw / calls,
+        "answer_check_cpu_ms": 1000 * chk / 2000,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="outputs/bench/annotate.json")
+    p.add_argument("--latency", type=float, default=2.0)
+    p.add_argument("--jitter", type=float, default=0.5,
+                   help="also run the latency sweep at latency +- this uniform jitter (0: skip)")
+    p.add_argument("--concurrency", default="1,8,64,256")
+    p.add_argument("--ceiling-rows", type=int, default=3000)
+    p.add_argument("--ceiling-concurrency", type=int, default=256)
+    p.add_argument("--waves", type=int, default=5, help="rows per latency run = waves x concurrency")
+    p.add_argument("--actors", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--sequential-rows", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.ceiling_rows, args.waves, args.concurrency, args.sequential_rows = 400, 2, "1,8,64", 2
+
+    import ray
+
+    os.environ[KEY_ENV] = "sk-bench"
+    work = Path(tempfile.mkdtemp(prefix="raydistill-bench-"))
+    result: dict = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "load_avg_at_start": os.getloadavg()},
+        "settings": {"latency_s": args.latency, "jitter_s": args.jitter, "actors": args.actors,
+                     "batch_size": args.batch_size},
+    }
+    try:
+        with ServerProcess(work / "fast", latency=0.0) as fast:
+            result["microbench"] = microbench(fast, calls=400, concurrency=64)
+            ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
+            ceiling = run_pipeline(fast, work, args.ceiling_rows, args.ceiling_concurrency, "ceiling",
+                                   args.actors, args.batch_size)
+            result["ceiling"] = ceiling
+            print(f"ceiling: {ceiling['rows_per_s']:.1f} rows/s at concurrency {args.ceiling_concurrency}", flush=True)
+        with ServerProcess(work / "slow", latency=args.latency) as slow:
+            result["sequential"] = sequential(slow, args.sequential_rows)
+            print(f"sequential: {result['sequential']['rows_per_s']:.3f} rows/s", flush=True)
+            rows = []
+            for c in [int(x) for x in args.concurrency.split(",")]:
+                r = run_pipeline(slow, work, max(2, args.waves * c), c, f"c{c}", args.actors, args.batch_size)
+                r["bound"] = min(c / args.latency, ceiling["rows_per_s"])
+                r["ratio_to_bound"] = r["rows_per_s"] / r["bound"]
+                r["speedup_vs_sequential"] = r["rows_per_s"] / result["sequential"]["rows_per_s"]
+                rows.append(r)
+                print(f"concurrency {c}: {r['rows_per_s']:.2f} rows/s, bound {r['bound']:.2f} "
+                      f"({100 * r['ratio_to_bound']:.0f}%), {r['speedup_vs_sequential']:.1f}x sequential", flush=True)
+            result["latency"] = rows
+        if args.jitter:
+            with ServerProcess(work / "jitter", latency=args.latency, latency_jitter=args.jitter) as slow:
+                rows = []
+                for c in [int(x) for x in args.concurrency.split(",") if int(x) >= 64]:
+                    r = run_pipeline(slow, work, max(2, args.waves * c), c, f"j{c}", args.actors, args.batch_size)
+                    r["bound"] = min(c / args.latency, ceiling["rows_per_s"])
+                    r["ratio_to_bound"] = r["rows_per_s"] / r["bound"]
+                    r["speedup_vs_sequential"] = r["rows_per_s"] / result["sequential"]["rows_per_s"]
+                    rows.append(r)
+                    print(f"concurrency {c}, latency {args.latency} +- {args.jitter} s: {r['rows_per_s']:.2f} rows/s, "
+                          f"bound {r['bound']:.2f} ({100 * r['ratio_to_bound']:.0f}%)", flush=True)
+                result["latency_jittered"] = rows
+        ray.shutdown()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result["machine"]["load_avg_at_end"] = os.getloadavg()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""Annotation stage end to end: a real local Ray cluster, the OpenAI-compatible test server over
+HTTP, litellm, real Parquet. Assertions about what was sent come from the server's request log."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from openai_server import ServerProcess
+from raydistill import annotate as A
+from raydistill.schemas import ANNOTATION_SCHEMA, EXAMPLE_SCHEMA
+
+REPO = Path(__file__).resolve().parents[1]
+SENTINEL = "sk-sentinel-7f3c9a1e-do-not-write"
+KEY_ENV = "RAYDISTILL_TEST_TEACHER_KEY"
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """One 2-CPU local cluster for the module. The teacher key is in the environment before the
+    cluster starts, so its workers inherit it (as they would on a real cluster)."""
+    import ray
+
+    os.environ[KEY_ENV] = SENTINEL
+    ray.shutdown()
+    ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                   runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    yield ctx
+    ray.shutdown()
+
+
+def make_questions(tmp_path: Path, n: int) -> tuple[Path, dict[str, str]]:
+    """n SVAMP-like questions with gold answers, as a Parquet the spec can point at; some are
+    longer than others (hybrid by question length)."""
+    import pyarrow as pa
+
+    qs, golds = [], []
+    for i in range(n):
+        a, b = 3 * i + 1, 7 * i + 2
+        extra = " They were all counted twice to be sure." * (i % 3)
+        qs.append(f"Question {i}: A farmer has {a} sheep and buys {b} more.{extra} How many sheep now?")
+        golds.append(str(a + b))
+    path = tmp_path / "questions.parquet"
+    pq.write_table(pa.table({"question": qs, "answer": golds}), path)
+    return path, dict(zip(qs, golds))
+
+
+def spec_for(server: ServerProcess, qpath: Path, n: int, level: int = 3, timeout_s: float = 1.0,
+             **runtime) -> A.AnnotationSpec:
+    rt = dict(concurrency=16, num_actors=2, batch_size=4, backoff_base_s=0.05, backoff_max_s=0.3,
+              max_attempts=4, progress=False, num_cpus_per_actor=0.5)
+    rt.update(runtime)
+    return A.AnnotationSpec(
+        task="svamp", level=level,
+        teacher=dict(model="openai/mock-teacher", api_base=server.base_url, api_key_env=KEY_ENV, timeout_s=timeout_s),
+        questions=dict(source="parquet", path=str(qpath), limit=n),
+        runtime=rt,
+    )
+
+
+def ok_counts(entries: list[dict]) -> Counter:
+    return Counter(e["key"] for e in entries if e["kind"] == "ok")
+
+
+def test_kill_half_way_then_rerun_sends_no_completed_request_twice(ray_cluster, tmp_path):
+    n = 80
+    qpath, gold = make_questions(tmp_path, n)
+    with ServerProcess(tmp_path / "srv", latency=0.4, answers=gold) as server:  # about 10 rows/s
+        spec = spec_for(server, qpath, n, concurrency=4, ray_address=ray_cluster.address_info["address"])
+        out = tmp_path / "cell"
+        (tmp_path / "spec.json").write_text(spec.model_dump_json())
+        script = textwrap.dedent(f"""
+            import json, sys
+            from raydistill import annotate as A
+            spec = A.AnnotationSpec.model_validate_json(open({str(tmp_path / 'spec.json')!r}).read())
+            A.annotate(spec, {str(out)!r})
+            print("finished")
+        """)
+        proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
+        try:
+            deadline = time.time() + 150
+            while server.stats()["ok"] < n // 2:
+                assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+                assert time.time() < deadline, "the first run never reached half way"
+                time.sleep(0.05)
+            t_kill = time.time()
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(30)
+        # Let the dead job's actors go quiet before the rerun.
+        last, quiet_since = -1, time.time()
+        while time.time() - quiet_since < 1.5:
+            cur = server.stats()["requests"]
+            if cur != last:
+                last, quiet_since = cur, time.time()
+            time.sleep(0.1)
+        first = server.log_entries()
+        done_before_kill = {e["key"] for e in first if e["kind"] == "ok" and e["t_done"] < t_kill - 1.0}
+        assert n // 4 <= len(done_before_kill) < n
+        assert not (out / "annotations.parquet").exists()
+
+        t_rerun = time.time()
+        faster = spec.runtime.model_copy(update={"concurrency": 16})  # not part of any request's key
+        result = A.annotate(spec.model_copy(update={"runtime": faster}), out)
+        log = server.log_entries()
+        rerun = [e for e in log if e["t_recv"] >= t_rerun]
+
+    # Nothing that had completed was sent again, and only the unfinished rest went out.
+    assert not done_before_kill & {e["key"] for e in rerun}
+    counts = ok_counts(log)
+    assert all(counts[k] == 1 for k in done_before_kill)
+    assert len(rerun) <= n - len(done_before_kill)
+    assert result.cache_hits >= len(done_before_kill)
+    assert result.cache_hits + result.requests_sent == n
+    # Every row exactly once, all answered and verified.
+    table = pq.read_table(result.annotations_path)
+    assert table.schema.equals(ANNOTATION_SCHEMA)
+    assert table.num_rows == n and len(set(table.column("question_id").to_pylist())) == n
+    assert table.column("error").null_count == n
+    assert result.teacher_accuracy == 1.0 and result.failed == 0
+    assert len(counts) == n  # every question reached the teacher once in total, across both runs
+
+
+def test_injected_failures_are_retried_or_recorded_and_cache_hits_are_counted(ray_cluster, tmp_path):
+    n = 80
+    qpath, gold = make_questions(tmp_path, n)
+    with ServerProcess(tmp_path / "srv", latency=0.02, answers=gold, fail_rate=0.2, permanent_fail_rate=0.1,
+                       fail_kinds="429,500,timeout", timeout_sleep=1.5, wrong_rate=0.25,
+                       expect_key_sha256=__import__("hashlib").sha256(SENTINEL.encode()).hexdigest()) as server:
+        spec = spec_for(server, qpath, n, max_attempts=3, timeout_s=0.5)
+        out = tmp_path / "cell"
+        r1 = A.annotate(spec, out)
+        log1 = server.log_entries()
+        rows = pq.read_table(r1.annotations_path).to_pylist()
+        examples = pq.read_table(r1.examples_path)
+        r2 = A.annotate(spec, out)  # same hash: outputs reused, nothing runs
+        assert r2.reused and server.log_entries() == log1
+        t_rerun = time.time()
+        r3 = A.annotate(spec, out, overwrite=True)
+        log3 = [e for e in server.log_entries() if e["t_recv"] >= t_rerun]
+
+    # The key came from the environment and reached the server on every request.
+    assert log1 and all(e["auth"] is True for e in log1)
+    # Every row is present once: complete, or failed with its reason.
+    assert len(rows) == n and len({r["question_id"] for r in rows}) == n
+    failed = [r for r in rows if r["error"] is not None]
+    ok = [r for r in rows if r["error"] is None]
+    assert failed and ok and r1.failed == len(failed) and r1.succeeded == len(ok)
+    for r in failed:
+        assert r["response"] is None and "after" in r["error"] and "attempt" in r["error"]
+        assert any(s in r["error"] for s in ("429", "500", "Timeout", "timeout")), r["error"]
+    for r in ok:
+        assert r["response"].endswith(f"The answer is {r['extracted']}")
+        assert r["tokens_in"] > 0 and r["tokens_out"] > 0 and r["cost_usd"] == 0.0
+    assert sum(r1.errors.values()) == len(failed)
+    # Transient failures were retried; the server saw more attempts than rows.
+    kinds = Counter(e["kind"] for e in log1)
+    assert kinds["ok"] == len(ok) and r1.requests_sent == len(log1) and r1.retries == len(log1) - n
+    assert {"429", "500"} <= set(kinds)
+    # Verification: wrong answers are kept by keep_all, marked incorrect.
+    wrong = [r for r in ok if not r["correct"]]
+    assert wrong and r1.teacher_accuracy == pytest.approx(1 - len(wrong) / len(ok))
+    assert examples.schema.equals(EXAMPLE_SCHEMA) and examples.num_rows == len(ok) == r1.kept
+    # Rerun: successes come from the cache, only the failed rows are tried again.
+    assert r3.cache_hits == len(ok) and r3.rows == n and r3.requests_sent == len(log3)
+    assert {e["question"] for e in log3} == {r["question"] for r in failed}
+    assert all(v == 1 for v in ok_counts(server.log_entries()).values())
+    # The key appears in no file the stage wrote (Parquet, cache, summary).
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and not p.name.startswith("server-")]
+    assert any(p.suffix == ".jsonl" for p in written) and any(p.suffix == ".parquet" for p in written)
+    for p in written:
+        assert SENTINEL.encode() not in p.read_bytes(), p
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["spec"]["teacher"]["api_key_env"] == KEY_ENV
+
+
+def test_requests_per_minute_limit_holds_at_the_server(ray_cluster, tmp_path):
+    n, rpm = 30, 600  # 10 requests/s, bucket of 1 s = 10
+    qpath, gold = make_questions(tmp_path, n)
+    with ServerProcess(tmp_path / "srv", latency=0.0, answers=gold) as server:
+        spec = spec_for(server, qpath, n, concurrency=32)
+        spec = spec.model_copy(update={"teacher": spec.teacher.model_copy(update={"requests_per_minute": rpm})})
+        r = A.annotate(spec, tmp_path / "cell")
+        ts = sorted(e["t_recv"] for e in server.log_entries())
+    assert r.failed == 0 and len(ts) == n
+    rate, burst = rpm / 60, rpm / 60 * 1.0
+    for i, t0 in enumerate(ts):  # at most burst + rate * W starts in any window of W = 1 s
+        in_window = sum(1 for t in ts[i:] if t < t0 + 1.0)
+        assert in_window <= burst + rate * 1.0 + 1, (i, in_window)
+    assert ts[-1] - ts[0] >= (n - burst) / rate * 0.9
+
+
+def test_cli_grid_padding_and_hybrid_cells(ray_cluster, tmp_path, capsys):
+    n = 24
+    qpath, gold = make_questions(tmp_path, n)
+    with ServerProcess(tmp_path / "srv", latency=0.0, answers=gold, wrong_rate=0.5) as server:
+        cfg = tmp_path / "annotate.yaml"
+        cfg.write_text(textwrap.dedent(f"""
+            output_dir: {tmp_path / 'out'}
+            teacher: {{model: openai/mock-teacher, name: mock, api_base: "{server.base_url}", api_key_env: {KEY_ENV}}}
+            questions: {{source: parquet, path: "{qpath}"}}
+            policy: keep_correct
+            runtime: {{concurrency: 16, batch_size: 4, num_cpus_per_actor: 0.5, progress: false}}
+            grid: {{tasks: [svamp], levels: [1, 5]}}
+            cells:
+              - {{task: svamp, level: 1, pad: {{to_level: 5}}}}
+              - {{task: svamp, hybrid: {{by: answer_only, easy_level: 2, hard_level: 6}}}}
+              - {{task: svamp, hybrid: {{by: question_length, easy_level: 1, hard_level: 4}}}}
+        """))
+        assert A.main(["--config", str(cfg), "--json", str(tmp_path / "run.json")]) == 0
+        log = server.log_entries()
+        assert A.main(["--config", str(cfg)]) == 0  # all cells exist: reused, nothing sent
+        assert server.log_entries() == log
+    printed = capsys.readouterr().out
+    assert "| svamp-mock-cot-L1-pad5 |" in printed and "(reused)" in printed
+    run = json.loads((tmp_path / "run.json").read_text())
+    cells = {c["cell_name"]: c for c in run["cells"]}
+    assert len(cells) == 5 and all(c["rows"] == n and c["failed"] == 0 for c in cells.values())
+    # Requests are shared between cells: L1 and L5 serve the padded cell, L1/L4 the hybrid one.
+    assert len(ok_counts(log)) == len(log) == run["totals"]["api_calls"] + run["totals"].get("probe_api_calls", 0)
+    out = tmp_path / "out"
+    l1 = {r["question_id"]: r for r in pq.read_table(out / "svamp-mock-cot-L1" / "annotations.parquet").to_pylist()}
+    l5 = {r["question_id"]: r for r in pq.read_table(out / "svamp-mock-cot-L5" / "annotations.parquet").to_pylist()}
+    pad = pq.read_table(out / "svamp-mock-cot-L1-pad5" / "annotations.parquet").to_pylist()
+    for r in pad:
+        assert r["format"] == "cot+pad5" and r["level"] == 1
+        assert len(r["response"].split()) == max(len(l5[r["question_id"]]["response"].split()),
+                                                 len(l1[r["question_id"]]["response"].split()))
+        assert [w for w in r["response"].split() if w != "..."] == l1[r["question_id"]]["response"].split()
+    assert cells["svamp-mock-cot-L5"]["mean_rationale_words"] > cells["svamp-mock-cot-L1"]["mean_rationale_words"]
+    # Hybrid by the teacher's answer-only correctness: wrong probes get the hard level.
+    hyb = out / "svamp-mock-cot-hybrid-answer_only-L2L6"
+    probe = {r["question_id"]: r for r in pq.read_table(hyb / "probe.parquet").to_pylist()}
+    rows = pq.read_table(hyb / "annotations.parquet").to_pylist()
+    assert {r["level"] for r in rows} == {2, 6}
+    for r in rows:
+        assert r["level"] == (2 if probe[r["question_id"]]["correct"] else 6)
+    qlen = pq.read_table(out / "svamp-mock-cot-hybrid-question_length-L1L4" / "annotations.parquet").to_pylist()
+    assert {r["level"] for r in qlen} == {1, 4}
+    # keep_correct: examples hold only verified rows.
+    ex = pq.read_table(out / "svamp-mock-cot-L5" / "examples.parquet")
+    assert ex.num_rows == sum(1 for r in l5.values() if r["correct"]) == cells["svamp-mock-cot-L5"]["kept"] < n
+
+
+def test_cli_reports_config_errors(tmp_path, capsys):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("output_dir: o\nteacher: {model: openai/x, api_key: sk-abc}\ngrid: {tasks: [svamp]}\n")
+    assert A.main(["--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "teacher" in err and "api_key_env" in err and "sk-abc" not in err

@@ -1,0 +1,111 @@
+"""Evaluation: batched Ray Data engine vs one prompt per call, resume, grading of every task."""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+from raydistill import answers
+from raydistill.datasets import load_test
+from raydistill.engines import EngineError, HFEngine, choose_engine, load_tokenizer, vllm_available
+from raydistill.evaluate import build_prompts, evaluate, grade, merged_model, metrics, parts_dir
+from raydistill.spec import EvalSpec
+from raydistill.students import get_template, resolve_student
+
+SPEC = EvalSpec(engine="hf", max_new_tokens=24, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def tiny(model_cache) -> str:
+    return str(resolve_student("tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def ray_module():
+    """One local Ray cluster for this module's Ray Data tests."""
+    import ray
+
+    ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"RAYDISTILL_DATA_DIR": os.environ["RAYDISTILL_DATA_DIR"]}})
+    yield ray
+    ray.shutdown()
+
+
+def test_batched_ray_engine_matches_one_prompt_per_call(tiny, ray_module, tmp_path):
+    test = load_test("svamp").slice(0, 8)
+    result = evaluate(tiny, "tiny-llama", "svamp", test, SPEC, tmp_path / "p.parquet", progress=False)
+    batched = {r["question_id"]: r for r in pq.read_table(result.predictions_path).to_pylist()}
+
+    template = get_template("chat")
+    engine = HFEngine(tiny, "chat", SPEC.model_dump(), list(template.stop_strings(load_tokenizer(tiny, "chat"))))
+    for row in build_prompts(test, template, engine.tokenizer):
+        single = engine({"prompt": [row["prompt"]]})  # the paper's pattern: one prompt per call
+        got = batched[row["question_id"]]
+        assert got["prompt"] == row["prompt"]
+        assert got["generation"] == single["generation"][0]
+        assert got["tokens_generated"] == single["tokens_generated"][0]
+    assert result.n == 8 and 0 < result.mean_generated_tokens <= SPEC.max_new_tokens
+
+
+def test_resume_generates_only_missing_questions(tiny, ray_module, tmp_path):
+    out = tmp_path / "p.parquet"
+    test = load_test("gsm8k").slice(0, 6)
+    evaluate(tiny, "tiny-llama", "gsm8k", test.slice(0, 4), SPEC, out, cell_hash="c", progress=False)
+    first = {f: f.stat().st_mtime_ns for f in parts_dir(out).iterdir()}
+
+    result = evaluate(tiny, "tiny-llama", "gsm8k", test, SPEC, out, cell_hash="c", progress=False)
+    second = {f: f.stat().st_mtime_ns for f in parts_dir(out).iterdir()}
+    assert all(second[f] == t for f, t in first.items())  # finished batches are kept as they were
+    new_rows = sum(pq.read_metadata(f).num_rows for f in set(second) - set(first))
+    assert new_rows == 2 and result.n == 6
+    assert sorted(pq.read_table(out)["question_id"].to_pylist()) == sorted(test["question_id"].to_pylist())
+
+    evaluate(tiny, "tiny-llama", "gsm8k", test, SPEC, out, cell_hash="c", progress=False)
+    assert set(parts_dir(out).iterdir()) == set(second)  # nothing left to generate
+
+
+@pytest.mark.parametrize("task", answers.TASKS)
+def test_every_task_builds_prompts_and_grades_gold(task, tiny):
+    test = load_test(task).slice(0, 20)
+    tokenizer = load_tokenizer(tiny, "chat")
+    rows = build_prompts(test, get_template("chat"), tokenizer)
+    assert len(rows) == 20 and all(r["prompt"].count(q) == 1 for r, q in zip(rows, test["question"].to_pylist()))
+    for r in rows:
+        r.update(generation=f"The answer is {r['gold']}", tokens_generated=5)
+    result = metrics(task, grade(task, rows, "h"), "-")
+    assert (result.accuracy, result.extraction_failure_rate) == (1.0, 0.0)
+
+
+def test_beam_search_returns_n_samples_per_question(tiny):
+    spec = EvalSpec(engine="hf", max_new_tokens=8, num_beams=3, n_samples=2)
+    engine = HFEngine(tiny, "chat", spec.model_dump(), [])
+    out = engine({"prompt": ["1 + 1 =", "What is 2 + 3?"], "question_id": ["a", "b"]})
+    assert list(out["question_id"]) == ["a", "a", "b", "b"]
+    assert all(0 <= n <= 8 for n in out["tokens_generated"])
+
+
+def test_lora_adapter_is_merged_into_its_base(tiny, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny),
+                                LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    merged = AutoModelForCausalLM.from_pretrained(merged_model(tmp_path / "adapter"))
+    base = AutoModelForCausalLM.from_pretrained(tiny)
+    ids = torch.tensor([[1, 5, 9, 13, 17]])
+    with torch.inference_mode():
+        expected = peft_model.eval()(ids).logits
+        assert not torch.allclose(base(ids).logits, expected, atol=1e-4)  # the adapter changes outputs
+        torch.testing.assert_close(merged(ids).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(vllm_available(), reason="vLLM is installed")
+def test_vllm_engine_without_vllm_says_how_to_install():
+    with pytest.raises(EngineError, match="pip install"):
+        choose_engine(EvalSpec(engine="vllm"))
+    assert choose_engine(EvalSpec(engine="auto")) == "hf"

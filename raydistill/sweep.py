@@ -27,9 +27,6 @@ from raydistill.spec import CellSpec, SpecError, SweepSpec, TrialSpec, content_h
 
 log = logging.getLogger("raydistill.sweep")
 
-TRIAL_SLOT = "trial_slot"  # custom resource that bounds how many trial drivers run at once
-
-
 # --------------------------------------------------------------------------- prepare
 
 
@@ -133,8 +130,8 @@ def _train_and_evaluate(trial: TrialSpec, payload: dict, trial_dir: Path) -> dic
 def outside_trial_placement_group(fn, *args, **kwargs):
     """Call `fn` in a zero-CPU Ray task that is not captured by the trial's placement group.
 
-    Tune runs each trial in a placement group that holds only its `trial_slot`; Ray Data tasks
-    and actors started from inside it would be confined to that bundle and never scheduled.
+    Tune runs each trial in a placement group that holds only what the trial driver asked for;
+    Ray Data tasks and actors started from inside it would be confined to it and never scheduled.
     """
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -147,29 +144,19 @@ def outside_trial_placement_group(fn, *args, **kwargs):
 # --------------------------------------------------------------------------- the sweep
 
 
-def _init_ray(spec: SweepSpec) -> None:
+def _init_ray() -> None:
     """Join the cluster this runs in (`ray job submit`, RAY_ADDRESS) or start a local one."""
     import ray
 
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-    else:
-        ray.init(resources={TRIAL_SLOT: spec.max_concurrent_trials})
+    ray.init()  # joins RAY_ADDRESS when set (e.g. inside `ray job submit`), else starts a local cluster
 
 
-def _trial_resources() -> dict:
-    """A trial driver only waits on its Train workers and Ray Data actors: it takes no CPU.
-
-    Tune cannot schedule a trial that asks for nothing, so it holds one `trial_slot`; a cluster
-    started without that resource gets a sliver of CPU instead.
-    """
-    import ray
-
-    if ray.cluster_resources().get(TRIAL_SLOT, 0) >= 1:
-        return {"cpu": 0, TRIAL_SLOT: 1}
-    return {"cpu": 0.01}
+# A trial driver only waits on its Train workers and Ray Data actors, so it takes no CPU; Tune
+# cannot place a trial that asks for nothing, hence one byte of memory. `max_concurrent_trials`
+# bounds how many trials run at once.
+TRIAL_DRIVER_RESOURCES = {"cpu": 0, "memory": 1}
 
 
 def plan(spec: SweepSpec) -> list[TrialSpec]:
@@ -194,7 +181,7 @@ def run_sweep(spec: SweepSpec) -> list[dict]:
     test_paths = {task: prepare_test(task, spec.test_limit, run_dir) for task in spec.datasets}
     model_paths = {student: str(resolve_student(student)) for student in spec.students}
 
-    _init_ray(spec)
+    _init_ray()
     experiment_id = setup_experiment(spec.tracking_uri, spec.name, run_dir / "mlartifacts")
     payloads = [
         {"trial": t.model_dump(mode="json"), "run_dir": str(run_dir), "train_path": str(train_paths[t.cell]),
@@ -202,7 +189,7 @@ def run_sweep(spec: SweepSpec) -> list[dict]:
         for t in trials
     ]
     tuner = tune.Tuner(
-        tune.with_resources(run_trial, _trial_resources()),
+        tune.with_resources(run_trial, TRIAL_DRIVER_RESOURCES),
         param_space={"payload": tune.grid_search(payloads)},
         tune_config=tune.TuneConfig(
             max_concurrent_trials=spec.max_concurrent_trials,
@@ -247,9 +234,10 @@ def parse_overrides(items: list[str]) -> dict:
     return overrides
 
 
-def main(argv: list[str], prog: str = "raydistill sweep") -> int:
+def main(argv: list[str], prog: str = "raydistill sweep", default_config: str | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", required=True, help="sweep YAML (see sweeps/*.yaml); the last one given wins")
+    parser.add_argument("--config", required=default_config is None, default=default_config,
+                        help="sweep YAML (see sweeps/*.yaml)" + (f"; default {default_config}" if default_config else ""))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set train.epochs=1 --set levels=[1,6]")
     parser.add_argument("--output-dir", default=os.environ.get("RAYDISTILL_OUTPUT_DIR"),

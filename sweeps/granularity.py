@@ -15,4 +15,4 @@ sys.path.insert(0, str(HERE.parent))  # the checkout's raydistill, also inside `
 if __name__ == "__main__":
     from raydistill.sweep import main
 
-    sys.exit(main(["--config", str(HERE / "granularity.yaml"), *sys.argv[1:]], prog="granularity.py"))
+    sys.exit(main(sys.argv[1:], prog="granularity.py", default_config=str(HERE / "granularity.yaml")))

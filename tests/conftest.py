@@ -24,11 +24,11 @@ def model_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def ray_local():
-    """A fresh 2-CPU local Ray cluster with one trial slot, shut down afterwards."""
+    """A fresh 2-CPU local Ray cluster, shut down afterwards."""
     import ray
 
     ray.shutdown()
-    ray.init(num_cpus=2, resources={"trial_slot": 1}, include_dashboard=False,
+    ray.init(num_cpus=2, include_dashboard=False,
              log_to_driver=False, runtime_env={"env_vars": {"RAYDISTILL_DATA_DIR": os.environ["RAYDISTILL_DATA_DIR"]}})
     yield ray
     ray.shutdown()

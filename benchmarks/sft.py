@@ -63,6 +63,7 @@ def plain_torch(student: str, model_path: str, rows: list[dict], spec, warmup: i
     from raydistill.train import collate, micro_batches
 
     torch.manual_seed(spec.seed)
+    torch.set_num_threads(max(1, int(spec.cpus_per_worker)))  # as a Ray worker (OMP_NUM_THREADS)
     examples, pad_id = _tokenized(student, model_path, rows, spec.cutoff_len)
     batches = micro_batches([len(e["input_ids"]) for e in examples], spec, 0, 1)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)

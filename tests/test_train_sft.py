@@ -45,6 +45,25 @@ def _losses(model_path: str) -> list[float]:
     return [point["loss"] for point in state["history"]]
 
 
+def _set_loss(model_path: str, data: Path) -> float:
+    """Mean response-token loss of the model at `model_path` on the training rows."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from raydistill.students import get_student
+    from raydistill.train import collate, tokenize_examples
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    template = get_student("tiny-llama").prompt_template
+    template.fix_tokenizer(tokenizer)
+    examples, _ = tokenize_examples(pq.read_table(data).to_pylist(), tokenizer, template, 256)
+    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.no_grad():
+        losses = [model(**collate(examples, [i], pad_id)).loss.item() for i in range(len(examples))]
+    return sum(losses) / len(losses)
+
+
 def _assert_plain_hf_folder(model_path: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -61,14 +80,16 @@ def test_loss_decreases_and_model_is_a_plain_hf_folder(tmp_path, model_cache, ra
                                                        zero_stage, lora):
     from raydistill.train import fit
 
-    lr, drop = (2e-3, 0.9) if lora is None else (3e-2, 0.97)  # LoRA on a random tiny model learns slowly
+    lr, drop = (2e-3, 0.9) if lora is None else (1e-2, 0.97)  # LoRA on a random tiny model learns slowly
     job = _job(tmp_path, svamp_small, f"sft-z{zero_stage}", zero_stage=zero_stage, lora=lora, learning_rate=lr)
     result = fit(job)
 
     assert result.steps == 4 * 16 // 4
     losses = _losses(result.model_path)
     assert len(losses) == result.steps
-    assert sum(losses[-3:]) / 3 < drop * losses[0], losses
+    assert sum(losses[-4:]) < sum(losses[:4]), losses
+    before, after = _set_loss(job.model_path, svamp_small), _set_loss(result.model_path, svamp_small)
+    assert after < drop * before, (before, after)
     assert result.resumed_at == ()
     _assert_plain_hf_folder(result.model_path)
 
@@ -78,7 +99,7 @@ def test_sigkilled_worker_resumes_from_the_last_checkpoint(tmp_path, model_cache
     DeepSpeed state, finish with the planned number of steps and not redo the saved ones."""
     from raydistill.train import fit
 
-    job = _job(tmp_path, svamp_small, "sft-kill", zero_stage=3, epochs=8, checkpoint_every_steps=4,
+    job = _job(tmp_path, svamp_small, "sft-kill", zero_stage=3, epochs=6, checkpoint_every_steps=4,
                max_failures=2)
     run_dir = Path(job.storage_path) / job.run_name
     killed: list[int] = []
@@ -88,7 +109,7 @@ def test_sigkilled_worker_resumes_from_the_last_checkpoint(tmp_path, model_cache
     killer.join(timeout=5)
 
     assert killed, "no worker was killed: the run ended before a checkpoint appeared"
-    assert result.steps == 8 * 16 // 4
+    assert result.steps == 6 * 16 // 4
     assert len(result.resumed_at) == 1 and result.resumed_at[0] >= 4 and result.resumed_at[0] % 4 == 0
     steps = [point["step"] for point in json.loads((Path(result.model_path) / "train_state.json")
                                                    .read_text())["history"]]

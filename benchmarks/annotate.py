@@ -8,7 +8,8 @@ Writes one JSON file with:
 (c) sequential - a plain loop of litellm.completion calls at the same latency, and the speed-up of
                 each concurrency over it.
 (d) cpu       - where the CPU of a row goes: the annotator actors, the driver, Ray's own processes,
-                the server; plus micro-benchmarks of one litellm call and of one bare aiohttp call.
+                the server; plus micro-benchmarks of one litellm call (openai/ and hosted_vllm/
+                routes) and of one bare aiohttp call with the same chat.
 
 Rows/s are measured at the server, from the first request received to the last reply sent, so they
 exclude the pipeline's start-up (actor start and the litellm import, reported as startup_s).
@@ -88,11 +89,11 @@ def _cpu_delta(before: dict[int, tuple[str, float]], after: dict[int, tuple[str,
 
 
 def run_pipeline(server: ServerProcess, work: Path, n: int, concurrency: int, tag: str, actors: int,
-                 batch: int) -> dict:
+                 batch: int, provider: str = "openai") -> dict:
     qpath, _ = _questions(work, n, tag)
     spec = A.AnnotationSpec(
         task="svamp", level=3,
-        teacher=dict(model="openai/bench-teacher", api_base=server.base_url, api_key_env=KEY_ENV, timeout_s=60),
+        teacher=dict(model=f"{provider}/bench-teacher", api_base=server.base_url, api_key_env=KEY_ENV, timeout_s=60),
         questions=dict(source="parquet", path=str(qpath)),
         runtime=dict(concurrency=concurrency, num_actors=actors, batch_size=batch, progress=False,
                      cache_dir=str(work / f"cache-{tag}"), num_cpus_per_actor=0.5),
@@ -150,15 +151,18 @@ def microbench(server: ServerProcess, calls: int, concurrency: int) -> dict:
     litellm.suppress_debug_info = True
     url = server.base_url + "/chat/completions"
 
-    async def with_litellm():
+    from raydistill import prompts
+
+    chats = [prompts.build_messages("svamp", 3, "cot", f"Micro question {i}: what is {i} + 1?") for i in range(calls + 1)]
+
+    async def with_litellm(provider: str):
         sem = asyncio.Semaphore(concurrency)
 
         async def one(i):
             async with sem:
-                await litellm.acompletion(model="openai/bench-teacher", api_base=server.base_url,
-                                          api_key="sk-bench", max_retries=0,
-                                          messages=[{"role": "user", "content": f"micro {i}"}])
-        await one(-1)  # first call builds the client
+                await litellm.acompletion(model=f"{provider}/bench-teacher", api_base=server.base_url,
+                                          api_key="sk-bench", max_retries=0, messages=chats[i])
+        await one(calls)  # the first call builds the client
         c0 = time.process_time()
         await asyncio.gather(*(one(i) for i in range(calls)))
         return time.process_time() - c0
@@ -168,15 +172,15 @@ def microbench(server: ServerProcess, calls: int, concurrency: int) -> dict:
         async with aiohttp.ClientSession(headers={"Authorization": "Bearer sk-bench"}) as s:
             async def one(i):
                 async with sem:
-                    async with s.post(url, json={"model": "bench-teacher", "messages": [
-                            {"role": "user", "content": f"raw {i}"}]}) as r:
+                    async with s.post(url, json={"model": "bench-teacher", "messages": chats[i]}) as r:
                         await r.json()
-            await one(-1)
+            await one(calls)
             c0 = time.process_time()
             await asyncio.gather(*(one(i) for i in range(calls)))
             return time.process_time() - c0
 
-    lit = asyncio.run(with_litellm())
+    lit = asyncio.run(with_litellm("openai"))
+    vllm = asyncio.run(with_litellm("hosted_vllm"))
     raw = asyncio.run(with_aiohttp())
     text = "Step one. Step two gives 3 + 4 = 7. The answer is 7"
     c0 = time.process_time()
@@ -185,7 +189,8 @@ def microbench(server: ServerProcess, calls: int, concurrency: int) -> dict:
     chk = time.process_time() - c0
     return {
         "calls": calls,
-        "litellm_acompletion_cpu_ms": 1000 * lit / calls,
+        "litellm_acompletion_cpu_ms": 1000 * lit / calls,  # openai/<model>: through the OpenAI SDK
+        "litellm_hosted_vllm_cpu_ms": 1000 * vllm / calls,  # hosted_vllm/<model>: litellm's own HTTP path
         "aiohttp_post_cpu_ms": 1000 * raw / calls,
         "answer_check_cpu_ms": 1000 * chk / 2000,
     }
@@ -204,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--actors", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--sequential-rows", type=int, default=5)
+    p.add_argument("--provider", default="openai", choices=["openai", "hosted_vllm"],
+                   help="litellm route to the server: openai/<name> (OpenAI SDK) or hosted_vllm/<name>")
     p.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     args = p.parse_args(argv)
     if args.quick:
@@ -217,14 +224,14 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "load_avg_at_start": os.getloadavg()},
         "settings": {"latency_s": args.latency, "jitter_s": args.jitter, "actors": args.actors,
-                     "batch_size": args.batch_size},
+                     "batch_size": args.batch_size, "provider": args.provider},
     }
     try:
         with ServerProcess(work / "fast", latency=0.0) as fast:
             result["microbench"] = microbench(fast, calls=400, concurrency=64)
             ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
             ceiling = run_pipeline(fast, work, args.ceiling_rows, args.ceiling_concurrency, "ceiling",
-                                   args.actors, args.batch_size)
+                                   args.actors, args.batch_size, args.provider)
             result["ceiling"] = ceiling
             print(f"ceiling: {ceiling['rows_per_s']:.1f} rows/s at concurrency {args.ceiling_concurrency}", flush=True)
         with ServerProcess(work / "slow", latency=args.latency) as slow:
@@ -232,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"sequential: {result['sequential']['rows_per_s']:.3f} rows/s", flush=True)
             rows = []
             for c in [int(x) for x in args.concurrency.split(",")]:
-                r = run_pipeline(slow, work, max(2, args.waves * c), c, f"c{c}", args.actors, args.batch_size)
+                r = run_pipeline(slow, work, max(2, args.waves * c), c, f"c{c}", args.actors, args.batch_size, args.provider)
                 r["bound"] = min(c / args.latency, ceiling["rows_per_s"])
                 r["ratio_to_bound"] = r["rows_per_s"] / r["bound"]
                 r["speedup_vs_sequential"] = r["rows_per_s"] / result["sequential"]["rows_per_s"]
@@ -244,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             with ServerProcess(work / "jitter", latency=args.latency, latency_jitter=args.jitter) as slow:
                 rows = []
                 for c in [int(x) for x in args.concurrency.split(",") if int(x) >= 64]:
-                    r = run_pipeline(slow, work, max(2, args.waves * c), c, f"j{c}", args.actors, args.batch_size)
+                    r = run_pipeline(slow, work, max(2, args.waves * c), c, f"j{c}", args.actors, args.batch_size, args.provider)
                     r["bound"] = min(c / args.latency, ceiling["rows_per_s"])
                     r["ratio_to_bound"] = r["rows_per_s"] / r["bound"]
                     r["speedup_vs_sequential"] = r["rows_per_s"] / result["sequential"]["rows_per_s"]

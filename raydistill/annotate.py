@@ -1212,6 +1212,7 @@ def _run_requests(reqs: list[_Req], teachers: list[TeacherSpec], runtime: Runtim
             names.append(None)
 
     actors, per_actor, batch, calls = runtime.layout()
+    actors = min(actors, math.ceil(len(reqs) / batch))  # no actor without a batch to work on
     rows = [
         {"key": r.key, "teacher_idx": r.teacher_idx, "task": r.task, "gold": r.gold,
          "messages": json.dumps(r.messages, ensure_ascii=False)}

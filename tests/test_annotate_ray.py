@@ -90,7 +90,7 @@ def test_kill_half_way_then_rerun_sends_no_completed_request_twice(ray_cluster, 
                                 stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
         try:
             deadline = time.time() + 150
-            while server.stats()["ok"] < n // 2:
+            while server.stats()["ok"] < n // 2 + 4:
                 assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
                 assert time.time() < deadline, "the first run never reached half way"
                 time.sleep(0.05)
@@ -109,8 +109,9 @@ def test_kill_half_way_then_rerun_sends_no_completed_request_twice(ray_cluster, 
                 last, quiet_since = cur, time.time()
             time.sleep(0.1)
         first = server.log_entries()
-        done_before_kill = {e["key"] for e in first if e["kind"] == "ok" and e["t_done"] < t_kill - 1.0}
-        assert n // 4 <= len(done_before_kill) < n
+        # Replies sent well before the kill had time to reach the cache; the last ones may not have.
+        done_before_kill = {e["key"] for e in first if e["kind"] == "ok" and e["t_done"] < t_kill - 2.0}
+        assert n // 5 <= len(done_before_kill) < n
         assert not (out / "annotations.parquet").exists()
 
         t_rerun = time.time()
@@ -141,7 +142,7 @@ def test_injected_failures_are_retried_or_recorded_and_cache_hits_are_counted(ra
     with ServerProcess(tmp_path / "srv", latency=0.02, answers=gold, fail_rate=0.2, permanent_fail_rate=0.1,
                        fail_kinds="429,500,timeout", timeout_sleep=1.5, wrong_rate=0.25,
                        expect_key_sha256=__import__("hashlib").sha256(SENTINEL.encode()).hexdigest()) as server:
-        spec = spec_for(server, qpath, n, max_attempts=3, timeout_s=0.5)
+        spec = spec_for(server, qpath, n, max_attempts=3, timeout_s=0.5, num_actors=1)
         out = tmp_path / "cell"
         r1 = A.annotate(spec, out)
         log1 = server.log_entries()
@@ -214,7 +215,7 @@ def test_cli_grid_padding_and_hybrid_cells(ray_cluster, tmp_path, capsys):
             teacher: {{model: openai/mock-teacher, name: mock, api_base: "{server.base_url}", api_key_env: {KEY_ENV}}}
             questions: {{source: parquet, path: "{qpath}"}}
             policy: keep_correct
-            runtime: {{concurrency: 16, batch_size: 4, num_cpus_per_actor: 0.5, progress: false}}
+            runtime: {{concurrency: 16, num_actors: 1, batch_size: 4, num_cpus_per_actor: 0.5, progress: false}}
             grid: {{tasks: [svamp], levels: [1, 5]}}
             cells:
               - {{task: svamp, level: 1, pad: {{to_level: 5}}}}

@@ -337,16 +337,14 @@ def train_loop_per_worker(config: dict) -> None:
         if micro_step % spec.grad_accum_steps:
             continue
         step = micro_step // spec.grad_accum_steps
-        elapsed = time.perf_counter() - started
+        elapsed, started = time.perf_counter() - started, time.perf_counter()  # includes the last report
         state["step"] = step
         state["history"].append({"step": step, "loss": window_loss, "lr": engine.get_lr()[0],
                                  "tokens_per_s": window_tokens * world / max(elapsed, 1e-9),
                                  "step_seconds": elapsed})
-        if step in save_at:
+        if step in save_at:  # metrics go out with checkpoints only: a report syncs all workers
             _save_resume_checkpoint(engine, state, rank)
-        elif step < total_steps:
-            ray.train.report({"train_loss": window_loss, "step": step})
-        window_loss, window_tokens, started = 0.0, 0, time.perf_counter()
+        window_loss, window_tokens = 0.0, 0
 
     state.update(final=True, examples=len(examples), over_cutoff=over, overlong=spec.overlong,
                  truncated=over if spec.overlong == "truncate" else 0,

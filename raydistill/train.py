@@ -447,17 +447,24 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--data", required=True, help="Parquet with question and rationale columns")
     parser.add_argument("--out", default="outputs/train", help="storage path for the run")
     parser.add_argument("--name", default="sft", help="run name under --out")
+    parser.add_argument("--config", help="YAML of TrainSpec fields (e.g. zero_stage, lora, deepspeed_config)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a TrainSpec field, e.g. --set epochs=1 --set zero_stage=2")
     args = parser.parse_args(argv)
 
     import ray
     import yaml
+    from pydantic import ValidationError
 
     from raydistill.students import resolve_student
 
-    overrides = dict(item.split("=", 1) for item in args.set)
-    spec = TrainSpec.model_validate({k: yaml.safe_load(v) for k, v in overrides.items()})
+    fields = yaml.safe_load(Path(args.config).read_text()) or {} if args.config else {}
+    fields.update({k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)})
+    try:
+        spec = TrainSpec.model_validate(fields)
+    except ValidationError as err:
+        problems = "; ".join(f"train.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        parser.error(problems)
     job = TrainJob(student=args.student, model_path=str(resolve_student(args.student)),
                    data_path=str(Path(args.data).resolve()), run_name=args.name,
                    storage_path=str(Path(args.out).resolve()), spec=spec.model_dump())

@@ -64,3 +64,13 @@ def test_overlong_sequences_are_counted_and_truncated_or_dropped(model_cache, ov
     assert over == 1
     assert len(examples) == kept
     assert all(len(e["input_ids"]) <= 64 for e in examples)
+
+
+def test_cli_config_errors_name_the_field(tmp_path, capsys):
+    from raydistill.train import main
+
+    config = tmp_path / "train.yaml"
+    config.write_text("zero_stage: 2\nlearning_rate: -1\n")
+    with pytest.raises(SystemExit):
+        main(["--student", "tiny-llama", "--data", "x.parquet", "--config", str(config)])
+    assert "train.learning_rate" in capsys.readouterr().err

@@ -33,11 +33,11 @@ def vllm_available() -> bool:
 
 
 def choose_engine(spec: EvalSpec) -> str:
-    """``hf`` or ``vllm``: the spec's choice, or vLLM when importable for ``auto``."""
+    """``hf`` or ``vllm``: the spec's choice; for ``auto``, vLLM when importable and no beam search."""
     if spec.engine == "vllm" and not vllm_available():
         raise EngineError(VLLM_INSTALL_HINT)
     if spec.engine == "auto":
-        return "vllm" if vllm_available() else "hf"
+        return "vllm" if vllm_available() and spec.num_beams == 1 else "hf"
     return spec.engine
 
 
@@ -75,6 +75,25 @@ def until_end(ids: list[int], end_ids: set[int]) -> list[int]:
     return ids
 
 
+class StopOnStrings:
+    """Per-sequence stopping criterion: the generated text contains a stop string.
+
+    transformers' own ``stop_strings`` re-indexes the whole vocabulary on every ``generate`` call
+    (about 5 s for a 49k vocabulary here), which dominates one-prompt-per-call evaluation.
+    """
+
+    def __init__(self, tokenizer, stop_strings: list[str], prompt_len: int, tail: int = 16):
+        self.tokenizer, self.stop_strings = tokenizer, list(stop_strings)
+        self.prompt_len, self.tail = prompt_len, tail
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        new = input_ids[:, self.prompt_len:][:, -self.tail:]
+        texts = self.tokenizer.batch_decode(new, skip_special_tokens=False)
+        return torch.tensor([any(s in t for s in self.stop_strings) for t in texts], device=input_ids.device)
+
+
 class HFEngine:
     """Batched `generate` with a left-padded HF causal LM; one instance per Ray Data actor."""
 
@@ -98,11 +117,13 @@ class HFEngine:
 
         encoded = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         encoded = {k: v.to(self.device) for k, v in encoded.items()}
+        start = encoded["input_ids"].shape[1]
+        stop = StopOnStrings(self.tokenizer, self.stop_strings, start) if self.stop_strings else None
         torch.manual_seed(self.spec.seed)
         with torch.inference_mode():
             output = self.model.generate(
-                **encoded, **generate_kwargs(self.spec), stop_strings=self.stop_strings or None,
-                tokenizer=self.tokenizer, pad_token_id=self.tokenizer.pad_token_id,
+                **encoded, **generate_kwargs(self.spec), pad_token_id=self.tokenizer.pad_token_id,
+                stopping_criteria=[stop] if stop else None,
             )
         return [until_end(ids, self.end_ids) for ids in output[:, encoded["input_ids"].shape[1]:].tolist()]
 
@@ -113,3 +134,62 @@ class HFEngine:
         out["generation"] = np.array(texts, dtype=object)
         out["tokens_generated"] = np.array([len(i) for i in ids], dtype=np.int64)
         return out
+
+
+# --------------------------------------------------------------------------- vLLM (ray.data.llm)
+
+
+class VLLMPre:
+    """Row -> vLLM request: our own token ids (no BOS added twice), sampling params, one per sample."""
+
+    def __init__(self, model_path: str, template_name: str, spec: dict, stop_strings: list[str]):
+        self.tokenizer = load_tokenizer(model_path, template_name)
+        self.spec = EvalSpec.model_validate(spec)
+        self.stop_strings = list(stop_strings)
+
+    def __call__(self, row: dict):
+        ids = self.tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
+        for k in range(self.spec.n_samples):
+            params = {"max_tokens": self.spec.max_new_tokens, "stop": self.stop_strings,
+                      "seed": self.spec.seed + k, "temperature": 0.0}
+            if self.spec.do_sample:
+                params.update(temperature=self.spec.temperature, top_p=self.spec.top_p)
+            yield {**row, "prompt_text": row["prompt"], "tokenized_prompt": ids, "sampling_params": params}
+
+
+class VLLMPost:
+    """vLLM output row -> our columns, tokens counted as `HFEngine` counts them."""
+
+    def __init__(self, model_path: str, template_name: str, stop_strings: list[str]):
+        tokenizer = load_tokenizer(model_path, template_name)
+        self.end_ids = {i for i in (tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None}
+        self.stop_strings = list(stop_strings)
+
+    def __call__(self, row: dict) -> dict:
+        tokens = until_end([int(t) for t in row["generated_tokens"]], self.end_ids)
+        return {"question_id": row["question_id"], "prompt": row["prompt_text"], "gold": row["gold"],
+                "generation": cut_at_stop(row["generated_text"], self.stop_strings),
+                "tokens_generated": len(tokens)}
+
+
+def vllm_processor(model_path: str, template_name: str, spec: EvalSpec, stop_strings: list[str]):
+    """A `ray.data.llm` processor running vLLM engines on the prompts (float32 on CPU)."""
+    if spec.num_beams > 1:
+        raise EngineError("beam search runs on the hf engine only (vLLM has no beam search in "
+                          "SamplingParams); set eval.engine: hf")
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    config = vLLMEngineProcessorConfig(
+        model_source=model_path,
+        engine_kwargs={"dtype": "bfloat16" if spec.use_gpu else "float32", "enforce_eager": not spec.use_gpu},
+        batch_size=spec.batch_size, concurrency=spec.num_actors,
+        chat_template_stage=False, tokenize_stage=False, detokenize_stage=False,
+        **({} if spec.use_gpu else {"resources_per_bundle": {"CPU": spec.cpus_per_actor}}),
+    )
+    kwargs = {"model_path": model_path, "template_name": template_name, "stop_strings": stop_strings}
+    return build_processor(
+        config, preprocess=VLLMPre, postprocess=VLLMPost,
+        preprocess_map_kwargs={"fn_constructor_kwargs": {**kwargs, "spec": spec.model_dump(mode="json")},
+                               "concurrency": 1},
+        postprocess_map_kwargs={"fn_constructor_kwargs": kwargs, "concurrency": 1},
+    )

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raydistill import answers
-from raydistill.engines import HFEngine, choose_engine, cut_at_stop, load_tokenizer  # noqa: F401
+from raydistill.engines import HFEngine, choose_engine, cut_at_stop, load_tokenizer, vllm_processor  # noqa: F401
 from raydistill.schemas import PREDICTION_SCHEMA
 from raydistill.spec import EvalSpec, content_hash
 
@@ -117,23 +117,27 @@ def write_part(parts: Path, table: pa.Table) -> None:
 
 
 def generate_batches(prompts: list[dict], model_path: str, template_name: str, spec: EvalSpec,
-                     stop_strings: list[str]) -> Iterator[list[dict]]:
+                     stop_strings: list[str], engine: str = "hf") -> Iterator[list[dict]]:
     """Rows with generations, one list per finished batch, from an actor pool on Ray Data."""
     import ray
 
     # Similar lengths in one batch waste less compute on padding.
-    prompts = sorted(prompts, key=lambda r: len(r["prompt"]))
-    generated = ray.data.from_items(prompts).map_batches(
-        HFEngine,
-        fn_constructor_kwargs={"model_path": model_path, "template_name": template_name,
-                               "spec": spec.model_dump(mode="json"), "stop_strings": stop_strings},
-        batch_size=spec.batch_size,
-        concurrency=spec.num_actors,
-        num_cpus=spec.cpus_per_actor,
-        num_gpus=1 if spec.use_gpu else 0,
-    )
+    dataset = ray.data.from_items(sorted(prompts, key=lambda r: len(r["prompt"])))
+    if engine == "vllm":
+        generated = vllm_processor(model_path, template_name, spec, stop_strings)(dataset)
+    else:
+        generated = dataset.map_batches(
+            HFEngine,
+            fn_constructor_kwargs={"model_path": model_path, "template_name": template_name,
+                                   "spec": spec.model_dump(mode="json"), "stop_strings": stop_strings},
+            batch_size=spec.batch_size,
+            concurrency=spec.num_actors,
+            num_cpus=spec.cpus_per_actor,
+            num_gpus=1 if spec.use_gpu else 0,
+        )
+    columns = ["question_id", "prompt", "gold", "generation", "tokens_generated"]
     for batch in generated.iter_batches(batch_size=None, batch_format="pyarrow"):
-        yield batch.to_pylist()
+        yield batch.select(columns).to_pylist()
 
 
 def generate(prompts: list[dict], model_path: str, spec: EvalSpec, stop_strings: list[str],
@@ -187,8 +191,6 @@ def evaluate(model_path: str, student: str, task: str, test: pa.Table, spec: Eva
     from raydistill.students import get_student, get_template
 
     engine = choose_engine(spec)
-    if engine != "hf":
-        raise NotImplementedError("the vLLM engine is not wired in yet; set eval.engine: hf")
     model_path = merged_model(model_path) if is_adapter(model_path) else str(model_path)
     template_name = get_student(student).template
     tokenizer = load_tokenizer(model_path, template_name)
@@ -199,7 +201,7 @@ def evaluate(model_path: str, student: str, task: str, test: pa.Table, spec: Eva
     stop_strings = list(get_template(template_name).stop_strings(tokenizer))
     if todo:
         with tqdm(total=len(todo), desc=f"eval {task}", unit="q", disable=not progress) as bar:
-            for rows in generate_batches(todo, model_path, template_name, spec, stop_strings):
+            for rows in generate_batches(todo, model_path, template_name, spec, stop_strings, engine):
                 write_part(parts, grade(task, rows, cell_hash))
                 bar.update(len(rows) // spec.n_samples)
     wanted = pa.array(sorted({p["question_id"] for p in prompts}), pa.string())

@@ -1,0 +1,114 @@
+"""Evaluation throughput: one prompt per call (the paper's evaluator) vs the batched Ray Data engine.
+
+Same model, same prompts (the first test questions of a task, in the student's template), same
+greedy decoding and CPU budget, same run. Writes one JSON file with questions/s and tokens/s:
+
+(a) one_prompt_per_call - `HFEngine` in this process, called with one prompt at a time, torch
+                          limited to --cpus threads; the model load is NOT timed (favours (a)).
+(b) hf_batched_ray      - `raydistill.evaluate.generate_batches`: a Ray Data actor pool
+                          (--actors x --cpus/--actors CPUs), batches of --batch-size; timed end to
+                          end, actor start and model load included.
+
+Tokens are new tokens before the first EOS/pad, counted the same way by both.
+
+    python benchmarks/eval.py --out outputs/bench/eval.json               # SmolLM2-135M, ~5 minutes
+    python benchmarks/eval.py --model tiny-llama --questions 16 --out /tmp/eval.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("RAYDISTILL_DATA_DIR", str(REPO.parent / "shared" / "data"))
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+
+def _rates(questions: int, tokens: int, seconds: float) -> dict:
+    return {"questions": questions, "tokens": tokens, "seconds": round(seconds, 2),
+            "questions_per_s": round(questions / seconds, 3), "tokens_per_s": round(tokens / seconds, 2)}
+
+
+def one_prompt_per_call(model_path: str, template: str, prompts: list[dict], spec, stop: list[str],
+                        cpus: int) -> dict:
+    import torch
+
+    from raydistill.engines import HFEngine
+
+    torch.set_num_threads(cpus)
+    engine = HFEngine(model_path, template, spec.model_dump(), stop)
+    started, tokens = time.perf_counter(), 0
+    for row in prompts:
+        tokens += int(engine({"prompt": [row["prompt"]]})["tokens_generated"][0])
+    return _rates(len(prompts), tokens, time.perf_counter() - started)
+
+
+def hf_batched_ray(model_path: str, template: str, prompts: list[dict], spec, stop: list[str]) -> dict:
+    from raydistill.evaluate import generate_batches
+
+    started, tokens, rows = time.perf_counter(), 0, 0
+    for batch in generate_batches(prompts, model_path, template, spec, stop):
+        rows += len(batch)
+        tokens += sum(int(r["tokens_generated"]) for r in batch)
+    return _rates(rows, tokens, time.perf_counter() - started)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m", help="student registry name or HF folder")
+    parser.add_argument("--task", default="gsm8k")
+    parser.add_argument("--questions", type=int, default=64, help="questions for (b)")
+    parser.add_argument("--single-questions", type=int, default=16, help="first N of them for (a)")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--actors", type=int, default=1)
+    parser.add_argument("--cpus", type=int, default=2, help="CPU budget of each variant")
+    parser.add_argument("--out", default="outputs/bench/eval.json")
+    args = parser.parse_args()
+
+    import ray
+
+    from raydistill.datasets import load_test
+    from raydistill.engines import load_tokenizer
+    from raydistill.evaluate import build_prompts
+    from raydistill.spec import EvalSpec
+    from raydistill.students import get_student, get_template, resolve_student
+
+    model_path = str(resolve_student(args.model))
+    template = get_student(args.model).template
+    tokenizer = load_tokenizer(model_path, template)
+    prompts = build_prompts(load_test(args.task).slice(0, args.questions), get_template(template), tokenizer)
+    stop = list(get_template(template).stop_strings(tokenizer))
+    spec = EvalSpec(engine="hf", max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                    num_actors=args.actors, cpus_per_actor=args.cpus / args.actors)
+
+    results = {"a_one_prompt_per_call": one_prompt_per_call(
+        model_path, template, prompts[: args.single_questions], spec, stop, args.cpus)}
+    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        results["b_hf_batched_ray"] = hf_batched_ray(model_path, template, prompts, spec, stop)
+    finally:
+        ray.shutdown()
+    a, b = results["a_one_prompt_per_call"], results["b_hf_batched_ray"]
+    report = {
+        "config": {**vars(args), "template": template, "decoding": "greedy",
+                   "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                   "load_avg_at_end": os.getloadavg()},
+        "results": results,
+        "speedup_b_over_a": {"questions_per_s": round(b["questions_per_s"] / a["questions_per_s"], 2),
+                             "tokens_per_s": round(b["tokens_per_s"] / a["tokens_per_s"], 2)},
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

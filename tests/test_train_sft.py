@@ -99,7 +99,7 @@ def test_sigkilled_worker_resumes_from_the_last_checkpoint(tmp_path, model_cache
     DeepSpeed state, finish with the planned number of steps and not redo the saved ones."""
     from raydistill.train import fit
 
-    job = _job(tmp_path, svamp_small, "sft-kill", zero_stage=3, epochs=6, checkpoint_every_steps=4,
+    job = _job(tmp_path, svamp_small, "sft-kill", zero_stage=3, epochs=8, checkpoint_every_steps=4,
                max_failures=2)
     run_dir = Path(job.storage_path) / job.run_name
     killed: list[int] = []
@@ -109,7 +109,7 @@ def test_sigkilled_worker_resumes_from_the_last_checkpoint(tmp_path, model_cache
     killer.join(timeout=5)
 
     assert killed, "no worker was killed: the run ended before a checkpoint appeared"
-    assert result.steps == 6 * 16 // 4
+    assert result.steps == 8 * 16 // 4
     assert len(result.resumed_at) == 1 and result.resumed_at[0] >= 4 and result.resumed_at[0] % 4 == 0
     steps = [point["step"] for point in json.loads((Path(result.model_path) / "train_state.json")
                                                    .read_text())["history"]]
@@ -120,13 +120,24 @@ def test_sigkilled_worker_resumes_from_the_last_checkpoint(tmp_path, model_cache
 
 
 def _kill_rank_after_checkpoints(run_dir: Path, rank: int, killed: list[int], timeout: float = 300) -> None:
+    """SIGKILL `rank` once Ray's controller has registered a (non-final) checkpoint."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        checkpoints = [p for p in run_dir.glob("checkpoint_step*") if not p.name.endswith("_final")]
+        latest = _registered_checkpoint(run_dir)
+        if latest and latest.endswith("_final"):
+            return  # the run finished first: nothing left to interrupt
         info = run_dir / "workers" / f"rank{rank}.json"
-        if len(checkpoints) >= 2 and info.exists():  # the first one is registered by now
+        if latest and info.exists():
             pid = json.loads(info.read_text())["pid"]
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
             return
         time.sleep(0.05)
+
+
+def _registered_checkpoint(run_dir: Path) -> str | None:
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")

@@ -12,6 +12,7 @@ first stop string) and ``tokens_generated`` (new tokens before the first EOS/pad
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import numpy as np
@@ -33,11 +34,11 @@ def vllm_available() -> bool:
 
 
 def choose_engine(spec: EvalSpec) -> str:
-    """``hf`` or ``vllm``: the spec's choice; for ``auto``, vLLM when importable and no beam search."""
+    """``hf`` or ``vllm``: the spec's choice; ``auto``: vLLM if importable, no beams, one sample."""
     if spec.engine == "vllm" and not vllm_available():
         raise EngineError(VLLM_INSTALL_HINT)
     if spec.engine == "auto":
-        return "vllm" if vllm_available() and spec.num_beams == 1 else "hf"
+        return "vllm" if vllm_available() and spec.num_beams == spec.n_samples == 1 else "hf"
     return spec.engine
 
 
@@ -139,44 +140,41 @@ class HFEngine:
 # --------------------------------------------------------------------------- vLLM (ray.data.llm)
 
 
-class VLLMPre:
-    """Row -> vLLM request: our own token ids (no BOS added twice), sampling params, one per sample."""
-
-    def __init__(self, model_path: str, template_name: str, spec: dict, stop_strings: list[str]):
-        self.tokenizer = load_tokenizer(model_path, template_name)
-        self.spec = EvalSpec.model_validate(spec)
-        self.stop_strings = list(stop_strings)
-
-    def __call__(self, row: dict):
-        ids = self.tokenizer(row["prompt"], add_special_tokens=False)["input_ids"]
-        for k in range(self.spec.n_samples):
-            params = {"max_tokens": self.spec.max_new_tokens, "stop": self.stop_strings,
-                      "seed": self.spec.seed + k, "temperature": 0.0}
-            if self.spec.do_sample:
-                params.update(temperature=self.spec.temperature, top_p=self.spec.top_p)
-            yield {**row, "prompt_text": row["prompt"], "tokenized_prompt": ids, "sampling_params": params}
+_TOKENIZERS: dict[tuple[str, str], object] = {}
 
 
-class VLLMPost:
+def _tokenizer(model_path: str, template_name: str):
+    """`load_tokenizer`, once per worker process."""
+    key = (model_path, template_name)
+    if key not in _TOKENIZERS:
+        _TOKENIZERS[key] = load_tokenizer(model_path, template_name)
+    return _TOKENIZERS[key]
+
+
+def vllm_pre(row: dict, model_path: str, template_name: str, spec: dict, stop_strings: list[str]) -> dict:
+    """Row -> vLLM request: our own token ids (no BOS added twice) and sampling params."""
+    spec = EvalSpec.model_validate(spec)
+    ids = _tokenizer(model_path, template_name)(row["prompt"], add_special_tokens=False)["input_ids"]
+    params = {"max_tokens": spec.max_new_tokens, "stop": list(stop_strings), "seed": spec.seed, "temperature": 0.0}
+    if spec.do_sample:
+        params.update(temperature=spec.temperature, top_p=spec.top_p)
+    return {**row, "prompt_text": row["prompt"], "tokenized_prompt": ids, "sampling_params": params}
+
+
+def vllm_post(row: dict, model_path: str, template_name: str, stop_strings: list[str]) -> dict:
     """vLLM output row -> our columns, tokens counted as `HFEngine` counts them."""
-
-    def __init__(self, model_path: str, template_name: str, stop_strings: list[str]):
-        tokenizer = load_tokenizer(model_path, template_name)
-        self.end_ids = {i for i in (tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None}
-        self.stop_strings = list(stop_strings)
-
-    def __call__(self, row: dict) -> dict:
-        tokens = until_end([int(t) for t in row["generated_tokens"]], self.end_ids)
-        return {"question_id": row["question_id"], "prompt": row["prompt_text"], "gold": row["gold"],
-                "generation": cut_at_stop(row["generated_text"], self.stop_strings),
-                "tokens_generated": len(tokens)}
+    tokenizer = _tokenizer(model_path, template_name)
+    end_ids = {i for i in (tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None}
+    tokens = until_end([int(t) for t in row["generated_tokens"]], end_ids)
+    return {"question_id": row["question_id"], "prompt": row["prompt_text"], "gold": row["gold"],
+            "generation": cut_at_stop(row["generated_text"], stop_strings), "tokens_generated": len(tokens)}
 
 
 def vllm_processor(model_path: str, template_name: str, spec: EvalSpec, stop_strings: list[str]):
     """A `ray.data.llm` processor running vLLM engines on the prompts (float32 on CPU)."""
-    if spec.num_beams > 1:
-        raise EngineError("beam search runs on the hf engine only (vLLM has no beam search in "
-                          "SamplingParams); set eval.engine: hf")
+    if spec.num_beams > 1 or spec.n_samples > 1:
+        raise EngineError("beam search and n_samples > 1 run on the hf engine only (ray.data.llm "
+                          "returns one output per row); set eval.engine: hf")
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     config = vLLMEngineProcessorConfig(
@@ -184,12 +182,10 @@ def vllm_processor(model_path: str, template_name: str, spec: EvalSpec, stop_str
         engine_kwargs={"dtype": "bfloat16" if spec.use_gpu else "float32", "enforce_eager": not spec.use_gpu},
         batch_size=spec.batch_size, concurrency=spec.num_actors,
         chat_template_stage=False, tokenize_stage=False, detokenize_stage=False,
-        **({} if spec.use_gpu else {"resources_per_bundle": {"CPU": spec.cpus_per_actor}}),
+        **({} if spec.use_gpu else {"placement_group_config": {"bundles": [{"CPU": spec.cpus_per_actor}]}}),
     )
     kwargs = {"model_path": model_path, "template_name": template_name, "stop_strings": stop_strings}
     return build_processor(
-        config, preprocess=VLLMPre, postprocess=VLLMPost,
-        preprocess_map_kwargs={"fn_constructor_kwargs": {**kwargs, "spec": spec.model_dump(mode="json")},
-                               "concurrency": 1},
-        postprocess_map_kwargs={"fn_constructor_kwargs": kwargs, "concurrency": 1},
+        config, preprocess=functools.partial(vllm_pre, **kwargs, spec=spec.model_dump(mode="json")),
+        postprocess=functools.partial(vllm_post, **kwargs),
     )

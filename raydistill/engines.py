@@ -182,6 +182,7 @@ def vllm_processor(model_path: str, template_name: str, spec: EvalSpec, stop_str
         engine_kwargs={"dtype": "bfloat16" if spec.use_gpu else "float32", "enforce_eager": not spec.use_gpu},
         batch_size=spec.batch_size, concurrency=spec.num_actors,
         chat_template_stage=False, tokenize_stage=False, detokenize_stage=False,
+        log_engine_metrics=False,  # vLLM's Ray metrics export needs ray[serve]
         **({} if spec.use_gpu else {"placement_group_config": {"bundles": [{"CPU": spec.cpus_per_actor}]}}),
     )
     kwargs = {"model_path": model_path, "template_name": template_name, "stop_strings": stop_strings}

@@ -212,14 +212,14 @@ class RuntimeSpec(_Strict):
     def layout(self) -> tuple[int, int, int, int]:
         """(actors, in-flight requests per actor, batch size, concurrent batches per actor).
 
-        Each actor runs twice the batches its share of the concurrency needs, and a semaphore
-        caps its requests in flight: a batch waiting for its slowest row then never leaves a
-        slot idle, because rows of the next batch take the slots that free up.
+        Each actor runs four times the batches its share of the concurrency needs, and a
+        semaphore caps its requests in flight: batches waiting for their slowest rows then do not
+        leave slots idle, because rows of the other batches take the slots that free up.
         """
         actors = max(1, min(self.num_actors, self.concurrency))
         per_actor = math.ceil(self.concurrency / actors)
         batch = max(1, min(self.batch_size, per_actor))
-        calls = max(1, math.ceil(per_actor / batch)) * (2 if per_actor > 1 else 1)
+        calls = max(1, math.ceil(per_actor / batch)) * (4 if per_actor > 1 else 1)
         return actors, per_actor, batch, calls
 
 

@@ -265,6 +265,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--default-words", type=int, default=30, help="rationale length without an exemplar")
     p.add_argument("--expect-key-sha256", default=None, help="401 unless the bearer token hashes to this")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
     return p.parse_args(argv)
 
 
@@ -290,7 +291,16 @@ async def _serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+
+    async def watch_parent() -> None:  # a killed test run must not leave the server behind
+        while args.parent_pid and os.getppid() == args.parent_pid:
+            await asyncio.sleep(1.0)
+        stop.set()
+
+    watcher = asyncio.create_task(watch_parent()) if args.parent_pid else None
     await stop.wait()
+    if watcher:
+        watcher.cancel()
     await runner.cleanup()
     if server.log:
         server.log.close()
@@ -328,7 +338,7 @@ class ServerProcess:
         if self.ready_path.exists():
             self.ready_path.unlink()
         cmd = [sys.executable, str(Path(__file__).resolve()), "--log", str(self.log_path)]
-        cmd += ["--ready-file", str(self.ready_path)]
+        cmd += ["--ready-file", str(self.ready_path), "--parent-pid", str(os.getpid())]
         for k, v in self.options.items():
             cmd += ["--" + k.replace("_", "-"), str(v)]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(self.workdir / "server.err", "ab"))

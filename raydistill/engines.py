@@ -140,15 +140,10 @@ class HFEngine:
 # --------------------------------------------------------------------------- vLLM (ray.data.llm)
 
 
-_TOKENIZERS: dict[tuple[str, str], object] = {}
-
-
+@functools.cache
 def _tokenizer(model_path: str, template_name: str):
     """`load_tokenizer`, once per worker process."""
-    key = (model_path, template_name)
-    if key not in _TOKENIZERS:
-        _TOKENIZERS[key] = load_tokenizer(model_path, template_name)
-    return _TOKENIZERS[key]
+    return load_tokenizer(model_path, template_name)
 
 
 def vllm_pre(row: dict, model_path: str, template_name: str, spec: dict, stop_strings: list[str]) -> dict:

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raydistill import answers
-from raydistill.engines import HFEngine, choose_engine, cut_at_stop, load_tokenizer, vllm_processor  # noqa: F401
+from raydistill.engines import HFEngine, choose_engine, load_tokenizer, vllm_processor
 from raydistill.schemas import PREDICTION_SCHEMA
 from raydistill.spec import EvalSpec, content_hash
 

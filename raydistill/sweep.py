@@ -1,6 +1,6 @@
 """Sweep: a Ray Tune grid of trials, one per (student, annotation cell, seed).
 
-    plan      expand the YAML grid into TrialSpecs, each with a content hash
+    plan      expand the YAML grid into TrialSpecs (`SweepSpec.trials`), each with a content hash
     prepare   annotation cells and test sets -> Parquet once, shared by every trial that needs them
     run       Ray Tune runs `run_trial` (Ray Train SFT -> Ray Data evaluation) for every trial;
               a trial whose record already exists is not recomputed
@@ -161,10 +161,6 @@ def _init_ray() -> None:
 TRIAL_DRIVER_RESOURCES = {"cpu": 0, "memory": 1}
 
 
-def plan(spec: SweepSpec) -> list[TrialSpec]:
-    return spec.trials()
-
-
 def run_sweep(spec: SweepSpec) -> list[dict]:
     """Run every trial of the sweep (skipping finished ones) and return their records."""
     from ray import tune
@@ -176,7 +172,7 @@ def run_sweep(spec: SweepSpec) -> list[dict]:
     run_dir = spec.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "sweep.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
-    trials = plan(spec)
+    trials = spec.trials()
     log.info("sweep %s: %d trials over %d annotation cells", spec.name, len(trials), len(spec.cells()))
 
     train_paths = {cell: prepare_cell(cell, run_dir) for cell in spec.cells()}

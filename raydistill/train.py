@@ -457,9 +457,10 @@ def main(argv: list[str]) -> int:
     from pydantic import ValidationError
 
     from raydistill.students import resolve_student
+    from raydistill.sweep import parse_overrides
 
     fields = yaml.safe_load(Path(args.config).read_text()) or {} if args.config else {}
-    fields.update({k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)})
+    fields.update(parse_overrides(args.set))
     try:
         spec = TrainSpec.model_validate(fields)
     except ValidationError as err:

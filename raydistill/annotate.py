@@ -199,6 +199,8 @@ class RuntimeSpec(_Strict):
     num_actors: int = Field(2, ge=1)
     batch_size: int = Field(16, ge=1, description="rows per Ray Data batch (and block)")
     num_cpus_per_actor: float = Field(1.0, ge=0)
+    resources_per_actor: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources per actor, e.g. {annotation_node: 1} on a cluster")
     max_attempts: int = Field(6, ge=1, description="tries per request, the first included")
     backoff_base_s: float = Field(0.5, ge=0)
     backoff_max_s: float = Field(30.0, ge=0)
@@ -1245,6 +1247,7 @@ def _run_requests(reqs: list[_Req], teachers: list[TeacherSpec], runtime: Runtim
         compute=ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=calls,
                                   max_tasks_in_flight_per_actor=calls + 2),
         num_cpus=runtime.num_cpus_per_actor,
+        resources=runtime.resources_per_actor or None,
     )
     for out in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         on_batch(out.to_pylist())

@@ -70,6 +70,10 @@ class ChecksumMismatch(DataUnavailable):
     """A downloaded file does not match its pinned sha256 (the download is deleted)."""
 
 
+class CellNotReleased(ValueError):
+    """The release has no file for this (task, teacher, level, format)."""
+
+
 class MalformedData(ValueError):
     """An upstream file or row does not have the expected shape; names file, row and column."""
 
@@ -354,7 +358,7 @@ def train_file(task: str, teacher: str, level: int | None = None, fmt: str = "co
         if tf.cell == (teacher, level, fmt):
             return tf
     cells = ", ".join(_cell_name(tf.cell) for tf in train_files(task))
-    raise ValueError(f"{task} has no cell {_cell_name((teacher, level, fmt))}; cells: {cells}")
+    raise CellNotReleased(f"{task} has no released cell {_cell_name((teacher, level, fmt))}; cells: {cells}")
 
 
 def _cell_name(cell: tuple) -> str:

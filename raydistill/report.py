@@ -1,6 +1,25 @@
-"""Report stage: trial records -> results table (Markdown + CSV) and accuracy-vs-granularity plot.
+"""Report stage: trial records -> tables in the paper's layout with bootstrap CIs, paired tests
+between neighbouring granularity levels, the paper's published numbers side by side, cost per
+cell, and accuracy-vs-granularity plots.
 
-    raydistill report outputs/granularity
+    raydistill report outputs/granularity [--n-boot 2000] [--seed 0]
+
+Files written into the run folder (docs/report.md explains each):
+
+    results.md            every table below, in Markdown
+    results.csv           one row per cell (dataset, teacher, format, student, level), seeds aggregated
+    results_table.csv     the paper's layout: one row per (dataset, teacher, format, student),
+                          one column group per level
+    paired_tests.csv      paired bootstrap tests between neighbouring levels
+    trials.csv            one row per trial (per seed), the records' metrics
+    accuracy_vs_level.png one panel per (dataset, student); plots/ holds one PNG per panel
+
+Statistics: a cell's accuracy is the mean over seeds of each trial's accuracy. Its 95 % CI is a
+percentile bootstrap over test questions: each replicate draws questions with replacement and
+averages the seeds' accuracies on the drawn questions. A question's score is the mean of its
+prediction rows (the fraction of correct samples when n_samples > 1). Random numbers come from a
+fixed seed mixed with the cell's name, so a report is reproducible and a cell's CI does not change
+when other cells are added.
 """
 
 from __future__ import annotations
@@ -8,100 +27,757 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import statistics
+import sys
+import zlib
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
-RESULT_COLUMNS = ["dataset", "teacher", "format", "student", "level", "seed", "accuracy", "n_test",
-                  "extraction_failure_rate", "mean_generated_tokens", "train_steps", "final_train_loss",
-                  "train_seconds", "eval_seconds"]
+import numpy as np
+
+ROW_AXES = ("dataset", "teacher", "format", "student")
+CELL_AXES = ROW_AXES + ("level",)
+PUBLISHED_CSV = Path(__file__).resolve().parents[1] / "data" / "paper" / "published_results.csv"
+DEFAULT_N_BOOT = 2000
+DEFAULT_SEED = 0
+ALPHA = 0.05
+
+TRIAL_COLUMNS = ["trial_hash", "dataset", "teacher", "format", "student", "level", "seed", "accuracy", "n_test",
+                 "extraction_failure_rate", "mean_generated_tokens", "train_steps", "final_train_loss",
+                 "train_seconds", "eval_seconds", "num_workers", "num_actors", "cell_source"]
+CELL_COLUMNS = [*CELL_AXES, "accuracy", "ci_low", "ci_high", "n_seeds", "seeds", "n_test", "n_questions_ci",
+                "extraction_failure_rate", "mean_generated_tokens", "published_accuracy", "published_kind",
+                "teacher_source", "teacher_cost_usd", "teacher_tokens_in", "teacher_tokens_out",
+                "train_seconds", "eval_seconds", "train_worker_seconds", "eval_actor_seconds",
+                "accuracy_pct_per_usd"]
+PAIRED_COLUMNS = [*ROW_AXES, "level_a", "level_b", "accuracy_a", "accuracy_b", "diff", "ci_low", "ci_high",
+                  "p_value", "n_questions", "n_seeds_paired", "paired_on"]
+
+
+class ReportError(RuntimeError):
+    """Records or predictions that cannot be reported; the message names the file."""
+
+
+# =========================================================================== statistics
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate with its bootstrap percentile interval."""
+
+    estimate: float
+    low: float
+    high: float
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """Paired bootstrap comparison of two sets of per-question scores (b minus a)."""
+
+    diff: float
+    low: float
+    high: float
+    p_value: float
+    n_questions: int
+
+
+def cell_rng(seed: int, *key: str) -> np.random.Generator:
+    """A generator fixed by the report seed and a cell's name (stable across Python runs)."""
+    return np.random.default_rng([seed, zlib.crc32("\x1f".join(key).encode())])
+
+
+def bootstrap_weights(n_items: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """(n_boot, n_items) counts: how often each item is drawn in each resample with replacement."""
+    draws = rng.integers(0, n_items, size=(n_boot, n_items))
+    flat = (draws + n_items * np.arange(n_boot)[:, None]).ravel()
+    return np.bincount(flat, minlength=n_boot * n_items).reshape(n_boot, n_items)
+
+
+def bootstrap_accuracy(scores: np.ndarray, n_boot: int = DEFAULT_N_BOOT, rng: np.random.Generator | None = None,
+                       alpha: float = ALPHA) -> Interval:
+    """Mean over seeds of per-seed accuracy, with a percentile bootstrap CI resampling questions.
+
+    ``scores`` is (n_seeds, n_questions) or (n_questions,); NaN marks a question a seed lacks.
+    """
+    scores = np.atleast_2d(np.asarray(scores, dtype=float))
+    present = ~np.isnan(scores)
+    if not present.any():
+        raise ValueError("no scores to bootstrap")
+    values = np.where(present, scores, 0.0)
+    estimate = float(np.mean(values.sum(1) / present.sum(1)))
+    weights = bootstrap_weights(scores.shape[1], n_boot, rng or np.random.default_rng(DEFAULT_SEED))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_seed = (weights @ values.T) / (weights @ present.T)  # (n_boot, n_seeds)
+    replicates = np.nanmean(per_seed, axis=1) if np.isnan(per_seed).any() else per_seed.mean(1)
+    low, high = np.nanpercentile(replicates, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return Interval(estimate, float(low), float(high))
+
+
+def paired_bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int = DEFAULT_N_BOOT,
+                     rng: np.random.Generator | None = None, alpha: float = ALPHA) -> PairedTest:
+    """Accuracy difference b - a over the same questions, its percentile CI and two-sided p-value.
+
+    The p-value is twice the smaller bootstrap tail beyond zero, with a +1 correction so it is
+    never reported as exactly zero: ``2 * min(#(d* <= 0) + 1, #(d* >= 0) + 1) / (n_boot + 1)``.
+    """
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape or a.ndim != 1 or not a.size:
+        raise ValueError(f"paired scores need two equal-length non-empty vectors, got {a.shape} and {b.shape}")
+    diffs = b - a
+    weights = bootstrap_weights(diffs.size, n_boot, rng or np.random.default_rng(DEFAULT_SEED))
+    replicates = weights @ diffs / diffs.size
+    low, high = np.percentile(replicates, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    tail = min(np.count_nonzero(replicates <= 0), np.count_nonzero(replicates >= 0))
+    p_value = min(1.0, 2 * (tail + 1) / (n_boot + 1))
+    return PairedTest(float(diffs.mean()), float(low), float(high), p_value, int(diffs.size))
+
+
+# =========================================================================== records -> trials
+
+
+@dataclass
+class Trial:
+    """One finished trial: its axes, metrics, compute shape, annotation cell and question scores."""
+
+    axes: dict[str, str]
+    metrics: dict
+    trial_hash: str
+    num_workers: int | None
+    num_actors: int | None
+    cell: dict | None
+    scores: dict[str, float] | None = None  # question_id -> mean correctness; None: predictions missing
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        return tuple(self.axes[a] for a in CELL_AXES)
 
 
 def load_records(run_dir: Path) -> list[dict]:
+    """Every ``trials/*/record.json`` under the run folder."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ReportError(f"{run_dir}: no such run folder; pass the folder a sweep wrote (its run_dir)")
     paths = sorted((run_dir / "trials").glob("*/record.json"))
     if not paths:
-        raise FileNotFoundError(f"{run_dir}: no finished trials (no trials/*/record.json); run the sweep first")
-    return [json.loads(p.read_text()) for p in paths]
+        raise ReportError(f"{run_dir}: no finished trials (no trials/*/record.json); run the sweep first")
+    records = []
+    for path in paths:
+        try:
+            records.append(json.loads(path.read_text()))
+        except json.JSONDecodeError as err:
+            raise ReportError(f"{path}: not valid JSON ({err}); delete the trial folder to rerun it") from err
+    return records
 
 
-def flat_rows(records: list[dict]) -> list[dict]:
-    rows = [{**r["axes"], **r["metrics"]} for r in records]
-    return sorted(rows, key=lambda r: (r["dataset"], r["teacher"], r["format"], r["student"],
-                                       _level_key(r["level"]), int(r["seed"])))
+def question_scores(path: Path) -> dict[str, float]:
+    """question_id -> mean of ``correct`` over its prediction rows (one row per sample)."""
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path, columns=["question_id", "correct"])
+    except Exception as err:  # pyarrow raises several types for unreadable files
+        raise ReportError(f"{path}: cannot read predictions ({err}); rerun the trial's evaluation") from err
+    ids = np.asarray(table.column("question_id").to_pylist(), dtype=object)
+    correct = np.asarray(table.column("correct").fill_null(False).to_numpy(zero_copy_only=False), dtype=float)
+    unique, inverse = np.unique(ids.astype(str), return_inverse=True)
+    sums = np.bincount(inverse, weights=correct, minlength=unique.size)
+    counts = np.bincount(inverse, minlength=unique.size)
+    return dict(zip(unique.tolist(), (sums / counts).tolist()))
 
 
-def _level_key(level: str) -> int:
-    return int(level) if level else 0
+def _predictions_path(record: dict, run_dir: Path) -> Path | None:
+    """The record's predictions file, or the trial folder's copy when the run folder moved."""
+    candidates = [Path(record["predictions_path"])] if record.get("predictions_path") else []
+    candidates.append(run_dir / "trials" / record["trial_hash"] / "predictions.parquet")
+    return next((p for p in candidates if p.is_file()), None)
 
 
-def accuracy_grid(rows: list[dict]) -> tuple[list[str], dict[tuple, dict[str, float]]]:
-    """Mean accuracy (over seeds) per (dataset, teacher, format, student) row and level column."""
-    cells: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for r in rows:
-        cells[(r["dataset"], r["teacher"], r["format"], r["student"])][r["level"]].append(r["accuracy"])
-    levels = sorted({r["level"] for r in rows}, key=_level_key)
-    grid = {key: {lvl: statistics.fmean(v) for lvl, v in by_level.items()} for key, by_level in cells.items()}
-    return levels, grid
+def to_trial(record: dict, run_dir: Path) -> Trial:
+    """A record as a Trial, with its per-question scores when the predictions file exists."""
+    missing = [k for k in ("trial_hash", "axes", "metrics") if k not in record]
+    if missing:
+        where = run_dir / "trials" / str(record.get("trial_hash", "?")) / "record.json"
+        raise ReportError(f"{where}: record lacks {', '.join(missing)}; delete the trial folder to rerun it")
+    axes = {a: str(record["axes"].get(a, "")) for a in (*CELL_AXES, "seed")}
+    path = _predictions_path(record, run_dir)
+    return Trial(
+        axes=axes,
+        metrics=record["metrics"],
+        trial_hash=record["trial_hash"],
+        num_workers=(record.get("train_spec") or {}).get("num_workers"),
+        num_actors=(record.get("eval_spec") or {}).get("num_actors"),
+        cell=record.get("cell"),
+        scores=question_scores(path) if path else None,
+    )
 
 
-def markdown_table(rows: list[dict]) -> str:
-    """The paper's layout: one row per (dataset, teacher, format, student), one column per level."""
-    levels, grid = accuracy_grid(rows)
-    headers = ["dataset", "teacher", "format", "student"] + [f"L{lvl}" if lvl else "no level" for lvl in levels]
+# =========================================================================== cells
+
+
+@dataclass
+class Cost:
+    """Teacher spend and student compute of one cell (compute summed over its seeds)."""
+
+    source: str  # "generated", "replayed" or "unknown"
+    usd: float | None = None
+    tokens_in: int | None = None
+    tokens_out: int | None = None
+    train_seconds: float | None = None
+    eval_seconds: float | None = None
+    train_worker_seconds: float | None = None
+    eval_actor_seconds: float | None = None
+
+
+@dataclass
+class Cell:
+    """All seeds of one (dataset, teacher, format, student, level) with their statistics."""
+
+    key: tuple[str, ...]
+    trials: list[Trial]
+    interval: Interval | None = None  # None: no predictions to bootstrap
+    n_questions_ci: int = 0
+    published: dict | None = None
+    cost: Cost = field(default_factory=lambda: Cost("unknown"))
+
+    @property
+    def accuracy(self) -> float:
+        return statistics.fmean(t.metrics["accuracy"] for t in self.trials)
+
+    @property
+    def seeds(self) -> list[str]:
+        return sorted((t.axes["seed"] for t in self.trials), key=_seed_key)
+
+    @property
+    def level(self) -> str:
+        return self.key[4]
+
+
+def _seed_key(seed: str) -> tuple:
+    return (0, int(seed), "") if seed.lstrip("-").isdigit() else (1, 0, seed)
+
+
+def _level_key(level: str) -> tuple:
+    """Numbered levels in order, then the level-less column."""
+    return (0, int(level), "") if level.isdigit() else (1, 0, level)
+
+
+def level_label(level: str) -> str:
+    return f"L{level}" if level else "no level"
+
+
+def score_matrix(trials: list[Trial]) -> tuple[list[str], np.ndarray]:
+    """(question ids, (n_seeds, n_questions) scores with NaN where a seed lacks a question)."""
+    ids = sorted(set().union(*(t.scores for t in trials)))
+    index = {q: i for i, q in enumerate(ids)}
+    matrix = np.full((len(trials), len(ids)), np.nan)
+    for row, trial in enumerate(trials):
+        matrix[row, [index[q] for q in trial.scores]] = list(trial.scores.values())
+    return ids, matrix
+
+
+def cell_cost(trials: list[Trial]) -> Cost:
+    """Teacher cost from the annotation summary (each distinct annotation cell counted once)."""
+    cells = {(t.cell or {}).get("hash", t.trial_hash): t.cell for t in trials}
+    sources = {(c or {}).get("source") for c in cells.values()}
+    annotations = [c.get("annotation") for c in cells.values() if c and c.get("source") == "generated"]
+    if sources == {"replay"}:
+        cost = Cost("replayed")
+    elif sources == {"generated"} and annotations and all(annotations):
+        cost = Cost("generated", usd=sum(float(a.get("cost_usd") or 0.0) for a in annotations),
+                    tokens_in=sum(int(a.get("tokens_in") or 0) for a in annotations),
+                    tokens_out=sum(int(a.get("tokens_out") or 0) for a in annotations))
+    else:
+        cost = Cost("unknown")
+    cost.train_seconds = _sum_known(t.metrics.get("train_seconds") for t in trials)
+    cost.eval_seconds = _sum_known(t.metrics.get("eval_seconds") for t in trials)
+    cost.train_worker_seconds = _sum_known(_times(t.metrics.get("train_seconds"), t.num_workers) for t in trials)
+    cost.eval_actor_seconds = _sum_known(_times(t.metrics.get("eval_seconds"), t.num_actors) for t in trials)
+    return cost
+
+
+def _times(seconds: float | None, count: int | None) -> float | None:
+    return None if seconds is None else float(seconds) * (count or 1)
+
+
+def _sum_known(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(sum(values)) if values else None
+
+
+def accuracy_per_usd(cell: Cell) -> float | None:
+    """Accuracy points (%) per teacher dollar, where the cell's teacher cost is known and > 0."""
+    usd = cell.cost.usd
+    return 100 * cell.accuracy / usd if usd else None
+
+
+def build_cells(trials: list[Trial], published: list[dict], n_boot: int, seed: int) -> list[Cell]:
+    """Group trials into cells; bootstrap each cell's CI, attach its cost and published value."""
+    grouped: dict[tuple, list[Trial]] = defaultdict(list)
+    for trial in trials:
+        grouped[trial.key].append(trial)
+    lookup = published_lookup(published)
+    cells = []
+    for key in sorted(grouped, key=_cell_sort_key):
+        members = sorted(grouped[key], key=lambda t: _seed_key(t.axes["seed"]))
+        cell = Cell(key, members, published=lookup.get(_published_key(key)), cost=cell_cost(members))
+        with_scores = [t for t in members if t.scores]
+        if with_scores:
+            ids, matrix = score_matrix(with_scores)
+            cell.interval = bootstrap_accuracy(matrix, n_boot, cell_rng(seed, "cell", *key))
+            cell.n_questions_ci = len(ids)
+        cells.append(cell)
+    return cells
+
+
+def _cell_sort_key(key: tuple) -> tuple:
+    return (*key[:4], _level_key(key[4]))
+
+
+# =========================================================================== paired tests
+
+
+@dataclass
+class Comparison:
+    """A paired test between two neighbouring levels of one table row."""
+
+    row: tuple[str, ...]
+    a: Cell
+    b: Cell
+    test: PairedTest
+    n_seeds_paired: int
+    paired_on: str
+
+
+def paired_scores(a: Cell, b: Cell) -> tuple[np.ndarray, np.ndarray, int, str] | None:
+    """Per-question scores of both cells on their shared questions, each averaged over seeds.
+
+    With seeds in common, only those seeds are used, so each question pairs (question, seed)
+    units; otherwise each side averages all its seeds. None when nothing can be paired.
+    """
+    ta = {t.axes["seed"]: t for t in a.trials if t.scores}
+    tb = {t.axes["seed"]: t for t in b.trials if t.scores}
+    common = sorted(set(ta) & set(tb), key=_seed_key)
+    if common:
+        ta, tb, paired_on = {s: ta[s] for s in common}, {s: tb[s] for s in common}, "question_id+seed"
+    else:
+        paired_on = "question_id"
+    chosen = [*ta.values(), *tb.values()]
+    if not ta or not tb:
+        return None
+    questions = sorted(set.intersection(*(set(t.scores) for t in chosen)))
+    if not questions:
+        return None
+
+    def mean_scores(side: dict[str, Trial]) -> np.ndarray:
+        return np.mean([[t.scores[q] for q in questions] for t in side.values()], axis=0)
+
+    return mean_scores(ta), mean_scores(tb), len(common), paired_on
+
+
+def neighbour_tests(cells: list[Cell], n_boot: int, seed: int) -> list[Comparison]:
+    """Paired bootstrap tests between consecutive numbered levels present in each table row."""
+    rows: dict[tuple, list[Cell]] = defaultdict(list)
+    for cell in cells:
+        if cell.level.isdigit():
+            rows[cell.key[:4]].append(cell)
+    comparisons = []
+    for row in sorted(rows):
+        ordered = sorted(rows[row], key=lambda c: _level_key(c.level))
+        for a, b in zip(ordered, ordered[1:]):
+            paired = paired_scores(a, b)
+            if paired is None:
+                continue
+            sa, sb, n_seeds, paired_on = paired
+            test = paired_bootstrap(sa, sb, n_boot, cell_rng(seed, "paired", *row, a.level, b.level))
+            comparisons.append(Comparison(row, a, b, test, n_seeds, paired_on))
+    return comparisons
+
+
+# =========================================================================== published numbers
+
+
+def load_published(path: Path = PUBLISHED_CSV) -> list[dict]:
+    """Rows of the published-numbers CSV (``#`` lines are its column documentation)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(line for line in f if not line.lstrip().startswith("#")))
+    for row in rows:
+        try:
+            row["accuracy_pct"] = float(row["accuracy_pct"])
+        except (KeyError, ValueError) as err:
+            raise ReportError(f"{path}: row {row} lacks a numeric accuracy_pct; fix the file") from err
+    return rows
+
+
+def _published_key(cell_key: tuple) -> tuple:
+    dataset, teacher, _format, student, level = cell_key
+    return dataset, teacher, student, level
+
+
+def published_lookup(published: list[dict]) -> dict[tuple, dict]:
+    """(dataset, teacher, student, level) -> published row; a "level" row beats a "best_level" row."""
+    rank = {"level": 0, "best_level": 1}
+    lookup: dict[tuple, dict] = {}
+    for row in published:
+        if row.get("kind") not in rank or not row.get("student") or not row.get("teacher"):
+            continue
+        key = (row["dataset"], row["teacher"], row["student"], row.get("level", ""))
+        if key not in lookup or rank[row["kind"]] < rank[lookup[key]["kind"]]:
+            lookup[key] = row
+    return lookup
+
+
+# =========================================================================== formatting
+
+
+def _pct(value: float | None, digits: int = 1) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.{digits}f}"
+
+
+def cell_text(cell: Cell) -> str:
+    """'52.1 [48.0, 56.2] ×3' (+ ' · paper 53.42'): mean over seeds, bootstrap CI, seed count."""
+    text = f"{100 * cell.accuracy:.1f}"
+    if cell.interval:
+        text += f" [{_pct(cell.interval.low)}, {_pct(cell.interval.high)}]"
+    text += f" ×{len(cell.trials)}"
+    if cell.published:
+        text += f" · paper {cell.published['accuracy_pct']:.2f}"
+    return text
+
+
+def _md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    for key in sorted(grid):
-        values = [f"{100 * grid[key][lvl]:.1f}" if lvl in grid[key] else "" for lvl in levels]
-        lines.append("| " + " | ".join(list(key) + values) + " |")
-    n_test = sorted({r["n_test"] for r in rows})
-    lines.append("")
-    lines.append(f"Accuracy (%) on {', '.join(map(str, n_test))} test questions; mean over seeds.")
-    return "\n".join(lines) + "\n"
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
+    return lines
 
 
-def plot_accuracy_vs_level(rows: list[dict], path: Path) -> None:
+def _levels(cells: list[Cell]) -> list[str]:
+    return sorted({c.level for c in cells}, key=_level_key)
+
+
+def _by_row(cells: list[Cell]) -> dict[tuple, dict[str, Cell]]:
+    rows: dict[tuple, dict[str, Cell]] = defaultdict(dict)
+    for cell in cells:
+        rows[cell.key[:4]][cell.level] = cell
+    return dict(sorted(rows.items()))
+
+
+def accuracy_section(cells: list[Cell], n_boot: int) -> list[str]:
+    levels = _levels(cells)
+    headers = [*ROW_AXES, *(level_label(lvl) for lvl in levels)]
+    rows = [[*row, *(cell_text(by[lvl]) if lvl in by else "" for lvl in levels)]
+            for row, by in _by_row(cells).items()]
+    n_test = sorted({int(t.metrics.get("n_test", 0)) for c in cells for t in c.trials})
+    return ["## Accuracy by granularity level", "", *_md_table(headers, rows), "",
+            f"Accuracy (%) on {', '.join(map(str, n_test))} test questions: mean over seeds, "
+            f"[95 % percentile bootstrap CI over questions, {n_boot} resamples], ×seeds; "
+            "'paper' is the published accuracy for the same dataset, teacher, student and level.", ""]
+
+
+def paired_section(comparisons: list[Comparison]) -> list[str]:
+    lines = ["## Neighbouring levels: paired bootstrap tests", ""]
+    if not comparisons:
+        return lines + ["No table row has two numbered levels with predictions to pair.", ""]
+    headers = [*ROW_AXES, "comparison", "Δ accuracy (pp)", "95 % CI (pp)", "p", "questions", "paired on"]
+    rows = [[*c.row, f"{level_label(c.a.level)} → {level_label(c.b.level)}", f"{100 * c.test.diff:+.1f}",
+             f"[{100 * c.test.low:+.1f}, {100 * c.test.high:+.1f}]", _p_text(c.test.p_value),
+             c.test.n_questions, c.paired_on] for c in comparisons]
+    return lines + _md_table(headers, rows) + [
+        "", "Δ = accuracy of the higher level minus the lower one on the questions both answered; "
+        "p is a two-sided bootstrap p-value for Δ = 0.", ""]
+
+
+def _p_text(p: float) -> str:
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
+def published_section(cells: list[Cell], published: list[dict]) -> list[str]:
+    lines = ["## Published numbers side by side", ""]
+    matched = [c for c in cells if c.published]
+    if not matched:
+        held = sorted({(r["dataset"], r["teacher"]) for r in published if r.get("teacher")})
+        what = "; ".join(f"{d}/{t}" for d, t in held) or "none held"
+        return lines + [f"No cell matches a published number (the paper's numbers cover {what}, "
+                        f"students {', '.join(sorted({r['student'] for r in published if r.get('student')}))}).", ""]
+    headers = ["dataset", "teacher", "format", "student", "level", "ours (%)", "95 % CI", "paper (%)",
+               "paper row", "ours − paper (pp)"]
+    rows = []
+    for c in matched:
+        ci = f"[{_pct(c.interval.low)}, {_pct(c.interval.high)}]" if c.interval else ""
+        paper = c.published["accuracy_pct"]
+        rows.append([*c.key[:4], level_label(c.level), f"{100 * c.accuracy:.1f}", ci, f"{paper:.2f}",
+                     c.published["kind"], f"{100 * c.accuracy - paper:+.1f}"])
+    return lines + _md_table(headers, rows) + [""]
+
+
+def cost_section(cells: list[Cell]) -> list[str]:
+    headers = [*ROW_AXES, "level", "teacher cost", "teacher tokens in/out", "train s (× workers)",
+               "eval s (× actors)", "accuracy % per $"]
+    rows = [[*c.key[:4], level_label(c.level), _usd_text(c.cost), _tokens_text(c.cost),
+             _seconds_text(c.cost.train_seconds, c.cost.train_worker_seconds),
+             _seconds_text(c.cost.eval_seconds, c.cost.eval_actor_seconds),
+             "" if accuracy_per_usd(c) is None else f"{accuracy_per_usd(c):.1f}"] for c in cells]
+    return ["## Cost per cell", "", *_md_table(headers, rows), "",
+            "Teacher cost is the annotation cell's summary (shared by every student trained on it); "
+            "'replayed' = released annotations, cost unknown. Compute seconds are summed over seeds; "
+            "the parenthesised figure multiplies by Ray Train workers / eval actors.", ""]
+
+
+def _usd_text(cost: Cost) -> str:
+    return f"${cost.usd:.2f}" if cost.source == "generated" else cost.source
+
+
+def _tokens_text(cost: Cost) -> str:
+    return f"{cost.tokens_in:,} / {cost.tokens_out:,}" if cost.source == "generated" else ""
+
+
+def _seconds_text(seconds: float | None, scaled: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    return f"{seconds:.1f}" + (f" ({scaled:.1f})" if scaled is not None and scaled != seconds else "")
+
+
+def ablation_section(published: list[dict]) -> list[str]:
+    rows = [[r["dataset"], level_label(r.get("level", "")), r.get("variant", ""), f"{r['accuracy_pct']:.2f}",
+             r.get("mean_seq_len", "")] for r in published if r.get("kind") == "ablation"]
+    if not rows:
+        return []
+    headers = ["dataset", "level", "variant", "paper accuracy (%)", "mean sequence length"]
+    return ["## Paper: granularity vs length ablation (for reference)", "", *_md_table(headers, rows), ""]
+
+
+def markdown_report(cells: list[Cell], comparisons: list[Comparison], published: list[dict],
+                    n_boot: int, seed: int, notes: list[str]) -> str:
+    lines = ["# Results", ""]
+    lines += accuracy_section(cells, n_boot)
+    lines += paired_section(comparisons)
+    lines += published_section(cells, published)
+    lines += cost_section(cells)
+    lines += ablation_section(published)
+    lines += [f"Bootstrap: {n_boot} resamples, seed {seed}; see docs/report.md.", *notes]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# =========================================================================== CSV
+
+
+def trial_rows(trials: list[Trial]) -> list[dict]:
+    rows = [{**t.axes, **t.metrics, "trial_hash": t.trial_hash, "num_workers": t.num_workers,
+             "num_actors": t.num_actors, "cell_source": (t.cell or {}).get("source", "")} for t in trials]
+    return sorted(rows, key=lambda r: (_cell_sort_key(tuple(r[a] for a in CELL_AXES)), _seed_key(r["seed"])))
+
+
+def cell_rows(cells: list[Cell]) -> list[dict]:
+    """One row per cell; accuracies as fractions (published_accuracy too)."""
+    rows = []
+    for c in cells:
+        rows.append({
+            **dict(zip(CELL_AXES, c.key)),
+            "accuracy": c.accuracy,
+            "ci_low": c.interval.low if c.interval else None,
+            "ci_high": c.interval.high if c.interval else None,
+            "n_seeds": len(c.trials),
+            "seeds": " ".join(c.seeds),
+            "n_test": statistics.fmean(t.metrics.get("n_test", 0) for t in c.trials),
+            "n_questions_ci": c.n_questions_ci,
+            "extraction_failure_rate": _mean_metric(c, "extraction_failure_rate"),
+            "mean_generated_tokens": _mean_metric(c, "mean_generated_tokens"),
+            "published_accuracy": c.published["accuracy_pct"] / 100 if c.published else None,
+            "published_kind": c.published["kind"] if c.published else "",
+            "teacher_source": c.cost.source,
+            "teacher_cost_usd": c.cost.usd,
+            "teacher_tokens_in": c.cost.tokens_in,
+            "teacher_tokens_out": c.cost.tokens_out,
+            "train_seconds": c.cost.train_seconds,
+            "eval_seconds": c.cost.eval_seconds,
+            "train_worker_seconds": c.cost.train_worker_seconds,
+            "eval_actor_seconds": c.cost.eval_actor_seconds,
+            "accuracy_pct_per_usd": accuracy_per_usd(c),
+        })
+    return rows
+
+
+def _mean_metric(cell: Cell, name: str) -> float | None:
+    values = [t.metrics[name] for t in cell.trials if t.metrics.get(name) is not None]
+    return statistics.fmean(values) if values else None
+
+
+def table_rows(cells: list[Cell]) -> tuple[list[str], list[dict]]:
+    """The paper's layout as CSV: per level, accuracy % (1 decimal), CI bounds, seeds, paper value."""
+    levels = _levels(cells)
+    columns = list(ROW_AXES)
+    for lvl in levels:
+        name = level_label(lvl).replace(" ", "_")
+        columns += [name, f"{name}_ci_low", f"{name}_ci_high", f"{name}_n_seeds", f"{name}_paper"]
+    rows = []
+    for row, by in _by_row(cells).items():
+        out = dict(zip(ROW_AXES, row))
+        for lvl, c in by.items():
+            name = level_label(lvl).replace(" ", "_")
+            out[name] = f"{100 * c.accuracy:.1f}"
+            out[f"{name}_ci_low"] = _pct(c.interval.low) if c.interval else ""
+            out[f"{name}_ci_high"] = _pct(c.interval.high) if c.interval else ""
+            out[f"{name}_n_seeds"] = len(c.trials)
+            out[f"{name}_paper"] = f"{c.published['accuracy_pct']:.2f}" if c.published else ""
+        rows.append(out)
+    return columns, rows
+
+
+def paired_rows(comparisons: list[Comparison]) -> list[dict]:
+    return [{**dict(zip(ROW_AXES, c.row)), "level_a": c.a.level, "level_b": c.b.level,
+             "accuracy_a": c.a.accuracy, "accuracy_b": c.b.accuracy, "diff": c.test.diff,
+             "ci_low": c.test.low, "ci_high": c.test.high, "p_value": c.test.p_value,
+             "n_questions": c.test.n_questions, "n_seeds_paired": c.n_seeds_paired, "paired_on": c.paired_on}
+            for c in comparisons]
+
+
+def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+# =========================================================================== plots
+
+
+def _panels(cells: list[Cell]) -> dict[tuple[str, str], list[Cell]]:
+    panels: dict[tuple[str, str], list[Cell]] = defaultdict(list)
+    for cell in cells:
+        panels[(cell.key[0], cell.key[3])].append(cell)
+    return dict(sorted(panels.items()))
+
+
+def draw_panel(ax, panel: tuple[str, str], cells: list[Cell]) -> None:
+    """Accuracy vs level per (teacher, format) with CI error bars; level-less cells as dashed lines;
+    published numbers as black crosses."""
+    lines: dict[tuple[str, str], list[Cell]] = defaultdict(list)
+    for cell in cells:
+        lines[(cell.key[1], cell.key[2])].append(cell)
+    for index, ((teacher, fmt), members) in enumerate(sorted(lines.items())):
+        label, color = f"{teacher}/{fmt}", f"C{index % 10}"
+        numbered = sorted((c for c in members if c.level.isdigit()), key=lambda c: int(c.level))
+        if numbered:
+            xs = [int(c.level) for c in numbered]
+            ys = np.array([100 * c.accuracy for c in numbered])
+            lows = np.array([100 * c.interval.low if c.interval else y for c, y in zip(numbered, ys)])
+            highs = np.array([100 * c.interval.high if c.interval else y for c, y in zip(numbered, ys)])
+            ax.errorbar(xs, ys, yerr=[ys - lows, highs - ys], marker="o", capsize=3, color=color, label=label)
+        for c in members:
+            if not c.level.isdigit():
+                ax.axhline(100 * c.accuracy, linestyle="--", linewidth=1, color=color, label=f"{label} (no level)")
+    paper = [(int(c.level), c.published["accuracy_pct"]) for c in cells if c.published and c.level.isdigit()]
+    if paper:
+        ax.scatter(*zip(*paper), marker="x", color="black", zorder=3, label="paper")
+    ax.set_title(f"{panel[0]} / {panel[1]}")
+    ax.set_xlabel("granularity level")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_xticks(range(1, 7))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def plot_accuracy_vs_level(cells: list[Cell], path: Path, panel_dir: Path | None = None) -> list[Path]:
+    """One figure with a panel per (dataset, student) at ``path``; one PNG per panel in panel_dir."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    levels, grid = accuracy_grid([r for r in rows if r["level"]])
-    panels = sorted({key[:3] for key in grid})
-    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5 * max(1, len(panels)), 3.6), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
-        for key in sorted(k for k in grid if k[:3] == panel):
-            xs = [int(lvl) for lvl in levels if lvl in grid[key]]
-            ax.plot(xs, [100 * grid[key][str(x)] for x in xs], marker="o", label=key[3])
-        ax.set_title("/".join(panel))
-        ax.set_xlabel("granularity level")
-        ax.set_ylabel("accuracy (%)")
-        ax.set_xticks(range(1, 7))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    panels = _panels(cells)
+    ncols = min(3, max(1, len(panels)))
+    nrows = max(1, math.ceil(len(panels) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.8 * nrows), squeeze=False)
+    for ax, (panel, members) in zip(axes.flat, panels.items()):
+        draw_panel(ax, panel, members)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    written = []
+    if panel_dir is not None:
+        panel_dir.mkdir(parents=True, exist_ok=True)
+        for panel, members in panels.items():
+            fig, ax = plt.subplots(figsize=(5, 3.8))
+            draw_panel(ax, panel, members)
+            fig.tight_layout()
+            out = panel_dir / f"accuracy_vs_level_{_slug(panel[0])}_{_slug(panel[1])}.png"
+            fig.savefig(out, dpi=120)
+            plt.close(fig)
+            written.append(out)
+    return written
 
 
-def write_report(records: list[dict], run_dir: Path) -> dict[str, Path]:
-    rows = flat_rows(records)
-    paths = {"csv": run_dir / "results.csv", "markdown": run_dir / "results.md",
-             "plot": run_dir / "accuracy_vs_level.png"}
-    with paths["csv"].open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    paths["markdown"].write_text(markdown_table(rows))
-    plot_accuracy_vs_level(rows, paths["plot"])
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in text)
+
+
+# =========================================================================== entry points
+
+
+def write_report(records: list[dict], run_dir: Path, *, n_boot: int = DEFAULT_N_BOOT, seed: int = DEFAULT_SEED,
+                 published_path: Path = PUBLISHED_CSV, plots: bool = True) -> dict[str, Path]:
+    """Write every table (and, with ``plots``, every plot) into ``run_dir``; returns kind -> path."""
+    run_dir = Path(run_dir)
+    if not records:
+        raise ReportError(f"{run_dir}: no trial records to report; run the sweep first")
+    if n_boot < 1:
+        raise ReportError(f"n_boot must be at least 1, got {n_boot}")
+    trials = [to_trial(r, run_dir) for r in records]
+    published = load_published(published_path)
+    cells = build_cells(trials, published, n_boot, seed)
+    comparisons = neighbour_tests(cells, n_boot, seed)
+    notes = _notes(trials, published, published_path)
+
+    paths = {"markdown": run_dir / "results.md", "csv": run_dir / "results.csv",
+             "table_csv": run_dir / "results_table.csv", "paired_csv": run_dir / "paired_tests.csv",
+             "trials_csv": run_dir / "trials.csv"}
+    paths["markdown"].write_text(markdown_report(cells, comparisons, published, n_boot, seed, notes))
+    write_csv(paths["csv"], CELL_COLUMNS, cell_rows(cells))
+    write_csv(paths["table_csv"], *table_rows(cells))
+    write_csv(paths["paired_csv"], PAIRED_COLUMNS, paired_rows(comparisons))
+    write_csv(paths["trials_csv"], TRIAL_COLUMNS, trial_rows(trials))
+    if plots:
+        paths["plot"] = run_dir / "accuracy_vs_level.png"
+        for panel_path in plot_accuracy_vs_level(cells, paths["plot"], run_dir / "plots"):
+            paths[f"plot:{panel_path.stem.removeprefix('accuracy_vs_level_')}"] = panel_path
     return paths
+
+
+def _notes(trials: list[Trial], published: list[dict], published_path: Path) -> list[str]:
+    notes = []
+    lacking = [t.trial_hash for t in trials if t.scores is None]
+    if lacking:
+        notes.append(f"\n{len(lacking)} trial(s) have no predictions file, so no CI: {', '.join(lacking[:5])}"
+                     + (" ..." if len(lacking) > 5 else ""))
+    if not published:
+        notes.append(f"\nNo published numbers loaded ({published_path} missing or empty).")
+    return notes
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="raydistill report", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", help="a sweep's folder, e.g. outputs/granularity")
+    parser.add_argument("--n-boot", type=int, default=DEFAULT_N_BOOT, help="bootstrap resamples (default 2000)")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="bootstrap RNG seed (default 0)")
+    parser.add_argument("--published", type=Path, default=PUBLISHED_CSV,
+                        help="CSV of published numbers (default data/paper/published_results.csv)")
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir)
-    paths = write_report(load_records(run_dir), run_dir)
+    try:
+        paths = write_report(load_records(run_dir), run_dir, n_boot=args.n_boot, seed=args.seed,
+                             published_path=args.published)
+    except ReportError as err:
+        print(f"raydistill report: {err}", file=sys.stderr)
+        return 1
     print(paths["markdown"].read_text())
     for kind, path in paths.items():
-        print(f"{kind:<9}: {path}")
+        if not kind.startswith("plot:"):
+            print(f"{kind:<10}: {path}")
+    print(f"{'plots':<10}: {run_dir / 'plots'}")
     return 0

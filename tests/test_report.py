@@ -1,0 +1,281 @@
+"""Report stage: bootstrap CIs, paired level tests, seeds, published numbers, cost, CLI.
+
+Run folders are built from real record.json files and real Parquet predictions of simulated
+students whose per-question correctness is drawn from known probabilities.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raydistill import report
+from raydistill.schemas import PREDICTION_SCHEMA
+
+N_BOOT = 500
+
+
+def write_trial(run_dir: Path, correct, *, dataset="svamp", teacher="chatgpt", level="1", fmt="cot",
+                student="tiny-llama", seed="0", cell="absent", num_workers=1, num_actors=1,
+                train_seconds=10.0, eval_seconds=4.0) -> dict:
+    """A finished trial: predictions Parquet (one row per question and sample) + record.json.
+
+    ``correct`` is (n_questions,) or (n_questions, n_samples) of bools; ``cell`` is a record's
+    "cell" value, or "absent" for an older record without the key.
+    """
+    correct = np.asarray(correct, dtype=bool).reshape(len(correct), -1)
+    axes = {"dataset": dataset, "teacher": teacher, "level": level, "format": fmt, "student": student,
+            "seed": str(seed)}
+    trial_hash = hashlib.sha256(json.dumps(axes, sort_keys=True).encode()).hexdigest()[:16]
+    trial_dir = run_dir / "trials" / trial_hash
+    trial_dir.mkdir(parents=True)
+    rows = [{"cell_hash": trial_hash, "question_id": f"q{q}", "prompt": "p", "generation": "g",
+             "extracted": "1", "gold": "1", "correct": bool(ok), "tokens_generated": 5}
+            for q in range(correct.shape[0]) for ok in correct[q]]
+    predictions = trial_dir / "predictions.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=PREDICTION_SCHEMA), predictions)
+    record = {
+        "trial_hash": trial_hash, "axes": axes,
+        "train_spec": {"num_workers": num_workers}, "eval_spec": {"num_actors": num_actors},
+        "model_path": str(trial_dir / "model"), "predictions_path": str(predictions),
+        "train_history": [{"step": 1, "loss": 1.0, "lr": 5e-5}],
+        "metrics": {"accuracy": float(correct.mean()), "n_test": int(correct.shape[0]),
+                    "extraction_failure_rate": 0.0, "mean_generated_tokens": 5.0, "train_examples": 8,
+                    "train_truncated": 0, "train_over_cutoff": 0, "train_padding_fraction": 0.1,
+                    "train_steps": 2, "final_train_loss": 0.5, "train_seconds": train_seconds,
+                    "eval_seconds": eval_seconds},
+    }
+    if cell != "absent":
+        record["cell"] = cell
+    (trial_dir / "record.json").write_text(json.dumps(record))
+    return record
+
+
+def draws(p: float, n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).random(n) < p
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def run_report(run_dir: Path, plots: bool = False) -> dict[str, Path]:
+    return report.write_report(report.load_records(run_dir), run_dir, n_boot=N_BOOT, plots=plots)
+
+
+# --------------------------------------------------------------------------- bootstrap
+
+
+def test_ci_contains_estimate_and_shrinks_with_more_questions():
+    widths = {}
+    for n in (100, 2000):
+        interval = report.bootstrap_accuracy(draws(0.6, n, seed=n), N_BOOT, np.random.default_rng(0))
+        assert interval.low <= interval.estimate <= interval.high
+        assert interval.estimate == pytest.approx(draws(0.6, n, seed=n).mean())
+        widths[n] = interval.high - interval.low
+    # Width scales like 1/sqrt(n): sqrt(100/2000) = 0.22.
+    assert 0.12 < widths[2000] / widths[100] < 0.35
+
+
+def test_ci_covers_true_accuracy_about_95_percent_of_the_time():
+    rng = np.random.default_rng(7)
+    p, n, repeats = 0.3, 150, 300
+    covered = 0
+    for _ in range(repeats):
+        interval = report.bootstrap_accuracy(rng.random(n) < p, 400, rng)
+        covered += interval.low <= p <= interval.high
+    assert 0.88 <= covered / repeats <= 0.99
+
+
+def test_ci_over_seeds_averages_seeds_and_handles_missing_questions():
+    scores = np.array([[1, 1, 0, 0], [1, 0, 0, np.nan]], dtype=float)
+    interval = report.bootstrap_accuracy(scores, N_BOOT, np.random.default_rng(0))
+    assert interval.estimate == pytest.approx((0.5 + 1 / 3) / 2)
+    assert 0.0 <= interval.low <= interval.estimate <= interval.high <= 1.0
+
+
+def test_paired_bootstrap_p_values():
+    better = report.paired_bootstrap(draws(0.3, 300, 1), draws(0.7, 300, 2), N_BOOT, np.random.default_rng(0))
+    assert better.p_value < 0.01 and 0.3 < better.diff < 0.5 and better.low > 0
+    same = draws(0.5, 300, 3)
+    identical = report.paired_bootstrap(same, same, N_BOOT, np.random.default_rng(0))
+    assert identical.p_value == 1.0 and identical.diff == 0 and identical.low == identical.high == 0
+
+
+# --------------------------------------------------------------------------- run folder
+
+
+def test_report_tables_paired_tests_and_plots(tmp_path):
+    n = 300
+    write_trial(tmp_path, draws(0.3, n, 1), level="1")
+    write_trial(tmp_path, draws(0.8, n, 2), level="2")
+    write_trial(tmp_path, draws(0.8, n, 2), level="3")  # identical predictions to level 2
+    write_trial(tmp_path, draws(0.5, n, 4), teacher="human", level="")
+    paths = run_report(tmp_path, plots=True)
+
+    md = paths["markdown"].read_text()
+    records = report.load_records(tmp_path)
+    row = next(line for line in md.splitlines() if line.startswith("| svamp | chatgpt | cot | tiny-llama"))
+    for record in (r for r in records if r["axes"]["teacher"] == "chatgpt"):
+        assert f"{100 * record['metrics']['accuracy']:.1f} [" in row
+    assert "| L1 | L2 | L3 | no level |" in md
+
+    tests = {(t["level_a"], t["level_b"]): t for t in read_csv(paths["paired_csv"])}
+    assert set(tests) == {("1", "2"), ("2", "3")}  # level-less cells are not compared
+    assert float(tests[("1", "2")]["p_value"]) < 0.01 and float(tests[("1", "2")]["ci_low"]) > 0
+    assert float(tests[("2", "3")]["p_value"]) == 1.0 and float(tests[("2", "3")]["diff"]) == 0
+    assert tests[("1", "2")]["paired_on"] == "question_id+seed" and tests[("1", "2")]["n_questions"] == str(n)
+
+    cells = read_csv(paths["csv"])
+    assert len(cells) == 4
+    for c in cells:
+        assert float(c["ci_low"]) <= float(c["accuracy"]) <= float(c["ci_high"])
+    table = read_csv(paths["table_csv"])
+    assert {r["teacher"] for r in table} == {"chatgpt", "human"}
+    assert next(r for r in table if r["teacher"] == "human")["no_level"] != ""
+    assert len(read_csv(paths["trials_csv"])) == 4
+    assert paths["plot"].stat().st_size > 1000
+    assert paths["plot:svamp_tiny-llama"].stat().st_size > 1000
+
+
+def test_seeds_are_aggregated(tmp_path):
+    accuracies = []
+    for seed in range(3):
+        correct = draws(0.4 + 0.1 * seed, 200, 10 + seed)
+        accuracies.append(correct.mean())
+        write_trial(tmp_path, correct, seed=str(seed))
+    paths = run_report(tmp_path)
+    (cell,) = read_csv(paths["csv"])
+    assert cell["n_seeds"] == "3" and cell["seeds"] == "0 1 2"
+    assert float(cell["accuracy"]) == pytest.approx(np.mean(accuracies))
+    assert float(cell["ci_low"]) < np.mean(accuracies) < float(cell["ci_high"])
+    # The seed-averaged CI is narrower than one seed's alone would be (seeds are independent here).
+    one = report.bootstrap_accuracy(draws(0.5, 200, 11), N_BOOT, np.random.default_rng(0))
+    assert float(cell["ci_high"]) - float(cell["ci_low"]) < one.high - one.low
+    assert f"{100 * np.mean(accuracies):.1f} [" in paths["markdown"].read_text()
+    assert " ×3" in paths["markdown"].read_text()
+
+
+def test_several_samples_per_question_use_the_mean_per_question(tmp_path):
+    correct = np.array([[1, 1], [1, 0], [0, 0], [0, 1]], dtype=bool)  # 4 questions x 2 samples
+    record = write_trial(tmp_path, correct)
+    scores = report.question_scores(Path(record["predictions_path"]))
+    assert scores == {"q0": 1.0, "q1": 0.5, "q2": 0.0, "q3": 0.5}
+    (cell,) = read_csv(run_report(tmp_path)["csv"])
+    assert float(cell["accuracy"]) == pytest.approx(0.5) and cell["n_questions_ci"] == "4"
+
+
+def test_unpaired_seeds_pair_on_questions_only(tmp_path):
+    write_trial(tmp_path, draws(0.2, 100, 1), level="1", seed="0")
+    write_trial(tmp_path, draws(0.9, 100, 2), level="2", seed="1")
+    (test,) = read_csv(run_report(tmp_path)["paired_csv"])
+    assert test["paired_on"] == "question_id" and test["n_seeds_paired"] == "0"
+
+
+def test_published_numbers_next_to_matching_rows(tmp_path):
+    write_trial(tmp_path, draws(0.5, 100, 1), dataset="gsm8k", student="gemma-2b", level="1")
+    write_trial(tmp_path, draws(0.6, 100, 2), dataset="gsm8k", student="llama-3.2-3b", level="4")
+    write_trial(tmp_path, draws(0.6, 100, 3), dataset="gsm8k", student="llama-3.2-3b", level="2")
+    paths = run_report(tmp_path)
+    md = paths["markdown"].read_text()
+    gemma = next(line for line in md.splitlines() if line.startswith("| gsm8k | chatgpt | cot | gemma-2b |"))
+    assert "paper 49.66" in gemma
+    cells = {(c["student"], c["level"]): c for c in read_csv(paths["csv"])}
+    assert float(cells[("gemma-2b", "1")]["published_accuracy"]) == pytest.approx(0.4966)
+    assert cells[("llama-3.2-3b", "4")]["published_kind"] == "best_level"
+    assert float(cells[("llama-3.2-3b", "4")]["published_accuracy"]) == pytest.approx(0.6348)
+    assert cells[("llama-3.2-3b", "2")]["published_accuracy"] == ""
+    assert "| gsm8k | chatgpt | cot | gemma-2b | L1 |" in md  # the side-by-side section
+
+
+def test_published_numbers_absent_gives_one_line(tmp_path):
+    write_trial(tmp_path, draws(0.5, 50, 1), dataset="svamp")
+    md = run_report(tmp_path)["markdown"].read_text()
+    section = md.split("## Published numbers side by side\n\n")[1].split("\n\n")[0]
+    assert section.startswith("No cell matches a published number") and "\n" not in section
+
+
+def test_published_csv_is_well_formed():
+    from raydistill.students import STUDENTS
+
+    rows = report.load_published()
+    assert len(rows) == 15
+    for row in rows:
+        if row["kind"] != "ablation":
+            assert row["student"] in STUDENTS and row["teacher"] == "chatgpt" and row["dataset"] == "gsm8k"
+    assert {r["variant"] for r in rows if r["kind"] == "ablation"} == {"level1", "level1+padding", "level5"}
+
+
+def test_cost_per_cell(tmp_path):
+    annotation = {"cost_usd": 2.5, "tokens_in": 12000, "tokens_out": 34000, "requests_sent": 100,
+                  "teacher_accuracy": 0.9}
+    generated = {"hash": "cellA", "dir": "cells/cellA", "source": "generated", "annotation": annotation}
+    for seed in ("0", "1"):  # two seeds share one annotation cell: its cost counts once
+        write_trial(tmp_path, draws(0.5, 100, int(seed)), level="1", seed=seed, cell=generated,
+                    num_workers=2, num_actors=3, train_seconds=10.0, eval_seconds=4.0)
+    write_trial(tmp_path, draws(0.5, 100, 5), level="2",
+                cell={"hash": "cellB", "dir": "cells/cellB", "source": "replay", "annotation": None})
+    write_trial(tmp_path, draws(0.5, 100, 6), level="3")  # older record without "cell"
+    paths = run_report(tmp_path)
+    cells = {c["level"]: c for c in read_csv(paths["csv"])}
+
+    gen = cells["1"]
+    assert gen["teacher_source"] == "generated" and float(gen["teacher_cost_usd"]) == 2.5
+    assert gen["teacher_tokens_in"] == "12000" and gen["teacher_tokens_out"] == "34000"
+    assert float(gen["train_seconds"]) == 20.0 and float(gen["train_worker_seconds"]) == 40.0
+    assert float(gen["eval_seconds"]) == 8.0 and float(gen["eval_actor_seconds"]) == 24.0
+    assert float(gen["accuracy_pct_per_usd"]) == pytest.approx(100 * float(gen["accuracy"]) / 2.5)
+    assert cells["2"]["teacher_source"] == "replayed" and cells["2"]["accuracy_pct_per_usd"] == ""
+    assert cells["3"]["teacher_source"] == "unknown" and cells["3"]["teacher_cost_usd"] == ""
+
+    md = paths["markdown"].read_text()
+    assert "$2.50" in md and "12,000 / 34,000" in md and "replayed" in md
+    assert f"{100 * float(gen['accuracy']) / 2.5:.1f}" in md
+
+
+def test_report_is_reproducible(tmp_path):
+    write_trial(tmp_path, draws(0.4, 120, 1), level="1")
+    write_trial(tmp_path, draws(0.6, 120, 2), level="2")
+    first = {k: run_report(tmp_path)[k].read_text() for k in ("csv", "paired_csv", "markdown")}
+    second = {k: run_report(tmp_path)[k].read_text() for k in ("csv", "paired_csv", "markdown")}
+    assert first == second
+
+
+def test_moved_run_folder_finds_predictions_in_the_trial_folder(tmp_path):
+    record = write_trial(tmp_path, draws(0.5, 80, 1))
+    record["predictions_path"] = "/nonexistent/predictions.parquet"
+    (tmp_path / "trials" / record["trial_hash"] / "record.json").write_text(json.dumps(record))
+    (cell,) = read_csv(run_report(tmp_path)["csv"])
+    assert cell["n_questions_ci"] == "80" and cell["ci_low"] != ""
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_prints_the_table(tmp_path, capsys):
+    from raydistill.cli import main  # what `python -m raydistill.cli` runs; in-process to stay fast
+
+    write_trial(tmp_path, draws(0.4, 60, 1), level="1")
+    assert main(["report", str(tmp_path), "--n-boot", "200"]) == 0
+    out = capsys.readouterr().out
+    assert "| dataset | teacher | format | student | L1 |" in out
+    assert (tmp_path / "results.md").is_file() and (tmp_path / "accuracy_vs_level.png").is_file()
+
+
+def test_cli_without_trials_fails_with_one_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "raydistill.cli", "report", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert done.stdout == ""
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(tmp_path) in lines[0] and "no finished trials" in lines[0]

@@ -197,6 +197,8 @@ def _predictions_path(record: dict, run_dir: Path) -> Path | None:
 def to_trial(record: dict, run_dir: Path) -> Trial:
     """A record as a Trial, with its per-question scores when the predictions file exists."""
     missing = [k for k in ("trial_hash", "axes", "metrics") if k not in record]
+    if "metrics" in record and "accuracy" not in record["metrics"]:
+        missing.append("metrics.accuracy")
     if missing:
         where = run_dir / "trials" / str(record.get("trial_hash", "?")) / "record.json"
         raise ReportError(f"{where}: record lacks {', '.join(missing)}; delete the trial folder to rerun it")

@@ -134,6 +134,7 @@ def generate_batches(prompts: list[dict], model_path: str, template_name: str, s
             concurrency=spec.num_actors,
             num_cpus=spec.cpus_per_actor,
             num_gpus=1 if spec.use_gpu else 0,
+            resources=spec.resources_per_actor or None,
         )
     columns = ["question_id", "prompt", "gold", "generation", "tokens_generated"]
     for batch in generated.iter_batches(batch_size=None, batch_format="pyarrow"):

@@ -15,6 +15,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from raydistill.annotate import Policy, RuntimeSpec, TeacherSpec
+
 TASK_NAMES = ("svamp", "gsm8k", "aqua", "math", "csqa", "obqa", "strategyqa")
 REPLAY_TEACHERS = ("chatgpt", "gemini", "llama", "human", "answer_only")
 LEVELLESS_TEACHERS = ("human", "answer_only")
@@ -51,6 +53,9 @@ class TrainSpec(_Strict):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
+    gpus_per_worker: float = Field(1.0, gt=0)  # with use_gpu
+    # Custom Ray resources each worker needs, e.g. {gpu_node: 1} to land on a cluster's GPU nodes.
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
     lora: LoraSpec | None = None
     # DeepSpeed JSON: a path, or a file name in raydistill/configs/deepspeed/ (zero2.json,
     # zero3.json, zero3_offload.json); None picks zero{zero_stage}.json. "auto" values are filled
@@ -82,6 +87,7 @@ class EvalSpec(_Strict):
     num_actors: int = Field(1, ge=1)
     cpus_per_actor: float = Field(1.0, gt=0)
     use_gpu: bool = False
+    resources_per_actor: dict[str, float] = Field(default_factory=dict)  # custom Ray resources
     # Decoding: greedy by default; the paper's commonsense evaluator used beam search (num_beams 5).
     num_beams: int = Field(1, ge=1)
     do_sample: bool = False
@@ -98,13 +104,25 @@ class EvalSpec(_Strict):
 
 
 class CellSpec(_Strict):
-    """One annotation cell: the supervision a student is trained on."""
+    """One annotation cell: the supervision a student is trained on.
+
+    `generator` is None when the cell replays the paper's released annotations, else the
+    identity (model and sampling parameters) of the teacher that writes it.
+    """
 
     dataset: str
     teacher: str
     level: int | None = None
     format: str = "cot"
     train_limit: int | None = None
+    generator: dict | None = None
+
+    def __hash__(self) -> int:  # `generator` is a dict, so hash the content
+        return hash(self.cell_hash)
+
+    @property
+    def cell_hash(self) -> str:
+        return content_hash(self.model_dump(mode="json"))
 
     @property
     def label(self) -> str:
@@ -138,6 +156,26 @@ class TrialSpec(_Strict):
         }
 
 
+class AnnotationStageSpec(_Strict):
+    """Teachers that write new annotations (any litellm model), and how the stage runs.
+
+    A name under `teachers` may then be used in the sweep's `teachers` list beside the released
+    sets; its cells are annotated once, before training, and shared by every student.
+    """
+
+    teachers: dict[str, TeacherSpec] = Field(default_factory=dict)
+    policy: Policy = "keep_all"
+    runtime: RuntimeSpec = RuntimeSpec()
+
+    @field_validator("teachers")
+    @classmethod
+    def _not_a_released_name(cls, value: dict[str, TeacherSpec]) -> dict[str, TeacherSpec]:
+        clash = sorted(set(value) & set(REPLAY_TEACHERS))
+        if clash:
+            raise ValueError(f"{clash} name released annotation sets; give the generating teacher another name")
+        return value
+
+
 class SweepSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     output_dir: str = "outputs"
@@ -150,6 +188,10 @@ class SweepSpec(_Strict):
     train_limit: int | None = Field(None, ge=1)
     test_limit: int | None = Field(None, ge=1)
     max_concurrent_trials: int = Field(1, ge=1)
+    # A released cell missing from the data mirror (and not downloadable): stop with the error,
+    # or leave the cell out of the grid and list it in the log and the report.
+    missing_cells: Literal["error", "skip"] = "error"
+    annotation: AnnotationStageSpec = AnnotationStageSpec()
     mlflow_tracking_uri: str | None = None  # default sqlite:///<output_dir>/<name>/mlflow.db
     train: TrainSpec = TrainSpec()
     eval: EvalSpec = EvalSpec()
@@ -172,9 +214,24 @@ class SweepSpec(_Strict):
             raise ValueError(f"granularity levels run from 1 to 6, got {bad}")
         return value
 
+    @model_validator(mode="after")
+    def _teachers_known(self) -> SweepSpec:
+        unknown = [t for t in self.teachers if t not in REPLAY_TEACHERS and t not in self.annotation.teachers]
+        if unknown:
+            raise ValueError(
+                f"teachers {unknown} are neither released annotation sets {list(REPLAY_TEACHERS)} "
+                "nor defined under annotation.teachers (name: {model: <litellm model>, ...})"
+            )
+        return self
+
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir).expanduser().resolve() / self.name
+
+    @property
+    def cells_dir(self) -> Path:
+        """Annotation cells, shared by every sweep writing to the same output_dir."""
+        return Path(self.output_dir).expanduser().resolve() / "cells"
 
     @property
     def tracking_uri(self) -> str:
@@ -186,11 +243,18 @@ class SweepSpec(_Strict):
         for dataset in self.datasets:
             for teacher in self.teachers:
                 levelless = teacher in LEVELLESS_TEACHERS
+                generator = self._generator(teacher)
                 for level in [None] if levelless else self.levels:
                     for fmt in ["cot"] if levelless else self.formats:
-                        cells[CellSpec(dataset=dataset, teacher=teacher, level=level,
-                                       format=fmt, train_limit=self.train_limit)] = None
+                        cells[CellSpec(dataset=dataset, teacher=teacher, level=level, format=fmt,
+                                       train_limit=self.train_limit, generator=generator)] = None
         return list(cells)
+
+    def _generator(self, teacher: str) -> dict | None:
+        spec = self.annotation.teachers.get(teacher)
+        if spec is None:
+            return None
+        return {"model": spec.model, **spec.sampling_params(), "policy": self.annotation.policy}
 
     def trials(self) -> list[TrialSpec]:
         return [

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -537,6 +538,13 @@ STUDENTS: dict[str, Student] = {
             template="chat",
             source="random init (seed 0), BPE tokenizer trained on a built-in corpus",
             build=build_tiny_llama,
+        ),
+        Student(
+            name="tiny-llama-alpaca",
+            family="llama",
+            template="alpaca",
+            source="random init (seed 1), the tiny-llama tokenizer, LLaMA-Factory's alpaca template",
+            build=functools.partial(build_tiny_llama, seed=1),
         ),
     )
 }

@@ -30,23 +30,86 @@ log = logging.getLogger("raydistill.sweep")
 # --------------------------------------------------------------------------- prepare
 
 
-def cell_dir(run_dir: Path, cell: CellSpec) -> Path:
-    return run_dir / "cells" / content_hash(cell.model_dump(mode="json"))
+def cell_dir(cells_dir: Path, cell: CellSpec) -> Path:
+    return cells_dir / cell.cell_hash
 
 
-def prepare_cell(cell: CellSpec, run_dir: Path) -> Path:
-    """Training Parquet of one annotation cell (released annotations replayed), written once."""
+def prepare_cells(spec: SweepSpec) -> tuple[dict[CellSpec, dict], dict[CellSpec, str]]:
+    """The annotation stage: every cell of the grid -> training Parquet, computed once.
+
+    Released cells are replayed from the data mirror; cells of a generating teacher are written
+    by `raydistill.annotate` in one Ray Data pipeline (CPU actors). Cells live under
+    `<output_dir>/cells/<cell hash>/`, so every student and every sweep sharing the output_dir
+    reuses them. Returns ({cell: info}, {missing cell: reason}); a cell is missing only with
+    `missing_cells: skip`.
+    """
+    from raydistill.datasets import CellNotReleased, DataUnavailable
+
+    ready: dict[CellSpec, dict] = {}
+    missing: dict[CellSpec, str] = {}
+    for cell in spec.cells():
+        if cell.generator is not None:
+            continue
+        try:
+            ready[cell] = replay_cell(cell, cell_dir(spec.cells_dir, cell))
+        except (CellNotReleased, DataUnavailable) as err:
+            if spec.missing_cells == "error":
+                raise
+            missing[cell] = str(err)
+            log.warning("cell %s left out: %s", cell.label, err)
+    ready.update(generate_cells(spec, [c for c in spec.cells() if c.generator is not None]))
+    return ready, missing
+
+
+def replay_cell(cell: CellSpec, folder: Path) -> dict:
+    """Training Parquet of a released annotation cell, written once."""
     from raydistill.datasets import load_train
 
-    path = cell_dir(run_dir, cell) / "train.parquet"
-    if path.exists():
-        return path
-    table = load_train(cell.dataset, cell.teacher, level=cell.level, fmt=cell.format)
-    if cell.train_limit is not None:
-        table = table.slice(0, cell.train_limit)
-    _write_atomic(table, path)
-    (path.parent / "cell.json").write_text(json.dumps(cell.model_dump(mode="json"), indent=2))
-    return path
+    path = folder / "train.parquet"
+    if not path.exists():
+        table = load_train(cell.dataset, cell.teacher, level=cell.level, fmt=cell.format)
+        if cell.train_limit is not None:
+            table = table.slice(0, cell.train_limit)
+        _write_atomic(table, path)
+        (folder / "cell.json").write_text(json.dumps(cell.model_dump(mode="json"), indent=2))
+    return {"hash": cell.cell_hash, "dir": str(folder), "source": "replay", "train_path": str(path),
+            "annotation": None}
+
+
+def generate_cells(spec: SweepSpec, cells: list[CellSpec]) -> dict[CellSpec, dict]:
+    """Annotate the cells of generating teachers (one pipeline; the request cache is shared)."""
+    if not cells:
+        return {}
+    from raydistill.annotate import AnnotationSpec, QuestionsSpec, annotate_cells, summary_table
+
+    stage = spec.annotation
+    runtime = stage.runtime
+    if runtime.cache_dir is None:
+        runtime = runtime.model_copy(update={"cache_dir": str(spec.cells_dir.parent / "request-cache")})
+    jobs = []
+    for cell in cells:
+        annotation = AnnotationSpec(task=cell.dataset, teacher=stage.teachers[cell.teacher], level=cell.level,
+                                    format=cell.format, policy=stage.policy, runtime=runtime,
+                                    questions=QuestionsSpec(limit=cell.train_limit))
+        folder = cell_dir(spec.cells_dir, cell)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "cell.json").write_text(json.dumps(cell.model_dump(mode="json"), indent=2))
+        jobs.append((annotation, folder))
+    _init_ray()
+    run = annotate_cells(jobs)
+    log.info("annotation stage:\n%s", summary_table(run.cells))
+    out = {}
+    for cell, result in zip(cells, run.cells):
+        if result.kept == 0:
+            raise RuntimeError(
+                f"annotation cell {cell.label} kept no training rows ({result.failed} of {result.rows} requests "
+                f"failed: {result.errors}); see {result.annotations_path}. Fix the teacher endpoint or policy "
+                "and rerun: completed requests are cached and will not be sent again")
+        summary = {k: v for k, v in result.to_dict().items()
+                   if k not in ("annotations_path", "examples_path", "summary_path", "out_dir")}
+        out[cell] = {"hash": cell.cell_hash, "dir": result.out_dir, "source": "generated",
+                     "train_path": result.examples_path, "annotation": summary}
+    return out
 
 
 def prepare_test(task: str, limit: int | None, run_dir: Path) -> Path:
@@ -93,7 +156,7 @@ def _train_and_evaluate(trial: TrialSpec, payload: dict, trial_dir: Path) -> dic
     from raydistill.evaluate import evaluate
     from raydistill.train import TrainJob, fit
 
-    job = TrainJob(student=trial.student, model_path=payload["model_path"], data_path=payload["train_path"],
+    job = TrainJob(student=trial.student, model_path=payload["model_path"], data_path=payload["cell"]["train_path"],
                    run_name=f"train-{trial.trial_hash}", storage_path=str(Path(payload["run_dir"]) / "ray"),
                    spec=trial.train.model_dump(mode="json"))
     trained = fit(job, report_to_tune=True)
@@ -107,6 +170,7 @@ def _train_and_evaluate(trial: TrialSpec, payload: dict, trial_dir: Path) -> dic
     return {
         "trial_hash": trial.trial_hash,
         "axes": trial.axes(),
+        "cell": payload["cell"],
         "train_spec": trial.train.model_dump(mode="json"),
         "eval_spec": trial.eval.model_dump(mode="json"),
         "model_path": trained.model_path,
@@ -152,7 +216,10 @@ def _init_ray() -> None:
 
     if ray.is_initialized():
         return
-    ray.init()  # joins RAY_ADDRESS when set (e.g. inside `ray job submit`), else starts a local cluster
+    # Joins RAY_ADDRESS when set (e.g. inside `ray job submit`), else starts a local cluster of
+    # RAYDISTILL_RAY_NUM_CPUS CPUs (default: all of this machine's).
+    cpus = os.environ.get("RAYDISTILL_RAY_NUM_CPUS")
+    ray.init(num_cpus=int(cpus) if cpus and not os.environ.get("RAY_ADDRESS") else None)
 
 
 # A trial driver only waits on its Train workers and Ray Data actors, so it takes no CPU; Tune
@@ -162,27 +229,35 @@ TRIAL_DRIVER_RESOURCES = {"cpu": 0, "memory": 1}
 
 
 def run_sweep(spec: SweepSpec) -> list[dict]:
-    """Run every trial of the sweep (skipping finished ones) and return their records."""
+    """Run every trial of the sweep (skipping finished ones) and return their records.
+
+    Stages: annotation cells (once per cell, shared by students) -> Tune trials (SFT + eval per
+    student, cell and seed) -> MLflow (a parent run for the sweep, a nested run per trial) ->
+    report.
+    """
     from ray import tune
 
     from raydistill.report import write_report
     from raydistill.students import resolve_student
-    from raydistill.tracking import MLflowTrialLogger, setup_experiment
+    from raydistill.tracking import MLflowTrialLogger, finish_sweep_run, start_sweep_run
 
     run_dir = spec.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "sweep.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
-    trials = spec.trials()
-    log.info("sweep %s: %d trials over %d annotation cells", spec.name, len(trials), len(spec.cells()))
-
-    train_paths = {cell: prepare_cell(cell, run_dir) for cell in spec.cells()}
+    cells, missing = prepare_cells(spec)
+    _write_missing(missing, run_dir)
+    trials = [t for t in spec.trials() if t.cell in cells]
+    log.info("sweep %s: %d trials over %d annotation cells (%d left out)", spec.name, len(trials), len(cells),
+             len(missing))
+    if not trials:
+        raise SpecError(f"sweep {spec.name}: no trial left to run; every cell is missing (see {run_dir}/missing_cells.json)")
     test_paths = {task: prepare_test(task, spec.test_limit, run_dir) for task in spec.datasets}
     model_paths = {student: str(resolve_student(student)) for student in spec.students}
 
     _init_ray()
-    experiment_id = setup_experiment(spec.tracking_uri, spec.name, run_dir / "mlartifacts")
+    parent = start_sweep_run(spec, run_dir / "sweep.yaml")
     payloads = [
-        {"trial": t.model_dump(mode="json"), "run_dir": str(run_dir), "train_path": str(train_paths[t.cell]),
+        {"trial": t.model_dump(mode="json"), "run_dir": str(run_dir), "cell": cells[t.cell],
          "test_path": str(test_paths[t.cell.dataset]), "model_path": model_paths[t.student]}
         for t in trials
     ]
@@ -195,7 +270,7 @@ def run_sweep(spec: SweepSpec) -> list[dict]:
         ),
         run_config=tune.RunConfig(
             name="tune", storage_path=str(run_dir / "ray"),
-            callbacks=[MLflowTrialLogger(spec.tracking_uri, experiment_id)],
+            callbacks=[MLflowTrialLogger(parent)],
             failure_config=tune.FailureConfig(max_failures=1),
         ),
     )
@@ -204,8 +279,17 @@ def run_sweep(spec: SweepSpec) -> list[dict]:
     if errors:
         raise RuntimeError(f"{len(errors)} of {len(trials)} trials failed; first error: {errors[0]}")
     records = [json.loads(Path(r.metrics["record_path"]).read_text()) for r in results]
-    write_report(records, run_dir)
+    report = write_report(records, run_dir)
+    finish_sweep_run(parent, records, report)
     return records
+
+
+def _write_missing(missing: dict[CellSpec, str], run_dir: Path) -> None:
+    path = run_dir / "missing_cells.json"
+    if missing:
+        path.write_text(json.dumps([{"cell": c.label, "reason": r} for c, r in missing.items()], indent=2))
+    elif path.exists():
+        path.unlink()
 
 
 def _trial_name(trial) -> str:
@@ -252,6 +336,12 @@ def main(argv: list[str], prog: str = "raydistill sweep", default_config: str | 
         return 2
     run_and_print(spec)
     return 0
+
+
+def script_main(script: str) -> int:
+    """Entry point of sweeps/<name>.py: runs sweeps/<name>.yaml unless --config names another."""
+    path = Path(script).resolve()
+    return main(sys.argv[1:], prog=path.name, default_config=str(path.with_suffix(".yaml")))
 
 
 def run_and_print(spec: SweepSpec) -> list[dict]:

@@ -1,15 +1,19 @@
-"""MLflow tracking: one experiment per sweep, one run per trial, logged from the sweep driver.
+"""MLflow tracking: an experiment per sweep, a parent run for the sweep, a nested run per trial.
 
-Trials only write files to the run directory; this Tune callback turns each finished trial into
-an MLflow run (params = the trial's axes and hyper-parameters, metrics, the per-step training
-loss, predictions Parquet as an artifact). Runs are keyed by the trial hash, so a resumed sweep
-never logs a trial twice.
+Trials only write files to the run directory; the sweep driver logs them. The parent run holds
+the sweep's config and, at the end, its report (tables, plots). Each finished trial becomes a
+nested run: params and `axis.*` tags for every axis (dataset, teacher, level, format, student,
+seed), hyper-parameters, metrics, the per-step training loss, the trial config, the predictions
+Parquet and the loss plot as artifacts. Runs are keyed by the sweep name and the trial hash, so a
+resumed sweep logs nothing twice.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # mlflow imports litellm when present
@@ -17,6 +21,17 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # mlflow imports 
 from ray import tune  # noqa: E402
 
 TRIAL_HASH_TAG = "raydistill.trial_hash"
+SWEEP_TAG = "raydistill.sweep"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """Where a sweep's trials are logged: its experiment and parent run."""
+
+    tracking_uri: str
+    experiment_id: str
+    run_id: str
 
 
 def setup_experiment(tracking_uri: str, experiment: str, artifact_root: Path) -> str:
@@ -31,24 +46,62 @@ def setup_experiment(tracking_uri: str, experiment: str, artifact_root: Path) ->
     return mlflow.create_experiment(experiment, artifact_location=artifact_root.as_uri())
 
 
-def log_trial(tracking_uri: str, experiment_id: str, record: dict) -> str:
-    """Log one finished trial's record (see `sweep.run_trial`) as an MLflow run; returns its id."""
+def start_sweep_run(spec, config_path: Path) -> SweepRun:
+    """Create (or, on resume, reopen) the sweep's parent run and log its config."""
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri)
-    existing = client.search_runs([experiment_id], f"tags.`{TRIAL_HASH_TAG}` = '{record['trial_hash']}'")
+    experiment_id = setup_experiment(spec.tracking_uri, spec.name, spec.run_dir / "mlartifacts")
+    client = mlflow.MlflowClient(spec.tracking_uri)
+    found = client.search_runs([experiment_id], f"tags.`{SWEEP_TAG}` = '{spec.name}'")
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+    else:
+        run_id = client.create_run(experiment_id, run_name=spec.name, tags={SWEEP_TAG: spec.name}).info.run_id
+        grid = {axis: ",".join(map(str, getattr(spec, axis)))
+                for axis in ("datasets", "teachers", "levels", "formats", "students", "seeds")}
+        client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in grid.items()])
+    client.log_artifact(run_id, str(config_path))
+    return SweepRun(spec.tracking_uri, experiment_id, run_id)
+
+
+def finish_sweep_run(sweep: SweepRun, records: list[dict], report: dict[str, Path]) -> None:
+    """Attach the report to the parent run and close it."""
+    import mlflow
+
+    client = mlflow.MlflowClient(sweep.tracking_uri)
+    client.log_metric(sweep.run_id, "trials", len(records))
+    for path in report.values():
+        if Path(path).is_file():
+            client.log_artifact(sweep.run_id, str(path), "report")
+    client.set_terminated(sweep.run_id)
+
+
+def log_trial(sweep: SweepRun, record: dict) -> str:
+    """Log one finished trial's record (see `sweep.run_trial`) as a nested run; returns its id."""
+    import mlflow
+
+    client = mlflow.MlflowClient(sweep.tracking_uri)
+    existing = client.search_runs([sweep.experiment_id], f"tags.`{TRIAL_HASH_TAG}` = '{record['trial_hash']}'")
     if existing:
         return existing[0].info.run_id
     axes = record["axes"]
+    cell = record.get("cell") or {}
     run_name = "-".join(f"{k}={v}" for k, v in axes.items() if v != "")
-    tags = {TRIAL_HASH_TAG: record["trial_hash"], **{f"axis.{k}": v for k, v in axes.items()}}
-    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
-    run_id = run.info.run_id
-    params = {**axes, **{f"train.{k}": v for k, v in record["train_spec"].items() if k != "lora"},
+    tags = {TRIAL_HASH_TAG: record["trial_hash"], PARENT_TAG: sweep.run_id,
+            **{f"axis.{k}": v for k, v in axes.items()},
+            "cell.hash": cell.get("hash", ""), "cell.source": cell.get("source", "")}
+    run_id = client.create_run(sweep.experiment_id, run_name=run_name, tags=tags).info.run_id
+    params = {**axes, **{f"train.{k}": v for k, v in record["train_spec"].items()},
               **{f"eval.{k}": v for k, v in record["eval_spec"].items()}}
-    client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in params.items()])
-    for key, value in record["metrics"].items():
-        client.log_metric(run_id, key, float(value))
+    client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
+    metrics = dict(record["metrics"])
+    annotation = cell.get("annotation") or {}
+    for key in ("cost_usd", "tokens_in", "tokens_out", "teacher_accuracy"):
+        if annotation.get(key) is not None:
+            metrics[f"teacher_{key}"] = annotation[key]
+    now_ms = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), now_ms, 0) for k, v in metrics.items()])
     for point in record.get("train_history", []):
         client.log_metric(run_id, "train_loss", point["loss"], step=point["step"])
         client.log_metric(run_id, "learning_rate", point["lr"], step=point["step"])
@@ -79,13 +132,12 @@ def loss_curve(history: list[dict]):
 
 
 class MLflowTrialLogger(tune.Callback):
-    """Logs each trial to MLflow as soon as it completes."""
+    """Logs each trial to MLflow as a nested run of the sweep as soon as it completes."""
 
-    def __init__(self, tracking_uri: str, experiment_id: str):
-        self.tracking_uri = tracking_uri
-        self.experiment_id = experiment_id
+    def __init__(self, sweep: SweepRun):
+        self.sweep = sweep
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         record_path = (trial.last_result or {}).get("record_path")
         if record_path:
-            log_trial(self.tracking_uri, self.experiment_id, json.loads(Path(record_path).read_text()))
+            log_trial(self.sweep, json.loads(Path(record_path).read_text()))

@@ -416,9 +416,9 @@ def fit(job: TrainJob, report_to_tune: bool = False) -> TrainResult:
         from ray.tune.integration.ray_train import TuneReportCallback
 
         callbacks.append(TuneReportCallback())
-    resources = {"CPU": spec.cpus_per_worker}
+    resources = {"CPU": spec.cpus_per_worker, **spec.resources_per_worker}
     if spec.use_gpu:
-        resources["GPU"] = 1
+        resources["GPU"] = spec.gpus_per_worker
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"job": asdict(job)},

@@ -139,7 +139,7 @@ def test_registry_covers_every_dataset_info_entry():
         "/openbookqa_chatgpt_symbolic_level3_ranked.json")
     assert tf("csqa", "human").path.endswith("/ecqa_train.json")
     assert [c.level for c in available_cells("svamp") if c.teacher == "llama"] == [1, 2, 3, 4]
-    with pytest.raises(ValueError, match="svamp has no cell llama/L5"):
+    with pytest.raises(ValueError, match="svamp has no released cell llama/L5"):
         tf("svamp", "llama", 5)
     with pytest.raises(ValueError, match="needs a level"):
         tf("svamp", "chatgpt")

@@ -5,6 +5,8 @@ student is a tiny random Llama built on the spot.
 """
 
 
+from pathlib import Path
+
 import mlflow
 import pyarrow.parquet as pq
 import pytest
@@ -51,11 +53,16 @@ def test_tiny_sweep_end_to_end(tmp_path, model_cache, ray_local):
         assert m["accuracy"] == pytest.approx(sum(r["correct"] for r in rows) / TEST_LIMIT)
         assert 0 < m["mean_generated_tokens"] <= 16
 
-    # MLflow: one run per trial, axes as params, accuracy as metric, predictions as artifact.
+    # MLflow: a parent run for the sweep (config + report), a nested run per trial with axes as
+    # params and tags, accuracy as metric, predictions as artifact.
     client = mlflow.MlflowClient(spec.tracking_uri)
     experiment = client.get_experiment_by_name("tiny")
-    runs = client.search_runs([experiment.experiment_id])
+    [parent] = client.search_runs([experiment.experiment_id], "tags.`raydistill.sweep` = 'tiny'")
+    assert {"sweep.yaml", "report"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert "results.md" in {Path(a.path).name for a in client.list_artifacts(parent.info.run_id, "report")}
+    runs = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(runs) == 2
+    assert all(run.data.tags["axis.teacher"] == "chatgpt" and run.data.tags["cell.source"] == "replay" for run in runs)
     by_level = {run.data.params["level"]: run for run in runs}
     for record in records:
         run = by_level[record["axes"]["level"]]
@@ -78,4 +85,4 @@ def test_tiny_sweep_end_to_end(tmp_path, model_cache, ray_local):
     again = run_sweep(spec)
     assert {r["trial_hash"] for r in again} == {r["trial_hash"] for r in records}
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
-    assert len(client.search_runs([experiment.experiment_id])) == 2
+    assert len(client.search_runs([experiment.experiment_id])) == 3  # the parent and two trials

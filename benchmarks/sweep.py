@@ -1,0 +1,91 @@
+"""Sweep scheduling benchmark: a 6-trial tiny granularity sweep, sequential vs concurrent trials.
+
+    python benchmarks/sweep.py [--out benchmarks/results/sweep.json] [--concurrency 2]
+
+Runs the same sweep (tiny-llama on SVAMP levels 1-6, released GPT-4o annotations) twice in one
+run, each time as `sweeps/granularity.py` in a fresh process and local Ray cluster of
+`--cpus` CPUs: once with `max_concurrent_trials: 1`, once with `--concurrency`. Every trial
+needs one CPU (one Train worker, then one evaluation actor), so on `--cpus` = concurrency CPUs the
+ideal speed-up is the concurrency. Parallel efficiency = (sequential wall / concurrent wall) /
+concurrency; the goal is >= 0.85. Both runs write to their own output folder; the student is
+built once into a shared cache before timing starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+SWEEP = {
+    "name": "bench", "datasets": ["svamp"], "teachers": ["chatgpt"], "levels": [1, 2, 3, 4, 5, 6],
+    "formats": ["cot"], "students": ["tiny-llama"], "seeds": [100], "train_limit": 32, "test_limit": 12,
+    "train": {"epochs": 1, "global_batch_size": 8, "micro_batch_size": 4, "num_workers": 1, "cpus_per_worker": 1,
+              "zero_stage": 2, "cutoff_len": 256, "learning_rate": 3e-3},
+    "eval": {"engine": "hf", "max_new_tokens": 16, "batch_size": 12, "num_actors": 1, "cpus_per_actor": 1},
+}
+
+
+def run_sweep(workdir: Path, concurrency: int, cpus: int) -> dict:
+    """Wall time of one sweep run in its own process and Ray cluster."""
+    config = workdir / f"sweep-c{concurrency}.yaml"
+    config.write_text(yaml.safe_dump({**SWEEP, "output_dir": str(workdir / f"c{concurrency}"),
+                                      "max_concurrent_trials": concurrency}))
+    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rd-bench-"), "RAYDISTILL_RAY_NUM_CPUS": str(cpus)}
+    log = workdir / f"sweep-c{concurrency}.log"
+    started = time.perf_counter()
+    with log.open("wb") as out:
+        code = subprocess.call([sys.executable, str(REPO / "sweeps" / "granularity.py"), "--config", str(config)],
+                               cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - started
+    if code:
+        raise SystemExit(f"sweep with max_concurrent_trials={concurrency} failed (exit {code}); see {log}")
+    records = [json.loads(p.read_text()) for p in (workdir / f"c{concurrency}" / "bench" / "trials").glob("*/record.json")]
+    return {"max_concurrent_trials": concurrency, "wall_s": round(wall, 1), "trials": len(records),
+            "train_s_sum": round(sum(r["metrics"]["train_seconds"] for r in records), 1),
+            "eval_s_sum": round(sum(r["metrics"]["eval_seconds"] for r in records), 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "sweep.json"))
+    parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: concurrency)")
+    parser.add_argument("--workdir", default=None, help="keep outputs here (default: a temporary folder)")
+    args = parser.parse_args(argv)
+    cpus = args.cpus or args.concurrency
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="rd-bench-sweep-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    from raydistill.students import resolve_student
+
+    resolve_student("tiny-llama")  # built once, outside the timings
+    load_before = os.getloadavg()
+    sequential = run_sweep(workdir, 1, cpus)
+    concurrent = run_sweep(workdir, args.concurrency, cpus)
+    speedup = sequential["wall_s"] / concurrent["wall_s"]
+    result = {
+        "benchmark": "sweep", "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                                          "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
+        "sweep": SWEEP, "ray_cpus": cpus, "sequential": sequential, "concurrent": concurrent,
+        "speedup": round(speedup, 3), "parallel_efficiency": round(speedup / args.concurrency, 3),
+        "goal_parallel_efficiency": 0.85,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

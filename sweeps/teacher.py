@@ -1,0 +1,17 @@
+"""Teacher sweep: released teachers, human rationales and answer-only (or generating teachers) x students.
+
+    python sweeps/teacher.py [--config sweeps/teacher.yaml] [--set KEY=VALUE ...]
+    ray job submit --working-dir . -- python sweeps/teacher.py
+
+Without --config it runs sweeps/teacher.yaml. `--help` lists the options.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's raydistill, also in `ray job submit`
+
+if __name__ == "__main__":
+    from raydistill.sweep import script_main
+
+    sys.exit(script_main(__file__))

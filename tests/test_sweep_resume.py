@@ -1,0 +1,165 @@
+"""Sweeps that survive their driver and share annotation cells, with secrets kept out of outputs.
+
+Each test runs the real sweep script (`sweeps/granularity.py`) as a separate process, on a local
+Ray cluster of its own, with tiny students and tiny subsets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from openai_server import ServerProcess
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+SENTINEL_KEY = "sk-raydistill-sentinel-7f3a9c"
+
+TINY = {
+    "datasets": ["svamp"], "formats": ["cot"], "students": ["tiny-llama"], "seeds": [100],
+    "train_limit": 16, "test_limit": 6,
+    "train": {"epochs": 1, "global_batch_size": 8, "micro_batch_size": 4, "num_workers": 1,
+              "cpus_per_worker": 1, "zero_stage": 2, "cutoff_len": 256, "learning_rate": 3e-3},
+    "eval": {"engine": "hf", "max_new_tokens": 8, "batch_size": 8, "num_actors": 1},
+}
+
+
+def _config(tmp_path: Path, name: str, **fields) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "name": name, "output_dir": str(tmp_path / "outputs"), **fields}))
+    return path
+
+
+def _ray_tmpdir(tmp_path: Path) -> Path:
+    """A short private folder for Ray's sessions (its socket paths must stay under 108 bytes)."""
+    link = tmp_path / "ray"
+    if not link.exists():
+        link.symlink_to(tempfile.mkdtemp(prefix="rd-ray-"))
+    return link.resolve()
+
+
+def _start_sweep(config: Path, log: Path, env: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "RAY_TMPDIR": str(_ray_tmpdir(log.parent)), **(env or {})}
+    return subprocess.Popen([sys.executable, str(REPO / "sweeps" / "granularity.py"), "--config", str(config)],
+                            cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _run_sweep(config: Path, log: Path, env: dict | None = None, timeout: float = 900) -> None:
+    proc = _start_sweep(config, log, env)
+    try:
+        assert proc.wait(timeout) == 0, log.read_text()[-4000:]
+    finally:
+        _reap(proc)
+
+
+def _reap(proc: subprocess.Popen, grace: float = 60) -> None:
+    """Wait for what the driver started (Ray's own processes) to go, then kill what is left."""
+    deadline = time.time() + grace
+    while time.time() < deadline and _group_alive(proc.pid):
+        time.sleep(1)
+    if _group_alive(proc.pid):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _records(run_dir: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in (run_dir / "trials").glob("*/record.json")}
+
+
+def _trial_runs(tracking_uri: str, sweep: str) -> list:
+    client = mlflow.MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(sweep)
+    [parent] = client.search_runs([experiment.experiment_id], f"tags.`raydistill.sweep` = '{sweep}'")
+    return client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+
+
+def test_killed_driver_rerun_skips_finished_trials(tmp_path, model_cache):
+    config = _config(tmp_path, "resume", teachers=["chatgpt"], levels=[1, 3, 6])
+    run_dir = tmp_path / "outputs" / "resume"
+
+    # First attempt: SIGKILL the driver as soon as the first trial has finished.
+    proc = _start_sweep(config, tmp_path / "first.log")
+    try:
+        deadline = time.time() + 600
+        while not _records(run_dir):
+            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
+            assert time.time() < deadline, "no trial finished within 10 minutes"
+            time.sleep(1)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        _reap(proc)
+    finished = _records(run_dir)
+    assert 1 <= len(finished) < 3
+    assert not (run_dir / "results.csv").exists()
+
+    # Rerun: the finished trials are not trained or evaluated again, the table is complete.
+    _run_sweep(config, tmp_path / "second.log")
+    records = _records(run_dir)
+    assert len(records) == 3
+    assert {p: records[p] for p in finished} == finished
+    rows = (run_dir / "results.csv").read_text().splitlines()
+    assert len(rows) == 1 + 3
+    assert [line for line in (run_dir / "results.md").read_text().splitlines() if "tiny-llama" in line]
+
+    # MLflow: one nested run per trial under the sweep's one parent run, none logged twice.
+    runs = _trial_runs(f"sqlite:///{run_dir / 'mlflow.db'}", "resume")
+    assert sorted(run.data.tags["axis.level"] for run in runs) == ["1", "3", "6"]
+
+
+def test_generated_cell_shared_by_students_and_secrets_stay_out(tmp_path, model_cache):
+    key_sha256 = hashlib.sha256(SENTINEL_KEY.encode()).hexdigest()
+    with ServerProcess(tmp_path / "server", policy="fixed", fixed_answer="7", expect_key_sha256=key_sha256) as server:
+        teacher = {"model": "openai/local-teacher", "api_base": server.base_url,
+                   "api_key_env": "RAYDISTILL_TEST_TEACHER_KEY", "max_tokens": 256}
+        annotation = {"teachers": {"local": teacher}, "runtime": {"concurrency": 8, "num_actors": 1}}
+        env = {"RAYDISTILL_TEST_TEACHER_KEY": SENTINEL_KEY}
+
+        first = _config(tmp_path, "first", teachers=["local"], levels=[2], annotation=annotation)
+        _run_sweep(first, tmp_path / "first.log", env)
+        sent = server.log_entries()
+        assert len(sent) == TINY["train_limit"]
+        assert all(entry["auth"] for entry in sent)  # the key from the environment reached the teacher
+
+        # A second student in another sweep over the same output_dir: the cell is reused.
+        second = _config(tmp_path, "second", teachers=["local"], levels=[2], annotation=annotation,
+                         students=["tiny-llama-alpaca"])
+        _run_sweep(second, tmp_path / "second.log", env)
+        assert len(server.log_entries()) == len(sent)
+
+    out = tmp_path / "outputs"
+    [cell] = {json.loads(p.read_text())["cell"]["hash"] for p in out.glob("*/trials/*/record.json")}
+    assert (out / "cells" / cell / "examples.parquet").exists()
+    records = [json.loads(p.read_text()) for p in out.glob("*/trials/*/record.json")]
+    assert sorted(r["axes"]["student"] for r in records) == ["tiny-llama", "tiny-llama-alpaca"]
+    assert all(r["cell"]["source"] == "generated" and r["cell"]["annotation"]["rows"] == 16 for r in records)
+
+    # The sentinel key is in no output file, MLflow param, tag or metric, or log.
+    leaks = [p for p in [*out.rglob("*"), *tmp_path.glob("*.log"), *_ray_tmpdir(tmp_path).rglob("*")]
+             if p.is_file() and SENTINEL_KEY.encode() in p.read_bytes()]
+    assert not leaks
+    for sweep in ("first", "second"):
+        tracking_uri = f"sqlite:///{out / sweep / 'mlflow.db'}"
+        [run] = _trial_runs(tracking_uri, sweep)
+        assert run.data.tags["cell.source"] == "generated"
+        assert SENTINEL_KEY not in json.dumps([run.data.params, run.data.tags, run.data.metrics])

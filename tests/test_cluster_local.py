@@ -1,0 +1,355 @@
+"""Cluster runs, locally: the real `ray start` / `ray job submit` / `ray job stop` CLI against a
+private Ray head, and the real autoscaler against Ray's fake multi-node provider.
+
+Each test starts its own head with a private --temp-dir and stops exactly the processes of that
+head (found by the temp dir in their command line, plus their descendants) — `ray stop` would
+stop every Ray process on the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = "tests/configs/tiny_sweep.yaml"
+VENV_BIN = str(Path(sys.executable).parent)
+# What the job's working-dir upload leaves out (besides .gitignore'd paths, which Ray skips too).
+UPLOAD_EXCLUDES = [".git", ".venv", ".venv-vllm", "outputs", "**/__pycache__", ".pytest_cache", "mlruns",
+                   "*.egg-info", "benchmarks"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Ray's token authentication with a token of this test session (not ~/.ray/auth_token): the head
+# and every CLI call below get it from the environment.
+AUTH = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex}
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")
+    env.update({"LITELLM_LOCAL_MODEL_COST_MAP": "True", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+                "RAY_USAGE_STATS_ENABLED": "0", **AUTH})
+    env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
+    env.update(extra)
+    return env
+
+
+def _ray(*args: str, env: dict | None = None, timeout: float = 180, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([os.path.join(VENV_BIN, "ray"), *args], cwd=REPO, env=env or _env(), text=True,
+                          capture_output=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"ray {' '.join(args)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+class LocalHead:
+    """A Ray head started with the real CLI in a private temp dir; `stop()` ends only its processes."""
+
+    def __init__(self, num_cpus: int, dashboard: bool = True, autoscaling_config: Path | None = None,
+                 env: dict | None = None, object_store_mb: int = 300):
+        # short path: Ray's Unix sockets live under it (108-byte limit)
+        self.temp_dir = tempfile.mkdtemp(prefix="rdc-", dir="/tmp")
+        self.port = _free_port()
+        self.dashboard_port = _free_port()
+        self.gcs = f"127.0.0.1:{self.port}"
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        self.env = env or _env()
+        args = ["start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(self.port),
+                "--num-cpus", str(num_cpus), "--temp-dir", self.temp_dir, "--disable-usage-stats",
+                "--object-store-memory", str(object_store_mb * 1024 * 1024),
+                "--min-worker-port", "0", "--max-worker-port", "0"]
+        if dashboard:
+            args += ["--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+                     "--dashboard-port", str(self.dashboard_port)]
+        else:
+            args += ["--include-dashboard", "false"]
+        if autoscaling_config is not None:
+            args += [f"--autoscaling-config={autoscaling_config}"]
+        try:
+            _ray(*args, env=self.env)
+        except BaseException:
+            self.stop()
+            raise
+
+    def processes(self) -> list[psutil.Process]:
+        """This head's processes: those naming its temp dir, and everything they started."""
+        own = []
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                if any(self.temp_dir in part for part in proc.info["cmdline"] or []):
+                    own.append(proc)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        found = {p.pid: p for p in own}
+        for proc in own:
+            try:
+                for child in proc.children(recursive=True):
+                    found.setdefault(child.pid, child)
+            except psutil.NoSuchProcess:
+                continue
+        found.pop(os.getpid(), None)
+        return list(found.values())
+
+    def stop(self) -> None:
+        procs = self.processes()
+        for proc in procs:
+            try:
+                proc.send_signal(signal.SIGTERM)
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=15)
+        for proc in alive:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(alive, timeout=10)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _runtime_env(model_cache: Path) -> str:
+    return json.dumps({
+        "excludes": UPLOAD_EXCLUDES,
+        "env_vars": {"RAYDISTILL_DATA_DIR": os.environ["RAYDISTILL_DATA_DIR"],
+                     "RAYDISTILL_CACHE_DIR": str(model_cache),
+                     "LITELLM_LOCAL_MODEL_COST_MAP": "True"},
+    })
+
+
+def _submit(head: LocalHead, job_id: str, model_cache: Path, out: Path, *overrides: str) -> None:
+    """The real `ray job submit`, as docs/cluster.md tells users to run it (here without waiting)."""
+    sets = [a for o in overrides for a in ("--set", o)]
+    _ray("job", "submit", "--address", head.dashboard, "--submission-id", job_id, "--no-wait",
+         "--working-dir", ".", "--runtime-env-json", _runtime_env(model_cache), "--",
+         "python", "sweeps/granularity.py", "--config", TINY, "--output-dir", str(out), *sets, env=head.env)
+
+
+def _status(head: LocalHead, job_id: str) -> str:
+    out = _ray("job", "status", "--address", head.dashboard, job_id, env=head.env, check=False).stdout
+    found = re.search(r"Status for job '[^']+': (\w+)", out)
+    return found.group(1) if found else "UNKNOWN"
+
+
+def _logs(head: LocalHead, job_id: str) -> str:
+    return _ray("job", "logs", "--address", head.dashboard, job_id, env=head.env, check=False).stdout[-6000:]
+
+
+def _wait_job(head: LocalHead, job_id: str, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = _status(head, job_id)
+        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            return status
+        time.sleep(2)
+    raise AssertionError(f"job {job_id} still running after {timeout} s\n{_logs(head, job_id)}")
+
+
+def _records(run_dir: Path) -> dict[Path, int]:
+    return {p: p.stat().st_mtime_ns for p in (run_dir / "trials").glob("*/record.json")}
+
+
+@pytest.fixture
+def head():
+    local = LocalHead(num_cpus=2)
+    try:
+        yield local
+    finally:
+        local.stop()
+
+
+def test_upload_is_small(tmp_path):
+    """The working-dir package the tests (and docs/cluster.md) submit leaves out venvs and outputs.
+
+    Built with Ray's own packaging function, as `ray job submit --working-dir .` builds it."""
+    import zipfile
+
+    from ray._private.runtime_env.packaging import create_package
+
+    package = tmp_path / "working_dir.zip"
+    create_package(str(REPO), package, include_gitignore=True, excludes=UPLOAD_EXCLUDES)
+    names = zipfile.ZipFile(package).namelist()
+    tops = {name.split("/")[0] for name in names}
+    assert {"raydistill", "sweeps", "tests", "cluster", "data", "pyproject.toml"} <= tops
+    assert not tops & {".venv", ".venv-vllm", "outputs", ".git", "benchmarks"}, tops
+    assert "tests/configs/tiny_sweep.yaml" in names
+    assert package.stat().st_size < 10 * 2**20, f"package is {package.stat().st_size / 2**20:.1f} MiB"
+
+
+def test_job_submit_runs_the_sweep(head, model_cache, tmp_path):
+    out = tmp_path / "out"
+    _submit(head, "rd-sweep", model_cache, out, "levels=[1]")  # one trial; the resume test runs two
+    status = _wait_job(head, "rd-sweep", timeout=600)
+    assert status == "SUCCEEDED", _logs(head, "rd-sweep")
+
+    run_dir = out / "tiny-cluster"
+    records = [json.loads(p.read_text()) for p in _records(run_dir)]
+    assert [r["axes"]["level"] for r in records] == ["1"]
+    assert all(r["metrics"]["n_test"] == 6 and r["metrics"]["train_examples"] == 16 for r in records)
+    row = next(line for line in (run_dir / "results.md").read_text().splitlines() if "tiny-llama" in line)
+    for record in records:
+        assert f"{100 * record['metrics']['accuracy']:.1f}" in row
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tiny-cluster")
+    hashes = {r.data.tags.get("raydistill.trial_hash") for r in client.search_runs([experiment.experiment_id])}
+    assert {r["trial_hash"] for r in records} <= hashes
+    assert "wall time" in _logs(head, "rd-sweep")
+
+
+def test_job_stop_then_resume(head, model_cache, tmp_path):
+    out = tmp_path / "out"
+    run_dir = out / "tiny-cluster"
+    _submit(head, "rd-first", model_cache, out)
+    deadline = time.monotonic() + 600
+    while not _records(run_dir):
+        assert time.monotonic() < deadline, _logs(head, "rd-first")
+        assert _status(head, "rd-first") in ("PENDING", "RUNNING"), _logs(head, "rd-first")
+        time.sleep(1)
+    _ray("job", "stop", "--address", head.dashboard, "rd-first", env=head.env)
+    assert _wait_job(head, "rd-first", timeout=60) == "STOPPED"
+    finished = _records(run_dir)
+    assert len(finished) == 1, "the job was stopped after its first trial"
+
+    _submit(head, "rd-again", model_cache, out)
+    status = _wait_job(head, "rd-again", timeout=600)
+    assert status == "SUCCEEDED", _logs(head, "rd-again")
+    after = _records(run_dir)
+    assert len(after) == 2
+    assert {p: after[p] for p in finished} == finished, "the finished trial was not recomputed"
+    row = next(line for line in (run_dir / "results.md").read_text().splitlines() if "tiny-llama" in line)
+    assert row.count("|") >= 4
+
+
+# --------------------------------------------------------------------------- autoscaler
+
+
+def _fake_cluster_config(path: Path, gcs: str) -> Path:
+    """Ray's fake multi-node provider: worker "nodes" are raylets on this machine, started and
+    stopped by the real autoscaler (monitor) of the head."""
+    config = {
+        "cluster_name": "raydistill-fake",
+        "max_workers": 2,
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": 0.1,
+        # type external: the same provider class, without the defaults file that type
+        # fake_multinode loads (not shipped in the wheel)
+        "provider": {"type": "external",
+                     "module": "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider",
+                     "gcs_address": gcs, "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True},
+        "auth": {},
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+            "cpu.annotation": {"resources": {"CPU": 2, "annotation_node": 2, "object_store_memory": 200 * 2**20},
+                               "node_config": {}, "min_workers": 0, "max_workers": 2},
+        },
+        "head_node_type": "ray.head.default",
+        "docker": {}, "initialization_commands": [], "setup_commands": [], "head_setup_commands": [],
+        "worker_setup_commands": [], "head_start_ray_commands": [], "worker_start_ray_commands": [],
+        "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
+        "rsync_exclude": [], "rsync_filter": [],
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _alive_nodes() -> list[dict]:
+    import ray
+
+    return [n for n in ray.nodes() if n["Alive"]]
+
+
+def test_autoscaler_adds_and_removes_nodes_for_a_sweep(model_cache, tmp_path, monkeypatch):
+    import ray
+
+    port = _free_port()
+    config = _fake_cluster_config(tmp_path / "fake.yaml", f"127.0.0.1:{port}")
+    # this process joins the cluster (ray.init) to watch its nodes: no token auth here
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    env = _env(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_AUTH_MODE="disabled")
+    env.pop("RAY_AUTH_TOKEN")
+    head = None
+    peak = [1]
+    stop_watch = threading.Event()
+    try:
+        head = _start_fake_head(config, env, port)
+        ray.init(address=head.gcs, log_to_driver=False)
+        assert len(_alive_nodes()) == 1  # only the head, which has no CPU
+
+        def watch():
+            while not stop_watch.is_set():
+                try:
+                    peak[0] = max(peak[0], len(_alive_nodes()))
+                except Exception:
+                    pass
+                stop_watch.wait(1)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        # A one-trial sweep whose Train group (2 workers) and eval actor need CPUs: none on the
+        # head, so the autoscaler must start annotation-type nodes. The driver joins via RAY_ADDRESS.
+        out = tmp_path / "out"
+        driver = subprocess.run(
+            [sys.executable, "sweeps/granularity.py", "--config", TINY, "--output-dir", str(out),
+             "--set", "levels=[1]", "--set", "train.num_workers=2"],
+            cwd=REPO, env={**env, "RAY_ADDRESS": head.gcs, "RAYDISTILL_CACHE_DIR": str(model_cache)},
+            capture_output=True, text=True, timeout=900)
+        assert driver.returncode == 0, driver.stdout[-4000:] + driver.stderr[-4000:]
+        assert len(_records(out / "tiny-cluster")) == 1
+        assert peak[0] >= 2, "the autoscaler added no node"
+        stop_watch.set()
+        watcher.join(5)
+
+        types = {n["Resources"].get("annotation_node") for n in _alive_nodes() if n["Resources"].get("CPU")}
+        assert types <= {2.0}
+        # idle nodes go away (idle_timeout_minutes 0.1)
+        deadline = time.monotonic() + 120
+        while len(_alive_nodes()) > 1:
+            assert time.monotonic() < deadline, f"idle nodes were not removed: {_alive_nodes()}"
+            time.sleep(2)
+    finally:
+        stop_watch.set()
+        ray.shutdown()
+        if head is not None:
+            head.stop()
+
+
+def _start_fake_head(config: Path, env: dict, port: int) -> LocalHead:
+    head = LocalHead.__new__(LocalHead)
+    head.temp_dir = tempfile.mkdtemp(prefix="rdf-", dir="/tmp")
+    head.port, head.gcs, head.env = port, f"127.0.0.1:{port}", env
+    head.dashboard_port, head.dashboard = None, None
+    try:
+        _ray("start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "0",
+             "--temp-dir", head.temp_dir, "--disable-usage-stats", "--include-dashboard", "false",
+             "--object-store-memory", str(200 * 2**20), f"--autoscaling-config={config}", env=env)
+    except BaseException:
+        head.stop()
+        raise
+    return head

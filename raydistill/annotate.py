@@ -385,11 +385,14 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
     try:
         data = yaml.safe_load(p.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"{p}: no such file") from None
+        raise ConfigError(f"{p}: no such file; check the path given to --config") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: cannot read the config ({e}); pass a readable YAML file") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{p}: the top level must be a mapping")
+        raise ConfigError(f"{p}: the top level must be a mapping of fields (output_dir, teacher, grid, cells, ...), "
+                          f"got {type(data).__name__}")
     for k, v in (overrides or {}).items():
         cur = data
         *parents, last = k.split(".")
@@ -467,6 +470,9 @@ def prompt_hash(messages: list[dict[str, str]]) -> str:
     return hashlib.sha256(json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
+_CACHE_FIELDS = frozenset({"key", "response"})  # what a record must have to be served
+
+
 class RequestCache:
     """Completed responses, durable as they arrive: append-only JSON Lines shards in one folder.
 
@@ -483,8 +489,10 @@ class RequestCache:
         return sorted(self.root.glob("*.jsonl")) if self.root.exists() else []
 
     def load(self, keys: set[str] | None = None) -> dict[str, dict[str, Any]]:
-        """key -> record for the wanted keys (all if None). Broken lines are skipped."""
+        """key -> record for the wanted keys (all if None). Broken lines (cut short, not JSON, or
+        missing a field) are skipped with a warning, so their requests are sent again."""
         out: dict[str, dict[str, Any]] = {}
+        bad: list[str] = []
         for shard in self.shards():
             with open(shard, "rb") as f:
                 for line in f:
@@ -495,10 +503,17 @@ class RequestCache:
                         continue
                     try:
                         rec = json.loads(line)
-                    except json.JSONDecodeError:
+                    except (json.JSONDecodeError, UnicodeDecodeError):
+                        rec = None
+                    if not isinstance(rec, dict) or not _CACHE_FIELDS <= rec.keys() \
+                            or not isinstance(rec["response"], (str, type(None))):
+                        bad.append(str(shard))  # damaged: the request is sent again
                         continue
                     if keys is None or rec.get("key") in keys:
                         out[rec["key"]] = rec
+        if bad:
+            log.warning("request cache: skipped %d damaged line(s) in %s (those requests are sent again)",
+                        len(bad), ", ".join(sorted(set(bad))))
         return out
 
     def writer(self, fsync: bool = False) -> "CacheWriter":
@@ -653,8 +668,9 @@ def _empty_result(key: str) -> dict[str, Any]:
 def _finish_result(out: dict[str, Any], rec: dict[str, Any], task: str, gold: str | None, answers: Any
                    ) -> dict[str, Any]:
     """Fill a result from a completed response (fresh or cached) and verify its answer."""
-    out.update(response=rec["response"], tokens_in=rec["tokens_in"], tokens_out=rec["tokens_out"],
-               cost_usd=rec["cost_usd"], latency_s=rec["latency_s"], finish_reason=rec.get("finish_reason"))
+    out.update(response=rec["response"], tokens_in=int(rec.get("tokens_in") or 0),
+               tokens_out=int(rec.get("tokens_out") or 0), cost_usd=float(rec.get("cost_usd") or 0.0),
+               latency_s=float(rec.get("latency_s") or 0.0), finish_reason=rec.get("finish_reason"))
     if not out["response"]:
         out.update(error=f"empty response (finish_reason={rec.get('finish_reason')})", error_kind="empty")
         return out
@@ -861,10 +877,7 @@ def load_questions(task: str, q: QuestionsSpec) -> pa.Table:
     unique by question_id, in a stable order."""
     if q.source == "parquet":
         assert q.path
-        t = pq.read_table(q.path)
-        missing = {"question", "answer"} - set(t.column_names)
-        if missing:
-            raise ConfigError(f"{q.path}: missing columns {sorted(missing)}")
+        t = _read_questions_parquet(q.path)
         if "question_id" not in t.column_names:
             from raydistill.datasets import question_id
 
@@ -893,6 +906,34 @@ def load_questions(task: str, q: QuestionsSpec) -> pa.Table:
         t = t.take(order)
     end = None if q.limit is None else q.offset + q.limit
     return t.slice(q.offset, (end or t.num_rows) - q.offset)
+
+
+def _read_questions_parquet(path: str) -> pa.Table:
+    """The questions file of ``questions.path``; every problem is a ConfigError naming the file
+    (and the column or rows) and what to do."""
+    where = f"questions.path {path}"
+    try:
+        t = pq.read_table(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: no such file; point questions.path at a Parquet file") from None
+    except (OSError, pa.ArrowException) as e:
+        reason = " ".join(str(e).split())[:200]
+        raise ConfigError(f"{where}: not a readable Parquet file ({reason}); rewrite it with "
+                          "pyarrow.parquet.write_table") from None
+    missing = {"question", "answer"} - set(t.column_names)
+    if missing:
+        raise ConfigError(f"{where}: missing columns {sorted(missing)} (has {t.column_names}); the file needs "
+                          "question and answer columns (question_id and source are optional)")
+    for name in ("question", "question_id"):
+        if name in t.column_names and not pa.types.is_string(t.schema.field(name).type) \
+                and not pa.types.is_large_string(t.schema.field(name).type):
+            raise ConfigError(f"{where}: column {name!r} has type {t.schema.field(name).type}, not string; "
+                              "write it as text")
+    blank = [i for i, x in enumerate(t.column("question").to_pylist()) if x is None or not x.strip()]
+    if blank:
+        raise ConfigError(f"{where}: rows {blank[:10]}{' ...' if len(blank) > 10 else ''} have an empty "
+                          f"question ({len(blank)} in all); remove or fill them")
+    return t
 
 
 _ANSWER_TRIGGER = re.compile(r"[Tt]he answer is")
@@ -1166,18 +1207,50 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _reuse(spec: AnnotationSpec, out_dir: Path) -> AnnotationResult | None:
-    summ = out_dir / "summary.json"
+def _read_summary(out_dir: Path) -> dict[str, Any] | None:
+    """The cell's summary.json; {} when it exists but is damaged, None when there is none."""
     try:
-        data = json.loads(summ.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        data = json.loads((out_dir / "summary.json").read_text())
+    except FileNotFoundError:
         return None
-    if not data.get("complete") or data.get("cell_hash") != spec.cell_hash():
+    except (OSError, ValueError):  # cut short, not JSON, not UTF-8
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _reuse(spec: AnnotationSpec, out_dir: Path) -> AnnotationResult | None:
+    data = _read_summary(out_dir)
+    if not data or not data.get("complete") or data.get("cell_hash") != spec.cell_hash():
         return None
-    res = data["result"]
-    if not (Path(res["annotations_path"]).exists() and Path(res["examples_path"]).exists()):
+    try:
+        res = data["result"]
+        if not (Path(res["annotations_path"]).exists() and Path(res["examples_path"]).exists()):
+            return None
+        return AnnotationResult(**{**res, "reused": True})
+    except (KeyError, TypeError):  # a summary of another layout: run the cell again
         return None
-    return AnnotationResult(**{**res, "reused": True})
+
+
+_CELL_OUTPUTS = ("annotations.parquet", "examples.parquet", "probe.parquet", "summary.json")
+
+
+def _set_aside_other_outputs(spec: AnnotationSpec, out_dir: Path) -> Path | None:
+    """Move the outputs of a different cell (or under a damaged summary) out of ``out_dir`` into
+    ``out_dir/superseded/<their hash>-<time>/`` before this cell writes there, so nothing computed
+    is overwritten. Returns where they went (None: nothing to move)."""
+    data = _read_summary(out_dir)
+    if data is None or data.get("cell_hash") == spec.cell_hash():
+        return None
+    old = str(data.get("cell_hash") or "damaged-summary")[:16]
+    dest = out_dir / "superseded" / f"{old}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    dest.mkdir(parents=True)
+    for name in _CELL_OUTPUTS:
+        if (out_dir / name).exists():
+            os.replace(out_dir / name, dest / name)
+    what = f"of cell {old}" if data.get("cell_hash") else "under a damaged summary.json"
+    log.warning("%s: the outputs %s in this folder were moved to %s; this cell (%s) is written in their place",
+                out_dir, what, dest, spec.cell_hash()[:16])
+    return dest
 
 
 def _ensure_ray(runtime: RuntimeSpec, started: list[bool]) -> None:
@@ -1259,8 +1332,9 @@ def annotate_cells(cells: Sequence[tuple[AnnotationSpec, str | os.PathLike]], *,
     """Annotate several cells in one Ray Data pipeline (requests shared between cells are sent once).
 
     Cells whose ``summary.json`` already carries the same cell hash are returned as they are,
-    unless ``overwrite``. The runtime settings (concurrency, actors, cache folder) of the first
-    cell apply to the whole run.
+    unless ``overwrite``. Outputs of a different cell in a cell's folder (another hash, or a
+    damaged summary) are moved to ``<folder>/superseded/`` first, never overwritten. The runtime
+    settings (concurrency, actors, cache folder) of the first cell apply to the whole run.
     """
     if not cells:
         return AnnotationRun([], {})
@@ -1297,6 +1371,8 @@ def annotate_cells(cells: Sequence[tuple[AnnotationSpec, str | os.PathLike]], *,
         if qk not in qcache:
             qcache[qk] = load_questions(spec.task, spec.questions)
         states.append(_CellState(i, spec, out, qcache[qk], tindex[tk]))
+    for c in states:  # every cell's questions loaded: now make room for its outputs
+        _set_aside_other_outputs(c.spec, c.out_dir)
 
     started: list[bool] = []  # set when this call starts Ray (only if something is not cached)
     cache = RequestCache(cache_dir)

@@ -257,7 +257,13 @@ def _download(relpath: str, dest: Path) -> Path:
 def read_rows(relpath: str) -> list[dict]:
     """Rows of a JSON-array or JSON-Lines file (AQuA.json is JSON Lines despite its name)."""
     path = resolve(relpath)
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise MalformedData(f"{relpath}: {path} is not UTF-8 text (byte {exc.start}); the file is "
+                            f"damaged: delete it and restore the upstream file") from None
+    if not text.strip():
+        raise MalformedData(f"{relpath}: {path} is empty; delete it and restore the upstream file")
     try:
         if text.lstrip().startswith("["):
             rows = json.loads(text)
@@ -413,7 +419,7 @@ def load_test(task: str) -> pa.Table:
     if spec.minus_train:
         skip = set(_questions(train_file(task, "answer_only")))
     for i, row in enumerate(read_rows(spec.path)):
-        question = _get(row, spec.question, spec.path, i)
+        question = _nonempty_question(_get(row, spec.question, spec.path, i), spec.question, spec.path, i)
         if question_id(question) in skip:
             continue
         raw = _get(row, spec.answer, spec.path, i)
@@ -423,6 +429,14 @@ def load_test(task: str) -> pa.Table:
         log.info("%s test: %d rows of %s after removing training questions",
                  task, len(rows), spec.path)
     return _table(rows)
+
+
+def _nonempty_question(question: str, field: Field, relpath: str, i: int) -> str:
+    if not question.strip():
+        name = field if isinstance(field, str) else getattr(field, "__name__", "question")
+        raise MalformedData(f"{relpath}: row {i} has an empty question (column {name!r}); "
+                            f"fix or remove that row")
+    return question
 
 
 def _questions(tf: TrainFile) -> dict[str, str]:
@@ -468,10 +482,11 @@ def load_train(task: str, teacher: str, level: int | None = None, fmt: str = "co
     rationale, else "". Rows whose question_id is in ``load_test(task)`` are dropped and
     counted in the log: StrategyQA's human file holds all 290 test questions.
 
-    A row without the response column (or with null) is skipped and counted, as LLaMA-Factory
-    drops examples without a response: math_gemini_level1_ranked.json has 195 rows that carry
-    ``chatgpt_output`` instead of ``gemini_output``. A file where no row has it, or a row
-    without the prompt column, raises MalformedData.
+    A row without the response column (or with null or blank text) is skipped and counted, as
+    LLaMA-Factory drops examples without a response: math_gemini_level1_ranked.json has 195 rows
+    that carry ``chatgpt_output`` instead of ``gemini_output``; stqa_llama_level1_ranked.json has
+    one empty response. A file where no row has it, or a row without (or with an empty) prompt, raises
+    MalformedData.
     """
     tf = train_file(task, teacher, level, fmt)
     raw = read_rows(tf.path)
@@ -479,8 +494,8 @@ def load_train(task: str, teacher: str, level: int | None = None, fmt: str = "co
     golds = _gold_answers(task)
     rows, leaked, unannotated = [], 0, []
     for i, row in enumerate(raw):
-        question = _get(row, tf.prompt, tf.path, i)
-        if row.get(tf.response) is None:
+        question = _nonempty_question(_get(row, tf.prompt, tf.path, i), tf.prompt, tf.path, i)
+        if row.get(tf.response) is None or not str(row[tf.response]).strip():
             unannotated.append(i)
             continue
         qid = question_id(question)
@@ -493,7 +508,7 @@ def load_train(task: str, teacher: str, level: int | None = None, fmt: str = "co
     if raw and len(unannotated) == len(raw):
         raise MalformedData(f"{tf.path}: no row has column {tf.response!r}")
     if unannotated:
-        log.warning("%s: skipped %d rows without column %r (first: row %d)",
+        log.warning("%s: skipped %d rows without column %r or with it blank (first: row %d)",
                     tf.path, len(unannotated), tf.response, unannotated[0])
     (log.warning if leaked else log.info)(
         "%s %s: dropped %d of %d rows whose question is in the %s test set",

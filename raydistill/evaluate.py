@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import statistics
@@ -27,9 +28,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raydistill import answers
-from raydistill.engines import HFEngine, choose_engine, load_tokenizer, vllm_processor
+from raydistill.engines import HFEngine, LoraPlan, choose_engine, load_tokenizer, vllm_lora, vllm_processor
 from raydistill.schemas import PREDICTION_SCHEMA
 from raydistill.spec import EvalSpec, content_hash
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -98,10 +101,23 @@ def parts_dir(out_path: str | Path) -> Path:
 
 
 def read_parts(parts: Path, cell_hash: str) -> pa.Table:
-    """Every prediction written so far for this cell (parts of other cells are ignored)."""
+    """Every prediction written so far for this cell (parts of other cells are ignored).
+
+    A part that cannot be read (damaged or cut short) is renamed ``*.corrupt`` and left
+    out with a warning, so its questions are generated again and the other parts are kept.
+    """
     files = sorted(parts.glob("part-*.parquet")) if parts.is_dir() else []
-    table = pa.concat_tables([pq.read_table(f, schema=PREDICTION_SCHEMA) for f in files]) if files \
-        else PREDICTION_SCHEMA.empty_table()
+    tables = []
+    for f in files:
+        try:
+            tables.append(pq.read_table(f, schema=PREDICTION_SCHEMA))
+        except (OSError, pa.ArrowException) as err:
+            aside = f.with_name(f.name + ".corrupt")
+            os.replace(f, aside)
+            reason = " ".join(str(err).split())[:200]
+            log.warning("%s: unreadable prediction part (%s); moved to %s, its questions are generated again",
+                        f, reason, aside.name)
+    table = pa.concat_tables(tables) if tables else PREDICTION_SCHEMA.empty_table()
     return table.filter(pa.compute.equal(table["cell_hash"], cell_hash)) if len(table) else table
 
 
@@ -117,21 +133,24 @@ def write_part(parts: Path, table: pa.Table) -> None:
 
 
 def generate_batches(prompts: list[dict], model_path: str, template_name: str, spec: EvalSpec,
-                     stop_strings: list[str], engine: str = "hf") -> Iterator[list[dict]]:
-    """Rows with generations, one list per finished batch, from an actor pool on Ray Data."""
+                     stop_strings: list[str], engine: str = "hf", lora: LoraPlan | None = None) -> Iterator[list[dict]]:
+    """Rows with generations, one list per finished batch, from an actor pool on Ray Data.
+
+    ``lora`` (vLLM only): ``model_path`` is the adapter's base and every request applies the adapter.
+    """
     import ray
 
     # Similar lengths in one batch waste less compute on padding.
     dataset = ray.data.from_items(sorted(prompts, key=lambda r: len(r["prompt"])))
     if engine == "vllm":
-        generated = vllm_processor(model_path, template_name, spec, stop_strings)(dataset)
+        generated = vllm_processor(model_path, template_name, spec, stop_strings, lora)(dataset)
     else:
         generated = dataset.map_batches(
             HFEngine,
             fn_constructor_kwargs={"model_path": model_path, "template_name": template_name,
                                    "spec": spec.model_dump(mode="json"), "stop_strings": stop_strings},
             batch_size=spec.batch_size,
-            concurrency=spec.num_actors,
+            compute=ray.data.ActorPoolStrategy(size=spec.num_actors),
             num_cpus=spec.cpus_per_actor,
             num_gpus=1 if spec.use_gpu else 0,
             resources=spec.resources_per_actor or None,
@@ -155,6 +174,23 @@ def is_adapter(model_path: str | Path) -> bool:
     return (Path(model_path) / "adapter_config.json").is_file()
 
 
+def adapter_base(adapter_path: str | Path) -> str:
+    """The base model of a LoRA adapter folder (``base_model_name_or_path``), checked."""
+    from raydistill.students import StudentError
+
+    config = Path(adapter_path) / "adapter_config.json"
+    try:
+        base = json.loads(config.read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError) as err:
+        reason = " ".join(str(err).split())[:200]
+        raise StudentError(f"{config}: unreadable adapter config ({reason}); save the adapter again "
+                           "with save_pretrained") from None
+    if not base or not isinstance(base, str):
+        raise StudentError(f"{config}: no base_model_name_or_path, so the adapter's base model is unknown; "
+                           "set it to the base model's folder or hub id")
+    return base
+
+
 def merged_model(adapter_path: str | Path) -> str:
     """An HF folder with the LoRA adapter merged into its base model (built once, then cached)."""
     from raydistill.students import STUDENT_INFO_FILE, default_cache_dir
@@ -164,10 +200,10 @@ def merged_model(adapter_path: str | Path) -> str:
     target = default_cache_dir() / "merged" / content_hash(stamp)
     if (target / "config.json").is_file():
         return str(target)
+    base = adapter_base(adapter)
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoTokenizer
 
-    base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
     tokenizer_source = adapter if (adapter / "tokenizer_config.json").is_file() else base
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
     AutoPeftModelForCausalLM.from_pretrained(str(adapter)).merge_and_unload().save_pretrained(tmp)
@@ -192,7 +228,8 @@ def evaluate(model_path: str, student: str, task: str, test: pa.Table, spec: Eva
     from raydistill.students import get_student, get_template
 
     engine = choose_engine(spec)
-    model_path = merged_model(model_path) if is_adapter(model_path) else str(model_path)
+    lora = vllm_lora(model_path) if engine == "vllm" and is_adapter(model_path) else None  # else merged
+    model_path = lora.base if lora else merged_model(model_path) if is_adapter(model_path) else str(model_path)
     template_name = get_student(student).template
     tokenizer = load_tokenizer(model_path, template_name)
     prompts = build_prompts(test, get_template(template_name), tokenizer)
@@ -202,7 +239,7 @@ def evaluate(model_path: str, student: str, task: str, test: pa.Table, spec: Eva
     stop_strings = list(get_template(template_name).stop_strings(tokenizer))
     if todo:
         with tqdm(total=len(todo), desc=f"eval {task}", unit="q", disable=not progress) as bar:
-            for rows in generate_batches(todo, model_path, template_name, spec, stop_strings, engine):
+            for rows in generate_batches(todo, model_path, template_name, spec, stop_strings, engine, lora):
                 write_part(parts, grade(task, rows, cell_hash))
                 bar.update(len(rows) // spec.n_samples)
     wanted = pa.array(sorted({p["question_id"] for p in prompts}), pa.string())

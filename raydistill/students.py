@@ -558,7 +558,13 @@ def _entry_for_folder(folder: Path) -> Student | None:
     """The registry entry a folder holds: its info file, else a name match (``.../Llama-3.2-3B``)."""
     info_file = folder / STUDENT_INFO_FILE
     if info_file.is_file():
-        info = json.loads(info_file.read_text())
+        try:
+            info = json.loads(info_file.read_text())
+            if not isinstance(info, dict):
+                raise ValueError(f"a JSON {type(info).__name__}, not an object")
+        except ValueError as err:
+            raise StudentError(f"{info_file}: unreadable student info ({err}); delete it (the template then "
+                               "follows the folder name, else 'chat')") from None
         known = STUDENTS.get(info.get("name", ""))
         return Student(
             name=info.get("name", folder.name),
@@ -625,7 +631,10 @@ def resolve_student(name_or_path: str | os.PathLike[str], cache_dir: str | os.Pa
 
 def _check_hf_folder(folder: Path) -> Path:
     if not (folder / "config.json").is_file():
-        raise StudentError(f"{folder} is not a Hugging Face model folder (no config.json)")
+        hint = ("it holds a LoRA adapter (adapter_config.json): evaluate it with raydistill eval --model, or "
+                "merge it into its base first" if (folder / "adapter_config.json").is_file() else
+                "pass a folder written by save_pretrained (config.json, weights, tokenizer files)")
+        raise StudentError(f"{folder} is not a Hugging Face model folder (no config.json); {hint}")
     return folder
 
 

@@ -56,6 +56,90 @@ class TrainResult:
     resumed_at: tuple[int, ...] = ()
 
 
+class TrainInputError(ValueError):
+    """A config, data file or checkpoint training cannot use; the message names it and what to do."""
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def load_train_spec(config: str | os.PathLike | None, overrides: dict | None = None) -> TrainSpec:
+    """The `TrainSpec` of a YAML file of TrainSpec fields (or none) plus overrides."""
+    import yaml
+    from pydantic import ValidationError
+
+    fields: object = {}
+    if config is not None:
+        try:
+            fields = yaml.safe_load(Path(config).read_text()) or {}
+        except FileNotFoundError:
+            raise TrainInputError(f"{config}: no such file; check the path given to --config") from None
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+            reason = " ".join(str(err).split())
+            raise TrainInputError(f"{config}: cannot read the train config ({reason}); "
+                                  "fix it or pass another file") from None
+        if not isinstance(fields, dict):
+            raise TrainInputError(f"{config}: a train config is a mapping of TrainSpec fields "
+                                  f"(epochs, learning_rate, ...), got {type(fields).__name__}")
+    fields = {**fields, **(overrides or {})}
+    try:
+        return TrainSpec.model_validate(fields)
+    except ValidationError as err:
+        where = f"{config}: " if config is not None else ""
+        problems = "; ".join(f"train.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise TrainInputError(where + problems) from None
+
+
+def read_examples(path: str | os.PathLike) -> list[dict]:
+    """The (question, rationale) rows of a training Parquet, checked: a file that is missing,
+    not Parquet, without these text columns, empty, or with a blank row raises TrainInputError
+    naming the file (and rows)."""
+    import pyarrow as pa
+
+    try:
+        table = pq.read_table(path)
+    except FileNotFoundError:
+        raise TrainInputError(f"{path}: no such training file; check --data (or the cell's "
+                              "examples.parquet)") from None
+    except (OSError, pa.ArrowException) as err:
+        reason = " ".join(str(err).split())[:200]
+        raise TrainInputError(f"{path}: not a readable Parquet file ({reason}); delete it and write it "
+                              "again (raydistill data export, or rerun the annotation)") from None
+    missing = [c for c in ("question", "rationale") if c not in table.column_names]
+    if missing:
+        raise TrainInputError(f"{path}: missing columns {missing} (has {table.column_names}); training needs "
+                              "question and rationale (EXAMPLE_SCHEMA)")
+    for name in ("question", "rationale"):
+        kind = table.schema.field(name).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise TrainInputError(f"{path}: column {name!r} has type {kind}, not string; write it as text")
+    if table.num_rows == 0:
+        raise TrainInputError(f"{path}: no rows to train on; check the cell's filters (policy, limits)")
+    rows = table.select(["question", "rationale"]).to_pylist()
+    blank = [i for i, r in enumerate(rows) if not (r["question"] or "").strip() or not (r["rationale"] or "").strip()]
+    if blank:
+        raise TrainInputError(f"{path}: rows {blank[:10]}{' ...' if len(blank) > 10 else ''} have an empty "
+                              f"question or rationale ({len(blank)} in all); remove or fill them")
+    return rows
+
+
+def read_train_state(folder: str | os.PathLike) -> dict:
+    """The train_state.json of a checkpoint folder; a missing, cut-short or incomplete file raises
+    TrainInputError naming it and the folder to delete."""
+    path = Path(folder) / TRAIN_STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        reason = " ".join(str(err).split())[:200]
+        raise TrainInputError(f"{path}: unreadable checkpoint state ({reason}); delete the checkpoint "
+                              f"folder {Path(folder)} to resume from the one before it") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step", state.get("steps")), int) \
+            or not isinstance(state.get("history"), list):
+        raise TrainInputError(f"{path}: incomplete checkpoint state (needs step and history); delete the "
+                              f"checkpoint folder {Path(folder)} to resume from the one before it")
+    return state
+
+
 # --------------------------------------------------------------------------- data
 
 
@@ -257,7 +341,7 @@ def _restore(engine) -> dict | None:
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as path:
-        state = json.loads((Path(path) / TRAIN_STATE_FILE).read_text())
+        state = read_train_state(path)
         if not state.get("final"):
             load_path, _ = engine.load_checkpoint(str(Path(path) / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
             if load_path is None:
@@ -298,7 +382,7 @@ def train_loop_per_worker(config: dict) -> None:
     template = get_student(job.student).prompt_template
     template.fix_tokenizer(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows = pq.read_table(job.data_path, columns=["question", "rationale"]).to_pylist()
+    rows = read_examples(job.data_path)
     examples, over = tokenize_examples(rows, tokenizer, template, spec.cutoff_len, spec.overlong)
     lengths = [len(e["input_ids"]) for e in examples]
     batches = micro_batches(lengths, spec, rank, world)
@@ -407,6 +491,7 @@ def _merge_lora_if_needed(out: Path, spec: TrainSpec, base_path: str) -> Path:
 
 def fit(job: TrainJob, report_to_tune: bool = False) -> TrainResult:
     """Run one fine-tuning job on the current Ray cluster and return where the model landed."""
+    read_examples(job.data_path)  # a bad file fails here, in one line, before any worker starts
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -434,7 +519,7 @@ def fit(job: TrainJob, report_to_tune: bool = False) -> TrainResult:
     if result.checkpoint is None:
         raise RuntimeError(f"training run {job.run_name} finished without a checkpoint")
     model_path = result.checkpoint.path
-    state = json.loads((Path(model_path) / TRAIN_STATE_FILE).read_text())
+    state = read_train_state(model_path)
     return TrainResult(model_path=model_path, steps=state["steps"], final_loss=state["history"][-1]["loss"],
                        train_seconds=time.perf_counter() - started, examples=state["examples"],
                        truncated=state["truncated"], over_cutoff=state["over_cutoff"],
@@ -453,20 +538,17 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     import ray
-    import yaml
-    from pydantic import ValidationError
 
-    from raydistill.students import resolve_student
+    from raydistill.students import StudentError, resolve_student
     from raydistill.sweep import parse_overrides
 
-    fields = yaml.safe_load(Path(args.config).read_text()) or {} if args.config else {}
-    fields.update(parse_overrides(args.set))
     try:
-        spec = TrainSpec.model_validate(fields)
-    except ValidationError as err:
-        problems = "; ".join(f"train.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        parser.error(problems)
-    job = TrainJob(student=args.student, model_path=str(resolve_student(args.student)),
+        spec = load_train_spec(args.config, parse_overrides(args.set))
+        read_examples(args.data)
+        model_path = resolve_student(args.student)
+    except (TrainInputError, StudentError) as err:
+        parser.error(str(err))
+    job = TrainJob(student=args.student, model_path=str(model_path),
                    data_path=str(Path(args.data).resolve()), run_name=args.name,
                    storage_path=str(Path(args.out).resolve()), spec=spec.model_dump())
     ray.init(ignore_reinit_error=True)

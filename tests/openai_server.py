@@ -23,11 +23,14 @@ the exemplar's granularity.
 
 Failures are chosen by hashing (request key, attempt number), so a run is reproducible:
 ``--fail-rate`` is the chance that an attempt fails transiently, ``--permanent-fail-rate`` the
-share of request keys that fail on every attempt. The request key is the sha256 of the canonical
+share of request keys that fail on every attempt. ``--kinds-by-question`` (JSON object: question
+text -> kind) fixes the reply to a question on every attempt; besides the kinds above it takes
+``400`` (a non-retryable bad request), ``empty`` (HTTP 200, empty content), ``noanswer`` (HTTP 200,
+a reply without "The answer is" or any number) and ``badjson`` (HTTP 200, a body cut short). The request key is the sha256 of the canonical
 JSON of (model, messages, temperature, max_tokens, top_p, seed).
 
 The log line: ``{"key", "question", "status", "kind", "t_recv", "t_done", "attempt", "auth"}``
-where ``kind`` is ``ok``, ``429``, ``500``, ``timeout`` or ``401`` and ``auth`` says whether the
+where ``kind`` is ``ok``, ``429``, ``500``, ``timeout``, ``401`` or a forced kind and ``auth`` says whether the
 bearer token matched ``--expect-key-sha256`` (the key itself is never logged). An injected timeout
 is logged when it starts stalling, since the client gives up before it ends.
 """
@@ -86,6 +89,10 @@ class Server:
         self.answers: dict[str, str] = {}
         if args.answers:
             self.answers = json.loads(Path(args.answers).read_text())
+        self.kinds_by_question: dict[str, str] = {}
+        if args.kinds_by_question:
+            self.kinds_by_question = {q.strip(): k for q, k in
+                                      json.loads(Path(args.kinds_by_question).read_text()).items()}
         self.fail_kinds = [k for k in args.fail_kinds.split(",") if k]
         self.attempts: Counter[str] = Counter()
         self.stats: Counter[str] = Counter()
@@ -154,6 +161,7 @@ class Server:
                 kind = self.fail_kinds[int(_unit("pk", a.seed, key) * len(self.fail_kinds))] if self.fail_kinds else "500"
             elif a.fail_rate and self.fail_kinds and _unit("fail", a.seed, key, attempt) < a.fail_rate:
                 kind = self.fail_kinds[int(_unit("kind", a.seed, key, attempt) * len(self.fail_kinds))]
+            kind = self.kinds_by_question.get(question.strip(), kind)
             if self.expect_key_sha256 and not auth_ok:
                 kind = "401"
 
@@ -163,8 +171,9 @@ class Server:
                 await asyncio.sleep(a.timeout_sleep)
                 return web.json_response({"error": {"message": "too slow (injected)"}}, status=504)
             await asyncio.sleep(self._latency())
-            if kind == "ok":
-                content = self._reply(messages)
+            if kind in ("ok", "empty", "noanswer"):
+                content = {"ok": self._reply, "empty": lambda m: "",
+                           "noanswer": lambda m: "I cannot tell from what is given."}[kind](messages)
                 prompt_tokens = sum(len(_content(m).split()) for m in messages)
                 completion_tokens = len(content.split())
                 payload = {
@@ -194,6 +203,14 @@ class Server:
                     headers={"Retry-After": str(a.retry_after)},
                 )
                 status = 429
+            elif kind == "badjson":
+                resp = web.Response(text='{"id": "chatcmpl-x", "object": "chat.completion", "choices": [{',
+                                    content_type="application/json")
+                status = 200
+            elif kind == "400":
+                resp = web.json_response({"error": {"message": "bad request (injected)",
+                                                    "type": "invalid_request_error"}}, status=400)
+                status = 400
             elif kind == "401":
                 resp = web.json_response({"error": {"message": "bad api key", "type": "auth_error"}}, status=401)
                 status = 401
@@ -259,6 +276,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout-sleep", type=float, default=5.0, help="how long an injected timeout stalls")
     p.add_argument("--retry-after", type=float, default=0, help="Retry-After header of 429 replies")
     p.add_argument("--answers", default=None, help="JSON file: question text -> gold answer")
+    p.add_argument("--kinds-by-question", default=None,
+                   help="JSON file: question text -> reply kind on every attempt (see above)")
     p.add_argument("--policy", choices=["gold", "fixed"], default="gold")
     p.add_argument("--fixed-answer", default="0")
     p.add_argument("--wrong-rate", type=float, default=0.0)
@@ -315,7 +334,8 @@ class ServerProcess:
     """Start the server as a child process; ``with ServerProcess(tmp_path, latency=0.1) as s: ...``.
 
     Keyword options map to the command-line flags (``fail_rate=0.2`` -> ``--fail-rate 0.2``);
-    ``answers`` may be a dict (written to a JSON file). ``base_url`` is ``http://127.0.0.1:P/v1``.
+    ``answers`` and ``kinds_by_question`` may be dicts (written to JSON files). ``base_url`` is
+    ``http://127.0.0.1:P/v1``.
     """
 
     def __init__(self, workdir: str | os.PathLike, **options: object):
@@ -323,13 +343,14 @@ class ServerProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.workdir / "server-requests.jsonl"
         self.ready_path = self.workdir / "server-ready.json"
-        answers = options.pop("answers", None)
-        if isinstance(answers, dict):
-            p = self.workdir / "server-answers.json"
-            p.write_text(json.dumps(answers))
-            answers = str(p)
-        if answers:
-            options["answers"] = answers
+        for name in ("answers", "kinds_by_question"):
+            value = options.pop(name, None)
+            if isinstance(value, dict):
+                p = self.workdir / f"server-{name.replace('_', '-')}.json"
+                p.write_text(json.dumps(value))
+                value = str(p)
+            if value:
+                options[name] = value
         self.options = options
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None

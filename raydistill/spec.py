@@ -7,6 +7,7 @@ overrides a few of them in its YAML.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from pathlib import Path
@@ -282,11 +283,23 @@ def content_hash(obj: object) -> str:
 def load_sweep(path: str | Path, overrides: dict | None = None) -> SweepSpec:
     """Read a sweep YAML (plus dotted-key overrides) into a validated `SweepSpec`."""
     path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: no such file; check the path given to --config (sweeps/*.yaml are examples)")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise SpecError(f"{path}: cannot read sweep config: {err}") from err
+    except OSError as err:
+        raise SpecError(f"{path}: cannot read sweep config: {err}") from None
+    except yaml.YAMLError as err:
+        raise SpecError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
     return sweep_from_dict(raw, source=str(path), overrides=overrides)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line: what the YAML parser found and where."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"{problem}{where}"
 
 
 def sweep_from_dict(raw: dict, source: str = "<config>", overrides: dict | None = None) -> SweepSpec:
@@ -298,10 +311,31 @@ def sweep_from_dict(raw: dict, source: str = "<config>", overrides: dict | None 
     try:
         return SweepSpec.model_validate(raw)
     except ValidationError as err:
-        problems = "; ".join(
-            f"field '{'.'.join(str(p) for p in e['loc']) or '<root>'}': {e['msg']}" for e in err.errors()
-        )
+        problems = "; ".join(_problem(e) for e in err.errors())
         raise SpecError(f"{source}: {problems}") from None
+
+
+def _problem(error: dict) -> str:
+    """One validation error as "field 'a.b': message", with the allowed names for an unknown field."""
+    loc = ".".join(str(p) for p in error["loc"]) or "<root>"
+    if error["type"] != "extra_forbidden":
+        return f"field '{loc}': {error['msg'].removeprefix('Value error, ')}"
+    allowed = _fields_at(SweepSpec, error["loc"][:-1])
+    close = difflib.get_close_matches(str(error["loc"][-1]), allowed, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return f"field '{loc}' is not a sweep setting; {hint}allowed here: {', '.join(allowed)}"
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the (nested) model at `loc`; [] where `loc` is not a model."""
+    for key in loc:
+        field = model.model_fields.get(str(key))
+        annotation = field.annotation if field else None
+        model = next((a for a in (annotation, *getattr(annotation, "__args__", ()))
+                      if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if model is None:
+            return []
+    return list(model.model_fields)
 
 
 def _set_dotted(raw: dict, dotted: str, value: object) -> None:

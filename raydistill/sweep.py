@@ -66,7 +66,7 @@ def replay_cell(cell: CellSpec, folder: Path) -> dict:
     from raydistill.datasets import load_train
 
     path = folder / "train.parquet"
-    if not path.exists():
+    if not _readable_parquet(path):
         table = load_train(cell.dataset, cell.teacher, level=cell.level, fmt=cell.format)
         if cell.train_limit is not None:
             table = table.slice(0, cell.train_limit)
@@ -74,6 +74,19 @@ def replay_cell(cell: CellSpec, folder: Path) -> dict:
         (folder / "cell.json").write_text(json.dumps(cell.model_dump(mode="json"), indent=2))
     return {"hash": cell.cell_hash, "dir": str(folder), "source": "replay", "train_path": str(path),
             "annotation": None}
+
+
+def _readable_parquet(path: Path) -> bool:
+    """True when `path` is a whole Parquet file; a damaged one is removed so it is written again."""
+    if not path.exists():
+        return False
+    try:
+        pq.read_metadata(path)
+        return True
+    except (OSError, ValueError) as err:
+        log.warning("%s is damaged (%s): writing it again", path, err)
+        path.unlink()
+        return False
 
 
 def generate_cells(spec: SweepSpec, cells: list[CellSpec]) -> dict[CellSpec, dict]:
@@ -116,7 +129,7 @@ def prepare_test(task: str, limit: int | None, run_dir: Path) -> Path:
     from raydistill.datasets import load_test
 
     path = run_dir / "test" / f"{task}-{limit or 'all'}.parquet"
-    if not path.exists():
+    if not _readable_parquet(path):
         table = load_test(task)
         _write_atomic(table.slice(0, limit) if limit else table, path)
     return path
@@ -140,16 +153,36 @@ def run_trial(config: dict) -> dict:
     trial = TrialSpec.model_validate(payload["trial"])
     trial_dir = Path(payload["run_dir"]) / "trials" / trial.trial_hash
     record_path = trial_dir / "record.json"
-    if not record_path.exists():
+    record = read_record(record_path)
+    if record is None:
         record = _train_and_evaluate(trial, payload, trial_dir)
         trial_dir.mkdir(parents=True, exist_ok=True)
         tmp = record_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(record, indent=2))
         tmp.replace(record_path)
-    record = json.loads(record_path.read_text())
     result = {**record["metrics"], "record_path": str(record_path)}
     tune.report(result)
     return result
+
+
+def read_record(path: Path) -> dict | None:
+    """A finished trial's record, or None when the trial must run.
+
+    A damaged record (cut short, not JSON, no metrics) is moved aside as `record.json.corrupt`
+    and the trial runs again; its checkpoints and prediction parts are reused.
+    """
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        if isinstance(record, dict) and isinstance(record.get("metrics"), dict):
+            return record
+        problem = "no metrics"
+    except (OSError, ValueError) as err:
+        problem = str(err)
+    log.warning("%s is damaged (%s): moved to %s.corrupt, the trial runs again", path, problem, path.name)
+    path.replace(path.with_name(path.name + ".corrupt"))
+    return None
 
 
 def _train_and_evaluate(trial: TrialSpec, payload: dict, trial_dir: Path) -> dict:
@@ -299,8 +332,8 @@ def _trial_name(trial) -> str:
 def print_summary(spec: SweepSpec) -> None:
     run_dir = spec.run_dir
     print((run_dir / "results.md").read_text())
-    print(f"results table : {run_dir / 'results.md'} (and results.csv)")
-    print(f"plot          : {run_dir / 'accuracy_vs_level.png'}")
+    print(f"report        : {run_dir / 'results.md'} (CSV: results.csv, results_table.csv, paired_tests.csv)")
+    print(f"plot          : {run_dir / 'accuracy_vs_level.png'} (one panel per dataset and student in plots/)")
     print(f"MLflow store  : {spec.tracking_uri}")
     print(f"open the UI   : mlflow ui --backend-store-uri {spec.tracking_uri} --port 5000")
 
@@ -310,9 +343,13 @@ def parse_overrides(items: list[str]) -> dict:
     overrides = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
-        overrides[key] = yaml.safe_load(value)
+        if not sep or not key:
+            raise SpecError(f"--set expects KEY=VALUE (e.g. train.epochs=1), got {item!r}")
+        try:
+            overrides[key] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise SpecError(f"--set {item!r}: the value is not valid YAML ({err.__class__.__name__}); "
+                            "quote it, e.g. --set 'name=\"a b\"'") from None
     return overrides
 
 
@@ -326,10 +363,10 @@ def main(argv: list[str], prog: str = "raydistill sweep", default_config: str | 
                         help="parent folder of the sweep's outputs (default: $RAYDISTILL_OUTPUT_DIR, "
                              "else the config's output_dir)")
     args = parser.parse_args(argv)
-    overrides = parse_overrides(args.set)
-    if args.output_dir:
-        overrides["output_dir"] = args.output_dir
     try:
+        overrides = parse_overrides(args.set)
+        if args.output_dir:
+            overrides["output_dir"] = args.output_dir
         spec = load_sweep(args.config, overrides)
     except SpecError as err:
         print(f"error: {err}", file=sys.stderr)

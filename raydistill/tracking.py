@@ -43,7 +43,9 @@ def setup_experiment(tracking_uri: str, experiment: str, artifact_root: Path) ->
     if found is not None:
         return found.experiment_id
     artifact_root.mkdir(parents=True, exist_ok=True)
-    return mlflow.create_experiment(experiment, artifact_location=artifact_root.as_uri())
+    # The kind tag makes MLflow 3's UI open the experiment on its training-runs table.
+    return mlflow.create_experiment(experiment, artifact_location=artifact_root.as_uri(),
+                                    tags={"mlflow.experimentKind": "custom_model_development"})
 
 
 def start_sweep_run(spec, config_path: Path) -> SweepRun:
@@ -87,7 +89,8 @@ def log_trial(sweep: SweepRun, record: dict) -> str:
         return existing[0].info.run_id
     axes = record["axes"]
     cell = record.get("cell") or {}
-    run_name = "-".join(f"{k}={v}" for k, v in axes.items() if v != "")
+    level = f"L{axes['level']}" if axes["level"] else "no-level"
+    run_name = f"{axes['student']} {level} {axes['teacher']} {axes['format']} {axes['dataset']} seed{axes['seed']}"
     tags = {TRIAL_HASH_TAG: record["trial_hash"], PARENT_TAG: sweep.run_id,
             **{f"axis.{k}": v for k, v in axes.items()},
             "cell.hash": cell.get("hash", ""), "cell.source": cell.get("source", "")}

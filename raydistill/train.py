@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from raydistill.spec import TrainSpec
+from raydistill.spec import SpecError, TrainSpec
 
 IGNORE_INDEX = -100
 TRAIN_STATE_FILE = "train_state.json"
@@ -546,7 +546,7 @@ def main(argv: list[str]) -> int:
         spec = load_train_spec(args.config, parse_overrides(args.set))
         read_examples(args.data)
         model_path = resolve_student(args.student)
-    except (TrainInputError, StudentError) as err:
+    except (TrainInputError, StudentError, SpecError) as err:
         parser.error(str(err))
     job = TrainJob(student=args.student, model_path=str(model_path),
                    data_path=str(Path(args.data).resolve()), run_name=args.name,

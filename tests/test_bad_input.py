@@ -49,7 +49,7 @@ SWEEP = "name: t\ndatasets: [svamp]\nteachers: [chatgpt]\nlevels: [1]\nstudents:
 @pytest.mark.parametrize(
     "text, words",
     [
-        pytest.param(SWEEP + "trian: {epochs: 1}\n", ["trian", "Extra inputs"], id="unknown-field"),
+        pytest.param(SWEEP + "trian: {epochs: 1}\n", ["trian", "did you mean 'train'", "allowed here"], id="unknown-field"),
         pytest.param(SWEEP + "train: {epochs: many}\n", ["train.epochs", "number"], id="wrong-type"),
         pytest.param(SWEEP.replace("[svamp]", "[svampp]"), ["datasets", "svampp", "choose from"],
                      id="unknown-dataset"),
@@ -74,13 +74,15 @@ def test_sweep_yaml_unreadable_names_the_file(tmp_path):
     path = _write(tmp_path / "sweep.yaml", "name: [unclosed\n")
     with pytest.raises(SpecError) as err:
         load_sweep(path)
-    assert str(err.value).startswith(f"{path}: cannot read sweep config")  # (the YAML parser's lines follow)
+    message = _one_line(str(err.value))
+    assert message.startswith(f"{path}: not valid YAML") and "line 2" in message
 
 
 def test_sweep_yaml_missing_file_names_it(tmp_path):
     with pytest.raises(SpecError) as err:
         load_sweep(tmp_path / "nope.yaml")
-    assert str(tmp_path / "nope.yaml") in str(err.value) and "No such file" in str(err.value)
+    message = _one_line(str(err.value))
+    assert str(tmp_path / "nope.yaml") in message and "no such file" in message and "--config" in message
 
 
 # ============================================================================ annotate YAML
@@ -411,7 +413,7 @@ def test_corrupt_evaluation_part_is_set_aside_and_only_its_questions_redone(tmp_
                      "answer": [str(2 * i) for i in range(6)]})
     generated: list[list[str]] = []
 
-    def fake_batches(prompts, model_path, template_name, spec, stop_strings, engine="hf"):
+    def fake_batches(prompts, *engine_args):
         generated.append([p["question_id"] for p in prompts])
         for i in range(0, len(prompts), 2):
             yield [{**p, "generation": f"The answer is {p['gold']}", "tokens_generated": 5} for p in prompts[i:i + 2]]
@@ -579,3 +581,51 @@ def test_damaged_cache_lines_are_skipped_and_only_their_requests_resent(teacher_
     # the shard is left as it was (append-only); the resent replies went to a new shard
     assert set(A.RequestCache(teacher_run["cache"]).load()) >= {teacher_run["keys"][i] for i in
                                                                  (*CACHED, CUT_SHORT, INCOMPLETE)}
+
+
+# ============================================================================ sweep resume state
+
+
+@pytest.mark.parametrize("content", ['{"trial_hash": "abc", "metr', '[1, 2]', '{"axes": {}}'],
+                         ids=["cut-short", "not-an-object", "no-metrics"])
+def test_damaged_trial_record_is_set_aside_and_the_trial_reruns(tmp_path, content):
+    from raydistill.sweep import read_record
+
+    path = _write(tmp_path / "trials" / "abc" / "record.json", content)
+    assert read_record(path) is None  # the trial runs again
+    assert not path.exists() and (path.parent / "record.json.corrupt").read_text() == content
+    good = _write(path, json.dumps({"metrics": {"accuracy": 0.5}}))
+    assert read_record(good) == {"metrics": {"accuracy": 0.5}}
+
+
+def test_damaged_cell_parquet_is_written_again(tmp_path):
+    from raydistill.spec import CellSpec
+    from raydistill.sweep import replay_cell
+
+    cell = CellSpec(dataset="svamp", teacher="chatgpt", level=1, train_limit=5)
+    info = replay_cell(cell, tmp_path / "cell")
+    path = Path(info["train_path"])
+    rows = pq.read_table(path).to_pylist()
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # a crash mid-copy
+    replay_cell(cell, tmp_path / "cell")
+    assert pq.read_table(path).to_pylist() == rows
+
+
+@pytest.mark.parametrize("item, words", [("train.epochs", ["KEY=VALUE", "train.epochs"]),
+                                         ("=3", ["KEY=VALUE"]),
+                                         ("levels=[1, 2", ["levels=[1, 2", "not valid YAML"])])
+def test_bad_set_override_is_one_line(item, words):
+    from raydistill.sweep import parse_overrides
+
+    with pytest.raises(SpecError) as err:
+        parse_overrides([item])
+    message = _one_line(str(err.value))
+    for word in words:
+        assert word in message
+
+
+def test_sweep_cli_reports_a_bad_override_without_a_traceback(capsys):
+    from raydistill.sweep import main
+
+    assert main(["--config", "sweeps/granularity.yaml", "--set", "train.epochs"]) == 2
+    assert "--set expects KEY=VALUE" in capsys.readouterr().err

@@ -331,7 +331,7 @@ def test_registry_has_the_papers_students():
         "llama-3.2-3b": ("llama3", "meta-llama/Llama-3.2-3B"),
     }
     assert {n: (s.template, s.source) for n, s in STUDENTS.items() if s.build is None} == expected
-    assert {n for n, s in STUDENTS.items() if s.build is not None} == {"smollm2-135m", "tiny-llama"}
+    assert {n for n, s in STUDENTS.items() if s.build is not None} == {"smollm2-135m", "tiny-llama", "tiny-llama-alpaca"}
 
 
 def test_unknown_student_lists_known_ones():

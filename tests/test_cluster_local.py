@@ -289,40 +289,58 @@ def _fake_cluster_config(path: Path, gcs: str) -> Path:
     return path
 
 
-def _alive_nodes() -> list[dict]:
-    import ray
+# Watches the fake cluster from its own process: joining a cluster with ray.init in the pytest
+# process would leave Ray's cached auth mode behind for the local clusters of later tests.
+NODE_WATCHER = """
+import json, sys, time, ray
+ray.init(address=sys.argv[1], log_to_driver=False)
+while True:
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    print(json.dumps([n["Resources"] for n in nodes]), flush=True)
+    time.sleep(1)
+"""
 
-    return [n for n in ray.nodes() if n["Alive"]]
+
+class NodeWatcher:
+    """Alive nodes of a cluster (their resources), seen once a second by a watcher process."""
+
+    def __init__(self, gcs: str, env: dict):
+        self.proc = subprocess.Popen([sys.executable, "-c", NODE_WATCHER, gcs], env=env, text=True,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.latest: list[dict] | None = None
+        self.peak = 0
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.latest = json.loads(line)
+            self.peak = max(self.peak, len(self.latest))
+
+    def wait_for(self, predicate, timeout: float, what: str) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while self.latest is None or not predicate(self.latest):
+            assert self.proc.poll() is None, "the node watcher exited"
+            assert time.monotonic() < deadline, f"{what}: nodes seen {self.latest}"
+            time.sleep(1)
+        return self.latest
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
 
 
-def test_autoscaler_adds_and_removes_nodes_for_a_sweep(model_cache, tmp_path, monkeypatch):
-    import ray
-
+def test_autoscaler_adds_and_removes_nodes_for_a_sweep(model_cache, tmp_path):
     port = _free_port()
     config = _fake_cluster_config(tmp_path / "fake.yaml", f"127.0.0.1:{port}")
-    # this process joins the cluster (ray.init) to watch its nodes: no token auth here
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
     env = _env(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_AUTH_MODE="disabled")
     env.pop("RAY_AUTH_TOKEN")
-    head = None
-    peak = [1]
-    stop_watch = threading.Event()
+    head = watcher = None
     try:
         head = _start_fake_head(config, env, port)
-        ray.init(address=head.gcs, log_to_driver=False)
-        assert len(_alive_nodes()) == 1  # only the head, which has no CPU
-
-        def watch():
-            while not stop_watch.is_set():
-                try:
-                    peak[0] = max(peak[0], len(_alive_nodes()))
-                except Exception:
-                    pass
-                stop_watch.wait(1)
-
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
+        watcher = NodeWatcher(head.gcs, env)
+        nodes = watcher.wait_for(lambda nodes: len(nodes) >= 1, 120, "the watcher saw no node")
+        assert len(nodes) == 1 and not nodes[0].get("CPU")  # only the head, which has no CPU
         # A one-trial sweep whose Train group (2 workers) and eval actor need CPUs: none on the
         # head, so the autoscaler must start annotation-type nodes. The driver joins via RAY_ADDRESS.
         out = tmp_path / "out"
@@ -333,20 +351,14 @@ def test_autoscaler_adds_and_removes_nodes_for_a_sweep(model_cache, tmp_path, mo
             capture_output=True, text=True, timeout=900)
         assert driver.returncode == 0, driver.stdout[-4000:] + driver.stderr[-4000:]
         assert len(_records(out / "tiny-cluster")) == 1
-        assert peak[0] >= 2, "the autoscaler added no node"
-        stop_watch.set()
-        watcher.join(5)
-
-        types = {n["Resources"].get("annotation_node") for n in _alive_nodes() if n["Resources"].get("CPU")}
+        assert watcher.peak >= 2, "the autoscaler added no node"
+        types = {n.get("annotation_node") for n in watcher.latest if n.get("CPU")}
         assert types <= {2.0}
         # idle nodes go away (idle_timeout_minutes 0.1)
-        deadline = time.monotonic() + 120
-        while len(_alive_nodes()) > 1:
-            assert time.monotonic() < deadline, f"idle nodes were not removed: {_alive_nodes()}"
-            time.sleep(2)
+        watcher.wait_for(lambda nodes: len(nodes) == 1, 120, "idle nodes were not removed")
     finally:
-        stop_watch.set()
-        ray.shutdown()
+        if watcher is not None:
+            watcher.stop()
         if head is not None:
             head.stop()
 

@@ -106,7 +106,7 @@ async def capture(ui: str, experiment_id: str, run_ids: list[str], out: Path, se
         raise SystemExit("no chromium on PATH (Debian: apt-get install chromium)")
     proc = subprocess.Popen([chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                              f"--remote-debugging-port={port}", f"--user-data-dir={profile}",
-                             "--window-size=1600,900", "about:blank"],
+                             "--window-size=2200,900", "about:blank"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(100):
@@ -118,7 +118,7 @@ async def capture(ui: str, experiment_id: str, run_ids: list[str], out: Path, se
         ws_url = next(t["webSocketDebuggerUrl"] for t in tabs if t["type"] == "page")
         async with aiohttp.ClientSession() as session, session.ws_connect(ws_url, max_msg_size=0) as ws:
             page = Page(ws)
-            await page.call("Emulation.setDeviceMetricsOverride", width=1600, height=900, deviceScaleFactor=1,
+            await page.call("Emulation.setDeviceMetricsOverride", width=2200, height=900, deviceScaleFactor=1,
                             mobile=False)
             await page.shoot(f"{ui}/#/experiments/{experiment_id}/runs", out / "mlflow_runs.png", settle_s,
                              (EXPAND_PARENT, SHOW_COLUMNS))

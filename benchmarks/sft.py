@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--global-batch", type=int, default=8)
     parser.add_argument("--cutoff", type=int, default=512)
-    parser.add_argument("--zero-stage", type=int, default=2, choices=[2, 3])
+    parser.add_argument("--zero-stage", type=int, default=2, choices=[0, 1, 2, 3])
     parser.add_argument("--warmup", type=int, default=2, help="optimizer steps left out of the timing")
     parser.add_argument("--out", default="sft_benchmark.json")
     args = parser.parse_args(argv)

@@ -432,9 +432,21 @@ def train_loop_per_worker(config: dict) -> None:
 
     state.update(final=True, examples=len(examples), over_cutoff=over, overlong=spec.overlong,
                  truncated=over if spec.overlong == "truncate" else 0,
-                 padding_fraction=padding_fraction(batches, lengths), steps=total_steps, world_size=world)
+                 padding_fraction=padding_fraction(batches, lengths), steps=total_steps, world_size=world,
+                 deepspeed=_deepspeed_setup(engine))
     _report_final_model(engine, tokenizer, spec, job, state, rank, ds_config["zero_optimization"]["stage"])
     _shutdown(engine, dist)
+
+
+def _deepspeed_setup(engine) -> dict:
+    """What DeepSpeed ran with: the ZeRO stage and where optimizer state and parameters lived."""
+
+    def device(offload) -> str:
+        return "none" if offload is None else str(getattr(offload.device, "value", offload.device))
+
+    return {"zero_stage": engine.zero_optimization_stage(),
+            "offload_optimizer": device(engine.zero_offload_optimizer()),
+            "offload_param": device(engine.zero_offload_param())}
 
 
 def _report_final_model(engine, tokenizer, spec: TrainSpec, job: TrainJob, state: dict, rank: int,

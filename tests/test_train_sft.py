@@ -1,4 +1,4 @@
-"""SFT on Ray Train + DeepSpeed with 2 CPU workers: ZeRO-2/3, full and LoRA, and resume after a
+"""SFT on Ray Train + DeepSpeed with 2 CPU workers: ZeRO-2/3 (and ZeRO-3 with CPU offload), full and LoRA,
 worker is SIGKILLed mid-run."""
 
 from __future__ import annotations
@@ -74,15 +74,22 @@ def _assert_plain_hf_folder(model_path: str) -> None:
     assert model(**ids).logits.shape[-1] == model.config.vocab_size
 
 
-@pytest.mark.parametrize("zero_stage,lora", [(2, None), (3, LoraSpec(r=8, alpha=16))],
-                         ids=["zero2-full", "zero3-lora"])
+@pytest.mark.parametrize("zero_stage,lora,deepspeed_config,offload", [
+    (2, None, None, "none"),
+    (3, LoraSpec(r=8, alpha=16), None, "none"),
+    (3, None, "zero3_offload.json", "cpu"),
+], ids=["zero2-full", "zero3-lora", "zero3-offload-full"])
 def test_loss_decreases_and_model_is_a_plain_hf_folder(tmp_path, model_cache, ray_local, svamp_small,
-                                                       zero_stage, lora):
+                                                       zero_stage, lora, deepspeed_config, offload):
     from raydistill.train import fit
 
     lr, drop = (2e-3, 0.9) if lora is None else (1e-2, 0.97)  # LoRA on a random tiny model learns slowly
-    job = _job(tmp_path, svamp_small, f"sft-z{zero_stage}", zero_stage=zero_stage, lora=lora, learning_rate=lr)
+    job = _job(tmp_path, svamp_small, f"sft-z{zero_stage}", zero_stage=zero_stage, lora=lora, learning_rate=lr,
+               deepspeed_config=deepspeed_config)
     result = fit(job)
+
+    setup = json.loads((Path(result.model_path) / "train_state.json").read_text())["deepspeed"]
+    assert setup == {"zero_stage": zero_stage, "offload_optimizer": offload, "offload_param": offload}
 
     assert result.steps == 4 * 16 // 4
     losses = _losses(result.model_path)

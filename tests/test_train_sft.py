@@ -1,5 +1,5 @@
 """SFT on Ray Train + DeepSpeed with 2 CPU workers: ZeRO-2/3 (and ZeRO-3 with CPU offload), full and LoRA,
-worker is SIGKILLed mid-run."""
+and resume after a worker is SIGKILLed mid-run."""
 
 from __future__ import annotations
 

@@ -41,8 +41,9 @@ def _job(tmp_path: Path, data: Path, name: str, **spec):
 
 
 def _losses(model_path: str) -> list[float]:
-    state = json.loads((Path(model_path) / "train_state.json").read_text())
-    return [point["loss"] for point in state["history"]]
+    from raydistill.train import read_train_state
+
+    return [point["loss"] for point in read_train_state(model_path)["history"]]
 
 
 def _set_loss(model_path: str, data: Path) -> float:
@@ -81,14 +82,14 @@ def _assert_plain_hf_folder(model_path: str) -> None:
 ], ids=["zero2-full", "zero3-lora", "zero3-offload-full"])
 def test_loss_decreases_and_model_is_a_plain_hf_folder(tmp_path, model_cache, ray_local, svamp_small,
                                                        zero_stage, lora, deepspeed_config, offload):
-    from raydistill.train import fit
+    from raydistill.train import fit, read_train_state
 
     lr, drop = (2e-3, 0.9) if lora is None else (1e-2, 0.97)  # LoRA on a random tiny model learns slowly
     job = _job(tmp_path, svamp_small, f"sft-z{zero_stage}", zero_stage=zero_stage, lora=lora, learning_rate=lr,
                deepspeed_config=deepspeed_config)
     result = fit(job)
 
-    setup = json.loads((Path(result.model_path) / "train_state.json").read_text())["deepspeed"]
+    setup = read_train_state(result.model_path)["deepspeed"]
     assert setup == {"zero_stage": zero_stage, "offload_optimizer": offload, "offload_param": offload}
 
     assert result.steps == 4 * 16 // 4
@@ -104,7 +105,7 @@ def test_loss_decreases_and_model_is_a_plain_hf_folder(tmp_path, model_cache, ra
 def test_sigkilled_worker_resumes_from_the_last_checkpoint(tmp_path, model_cache, ray_local, svamp_small):
     """ZeRO-3, full fine-tuning: kill rank 1 once a checkpoint exists; the run must restore the
     DeepSpeed state, finish with the planned number of steps and not redo the saved ones."""
-    from raydistill.train import fit
+    from raydistill.train import fit, read_train_state
 
     job = _job(tmp_path, svamp_small, "sft-kill", zero_stage=3, epochs=8, checkpoint_every_steps=4,
                max_failures=2)
@@ -118,8 +119,7 @@ def test_sigkilled_worker_resumes_from_the_last_checkpoint(tmp_path, model_cache
     assert killed, "no worker was killed: the run ended before a checkpoint appeared"
     assert result.steps == 8 * 16 // 4
     assert len(result.resumed_at) == 1 and result.resumed_at[0] >= 4 and result.resumed_at[0] % 4 == 0
-    steps = [point["step"] for point in json.loads((Path(result.model_path) / "train_state.json")
-                                                   .read_text())["history"]]
+    steps = [point["step"] for point in read_train_state(result.model_path)["history"]]
     assert steps == list(range(1, result.steps + 1))
     restarted = json.loads((run_dir / "workers" / "rank1.json").read_text())
     assert restarted["pid"] != killed[0] and restarted["start_step"] == result.resumed_at[0]

@@ -28,6 +28,48 @@ class SpecError(ValueError):
     """A config that cannot run; the message names the file and the field."""
 
 
+def redact_storage(storage: str) -> str:
+    """`storage` with any user:password part of a URI replaced by ***, for messages."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(storage) if "://" in storage else None
+    if parts is None or not (parts.username or parts.password):
+        return storage
+    return parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]).geturl()
+
+
+STORAGE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")  # pyarrow's
+
+
+def storage_problem(storage: str, connect: bool = True) -> str | None:
+    """Why pyarrow cannot use `storage` (a local folder or a URI such as s3://bucket/prefix) for
+    checkpoints, or None. Credentials inside the URI are refused: the URI is saved with the run.
+    With `connect`, pyarrow opens the file system (an S3 bucket's region is looked up online)."""
+    from urllib.parse import urlsplit
+
+    import pyarrow as pa
+    import pyarrow.fs
+
+    if "://" in storage:
+        parts = urlsplit(storage)
+        if parts.username or parts.password:
+            return ("holds credentials; remove them from the URI (it is saved with the run) and set them in the "
+                    "environment instead (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS)")
+        if parts.scheme not in STORAGE_SCHEMES:
+            return f"unknown scheme {parts.scheme!r}; give a local folder or a URI such as s3://bucket/prefix"
+        if parts.scheme != "file" and not parts.netloc:
+            return "names no bucket; give s3://bucket/prefix or gs://bucket/prefix"
+    if not connect:
+        return None
+    try:
+        pyarrow.fs.FileSystem.from_uri(storage)
+    except (pa.ArrowException, ValueError) as err:
+        return f"{err}; give a local folder or a URI such as s3://bucket/prefix or gs://bucket/prefix"
+    except OSError as err:
+        return f"cannot open it ({' '.join(str(err).split())[:300]}); check the bucket, network and credentials"
+    return None
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -194,8 +236,22 @@ class SweepSpec(_Strict):
     missing_cells: Literal["error", "skip"] = "error"
     annotation: AnnotationStageSpec = AnnotationStageSpec()
     mlflow_tracking_uri: str | None = None  # default sqlite:///<output_dir>/<name>/mlflow.db
+    # Where Ray Train keeps training checkpoints: default <output_dir>/<name>/ray; an object-storage
+    # URI (s3://bucket/prefix, gs://...; credentials from the environment) keeps them in the bucket.
+    checkpoint_storage: str | None = None
     train: TrainSpec = TrainSpec()
     eval: EvalSpec = EvalSpec()
+
+    @field_validator("checkpoint_storage")
+    @classmethod
+    def _usable_storage(cls, value: str | None) -> str | None:
+        if value is not None and "://" not in value:
+            raise ValueError("give an object-storage URI (s3://bucket/prefix, gs://bucket/prefix); local "
+                             "checkpoints go under output_dir")
+        problem = storage_problem(value, connect=False) if value is not None else None
+        if problem:
+            raise ValueError(problem)
+        return value
 
     @field_validator("datasets")
     @classmethod

@@ -23,7 +23,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import yaml
 
-from raydistill.spec import CellSpec, SpecError, SweepSpec, TrialSpec, content_hash, load_sweep
+from raydistill.spec import CellSpec, SpecError, SweepSpec, TrialSpec, content_hash, load_sweep, storage_problem
 
 log = logging.getLogger("raydistill.sweep")
 
@@ -190,9 +190,9 @@ def _train_and_evaluate(trial: TrialSpec, payload: dict, trial_dir: Path) -> dic
     from raydistill.train import TrainJob, fit
 
     job = TrainJob(student=trial.student, model_path=payload["model_path"], data_path=payload["cell"]["train_path"],
-                   run_name=f"train-{trial.trial_hash}", storage_path=str(Path(payload["run_dir"]) / "ray"),
+                   run_name=f"train-{trial.trial_hash}", storage_path=payload["checkpoint_storage"],
                    spec=trial.train.model_dump(mode="json"))
-    trained = fit(job, report_to_tune=True)
+    trained = fit(job, report_to_tune=True, download_to=trial_dir / "model")
     test = pq.read_table(payload["test_path"])
     started = time.perf_counter()
     result = outside_trial_placement_group(
@@ -274,6 +274,9 @@ def run_sweep(spec: SweepSpec) -> list[dict]:
     from raydistill.students import resolve_student
     from raydistill.tracking import MLflowTrialLogger, finish_sweep_run, start_sweep_run
 
+    problem = storage_problem(spec.checkpoint_storage) if spec.checkpoint_storage else None
+    if problem:  # before any annotation is paid for
+        raise SpecError(f"sweep {spec.name}: checkpoint_storage {spec.checkpoint_storage!r}: {problem}")
     run_dir = spec.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "sweep.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
@@ -291,6 +294,7 @@ def run_sweep(spec: SweepSpec) -> list[dict]:
     parent = start_sweep_run(spec, run_dir / "sweep.yaml")
     payloads = [
         {"trial": t.model_dump(mode="json"), "run_dir": str(run_dir), "cell": cells[t.cell],
+         "checkpoint_storage": spec.checkpoint_storage or str(run_dir / "ray"),
          "test_path": str(test_paths[t.cell.dataset]), "model_path": model_paths[t.student]}
         for t in trials
     ]

@@ -14,15 +14,16 @@ import json
 import math
 import os
 import random
+import shutil
 import socket
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from raydistill.spec import SpecError, TrainSpec
+from raydistill.spec import SpecError, TrainSpec, redact_storage, storage_problem
 
 IGNORE_INDEX = -100
 TRAIN_STATE_FILE = "train_state.json"
@@ -39,7 +40,7 @@ class TrainJob:
     model_path: str  # HF folder with the initial weights
     data_path: str  # Parquet with EXAMPLE_SCHEMA (question, rationale)
     run_name: str
-    storage_path: str
+    storage_path: str  # local folder or pyarrow URI (s3://bucket/prefix, gs://...) for checkpoints
     spec: dict  # TrainSpec.model_dump()
 
 
@@ -121,6 +122,14 @@ def read_examples(path: str | os.PathLike) -> list[dict]:
         raise TrainInputError(f"{path}: rows {blank[:10]}{' ...' if len(blank) > 10 else ''} have an empty "
                               f"question or rationale ({len(blank)} in all); remove or fill them")
     return rows
+
+
+def check_storage(storage_path: str) -> None:
+    """A storage path pyarrow cannot open (unknown scheme, no bucket, bad query option, credentials
+    in the URI) raises TrainInputError naming it, before any worker starts."""
+    problem = storage_problem(storage_path)
+    if problem:
+        raise TrainInputError(f"checkpoint storage {redact_storage(storage_path)!r}: {problem}")
 
 
 def read_train_state(folder: str | os.PathLike) -> dict:
@@ -350,13 +359,36 @@ def _restore(engine) -> dict | None:
 
 
 def _write_worker_info(job: TrainJob, rank: int, attempt_step: int) -> None:
-    """Record this worker's PID under <storage>/<run>/workers/ (local storage only), for operators."""
-    if "://" in job.storage_path:
-        return
-    folder = Path(job.storage_path) / job.run_name / "workers"
-    folder.mkdir(parents=True, exist_ok=True)
+    """Record this worker's host, PID and first step under <storage>/<run>/workers/, for operators."""
+    import pyarrow.fs
+
+    fs, base = pyarrow.fs.FileSystem.from_uri(job.storage_path)
+    folder = f"{base}/{job.run_name}/workers"
+    fs.create_dir(folder)
     info = {"pid": os.getpid(), "host": socket.gethostname(), "start_step": attempt_step}
-    (folder / f"rank{rank}.json").write_text(json.dumps(info))
+    with fs.open_output_stream(f"{folder}/rank{rank}.json") as out:
+        out.write(json.dumps(info).encode())
+
+
+def _local_model_folder(checkpoint, download_to: str | os.PathLike | None) -> str:
+    """The final checkpoint as a local folder: the checkpoint itself on local storage; from object
+    storage, a copy downloaded once into `download_to` (default: the cache) under the checkpoint's
+    name. Checkpoint folders never change, so an existing complete copy is reused."""
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        return checkpoint.path
+    from raydistill.students import default_cache_dir
+
+    root = Path(download_to) if download_to else default_cache_dir() / "checkpoints" / checkpoint.filesystem.type_name
+    target = root / checkpoint.path if not download_to else root / Path(checkpoint.path).name
+    if not (target / TRAIN_STATE_FILE).exists():
+        partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        checkpoint.to_directory(str(partial))
+        shutil.rmtree(target, ignore_errors=True)
+        partial.rename(target)
+    return str(target)
 
 
 # --------------------------------------------------------------------------- worker loop
@@ -501,9 +533,13 @@ def _merge_lora_if_needed(out: Path, spec: TrainSpec, base_path: str) -> Path:
 # --------------------------------------------------------------------------- driver
 
 
-def fit(job: TrainJob, report_to_tune: bool = False) -> TrainResult:
-    """Run one fine-tuning job on the current Ray cluster and return where the model landed."""
+def fit(job: TrainJob, report_to_tune: bool = False, download_to: str | os.PathLike | None = None) -> TrainResult:
+    """Run one fine-tuning job on the current Ray cluster and return where the model landed: a local
+    HF folder (the final checkpoint, or with URI storage its copy under `download_to`)."""
     read_examples(job.data_path)  # a bad file fails here, in one line, before any worker starts
+    if "://" not in job.storage_path:  # workers resolve paths from their own working directory
+        job = replace(job, storage_path=os.path.abspath(job.storage_path))
+    check_storage(job.storage_path)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -530,7 +566,7 @@ def fit(job: TrainJob, report_to_tune: bool = False) -> TrainResult:
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training run {job.run_name} finished without a checkpoint")
-    model_path = result.checkpoint.path
+    model_path = _local_model_folder(result.checkpoint, download_to)
     state = read_train_state(model_path)
     return TrainResult(model_path=model_path, steps=state["steps"], final_loss=state["history"][-1]["loss"],
                        train_seconds=time.perf_counter() - started, examples=state["examples"],
@@ -542,7 +578,11 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="raydistill train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--student", required=True, help="registry name or local HF folder")
     parser.add_argument("--data", required=True, help="Parquet with question and rationale columns")
-    parser.add_argument("--out", default="outputs/train", help="storage path for the run")
+    parser.add_argument("--out", default="outputs/train",
+                        help="storage for checkpoints: a local folder or a URI such as s3://bucket/runs or "
+                             "gs://bucket/runs (credentials from the environment, as for pyarrow)")
+    parser.add_argument("--download-to", help="with URI storage, the local folder the final model is copied "
+                                              "to (default: under $RAYDISTILL_CACHE_DIR/checkpoints)")
     parser.add_argument("--name", default="sft", help="run name under --out")
     parser.add_argument("--config", help="YAML of TrainSpec fields (e.g. zero_stage, lora, deepspeed_config)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -557,14 +597,16 @@ def main(argv: list[str]) -> int:
     try:
         spec = load_train_spec(args.config, parse_overrides(args.set))
         read_examples(args.data)
+        check_storage(args.out if "://" in args.out else str(Path(args.out).resolve()))
         model_path = resolve_student(args.student)
     except (TrainInputError, StudentError, SpecError) as err:
         parser.error(str(err))
     job = TrainJob(student=args.student, model_path=str(model_path),
                    data_path=str(Path(args.data).resolve()), run_name=args.name,
-                   storage_path=str(Path(args.out).resolve()), spec=spec.model_dump())
+                   storage_path=args.out if "://" in args.out else str(Path(args.out).resolve()),
+                   spec=spec.model_dump())
     ray.init(ignore_reinit_error=True)
-    result = fit(job)
+    result = fit(job, download_to=args.download_to)
     print(json.dumps(asdict(result), indent=2))
     return 0
 

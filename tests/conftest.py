@@ -32,3 +32,44 @@ def ray_local():
              log_to_driver=False, runtime_env={"env_vars": {"RAYDISTILL_DATA_DIR": os.environ["RAYDISTILL_DATA_DIR"]}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def s3_storage(tmp_path, monkeypatch):
+    """A bucket on a local S3 endpoint (moto's server, in its own process on 127.0.0.1); yields the
+    pyarrow URI of a prefix in it. The credentials are set in the environment before any Ray
+    cluster of the test starts (request this fixture before ``ray_local``), so workers inherit them."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    import pyarrow.fs
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = open(tmp_path / "s3-server.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"the local S3 server did not start; see {tmp_path / 's3-server.log'}")
+            time.sleep(0.2)
+    for name, value in [("AWS_ACCESS_KEY_ID", "test-key"), ("AWS_SECRET_ACCESS_KEY", "test-secret"),
+                        ("AWS_DEFAULT_REGION", "us-east-1")]:
+        monkeypatch.setenv(name, value)
+    uri = f"s3://raydistill-test/runs?endpoint_override=127.0.0.1:{port}&scheme=http"
+    admin, _ = pyarrow.fs.FileSystem.from_uri(uri + "&allow_bucket_creation=true")
+    admin.create_dir("raydistill-test")
+    yield uri
+    proc.terminate()
+    proc.wait(10)
+    log.close()

@@ -58,6 +58,10 @@ SWEEP = "name: t\ndatasets: [svamp]\nteachers: [chatgpt]\nlevels: [1]\nstudents:
         pytest.param(SWEEP + "train: {global_batch_size: 10, micro_batch_size: 4}\n",
                      ["global_batch_size 10", "multiple of"], id="batch-not-divisible"),
         pytest.param("- svamp\n- gsm8k\n", ["mapping of fields", "list"], id="not-a-mapping"),
+        pytest.param(SWEEP + "checkpoint_storage: s3://AKIAXXXX:hunter2@bucket/ckpt\n",
+                     ["checkpoint_storage", "holds credentials", "environment"], id="credentials-in-storage-uri"),
+        pytest.param(SWEEP + "checkpoint_storage: /mnt/ckpt\n", ["checkpoint_storage", "object-storage URI"],
+                     id="local-checkpoint-storage"),
     ],
 )
 def test_sweep_yaml_errors_name_the_file_and_field(tmp_path, text, words):
@@ -204,6 +208,25 @@ def test_fit_checks_the_training_file_before_starting_workers(tmp_path):
     with pytest.raises(TrainInputError, match=r"train\.parquet: missing columns \['rationale'\]"):
         fit(job)
     assert not (tmp_path / "r").exists()  # nothing started
+
+
+@pytest.mark.parametrize("storage, words", [
+    pytest.param("foo://bucket/runs", ["'foo://bucket/runs'", "unknown scheme 'foo'", "s3://bucket/prefix"],
+                 id="unknown-scheme"),
+    pytest.param("s3://", ["'s3://'", "names no bucket"], id="no-bucket"),
+    pytest.param("s3://bucket/runs?endpoint=x", ["Unexpected query parameter", "'endpoint'"], id="bad-query-option"),
+    pytest.param("s3://AKIAXXXX:hunter2@bucket/runs", ["holds credentials", "AWS_ACCESS_KEY_ID"], id="credentials"),
+])
+def test_fit_checks_the_checkpoint_storage_before_starting_workers(tmp_path, storage, words):
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"question": ["q"], "rationale": ["r"]}), path)
+    job = TrainJob(student="tiny-llama", model_path="unused", data_path=str(path), run_name="r",
+                   storage_path=storage, spec={})
+    with pytest.raises(TrainInputError) as err:
+        fit(job)
+    for word in words:
+        assert word in str(err.value)
+    assert "hunter2" not in str(err.value)
 
 
 # ============================================================================ annotation questions Parquet

@@ -1,13 +1,14 @@
 """End to end: a tiny granularity sweep through Tune -> Train (DeepSpeed) -> eval -> MLflow -> report.
 
-Real local Ray cluster, real DeepSpeed over gloo, real MLflow on sqlite, real Parquet; the
-student is a tiny random Llama built on the spot.
+Real local Ray cluster, real DeepSpeed over gloo, real MLflow on sqlite, real Parquet, training
+checkpoints on a local S3 endpoint; the student is a tiny random Llama built on the spot.
 """
 
 
 from pathlib import Path
 
 import mlflow
+import pyarrow.fs
 import pyarrow.parquet as pq
 import pytest
 
@@ -21,9 +22,9 @@ pytestmark = pytest.mark.slow
 TEST_LIMIT = 12
 
 
-def _tiny_sweep(tmp_path):
+def _tiny_sweep(tmp_path, checkpoint_storage):
     return sweep_from_dict({
-        "name": "tiny", "output_dir": str(tmp_path), "datasets": ["svamp"], "teachers": ["chatgpt"],
+        "name": "tiny", "output_dir": str(tmp_path), "checkpoint_storage": checkpoint_storage, "datasets": ["svamp"], "teachers": ["chatgpt"],
         "levels": [1, 6], "students": ["tiny-llama"], "train_limit": 32, "test_limit": TEST_LIMIT,
         "train": {"epochs": 2, "global_batch_size": 8, "micro_batch_size": 4, "num_workers": 2,
                   "zero_stage": 3, "cutoff_len": 256, "learning_rate": 3e-3},
@@ -31,12 +32,20 @@ def _tiny_sweep(tmp_path):
     })
 
 
-def test_tiny_sweep_end_to_end(tmp_path, model_cache, ray_local):
-    spec = _tiny_sweep(tmp_path)
+def test_tiny_sweep_end_to_end(tmp_path, model_cache, s3_storage, ray_local):
+    """Checkpoints go to a bucket on a local S3 endpoint; everything else under output_dir."""
+    spec = _tiny_sweep(tmp_path, s3_storage)
     records = run_sweep(spec)
     assert sorted(r["axes"]["level"] for r in records) == ["1", "6"]
 
+    bucket, _ = pyarrow.fs.FileSystem.from_uri(s3_storage)
     for record in records:
+        # Training: checkpoints in the bucket, the final model copied into the trial's folder.
+        model = Path(record["model_path"])
+        assert model.parent == spec.run_dir / "trials" / record["trial_hash"] / "model"
+        stored = bucket.get_file_info(f"raydistill-test/runs/train-{record['trial_hash']}/{model.name}/config.json")
+        assert stored.type == pyarrow.fs.FileType.File
+        assert not (spec.run_dir / "ray" / f"train-{record['trial_hash']}").exists()
         m = record["metrics"]
         # Training: DeepSpeed ran the expected optimizer steps and the loss went down.
         assert m["train_examples"] == 32 and m["train_steps"] == 2 * 32 // 8

@@ -1,5 +1,5 @@
 """SFT on Ray Train + DeepSpeed with 2 CPU workers: ZeRO-2/3 (and ZeRO-3 with CPU offload), full and LoRA,
-and resume after a worker is SIGKILLed mid-run."""
+and resume after a worker is SIGKILLed mid-run, with checkpoints in a local folder or on S3."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ import os
 import signal
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from raydistill.spec import LoraSpec, TrainSpec
+from raydistill.train import TRAIN_STATE_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -102,18 +103,25 @@ def test_loss_decreases_and_model_is_a_plain_hf_folder(tmp_path, model_cache, ra
     _assert_plain_hf_folder(result.model_path)
 
 
-def test_sigkilled_worker_resumes_from_the_last_checkpoint(tmp_path, model_cache, ray_local, svamp_small):
+@pytest.fixture(params=["local", "s3"])
+def storage(request, tmp_path) -> str:
+    """Where checkpoints go: a local folder, or a pyarrow URI on a local S3 endpoint."""
+    return str(tmp_path / "ray") if request.param == "local" else request.getfixturevalue("s3_storage")
+
+
+def test_sigkilled_worker_resumes_from_the_last_checkpoint(tmp_path, model_cache, storage, ray_local, svamp_small):
     """ZeRO-3, full fine-tuning: kill rank 1 once a checkpoint exists; the run must restore the
-    DeepSpeed state, finish with the planned number of steps and not redo the saved ones."""
+    DeepSpeed state from storage, finish with the planned number of steps and not redo the saved
+    ones. With S3 storage the final model comes back as a local HF folder."""
     from raydistill.train import fit, read_train_state
 
-    job = _job(tmp_path, svamp_small, "sft-kill", zero_stage=3, epochs=8, checkpoint_every_steps=4,
-               max_failures=2)
-    run_dir = Path(job.storage_path) / job.run_name
+    job = replace(_job(tmp_path, svamp_small, "sft-kill", zero_stage=3, epochs=8, checkpoint_every_steps=4,
+                       max_failures=2), storage_path=storage)
     killed: list[int] = []
-    killer = threading.Thread(target=_kill_rank_after_checkpoints, args=(run_dir, 1, killed), daemon=True)
+    killer = threading.Thread(target=_kill_rank_after_checkpoints, args=(storage, job.run_name, 1, killed),
+                              daemon=True)
     killer.start()
-    result = fit(job)
+    result = fit(job, download_to=tmp_path / "downloaded")
     killer.join(timeout=5)
 
     assert killed, "no worker was killed: the run ended before a checkpoint appeared"
@@ -121,30 +129,51 @@ def test_sigkilled_worker_resumes_from_the_last_checkpoint(tmp_path, model_cache
     assert len(result.resumed_at) == 1 and result.resumed_at[0] >= 4 and result.resumed_at[0] % 4 == 0
     steps = [point["step"] for point in read_train_state(result.model_path)["history"]]
     assert steps == list(range(1, result.steps + 1))
-    restarted = json.loads((run_dir / "workers" / "rank1.json").read_text())
+    restarted = _read_json(storage, f"{job.run_name}/workers/rank1.json")
     assert restarted["pid"] != killed[0] and restarted["start_step"] == result.resumed_at[0]
     _assert_plain_hf_folder(result.model_path)
+    if storage.startswith("s3://"):
+        final = Path(result.model_path)
+        assert final.parent == tmp_path / "downloaded" and final.name.endswith("_final")
+        stored = _list(storage, job.run_name)
+        assert f"{job.run_name}/{final.name}/{TRAIN_STATE_FILE}" in stored
+        assert f"{job.run_name}/{final.name}/model.safetensors" in stored
+        assert not (tmp_path / "ray").exists()
 
 
-def _kill_rank_after_checkpoints(run_dir: Path, rank: int, killed: list[int], timeout: float = 300) -> None:
+def _kill_rank_after_checkpoints(storage: str, run_name: str, rank: int, killed: list[int],
+                                 timeout: float = 300) -> None:
     """SIGKILL `rank` once Ray's controller has registered a (non-final) checkpoint."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        latest = _registered_checkpoint(run_dir)
+        snapshot = _read_json(storage, f"{run_name}/checkpoint_manager_snapshot.json") or {}
+        latest = (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
         if latest and latest.endswith("_final"):
             return  # the run finished first: nothing left to interrupt
-        info = run_dir / "workers" / f"rank{rank}.json"
-        if latest and info.exists():
-            pid = json.loads(info.read_text())["pid"]
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
+        info = _read_json(storage, f"{run_name}/workers/rank{rank}.json")
+        if latest and info:
+            os.kill(info["pid"], signal.SIGKILL)
+            killed.append(info["pid"])
             return
-        time.sleep(0.05)
+        time.sleep(0.1)
 
 
-def _registered_checkpoint(run_dir: Path) -> str | None:
+def _read_json(storage: str, relative: str) -> dict | None:
+    """A JSON file under the storage (local folder or URI); None while it is missing or half-written."""
+    import pyarrow.fs
+
+    fs, base = pyarrow.fs.FileSystem.from_uri(storage)
     try:
-        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+        with fs.open_input_stream(f"{base}/{relative}") as stream:
+            return json.loads(stream.read())
     except (OSError, ValueError):
         return None
-    return (snapshot.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
+
+
+def _list(storage: str, relative: str) -> set[str]:
+    """Paths of the files under `relative` in the storage, relative to the storage root."""
+    import pyarrow.fs
+
+    fs, base = pyarrow.fs.FileSystem.from_uri(storage)
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(f"{base}/{relative}", recursive=True))
+    return {info.path[len(base) + 1:] for info in infos if info.type == pyarrow.fs.FileType.File}

@@ -4,7 +4,9 @@ Writes one JSON file with:
 
 (a) ceiling   - rows/s at zero server latency and high concurrency: what the CPU allows.
 (b) latency   - rows/s at a realistic teacher reply time (2 s) for concurrency 1, 8, 64, 256, each
-                next to its bound min(concurrency / latency, ceiling).
+                next to its bound min(concurrency / latency, ceiling): over the whole run, and
+                settled (steady_rows_per_s: the first two latency periods, when the replies of a
+                whole concurrency arrive at once, and the last one, the drain, left out).
 (c) sequential - a plain loop of litellm.completion calls at the same latency, and the speed-up of
                 each concurrency over it.
 (d) cpu       - where the CPU of a row goes: the annotator actors, the driver, Ray's own processes,
@@ -14,7 +16,7 @@ Writes one JSON file with:
 Rows/s are measured at the server, from the first request received to the last reply sent, so they
 exclude the pipeline's start-up (actor start and the litellm import, reported as startup_s).
 
-    python benchmarks/annotate.py --out outputs/bench/annotate.json            # about 4 minutes
+    python benchmarks/annotate.py --out outputs/bench/annotate.json            # about 6 minutes
     python benchmarks/annotate.py --quick --out /tmp/annotate.json             # a smoke run
 """
 
@@ -27,6 +29,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 import argparse
 import asyncio
 import json
+import math
 import platform
 import shutil
 import sys
@@ -88,8 +91,21 @@ def _cpu_delta(before: dict[int, tuple[str, float]], after: dict[int, tuple[str,
     return sum(v - before.get(pid, (k, 0.0))[1] for pid, (k, v) in after.items() if k == kind)
 
 
+def _steady_rate(log: list[dict], first: float, last: float, latency: float) -> float | None:
+    """Rows/s once the run has settled, by Little's law: the mean number of requests held by the
+    server between two latency periods after the first request (the ramp-up, when a whole
+    concurrency's replies arrive at once) and one latency period before the last reply (the drain),
+    over the mean time the server held a request. None for runs too short to have that window."""
+    lo, hi = first + 2 * latency, last - latency
+    if latency <= 0 or hi - lo < 2 * latency:
+        return None
+    held = sum(max(0.0, min(e["t_done"], hi) - max(e["t_recv"], lo)) for e in log)  # request-seconds
+    mean_latency = sum(e["t_done"] - e["t_recv"] for e in log) / len(log)
+    return held / (hi - lo) / mean_latency
+
+
 def run_pipeline(server: ServerProcess, work: Path, n: int, concurrency: int, tag: str, actors: int,
-                 batch: int, provider: str = "openai") -> dict:
+                 batch: int, provider: str = "openai", latency: float = 0.0) -> dict:
     qpath, _ = _questions(work, n, tag)
     spec = A.AnnotationSpec(
         task="svamp", level=3,
@@ -115,6 +131,7 @@ def run_pipeline(server: ServerProcess, work: Path, n: int, concurrency: int, ta
         "rows": n,
         "actors": min(actors, concurrency),
         "rows_per_s": n / span if span > 0 else float("inf"),
+        "steady_rows_per_s": _steady_rate(log, first, last, latency),
         "end_to_end_rows_per_s": n / wall,
         "wall_s": wall,
         "startup_s": first - t0,
@@ -196,6 +213,25 @@ def microbench(server: ServerProcess, calls: int, concurrency: int) -> dict:
     }
 
 
+def _actors(args: argparse.Namespace, concurrency: int) -> int:
+    """--actors, or the layout docs/annotate.md recommends: at most 64 requests in flight per actor."""
+    return args.actors or max(2, math.ceil(concurrency / 64))
+
+
+def _against_bound(r: dict, latency_bound: float, ceiling: float) -> None:
+    r["bound"] = min(latency_bound, ceiling)
+    r["ratio_to_bound"] = r["rows_per_s"] / r["bound"]
+    steady = r["steady_rows_per_s"]
+    r["steady_ratio_to_bound"] = None if steady is None else steady / r["bound"]
+
+
+def _line(r: dict) -> str:
+    steady = "" if r["steady_rows_per_s"] is None else \
+        f"; settled {r['steady_rows_per_s']:.2f} rows/s ({100 * r['steady_ratio_to_bound']:.0f}%)"
+    return (f"concurrency {r['concurrency']}: {r['rows_per_s']:.2f} rows/s, bound {r['bound']:.2f} "
+            f"({100 * r['ratio_to_bound']:.0f}%){steady}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="outputs/bench/annotate.json")
@@ -205,9 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", default="1,8,64,256")
     p.add_argument("--ceiling-rows", type=int, default=3000)
     p.add_argument("--ceiling-concurrency", type=int, default=256)
-    p.add_argument("--waves", type=int, default=5, help="rows per latency run = waves x concurrency")
-    p.add_argument("--actors", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--waves", type=int, default=15, help="rows per latency run = waves x concurrency")
+    p.add_argument("--actors", type=int, default=0,
+                   help="annotator actors (0.5 CPU each); 0: one per 64 requests in flight, at least 2")
+    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--sequential-rows", type=int, default=5)
     p.add_argument("--provider", default="openai", choices=["openai", "hosted_vllm"],
                    help="litellm route to the server: openai/<name> (OpenAI SDK) or hosted_vllm/<name>")
@@ -223,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                     "load_avg_at_start": os.getloadavg()},
-        "settings": {"latency_s": args.latency, "jitter_s": args.jitter, "actors": args.actors,
+        "settings": {"latency_s": args.latency, "jitter_s": args.jitter, "actors": args.actors or "auto",
                      "batch_size": args.batch_size, "provider": args.provider},
     }
     try:
@@ -231,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             result["microbench"] = microbench(fast, calls=400, concurrency=64)
             ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False)
             ceiling = run_pipeline(fast, work, args.ceiling_rows, args.ceiling_concurrency, "ceiling",
-                                   args.actors, args.batch_size, args.provider)
+                                   _actors(args, args.ceiling_concurrency), args.batch_size, args.provider)
             result["ceiling"] = ceiling
             print(f"ceiling: {ceiling['rows_per_s']:.1f} rows/s at concurrency {args.ceiling_concurrency}", flush=True)
         with ServerProcess(work / "slow", latency=args.latency) as slow:
@@ -239,25 +276,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"sequential: {result['sequential']['rows_per_s']:.3f} rows/s", flush=True)
             rows = []
             for c in [int(x) for x in args.concurrency.split(",")]:
-                r = run_pipeline(slow, work, max(2, args.waves * c), c, f"c{c}", args.actors, args.batch_size, args.provider)
-                r["bound"] = min(c / args.latency, ceiling["rows_per_s"])
-                r["ratio_to_bound"] = r["rows_per_s"] / r["bound"]
+                r = run_pipeline(slow, work, max(2, args.waves * c), c, f"c{c}", _actors(args, c), args.batch_size,
+                                 args.provider, args.latency)
+                _against_bound(r, c / args.latency, ceiling["rows_per_s"])
                 r["speedup_vs_sequential"] = r["rows_per_s"] / result["sequential"]["rows_per_s"]
                 rows.append(r)
-                print(f"concurrency {c}: {r['rows_per_s']:.2f} rows/s, bound {r['bound']:.2f} "
-                      f"({100 * r['ratio_to_bound']:.0f}%), {r['speedup_vs_sequential']:.1f}x sequential", flush=True)
+                print(f"{_line(r)}, {r['speedup_vs_sequential']:.1f}x sequential", flush=True)
             result["latency"] = rows
         if args.jitter:
             with ServerProcess(work / "jitter", latency=args.latency, latency_jitter=args.jitter) as slow:
                 rows = []
                 for c in [int(x) for x in args.concurrency.split(",") if int(x) >= 64]:
-                    r = run_pipeline(slow, work, max(2, args.waves * c), c, f"j{c}", args.actors, args.batch_size, args.provider)
-                    r["bound"] = min(c / args.latency, ceiling["rows_per_s"])
-                    r["ratio_to_bound"] = r["rows_per_s"] / r["bound"]
+                    r = run_pipeline(slow, work, max(2, args.waves * c), c, f"j{c}", _actors(args, c), args.batch_size,
+                                     args.provider, args.latency)
+                    _against_bound(r, c / args.latency, ceiling["rows_per_s"])
                     r["speedup_vs_sequential"] = r["rows_per_s"] / result["sequential"]["rows_per_s"]
                     rows.append(r)
-                    print(f"concurrency {c}, latency {args.latency} +- {args.jitter} s: {r['rows_per_s']:.2f} rows/s, "
-                          f"bound {r['bound']:.2f} ({100 * r['ratio_to_bound']:.0f}%)", flush=True)
+                    print(f"latency {args.latency} +- {args.jitter} s, {_line(r)}", flush=True)
                 result["latency_jittered"] = rows
         ray.shutdown()
     finally:

@@ -197,7 +197,7 @@ class RuntimeSpec(_Strict):
 
     concurrency: int = Field(64, ge=1, description="requests in flight across all actors")
     num_actors: int = Field(2, ge=1)
-    batch_size: int = Field(16, ge=1, description="rows per Ray Data batch (and block)")
+    batch_size: int = Field(64, ge=1, description="rows per Ray Data batch (and block)")
     num_cpus_per_actor: float = Field(1.0, ge=0)
     resources_per_actor: dict[str, float] = Field(
         default_factory=dict, description="custom Ray resources per actor, e.g. {annotation_node: 1} on a cluster")

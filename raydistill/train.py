@@ -380,8 +380,10 @@ def _local_model_folder(checkpoint, download_to: str | os.PathLike | None) -> st
         return checkpoint.path
     from raydistill.students import default_cache_dir
 
-    root = Path(download_to) if download_to else default_cache_dir() / "checkpoints" / checkpoint.filesystem.type_name
-    target = root / checkpoint.path if not download_to else root / Path(checkpoint.path).name
+    if download_to:
+        target = Path(download_to) / Path(checkpoint.path).name
+    else:  # mirrors bucket/prefix/run/checkpoint under <cache>/checkpoints/<s3|gcs|...>/
+        target = default_cache_dir() / "checkpoints" / checkpoint.filesystem.type_name / checkpoint.path
     if not (target / TRAIN_STATE_FILE).exists():
         partial = target.with_name(target.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
@@ -430,6 +432,8 @@ def train_loop_per_worker(config: dict) -> None:
         config=ds_config,
         lr_scheduler=_cosine_schedule(spec, total_steps),
     )
+    if world == 1 and engine.zero_optimization_stage() == 0:
+        engine.enable_backward_allreduce = False  # one rank: averaging over ranks would only copy every gradient
 
     state = _restore(engine) or {"step": 0, "history": [], "resumed_at": []}
     if state.get("final"):  # the run had finished; its model is already the latest checkpoint
@@ -471,14 +475,16 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 def _deepspeed_setup(engine) -> dict:
-    """What DeepSpeed ran with: the ZeRO stage and where optimizer state and parameters lived."""
+    """What DeepSpeed ran with: the ZeRO stage, where optimizer state and parameters lived, and whether
+    the engine all-reduced gradients itself (off for ZeRO stage 0 on one worker)."""
 
     def device(offload) -> str:
         return "none" if offload is None else str(getattr(offload.device, "value", offload.device))
 
     return {"zero_stage": engine.zero_optimization_stage(),
             "offload_optimizer": device(engine.zero_offload_optimizer()),
-            "offload_param": device(engine.zero_offload_param())}
+            "offload_param": device(engine.zero_offload_param()),
+            "gradient_allreduce": engine.enable_backward_allreduce}
 
 
 def _report_final_model(engine, tokenizer, spec: TrainSpec, job: TrainJob, state: dict, rank: int,

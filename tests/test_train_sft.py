@@ -76,22 +76,26 @@ def _assert_plain_hf_folder(model_path: str) -> None:
     assert model(**ids).logits.shape[-1] == model.config.vocab_size
 
 
-@pytest.mark.parametrize("zero_stage,lora,deepspeed_config,offload", [
-    (2, None, None, "none"),
-    (3, LoraSpec(r=8, alpha=16), None, "none"),
-    (3, None, "zero3_offload.json", "cpu"),
-], ids=["zero2-full", "zero3-lora", "zero3-offload-full"])
+@pytest.mark.parametrize("zero_stage,lora,deepspeed_config,offload,workers", [
+    (2, None, None, "none", 2),
+    (3, LoraSpec(r=8, alpha=16), None, "none", 2),
+    (3, None, "zero3_offload.json", "cpu", 2),
+    (0, None, None, "none", 1),
+], ids=["zero2-full", "zero3-lora", "zero3-offload-full", "zero0-one-worker"])
 def test_loss_decreases_and_model_is_a_plain_hf_folder(tmp_path, model_cache, ray_local, svamp_small,
-                                                       zero_stage, lora, deepspeed_config, offload):
+                                                       zero_stage, lora, deepspeed_config, offload, workers):
+    """ZeRO stage 0 on one worker runs without DeepSpeed's gradient all-reduce (nothing to average)."""
     from raydistill.train import fit, read_train_state
 
     lr, drop = (2e-3, 0.9) if lora is None else (1e-2, 0.97)  # LoRA on a random tiny model learns slowly
     job = _job(tmp_path, svamp_small, f"sft-z{zero_stage}", zero_stage=zero_stage, lora=lora, learning_rate=lr,
-               deepspeed_config=deepspeed_config)
+               deepspeed_config=deepspeed_config, num_workers=workers)
     result = fit(job)
 
     setup = read_train_state(result.model_path)["deepspeed"]
-    assert setup == {"zero_stage": zero_stage, "offload_optimizer": offload, "offload_param": offload}
+    assert {key: setup[key] for key in ("zero_stage", "offload_optimizer", "offload_param")} == \
+        {"zero_stage": zero_stage, "offload_optimizer": offload, "offload_param": offload}
+    assert setup["gradient_allreduce"] is not (zero_stage == 0 and workers == 1)
 
     assert result.steps == 4 * 16 // 4
     losses = _losses(result.model_path)

@@ -587,8 +587,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", default="outputs/train",
                         help="storage for checkpoints: a local folder or a URI such as s3://bucket/runs or "
                              "gs://bucket/runs (credentials from the environment, as for pyarrow)")
-    parser.add_argument("--download-to", help="with URI storage, the local folder the final model is copied "
-                                              "to (default: under $RAYDISTILL_CACHE_DIR/checkpoints)")
+    parser.add_argument("--download-to", help="with URI storage, the local folder the final model is copied to "
+                                              "(default: checkpoints/ in the model cache, $RAYDISTILL_CACHE_DIR "
+                                              "or ~/.cache/raydistill/models)")
     parser.add_argument("--name", default="sft", help="run name under --out")
     parser.add_argument("--config", help="YAML of TrainSpec fields (e.g. zero_stage, lora, deepspeed_config)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -229,6 +229,19 @@ def test_fit_checks_the_checkpoint_storage_before_starting_workers(tmp_path, sto
     assert "hunter2" not in str(err.value)
 
 
+def test_train_cli_refuses_credentials_in_the_storage_uri_without_echoing_them(tmp_path, capsys):
+    from raydistill.train import main
+
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.table({"question": ["q"], "rationale": ["r"]}), path)
+    with pytest.raises(SystemExit) as exit_:
+        main(["--student", "tiny-llama", "--data", str(path), "--out", "s3://AKIAXXXX:hunter2@bucket/runs"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "checkpoint storage 's3://***@bucket/runs'" in err and "holds credentials" in err
+    assert "hunter2" not in err and "Traceback" not in err
+
+
 # ============================================================================ annotation questions Parquet
 
 

@@ -601,17 +601,17 @@ def main(argv: list[str]) -> int:
     from raydistill.students import StudentError, resolve_student
     from raydistill.sweep import parse_overrides
 
+    storage = args.out if "://" in args.out else str(Path(args.out).resolve())
     try:
         spec = load_train_spec(args.config, parse_overrides(args.set))
         read_examples(args.data)
-        check_storage(args.out if "://" in args.out else str(Path(args.out).resolve()))
+        check_storage(storage)
         model_path = resolve_student(args.student)
     except (TrainInputError, StudentError, SpecError) as err:
         parser.error(str(err))
     job = TrainJob(student=args.student, model_path=str(model_path),
                    data_path=str(Path(args.data).resolve()), run_name=args.name,
-                   storage_path=args.out if "://" in args.out else str(Path(args.out).resolve()),
-                   spec=spec.model_dump())
+                   storage_path=storage, spec=spec.model_dump())
     ray.init(ignore_reinit_error=True)
     result = fit(job, download_to=args.download_to)
     print(json.dumps(asdict(result), indent=2))

@@ -42,34 +42,41 @@ def s3_storage(tmp_path, monkeypatch):
     import socket
     import subprocess
     import sys
-    import time
-    import urllib.request
 
     import pyarrow.fs
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    log = open(tmp_path / "s3-server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
+    log_path = tmp_path / "s3-server.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT)
+        try:
+            _wait_until_serving(f"http://127.0.0.1:{port}/", proc, log_path)
+            for name, value in [("AWS_ACCESS_KEY_ID", "test-key"), ("AWS_SECRET_ACCESS_KEY", "test-secret"),
+                                ("AWS_DEFAULT_REGION", "us-east-1")]:
+                monkeypatch.setenv(name, value)
+            uri = f"s3://raydistill-test/runs?endpoint_override=127.0.0.1:{port}&scheme=http"
+            admin, _ = pyarrow.fs.FileSystem.from_uri(uri + "&allow_bucket_creation=true")
+            admin.create_dir("raydistill-test")
+            yield uri
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+def _wait_until_serving(url: str, proc, log_path: Path, timeout: float = 60) -> None:
+    """Return once `url` answers; raise naming the log if the server process ends or time runs out."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
     while True:
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).close()
-            break
+            urllib.request.urlopen(url, timeout=2).close()
+            return
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"the local S3 server did not start; see {tmp_path / 's3-server.log'}")
+                raise RuntimeError(f"the local S3 server did not start; see {log_path}") from None
             time.sleep(0.2)
-    for name, value in [("AWS_ACCESS_KEY_ID", "test-key"), ("AWS_SECRET_ACCESS_KEY", "test-secret"),
-                        ("AWS_DEFAULT_REGION", "us-east-1")]:
-        monkeypatch.setenv(name, value)
-    uri = f"s3://raydistill-test/runs?endpoint_override=127.0.0.1:{port}&scheme=http"
-    admin, _ = pyarrow.fs.FileSystem.from_uri(uri + "&allow_bucket_creation=true")
-    admin.create_dir("raydistill-test")
-    yield uri
-    proc.terminate()
-    proc.wait(10)
-    log.close()

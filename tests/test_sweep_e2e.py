@@ -24,7 +24,8 @@ TEST_LIMIT = 12
 
 def _tiny_sweep(tmp_path, checkpoint_storage):
     return sweep_from_dict({
-        "name": "tiny", "output_dir": str(tmp_path), "checkpoint_storage": checkpoint_storage, "datasets": ["svamp"], "teachers": ["chatgpt"],
+        "name": "tiny", "output_dir": str(tmp_path), "checkpoint_storage": checkpoint_storage,
+        "datasets": ["svamp"], "teachers": ["chatgpt"],
         "levels": [1, 6], "students": ["tiny-llama"], "train_limit": 32, "test_limit": TEST_LIMIT,
         "train": {"epochs": 2, "global_batch_size": 8, "micro_batch_size": 4, "num_workers": 2,
                   "zero_stage": 3, "cutoff_len": 256, "learning_rate": 3e-3},
@@ -38,12 +39,12 @@ def test_tiny_sweep_end_to_end(tmp_path, model_cache, s3_storage, ray_local):
     records = run_sweep(spec)
     assert sorted(r["axes"]["level"] for r in records) == ["1", "6"]
 
-    bucket, _ = pyarrow.fs.FileSystem.from_uri(s3_storage)
+    bucket, prefix = pyarrow.fs.FileSystem.from_uri(s3_storage)
     for record in records:
         # Training: checkpoints in the bucket, the final model copied into the trial's folder.
         model = Path(record["model_path"])
         assert model.parent == spec.run_dir / "trials" / record["trial_hash"] / "model"
-        stored = bucket.get_file_info(f"raydistill-test/runs/train-{record['trial_hash']}/{model.name}/config.json")
+        stored = bucket.get_file_info(f"{prefix}/train-{record['trial_hash']}/{model.name}/config.json")
         assert stored.type == pyarrow.fs.FileType.File
         assert not (spec.run_dir / "ray" / f"train-{record['trial_hash']}").exists()
         m = record["metrics"]

@@ -3,6 +3,7 @@ and resume after a worker is SIGKILLed mid-run, with checkpoints in a local fold
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -162,11 +163,17 @@ def _kill_rank_after_checkpoints(storage: str, run_name: str, rank: int, killed:
         time.sleep(0.1)
 
 
-def _read_json(storage: str, relative: str) -> dict | None:
-    """A JSON file under the storage (local folder or URI); None while it is missing or half-written."""
+@functools.lru_cache
+def _filesystem(storage: str):
+    """(pyarrow file system, base path) of a storage path or URI, opened once per storage."""
     import pyarrow.fs
 
-    fs, base = pyarrow.fs.FileSystem.from_uri(storage)
+    return pyarrow.fs.FileSystem.from_uri(storage)
+
+
+def _read_json(storage: str, relative: str) -> dict | None:
+    """A JSON file under the storage (local folder or URI); None while it is missing or half-written."""
+    fs, base = _filesystem(storage)
     try:
         with fs.open_input_stream(f"{base}/{relative}") as stream:
             return json.loads(stream.read())
@@ -178,6 +185,6 @@ def _list(storage: str, relative: str) -> set[str]:
     """Paths of the files under `relative` in the storage, relative to the storage root."""
     import pyarrow.fs
 
-    fs, base = pyarrow.fs.FileSystem.from_uri(storage)
+    fs, base = _filesystem(storage)
     infos = fs.get_file_info(pyarrow.fs.FileSelector(f"{base}/{relative}", recursive=True))
     return {info.path[len(base) + 1:] for info in infos if info.type == pyarrow.fs.FileType.File}

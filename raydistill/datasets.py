@@ -5,9 +5,9 @@ pinned in ``data/upstream.json`` (``distilling-cot/...``, ``mammoth2-math-eval/.
 ``resolve`` finds it in a mirror folder (``RAYDISTILL_DATA_DIR``), then in a local cache
 (``RAYDISTILL_CACHE_DIR``), then downloads it from the pinned commit and checks its sha256.
 
-Each task is one ``Task`` entry in ``TASKS``. Its training files are not listed by hand: they
-are read from the release's ``dataset_info.json`` (LLaMA-Factory's dataset table) through the
-task's ``aliases`` and exposed on our axes: teacher (chatgpt = GPT-4o, gemini, llama, human,
+Tasks come from the registry (`raydistill.tasks`). Their training files are not listed by hand:
+they are read from the release's ``dataset_info.json`` (LLaMA-Factory's dataset table) through
+each task's ``release_names`` and exposed on our axes: teacher (chatgpt = GPT-4o, gemini, llama, human,
 answer_only), level 1-6 (none for human / answer_only) and format (cot, bsm, rar, sym).
 
 Everything loads as a pyarrow Table with ``raydistill.schemas.EXAMPLE_SCHEMA``. Training tables
@@ -28,13 +28,15 @@ import urllib.request
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Union
+
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raydistill import answers
 from raydistill.schemas import EXAMPLE_SCHEMA
+from raydistill.tasks import TASKS, get_task
+from raydistill.tasks.base import Field
 
 log = logging.getLogger(__name__)
 
@@ -80,31 +82,6 @@ class MalformedData(ValueError):
 
 # ----------------------------------------------------------------------------- registry
 
-Field = Union[str, Callable[[dict], Any]]  # a column name, or a function of the row
-
-
-@dataclass(frozen=True)
-class TestSet:
-    """How to read a task's test file into (question, rationale, answer)."""
-
-    __test__ = False  # not a pytest class
-
-    path: str
-    question: Field
-    answer: Field
-    rationale: Field | None = None  # None: ""
-    minus_train: bool = False  # drop questions of the task's training files (SVAMP)
-
-
-@dataclass(frozen=True)
-class Task:
-    """One registry entry. ``aliases``: how dataset_info.json prefixes this task's entries."""
-
-    name: str
-    kind: str  # "math" | "commonsense"
-    test: TestSet
-    aliases: tuple[str, ...]
-
 
 @dataclass(frozen=True)
 class TrainFile:
@@ -120,46 +97,6 @@ class TrainFile:
     @property
     def cell(self) -> tuple[str, int | None, str]:
         return (self.teacher, self.level, self.format)
-
-
-def _svamp_question(row: dict) -> str:
-    return f"{row['Body'].strip()} {row['Question'].strip()}"
-
-
-def _aqua_question(row: dict) -> str:
-    """Question plus "Answer Choices: (A) .. (B) ..", the training files' layout."""
-    choices = []
-    for option in row["options"]:
-        letter, sep, text = option.partition(")")
-        choices.append(f"({letter.strip()}) {text.strip()}" if sep else option.strip())
-    return f"{row['question'].strip()} Answer Choices: {' '.join(choices)}"
-
-
-_MAMMOTH = "mammoth2-math-eval/"
-_REASONING = "distilling-cot/test/"
-
-TASKS: dict[str, Task] = {t.name: t for t in (
-    Task("svamp", "math", aliases=("svamp",), test=TestSet(
-        _MAMMOTH + "SVAMP/SVAMP.json", _svamp_question, "Answer", minus_train=True)),
-    Task("gsm8k", "math", aliases=("gsm8k",), test=TestSet(
-        _MAMMOTH + "gsm8k/gsm8k.jsonl", "question", "answer", "answer")),
-    Task("aqua", "math", aliases=("aqua", "auqa"), test=TestSet(
-        _MAMMOTH + "AQuA/AQuA.json", _aqua_question, "correct", "rationale")),
-    Task("math", "math", aliases=("math", "math_mix"), test=TestSet(
-        _MAMMOTH + "math/math_500.jsonl", "problem", "answer", "solution")),
-    Task("csqa", "commonsense", aliases=("cqa", "csqa", "ecqa"), test=TestSet(
-        _REASONING + "csqa_test.json", "instruction", "label")),
-    Task("obqa", "commonsense", aliases=("obqa",), test=TestSet(
-        _REASONING + "openbookQA_test.json", "instruction", "label")),
-    Task("strategyqa", "commonsense", aliases=("stqa",), test=TestSet(
-        _REASONING + "strategyQA_test.json", "instruction", "label")),
-)}
-
-
-def get_task(name: str) -> Task:
-    if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
-    return TASKS[name]
 
 
 # ---------------------------------------------------------------------- source resolution
@@ -307,7 +244,7 @@ def _parse_info_name(name: str, file_name: str) -> tuple[str, tuple] | None:
     level = re.search(r"level_?(\d)", file_name, re.IGNORECASE)
     found = None
     for task in TASKS.values():
-        for alias in task.aliases:
+        for alias in task.release_names:
             if not name.lower().startswith(alias + "_"):
                 continue
             rest = name.lower()[len(alias) + 1:]
@@ -451,12 +388,12 @@ def _questions(tf: TrainFile) -> dict[str, str]:
 # ------------------------------------------------------------------------ training sets
 
 
-def _gold_answers(task: str) -> dict[str, str]:
+def _gold_answers(task: str, repair: bool = False) -> dict[str, str]:
     """question_id -> normalised gold answer from the task's answer-only file."""
     out = {}
     for qid, raw in _questions(train_file(task, "answer_only")).items():
         try:
-            out[qid] = answers.normalize_gold(task, raw)
+            out[qid] = answers.normalize_gold(task, repair_gold(raw) if repair else raw)
         except ValueError:
             log.debug("%s: answer-only gold %r does not normalise", task, raw)
     return out
@@ -474,13 +411,17 @@ def _train_answer(task: str, qid: str, rationale: str, golds: dict[str, str]) ->
         return extracted
 
 
-def load_train(task: str, teacher: str, level: int | None = None, fmt: str = "cot") -> pa.Table:
+def load_train(task: str, teacher: str, level: int | None = None, fmt: str = "cot",
+               repair: bool = False) -> pa.Table:
     """One training cell as EXAMPLE_SCHEMA rows, with every test question removed.
 
-    ``rationale`` is the upstream training target verbatim (for answer_only: the bare answer).
-    ``answer`` comes from the task's answer-only file, else from ``answers.extract`` of the
-    rationale, else "". Rows whose question_id is in ``load_test(task)`` are dropped and
-    counted in the log: StrategyQA's human file holds all 290 test questions.
+    ``rationale`` is the upstream training target verbatim; for answer_only it is the released
+    answer in the task's answer-only form ("The answer is B."), which the paper's graders read
+    (a bare "B" never matches the reasoning evaluator's pattern). ``answer`` comes from the
+    task's answer-only file, else from ``answers.extract`` of the rationale, else "". Rows whose
+    question_id is in ``load_test(task)`` are dropped and counted in the log: StrategyQA's human
+    file holds all 290 test questions. ``repair`` applies `repair_target` and `repair_gold`
+    (opt-in; the default is the release as the paper trained on it).
 
     A row without the response column (or with null or blank text) is skipped and counted, as
     LLaMA-Factory drops examples without a response: math_gemini_level1_ranked.json has 195 rows
@@ -491,7 +432,7 @@ def load_train(task: str, teacher: str, level: int | None = None, fmt: str = "co
     tf = train_file(task, teacher, level, fmt)
     raw = read_rows(tf.path)
     test_ids = set(load_test(task).column("question_id").to_pylist())
-    golds = _gold_answers(task)
+    golds = _gold_answers(task, repair)
     rows, leaked, unannotated = [], 0, []
     for i, row in enumerate(raw):
         question = _nonempty_question(_get(row, tf.prompt, tf.path, i), tf.prompt, tf.path, i)
@@ -503,8 +444,12 @@ def load_train(task: str, teacher: str, level: int | None = None, fmt: str = "co
             leaked += 1
             continue
         rationale = _get(row, tf.response, tf.path, i)
-        rows.append((question, rationale, _train_answer(task, qid, rationale, golds),
-                     f"{tf.path}#{i}"))
+        if teacher == "answer_only":
+            rationale = get_task(task).answer_only(repair_gold(rationale) if repair else rationale)
+        answer = _train_answer(task, qid, rationale, golds)
+        if repair:
+            rationale = repair_target(task, rationale, answer)
+        rows.append((question, rationale, answer, f"{tf.path}#{i}"))
     if raw and len(unannotated) == len(raw):
         raise MalformedData(f"{tf.path}: no row has column {tf.response!r}")
     if unannotated:
@@ -518,6 +463,75 @@ def load_train(task: str, teacher: str, level: int | None = None, fmt: str = "co
         log.info("%s %s: %d rows have no gold answer (answer \"\")",
                  task, _cell_name(tf.cell), missing)
     return _table(rows)
+
+
+# ----------------------------------------------------------------------- repair and ceiling
+
+
+def repair_gold(raw: str) -> str:
+    """A released gold answer with LaTeX escapes eaten by JSON restored and cut braces closed
+    (released MATH golds such as "2\\sqrt{5" were cut at a "}")."""
+    s = answers.repair_escapes(str(raw))
+    return s + "}" * max(0, s.count("{") - s.count("}"))
+
+
+def repair_target(task: str, rationale: str, answer: str) -> str:
+    """The opt-in target repair (``repair_targets``): restore LaTeX escapes eaten by JSON, and
+    mark the final answer of a target that has no answer trigger and does not grade correct
+    (many human MATH solutions end without one) by appending the task's answer form. A target
+    that states a wrong answer is left as it is: that is the teacher's error, not the file's."""
+    fixed = answers.repair_escapes(rationale)
+    if not answer or answers.is_correct(task, fixed, answer):
+        return fixed
+    grader = get_task(task).grader
+    triggers = getattr(grader, "triggers", answers.TRIGGERS)
+    if any(t in fixed for t in triggers):
+        return fixed
+    return f"{fixed.rstrip()} {get_task(task).answer_only(answer)}"
+
+
+def target_ceiling(task: str, table: pa.Table, options: answers.GraderOptions = answers.PAPER_GRADING) -> float | None:
+    """Share of a cell's training targets graded correct against their own answers: the accuracy
+    of a student that reproduced its targets exactly. None for an empty table."""
+    rows = table.select(["rationale", "answer"]).to_pylist()
+    if not rows:
+        return None
+    return sum(bool(r["answer"]) and answers.is_correct(task, r["rationale"], r["answer"], options)
+               for r in rows) / len(rows)
+
+
+# ------------------------------------------------------------------------ content digests
+
+
+def train_sources(task: str, teacher: str, level: int | None = None, fmt: str = "cot") -> list[str]:
+    """Relative paths of every file `load_train` reads for this cell (its identity's inputs)."""
+    paths = [DATASET_INFO, train_file(task, teacher, level, fmt).path,
+             train_file(task, "answer_only").path, *test_sources(task)]
+    return sorted(set(paths))
+
+
+def test_sources(task: str) -> list[str]:
+    """Relative paths of every file `load_test` reads."""
+    spec = get_task(task).test
+    return sorted({spec.path, *([DATASET_INFO, train_file(task, "answer_only").path] if spec.minus_train else [])})
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def file_digest(relpath: str) -> str:
+    """sha256 of the local copy of a data file (memoised by path, size and mtime)."""
+    path = resolve(relpath)
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return _DIGESTS[key]
+
+
+def digests(relpaths: list[str]) -> dict[str, str]:
+    """relative path -> sha256 of its local copy, for a cell's or a trial's identity."""
+    return {p: file_digest(p) for p in relpaths}
 
 
 def write_parquet(table: pa.Table, path: str | os.PathLike) -> None:
@@ -653,10 +667,30 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.split == "test":
         table = load_test(args.task)
     else:
-        table = load_train(args.task, args.teacher, args.level, args.format)
+        table = load_train(args.task, args.teacher, args.level, args.format, repair=args.repair)
     write_parquet(table, args.out)
     print(f"wrote {table.num_rows} rows to {args.out}")
     return 0
+
+
+def _cmd_ceiling(args: argparse.Namespace) -> int:
+    """Target ceiling of every released cell on this machine (as released, and repaired)."""
+    print(f"{'task':<11}{'cell':<18}{'rows':>6}  {'ceiling':>8}  {'repaired':>8}  file")
+    for name in [args.task] if args.task else list(TASKS):
+        for c in available_cells(name):
+            cell = _cell_name((c.teacher, c.level, c.format))
+            if not c.offline:
+                print(f"{name:<11}{cell:<18}{'':>6}  {'':>8}  {'':>8}  {c.path} (not available offline)")
+                continue
+            table = load_train(name, c.teacher, c.level, c.format)
+            repaired = target_ceiling(name, load_train(name, c.teacher, c.level, c.format, repair=True))
+            print(f"{name:<11}{cell:<18}{table.num_rows:>6}  {_share(target_ceiling(name, table)):>8}  "
+                  f"{_share(repaired):>8}  {c.path}")
+    return 0
+
+
+def _share(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.1f} %"
 
 
 def _cmd_contamination(args: argparse.Namespace) -> int:
@@ -687,7 +721,13 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--level", type=int, choices=LEVELS)
     ex.add_argument("--format", choices=FORMATS, default="cot")
     ex.add_argument("--out", required=True)
+    ex.add_argument("--repair", action="store_true",
+                    help="repair the targets (LaTeX escapes eaten by JSON, unmarked final answers); see docs/grading.md")
     ex.set_defaults(run=_cmd_export)
+    ce = sub.add_parser("ceiling", help="target ceiling per cell: the share of its training targets graded "
+                                         "correct against their own answers (as released and repaired)")
+    ce.add_argument("--task", choices=list(TASKS))
+    ce.set_defaults(run=_cmd_ceiling)
     cc = sub.add_parser("check-contamination", help="train/test question overlap per file")
     cc.add_argument("--task", choices=list(TASKS))
     cc.set_defaults(run=_cmd_contamination)
@@ -700,7 +740,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    """`raydistill data list | export | check-contamination | pin`."""
+    """`raydistill data list | export | ceiling | check-contamination | pin`."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:

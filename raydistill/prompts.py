@@ -4,6 +4,9 @@ The prompt texts live in files under ``data/prompts/`` (override with ``prompt_d
 
     system.md                 the system message; {level_instruction}, {format_instruction}, {answer_rule}
     answer_only.md            the system message of the answer-only probe (hybrid granularity)
+    gold_hint.md              a user turn that also shows the gold answer ({question}, {answer}); only
+                              with ``show_gold`` (opt-in: the released annotations suggest the
+                              paper's teachers saw it)
     levels/level1..6.md       one instruction per granularity level (1 = minimal, 6 = very detailed)
     formats/<format>.md       one instruction per format: cot, least_to_most, rar, bsm, sym
     exemplars/<family>.yaml   the one-shot example per task family (math_numeric, multiple_choice,
@@ -11,7 +14,8 @@ The prompt texts live in files under ``data/prompts/`` (override with ``prompt_d
 
 A request is a chat: system message (level + format instructions), the exemplar question as a
 user turn, the exemplar's solution at the requested level (cot) or in the requested format
-(other formats) as the assistant turn, then the real question as the last user turn.
+(other formats) as the assistant turn, then the real question as the last user turn. The
+exemplar family of a task comes from the task registry (`raydistill.tasks`).
 """
 
 from __future__ import annotations
@@ -25,18 +29,11 @@ from pathlib import Path
 
 import yaml
 
+from raydistill.tasks import TASK_NAMES, get_task
+
 LEVELS = (1, 2, 3, 4, 5, 6)
 FORMATS = ("cot", "least_to_most", "rar", "bsm", "sym")
-TASKS = ("svamp", "gsm8k", "aqua", "math", "csqa", "obqa", "strategyqa")
-FAMILY_OF_TASK = {
-    "svamp": "math_numeric",
-    "gsm8k": "math_numeric",
-    "aqua": "multiple_choice",
-    "csqa": "multiple_choice",
-    "obqa": "multiple_choice",
-    "strategyqa": "yes_no",
-    "math": "math_latex",
-}
+TASKS = TASK_NAMES
 
 DEFAULT_PROMPT_DIR = Path(__file__).resolve().parent.parent / "data" / "prompts"
 
@@ -90,8 +87,9 @@ def _read(path: Path) -> str:
 def _exemplar(prompt_dir: str, task: str) -> Exemplar:
     root = Path(prompt_dir) / "exemplars"
     path = root / f"{task}.yaml"
+    family = get_task(task).exemplars
     if not path.exists():
-        path = root / f"{FAMILY_OF_TASK[task]}.yaml"
+        path = root / f"{family}.yaml"
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -109,7 +107,7 @@ def _exemplar(prompt_dir: str, task: str) -> Exemplar:
     if not need <= set(formats):
         raise PromptError(f"{path}: formats missing {sorted(need - set(formats))}")
     return Exemplar(
-        family=str(data.get("family", FAMILY_OF_TASK[task])),
+        family=str(data.get("family", family)),
         question=unwrap(data["question"]),
         answer=str(data["answer"]),
         answer_rule=str(data["answer_rule"]),
@@ -120,7 +118,7 @@ def _exemplar(prompt_dir: str, task: str) -> Exemplar:
 
 
 def exemplar(task: str, prompt_dir: str | Path | None = None) -> Exemplar:
-    if task not in FAMILY_OF_TASK:
+    if task not in TASKS:
         raise PromptError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     return _exemplar(str(prompt_dir or DEFAULT_PROMPT_DIR), task)
 
@@ -149,18 +147,30 @@ def system_message(task: str, level: int, fmt: str, prompt_dir: str | Path | Non
 
 
 def build_messages(
-    task: str, level: int, fmt: str, question: str, prompt_dir: str | Path | None = None
+    task: str, level: int, fmt: str, question: str, prompt_dir: str | Path | None = None,
+    gold: str | None = None,
 ) -> list[dict[str, str]]:
-    """The chat for one teacher request at granularity ``level`` in format ``fmt``."""
+    """The chat for one teacher request at granularity ``level`` in format ``fmt``.
+
+    With ``gold`` the user turns also show the answer (``gold_hint.md``): the exemplar's own
+    answer in the one-shot turn, ``gold`` in the real one.
+    """
     _check(level, fmt)
     ex = exemplar(task, prompt_dir)
     shot = ex.levels[level] if fmt == "cot" else ex.formats[fmt]
     return [
         {"role": "system", "content": system_message(task, level, fmt, prompt_dir)},
-        {"role": "user", "content": ex.question},
+        {"role": "user", "content": _user_turn(ex.question, ex.answer if gold is not None else None, prompt_dir)},
         {"role": "assistant", "content": shot},
-        {"role": "user", "content": question.strip()},
+        {"role": "user", "content": _user_turn(question.strip(), gold, prompt_dir)},
     ]
+
+
+def _user_turn(question: str, gold: str | None, prompt_dir: str | Path | None) -> str:
+    if gold is None:
+        return question
+    hint = _file(str(prompt_dir or DEFAULT_PROMPT_DIR), "gold_hint.md")
+    return hint.replace("{question}", question).replace("{answer}", str(gold))
 
 
 def answer_only_messages(task: str, question: str, prompt_dir: str | Path | None = None) -> list[dict[str, str]]:
@@ -175,13 +185,14 @@ def answer_only_messages(task: str, question: str, prompt_dir: str | Path | None
     ]
 
 
-def template_fingerprint(task: str, level: int | None, fmt: str, prompt_dir: str | Path | None = None) -> str:
+def template_fingerprint(task: str, level: int | None, fmt: str, prompt_dir: str | Path | None = None,
+                         show_gold: bool = False) -> str:
     """sha256 of the prompt texts a (task, level, format) request uses; part of a cell's identity.
 
-    ``level=None`` fingerprints the answer-only probe.
+    ``level=None`` fingerprints the answer-only probe; ``show_gold`` the variant with the gold hint.
     """
     if level is None:
         msgs = answer_only_messages(task, "{question}", prompt_dir)
     else:
-        msgs = build_messages(task, level, fmt, "{question}", prompt_dir)
+        msgs = build_messages(task, level, fmt, "{question}", prompt_dir, gold="{answer}" if show_gold else None)
     return hashlib.sha256(json.dumps(msgs, ensure_ascii=False, sort_keys=True).encode()).hexdigest()

@@ -36,6 +36,7 @@ ANNOTATION_SCHEMA = pa.schema(
         ("cost_usd", pa.float64()),
         ("latency_s", pa.float64()),
         ("error", pa.string()),  # null when the request succeeded, else why it failed
+        ("finish_reason", pa.string()),  # the teacher's: "stop", "length" (hit max_tokens: cut short), ...
     ]
 )
 

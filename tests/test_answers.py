@@ -1,4 +1,5 @@
-"""Tests for raydistill.answers: unit cases per rule, plus checks on the released data."""
+"""Tests for raydistill.answers: unit cases per rule (the paper's semantics and the opt-in
+leniency), plus checks on the released data."""
 
 from __future__ import annotations
 
@@ -8,7 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from raydistill.answers import TASKS, extract, is_correct, normalize_gold
+from raydistill.answers import GraderOptions, extract, is_correct, normalize_gold
+from raydistill.tasks import TASK_NAMES as TASKS
+
+LENIENT = GraderOptions(math_lenient_latex=True)
+NUMERIC = GraderOptions(math_numeric_equality=True)
 
 # ---------------------------------------------------------------------------- task names
 
@@ -146,17 +151,17 @@ def test_aqua_upper_cases_the_piece_as_upstream_does():
         ("The answer is 320000 acres", "320000"),  # number + words: just the number
         ("The answer is 10^\\circ", "10"),
         ("The answer is \\$5", "5"),
-        ("The answer is 5\\$", "5"),
+        ("The answer is 5\\$", "5\\"),  # strip('$') leaves the backslash, as upstream
         ("The answer is $$x+1$$", "x+1"),
         ("The answer is 50\\%", "50"),
-        ("The answer is 52%.", "52"),
+        ("The answer is 52%.", "52%"),  # a bare % stays: "52%" is not "52" for the paper's grader
         ("The answer is .5", "0.5"),
         ("The answer is 5 \\text{ cm}", "5"),
         ("The answer is $\\frac{1}{2}$.", "\\frac{1}{2}"),
-        ("The answer is \\(\\sqrt{2}\\)", "\\sqrt{2}"),
+        ("The answer is \\(\\sqrt{2}\\)", "\\(\\sqrt{2}\\)"),  # \( \) only go with math_lenient_latex
         ("we get 12 and then 15", "15"),  # no trigger, no box: the last number
-        ("The answer is \x0crac{2}{5}", "\\frac{2}{5}"),  # "\f" eaten by JSON
-        ("The answer is 2 \times 3", "2\\times3"),  # "\t" eaten by JSON
+        ("The answer is \x0crac{2}{5}", "rac{2}{5}"),  # "\f" eaten by JSON: not repaired by default
+        ("The answer is k = 3.0", "3.0"),
     ],
 )
 def test_math_extraction_and_latex_normalisation(text, expected):
@@ -166,6 +171,21 @@ def test_math_extraction_and_latex_normalisation(text, expected):
 @pytest.mark.parametrize("text", ["The answer is", "no digits here", ""])
 def test_math_nothing_found(text):
     assert extract("math", text) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "paper", "lenient"),
+    [
+        ("The answer is 52%.", "52%", "52"),
+        ("The answer is \\(\\sqrt{2}\\)", "\\(\\sqrt{2}\\)", "\\sqrt{2}"),
+        ("The answer is \x0crac{2}{5}", "rac{2}{5}", "\\frac{2}{5}"),
+        ("so \x08oxed{\\frac{1}{3}}", "3", "\\frac{1}{3}"),  # "\b" of \boxed eaten: no box, last number
+        ("The answer is 4 \\mbox{ cm}", "4", "4"),
+    ],
+)
+def test_lenient_latex_is_opt_in(text, paper, lenient):
+    assert extract("math", text) == paper
+    assert extract("math", text, LENIENT) == lenient
 
 
 # ---------------------------------------------------------------------- reasoning tasks
@@ -243,7 +263,7 @@ def test_strategyqa_grading_with_boolean_and_string_gold():
         ("math", "\\dfrac{1}{2}", "\\frac{1}{2}"),
         ("math", "\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\frac{\\pi}{2})"),
         ("math", "Thus the area is $\\boxed{12\\sqrt{2}}$.", "12\\sqrt{2}"),
-        ("math", "2\\sqrt{5", "2\\sqrt{5}"),  # released golds cut at the first "}"
+        ("math", "2\\sqrt{5", "2\\sqrt{5"),  # a cut released gold stays cut (repair is opt-in)
         ("math", "441\\text{ pounds", "441"),
         ("math", 7, "7"),
     ],
@@ -308,27 +328,54 @@ def test_aqua_is_case_insensitive():
 
 
 @pytest.mark.parametrize(
-    ("pred", "gold", "expected"),
+    ("pred", "gold"),
     [
-        ("2.59", "2.5", True),  # 4 % of 2.5 is 0.1
-        ("2.41", "2.5", True),
-        ("2.61", "2.5", False),
-        ("2.39", "2.5", False),
-        ("-2.41", "-2.5", True),
-        ("-2.61", "-2.5", False),
-        ("0.519", "\\frac{1}{2}", True),
-        ("0.521", "\\frac{1}{2}", False),
-        ("0.5", "\\dfrac{1}{2}", True),
+        ("3.2", "3"),  # no tolerance, no rounding: MAmmoTH2 compares MATH answers as strings
+        ("255.2", "255"),
+        ("-3.8", "-4"),
+        ("3.0", "3"),
+        ("3%", "3"),
+        ("2.59", "2.5"),
+        ("0.5", "\\frac{1}{2}"),
+        ("1/2", "0.5"),
+        ("x+1", "x+2"),
+    ],
+)
+def test_math_grading_is_exact_string_equality(pred, gold):
+    assert not is_correct("math", f"The answer is {pred}", gold)
+
+
+@pytest.mark.parametrize(
+    ("pred", "gold", "numeric"),
+    [
+        ("3.0", "3", True),
+        ("0.5", "\\frac{1}{2}", True),
         ("\\frac{1}{2}", "0.5", True),
         ("1/2", "0.5", True),
-        ("100.4", "100", True),  # integer gold: the prediction is rounded
-        ("103", "100", False),  # within 4 % but an integer gold must match after rounding
         ("1,000", "1000", True),
+        ("3.2", "3", False),  # equal values only: never a tolerance or rounding
+        ("255.2", "255", False),
+        ("-3.8", "-4", False),
+        ("2.59", "2.5", False),
         ("x+1", "x+2", False),
     ],
 )
-def test_math_numeric_tolerance(pred, gold, expected):
-    assert is_correct("math", f"The answer is {pred}", gold) is expected
+def test_math_numeric_equality_is_opt_in(pred, gold, numeric):
+    assert is_correct("math", f"The answer is {pred}", gold, NUMERIC) is numeric
+
+
+def test_math_equal_strings_after_normalising_both_sides():
+    assert is_correct("math", "The answer is \\dfrac{1}{2}", "\\frac12")
+    assert is_correct("math", "\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}", "(3,\\frac{\\pi}{2})")
+    assert is_correct("math", "The answer is 3", "3")
+
+
+def test_grader_options_name_what_they_enable():
+    assert GraderOptions().label() == "paper" and GraderOptions().enabled() == []
+    both = GraderOptions(math_numeric_equality=True, math_lenient_latex=True)
+    assert both.label() == "math_numeric_equality+math_lenient_latex"
+    with pytest.raises(ValueError):
+        GraderOptions(tolerance=0.04)
 
 
 def test_math_text_wrapper_is_ignored_when_grading():

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raydistill import datasets
+from raydistill import answers, datasets
 from raydistill.datasets import (ChecksumMismatch, DataUnavailable, MalformedData, available_cells,
                                  contamination, load_test, load_train, resolve)
 from raydistill.schemas import EXAMPLE_SCHEMA
@@ -162,6 +162,56 @@ def test_load_train_rows_and_answers():
     assert first["source"] == "distilling-cot/train/SVAMP_ChatGPT_level1_ranked.json#0"
     math = load_train("math", "chatgpt", 1)
     assert math.num_rows == 1297 and math.slice(0, 1).to_pylist()[0]["answer"] == "52"
+
+
+@pytest.mark.parametrize("task", ["svamp", "gsm8k", "aqua", "math", "csqa", "obqa", "strategyqa"])
+def test_answer_only_targets_are_graded_correct(task):
+    """A student that reproduces its answer-only target exactly is graded correct: the released
+    bare labels ("B", "True") become "The answer is B." (0 % of them matched as released)."""
+    table = load_train(task, "answer_only")
+    rows = table.to_pylist()
+    assert all(r["rationale"].startswith("The answer is ") and r["rationale"].endswith(".") for r in rows)
+    correct = sum(bool(r["answer"]) and answers.is_correct(task, r["rationale"], r["answer"]) for r in rows)
+    assert correct / len(rows) >= 0.99
+    assert datasets.target_ceiling(task, table) == pytest.approx(correct / len(rows))
+    bare = [r["rationale"].removeprefix("The answer is ").removesuffix(".") for r in rows[:200]]
+    if task in ("csqa", "obqa", "strategyqa", "math"):  # the bare released form is not gradable
+        assert sum(answers.is_correct(task, b, r["answer"]) for b, r in zip(bare, rows)) < 0.95 * len(bare)
+
+
+def test_target_ceiling_and_the_opt_in_repair():
+    """Human MATH solutions often leave the final answer unmarked; teacher MATH files lost the "\\f" of
+    \\frac and the "\\b" of \\boxed to JSON. The repair (opt-in) fixes both."""
+    released = load_train("math", "human")
+    repaired = load_train("math", "human", repair=True)
+    assert released.column("question_id").equals(repaired.column("question_id"))
+    low, high = datasets.target_ceiling("math", released), datasets.target_ceiling("math", repaired)
+    assert 0.80 < low < 0.90 and high > 0.98
+    changed = [(a, b) for a, b in zip(released.column("rationale").to_pylist(),
+                                      repaired.column("rationale").to_pylist()) if a != b]
+    assert any(b.endswith(".") and "The answer is" in b and "The answer is" not in a for a, b in changed)
+    assert datasets.target_ceiling("math", released.slice(0, 0)) is None
+    gemini = load_train("math", "gemini", 3).column("rationale").to_pylist()
+    fixed = load_train("math", "gemini", 3, repair=True).column("rationale").to_pylist()
+    eaten = [i for i, text in enumerate(gemini) if "\x0c" in text or "\x08" in text]
+    assert len(eaten) >= 30 and not any("\x0c" in fixed[i] or "\x08" in fixed[i] for i in eaten)
+    assert any("\\frac" in fixed[i] and "\\frac" not in gemini[i] for i in eaten)  # JSON ate "\f" of \frac
+
+
+def test_repair_marks_only_unmarked_wrong_targets():
+    assert datasets.repair_target("svamp", "So 3 + 4 = 7 apples", "7") == "So 3 + 4 = 7 apples"  # correct already
+    assert datasets.repair_target("obqa", "Thus the best answer is C", "C") == "Thus the best answer is C The answer is C."
+    assert datasets.repair_target("svamp", "The answer is 8", "7") == "The answer is 8"  # the teacher's error stays
+    assert datasets.repair_gold("2\\sqrt{5") == "2\\sqrt{5}"
+
+
+def test_sources_and_digests_follow_the_files_read():
+    sources = datasets.train_sources("svamp", "chatgpt", 1)
+    assert {"distilling-cot/train/SVAMP_ChatGPT_level1_ranked.json", "distilling-cot/train/SVAMP_only_ans.json",
+            "mammoth2-math-eval/SVAMP/SVAMP.json", datasets.DATASET_INFO} == set(sources)
+    assert datasets.test_sources("gsm8k") == ["mammoth2-math-eval/gsm8k/gsm8k.jsonl"]
+    digests = datasets.digests(sources)
+    assert all(len(d) == 64 for d in digests.values()) and len(set(digests.values())) == len(sources)
 
 
 def test_math_gemini_level1_rows_without_the_teacher_column_are_skipped(caplog):
@@ -332,6 +382,14 @@ def test_cli_export_list_and_contamination(tmp_path, capsys):
     assert "not available offline  distilling-cot/train/gsm8k_ChatGPT_level1_ranked.json" in listing
     assert datasets.main(["check-contamination", "--task", "strategyqa"]) == 0
     assert "290 id    290 text  of  2290 rows" in capsys.readouterr().out
+
+
+def test_cli_ceiling_prints_released_and_repaired_ceilings(capsys):
+    assert datasets.main(["ceiling", "--task", "obqa"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if "gemini/L4" in x)
+    assert "94.3 %" in line and "100.0 %" in line  # "the best answer is A" is not the paper's pattern
+    assert "(not available offline)" in next(x for x in out.splitlines() if "chatgpt/L3/sym" in x)
 
 
 def test_cli_export_of_unmirrored_cell_fails_cleanly(tmp_path, capsys):

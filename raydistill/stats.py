@@ -1,0 +1,143 @@
+"""Small-sample statistics for accuracy reports (pure Python + numpy, no scipy).
+
+What each function is for in a report:
+
+    wilson_interval, clopper_pearson_interval
+        a confidence interval for one seed's accuracy (correct out of n test questions);
+        Clopper-Pearson is exact (conservative), Wilson is the usual score interval.
+    sign_test
+        an exact paired test between two cells on the same questions (score of b minus a);
+        for 0/1 scores of one seed it is the exact McNemar test.
+    holm_adjust
+        Holm-Bonferroni adjusted p-values over a table's family of comparisons.
+    min_discordant_for_significance, min_detectable_difference
+        the smallest paired accuracy difference a test set of n questions can show at all.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from fractions import Fraction
+from statistics import NormalDist
+
+import numpy as np
+
+
+def _check_counts(correct: int, n: int, alpha: float) -> None:
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if not 0 <= correct <= n:
+        raise ValueError(f"correct must be in [0, {n}], got {correct}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+
+
+def wilson_interval(correct: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
+    """Two-sided Wilson score interval for correct/n; never degenerate at 0 or n correct."""
+    _check_counts(correct, n, alpha)
+    z = NormalDist().inv_cdf(1 - alpha / 2)
+    p, z2 = correct / n, z * z
+    center = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    low = 0.0 if correct == 0 else max(0.0, center - half)
+    high = 1.0 if correct == n else min(1.0, center + half)
+    return low, high
+
+
+def _binom_sum(n: int, p: float, ks: range) -> float:
+    """Sum of Binomial(n, p) probabilities over ks, each term computed in log space (0 < p < 1)."""
+    log_p, log_q = math.log(p), math.log1p(-p)
+    return math.fsum(math.exp(math.log(math.comb(n, k)) + k * log_p + (n - k) * log_q) for k in ks)
+
+
+def _bisect_decreasing(f: Callable[[float], float], target: float, tol: float = 1e-13) -> float:
+    """The p in (0, 1) where the decreasing function f crosses target, by bisection."""
+    lo, hi = 0.0, 1.0
+    while hi - lo > tol:
+        mid = (lo + hi) / 2
+        if f(mid) > target:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def clopper_pearson_interval(correct: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
+    """Exact (Clopper-Pearson) interval for correct/n: the binomial CDF inverted by bisection.
+
+    low solves P(X >= correct; p) = alpha/2 and high solves P(X <= correct; p) = alpha/2, which
+    equal the beta quantiles Beta(alpha/2; x, n-x+1) and Beta(1-alpha/2; x+1, n-x). Precise to 1e-10.
+    """
+    _check_counts(correct, n, alpha)
+    # P(X <= correct - 1; p) falls to 1 - alpha/2 at low; P(X <= correct; p) falls to alpha/2 at high
+    low = 0.0 if correct == 0 else _bisect_decreasing(
+        lambda p: _binom_sum(n, p, range(correct)), 1 - alpha / 2)
+    high = 1.0 if correct == n else _bisect_decreasing(
+        lambda p: _binom_sum(n, p, range(correct + 1)), alpha / 2)
+    return low, high
+
+
+@dataclass(frozen=True)
+class SignTest:
+    """Result of sign_test: counts of positive / negative differences and the two-sided p-value."""
+
+    n_pos: int
+    n_neg: int
+    n_discordant: int
+    p_value: float
+
+
+def sign_test(differences: Sequence[float] | np.ndarray) -> SignTest:
+    """Exact two-sided sign test on per-question score differences (b - a), zeros dropped.
+
+    p = min(1, 2 * P(X <= min(n_pos, n_neg))) for X ~ Binomial(n_pos + n_neg, 1/2), computed with
+    integers; 1.0 when no question is discordant. Only signs matter, so fractional differences
+    (means over seeds) are fine. For 0/1 scores of one seed this is the exact McNemar test.
+    """
+    diffs = np.asarray(differences, dtype=float)
+    if diffs.ndim != 1:
+        raise ValueError(f"differences must be 1-D, got shape {diffs.shape}")
+    if np.isnan(diffs).any():
+        raise ValueError("differences contain NaN")
+    n_pos, n_neg = int((diffs > 0).sum()), int((diffs < 0).sum())
+    n = n_pos + n_neg
+    tail = sum(math.comb(n, k) for k in range(min(n_pos, n_neg) + 1))
+    p = min(Fraction(1), Fraction(2 * tail, 2**n))
+    return SignTest(n_pos, n_neg, n, float(p))
+
+
+def holm_adjust(p_values: Sequence[float]) -> list[float]:
+    """Holm-Bonferroni step-down adjusted p-values, in the input order (monotone, capped at 1)."""
+    m = len(p_values)
+    if any(not 0 <= p <= 1 for p in p_values):  # also rejects NaN
+        raise ValueError(f"p-values must be in [0, 1], got {list(p_values)}")
+    adjusted = [0.0] * m
+    running = 0.0
+    for j, i in enumerate(sorted(range(m), key=lambda i: p_values[i])):
+        running = max(running, min(1.0, (m - j) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def min_discordant_for_significance(alpha: float = 0.05) -> int:
+    """Smallest k such that k discordant questions all one way give sign-test p <= alpha."""
+    if not 0 < alpha <= 1:
+        raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+    k = 1
+    while 2 * 0.5**k > alpha:
+        k += 1
+    return k
+
+
+def min_detectable_difference(n_questions: int, alpha: float = 0.05) -> float:
+    """Smallest paired accuracy difference (a fraction) that can reach p <= alpha on n_questions.
+
+    It is min_discordant_for_significance(alpha) / n_questions, or math.inf when the test set has
+    fewer questions than that: then no difference at all can be significant.
+    """
+    if n_questions < 1:
+        raise ValueError(f"n_questions must be >= 1, got {n_questions}")
+    k = min_discordant_for_significance(alpha)
+    return math.inf if n_questions < k else k / n_questions

@@ -1,0 +1,205 @@
+"""raydistill.stats against hand-computed values (and scipy, where it is installed)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from raydistill.stats import (
+    SignTest,
+    clopper_pearson_interval,
+    holm_adjust,
+    min_detectable_difference,
+    min_discordant_for_significance,
+    sign_test,
+    wilson_interval,
+)
+
+Z975 = 1.959963984540054  # normal quantile at 0.975
+
+
+# --- Wilson -----------------------------------------------------------------------------------
+
+def test_wilson_matches_closed_formula_for_8_of_40():
+    p, n, z2 = 0.2, 40, Z975**2
+    center = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = Z975 / (1 + z2 / n) * math.sqrt(p * (1 - p) / n + z2 / (4 * n**2))
+    assert wilson_interval(8, 40) == pytest.approx((center - half, center + half), abs=1e-12)
+
+
+def test_wilson_known_value_at_zero_of_ten():
+    low, high = wilson_interval(0, 10)
+    assert low == 0.0
+    assert round(high, 4) == 0.2775
+
+
+def test_wilson_not_degenerate_at_extremes():
+    low, high = wilson_interval(0, 40)
+    assert low == 0.0 and 0 < high < 1
+    low, high = wilson_interval(40, 40)
+    assert high == 1.0 and 0 < low < 1
+    assert wilson_interval(0, 40)[1] == pytest.approx(1 - wilson_interval(40, 40)[0], abs=1e-12)
+
+
+def test_wilson_narrows_with_alpha():
+    low95, high95 = wilson_interval(20, 40)
+    low99, high99 = wilson_interval(20, 40, alpha=0.01)
+    assert low99 < low95 < 0.5 < high95 < high99
+
+
+# --- Clopper-Pearson --------------------------------------------------------------------------
+
+def test_clopper_pearson_closed_forms_at_extremes():
+    assert clopper_pearson_interval(0, 10) == (0.0, pytest.approx(1 - 0.025 ** (1 / 10), abs=1e-10))
+    assert clopper_pearson_interval(10, 10) == (pytest.approx(0.025 ** (1 / 10), abs=1e-10), 1.0)
+    assert round(clopper_pearson_interval(0, 10)[1], 5) == 0.30850  # 0.308497...
+    assert round(clopper_pearson_interval(10, 10)[0], 5) == 0.69150
+
+
+def test_clopper_pearson_closed_form_at_one_correct():
+    # x = 1: P(X >= 1; p) = 1 - (1 - p)^n = alpha/2  =>  low = 1 - (1 - alpha/2)^(1/n)
+    low, _ = clopper_pearson_interval(1, 20)
+    assert low == pytest.approx(1 - 0.975 ** (1 / 20), abs=1e-10)
+
+
+def test_clopper_pearson_known_value_five_of_ten():
+    low, high = clopper_pearson_interval(5, 10)
+    assert (round(low, 4), round(high, 4)) == (0.1871, 0.8129)
+    assert low == pytest.approx(1 - high, abs=1e-10)
+
+
+@pytest.mark.parametrize(("x", "n"), [(3, 17), (12, 40), (33, 40), (150, 300)])
+def test_clopper_pearson_bounds_hit_alpha_half(x, n):
+    """At the bounds the binomial tails equal alpha/2 (tails summed here independently)."""
+    low, high = clopper_pearson_interval(x, n)
+
+    def pmf(k, p):
+        return math.comb(n, k) * p**k * (1 - p) ** (n - k)
+
+    assert math.fsum(pmf(k, low) for k in range(x, n + 1)) == pytest.approx(0.025, abs=1e-9)
+    assert math.fsum(pmf(k, high) for k in range(x + 1)) == pytest.approx(0.025, abs=1e-9)
+
+
+def test_clopper_pearson_contains_wilson_for_mid_proportion():
+    cp_low, cp_high = clopper_pearson_interval(20, 40)
+    w_low, w_high = wilson_interval(20, 40)
+    assert cp_low < w_low < 0.5 < w_high < cp_high
+
+
+@pytest.mark.parametrize("interval", [wilson_interval, clopper_pearson_interval])
+@pytest.mark.parametrize(("x", "n"), [(0, 0), (-1, 10), (11, 10), (5, -3)])
+def test_intervals_reject_bad_counts(interval, x, n):
+    with pytest.raises(ValueError):
+        interval(x, n)
+
+
+def test_against_scipy_where_installed():
+    stats = pytest.importorskip("scipy.stats")
+    for n in (1, 2, 7, 10, 40, 100, 300):
+        for x in sorted({0, 1, n // 3, n // 2, n - 1, n}):
+            low, high = clopper_pearson_interval(x, n)
+            ref_low = 0.0 if x == 0 else stats.beta.ppf(0.025, x, n - x + 1)
+            ref_high = 1.0 if x == n else stats.beta.ppf(0.975, x + 1, n - x)
+            assert (low, high) == (pytest.approx(ref_low, abs=1e-10), pytest.approx(ref_high, abs=1e-10))
+            ci = stats.binomtest(x, n).proportion_ci(method="wilson")
+            assert wilson_interval(x, n) == (pytest.approx(ci.low, abs=1e-12), pytest.approx(ci.high, abs=1e-12))
+            # x gains vs n - x losses: the sign test is the binomial test at p = 1/2
+            diffs = [1.0] * x + [-1.0] * (n - x)
+            assert sign_test(diffs).p_value == pytest.approx(stats.binomtest(x, n).pvalue, rel=1e-12)
+
+
+# --- sign test --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("k", "p"), [(4, 0.125), (5, 0.0625), (6, 0.03125)])
+def test_sign_test_all_one_way(k, p):
+    assert sign_test([1] * k).p_value == p
+    assert sign_test([-1] * k + [0] * 30).p_value == p
+
+
+def test_sign_test_split_8_2():
+    result = sign_test([1] * 8 + [-1] * 2 + [0] * 5)
+    assert result == SignTest(n_pos=8, n_neg=2, n_discordant=10, p_value=0.109375)
+    assert result.p_value == 2 * (1 + 10 + 45) / 1024
+
+
+def test_sign_test_no_discordant_and_capped():
+    assert sign_test(np.zeros(40)) == SignTest(0, 0, 0, 1.0)
+    assert sign_test([]) == SignTest(0, 0, 0, 1.0)
+    assert sign_test([1, 1, 1, -1, -1, -1]).p_value == 1.0
+
+
+def test_sign_test_is_mcnemar_on_one_seed():
+    a = np.array([1, 1, 0, 0, 1, 0, 1, 1, 0, 0])
+    b = np.array([1, 0, 1, 1, 1, 1, 1, 1, 1, 0])  # 1 question lost, 4 gained
+    result = sign_test(b - a)
+    assert (result.n_pos, result.n_neg, result.n_discordant) == (4, 1, 5)
+    assert result.p_value == 2 * (1 + 5) / 32
+
+
+def test_sign_test_fractional_differences_only_signs_matter():
+    # means over 3 seeds: only the signs count
+    diffs = np.array([1 / 3, 2 / 3, 1.0, 1 / 3, 0.01, 0.0, -0.0])
+    assert sign_test(diffs) == SignTest(5, 0, 5, 0.0625)
+    assert sign_test(-diffs) == SignTest(0, 5, 5, 0.0625)
+
+
+def test_sign_test_rejects_nan_and_2d():
+    with pytest.raises(ValueError):
+        sign_test([1.0, float("nan"), -1.0])
+    with pytest.raises(ValueError):
+        sign_test(np.ones((2, 3)))
+
+
+def test_sign_test_result_is_frozen():
+    result = sign_test([1, 1])
+    with pytest.raises(AttributeError):
+        result.p_value = 0.0
+
+
+# --- Holm -------------------------------------------------------------------------------------
+
+def test_holm_hand_cases():
+    assert holm_adjust([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm_adjust([0.0625, 0.125]) == pytest.approx([0.125, 0.125])
+    assert holm_adjust([]) == []
+    assert holm_adjust([0.3]) == [0.3]
+
+
+def test_holm_order_preserved_monotone_and_capped():
+    p = [0.5, 0.001, 0.2, 0.04, 0.9]
+    adjusted = holm_adjust(p)
+    assert adjusted == pytest.approx([1.0, 0.005, 0.6, 0.16, 1.0])
+    order = sorted(range(len(p)), key=p.__getitem__)
+    assert [adjusted[i] for i in order] == sorted(adjusted)  # monotone in the raw p-values
+    assert all(a >= raw for a, raw in zip(adjusted, p)) and max(adjusted) == 1.0
+
+
+def test_holm_rejects_out_of_range():
+    with pytest.raises(ValueError):
+        holm_adjust([0.1, 1.5])
+    with pytest.raises(ValueError):
+        holm_adjust([float("nan")])
+
+
+# --- smallest detectable difference -----------------------------------------------------------
+
+def test_min_discordant_for_significance():
+    assert min_discordant_for_significance() == 6
+    assert min_discordant_for_significance(0.05) == 6
+    assert min_discordant_for_significance(0.01) == 8
+    assert min_discordant_for_significance(0.0625) == 5  # the boundary counts (p <= alpha)
+    for alpha in (0.05, 0.01, 0.001):
+        k = min_discordant_for_significance(alpha)
+        assert sign_test([1] * k).p_value <= alpha < sign_test([1] * (k - 1)).p_value
+
+
+def test_min_detectable_difference():
+    assert min_detectable_difference(40) == pytest.approx(0.15)
+    assert min_detectable_difference(300) == pytest.approx(0.02)
+    assert min_detectable_difference(6) == 1.0
+    assert min_detectable_difference(5) == math.inf
+    assert min_detectable_difference(40, alpha=0.01) == pytest.approx(0.2)
+    with pytest.raises(ValueError):
+        min_detectable_difference(0)

@@ -39,6 +39,13 @@ VLLM_INSTALL_HINT = (
 )
 
 
+VLLM_ONE_OUTPUT = (
+    "beam search and n_samples > 1 run on the hf engine only (ray.data.llm returns one output per row); "
+    "the paper's commonsense protocol uses beam search with 5 beams: set eval.engine: auto (HF for those "
+    "tasks) or hf, or eval.num_beams: 1 to leave the protocol"
+)
+
+
 class EngineError(RuntimeError):
     """The requested engine cannot run here; the message says what to install or change."""
 
@@ -48,11 +55,15 @@ def vllm_available() -> bool:
 
 
 def choose_engine(spec: EvalSpec) -> str:
-    """``hf`` or ``vllm``: the spec's choice; ``auto``: vLLM if importable, no beams, one sample."""
+    """``hf`` or ``vllm`` for a spec resolved for its task (`EvalSpec.for_task`): the spec's
+    choice; ``auto``: vLLM if importable, no beam search and one sample, else HF generate."""
+    one_output = (spec.num_beams or 1) == 1 and spec.n_samples == 1
     if spec.engine == "vllm" and not vllm_available():
         raise EngineError(VLLM_INSTALL_HINT)
+    if spec.engine == "vllm" and not one_output:
+        raise EngineError(VLLM_ONE_OUTPUT)
     if spec.engine == "auto":
-        return "vllm" if vllm_available() and spec.num_beams == spec.n_samples == 1 else "hf"
+        return "vllm" if vllm_available() and one_output else "hf"
     return spec.engine
 
 
@@ -80,6 +91,12 @@ def cut_at_stop(text: str, stop_strings: list[str]) -> str:
     """Text before the earliest stop string (the paper's evaluator stops generation there)."""
     cut = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=len(text))
     return text[:cut].strip()
+
+
+def is_truncated(tokens: int, max_new_tokens: int, stopped: bool) -> bool:
+    """A generation cut by the token budget: ``max_new_tokens`` generated before any EOS/pad id and
+    no stop string in its text (a stop string on the last token counts as a proper end)."""
+    return tokens >= max_new_tokens and not stopped
 
 
 def until_end(ids: list[int], end_ids: set[int]) -> list[int]:
@@ -117,6 +134,8 @@ class HFEngine:
         from transformers import AutoModelForCausalLM
 
         self.spec = EvalSpec.model_validate(spec)
+        if not self.spec.resolved:
+            raise ValueError("HFEngine needs an EvalSpec resolved for its task (EvalSpec.for_task)")
         self.device = "cuda" if self.spec.use_gpu else "cpu"
         self.tokenizer = load_tokenizer(model_path, template_name)
         dtype = torch.bfloat16 if self.spec.use_gpu else torch.float32
@@ -180,9 +199,12 @@ class HFEngine:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = self.generate_ids([str(p) for p in batch["prompt"]])
         out = {k: np.repeat(v, self.spec.n_samples, axis=0) for k, v in batch.items()}
-        texts = [cut_at_stop(self.tokenizer.decode(i, skip_special_tokens=True), self.stop_strings) for i in ids]
-        out["generation"] = np.array(texts, dtype=object)
+        raw = [self.tokenizer.decode(i, skip_special_tokens=True) for i in ids]
+        out["generation"] = np.array([cut_at_stop(text, self.stop_strings) for text in raw], dtype=object)
         out["tokens_generated"] = np.array([len(i) for i in ids], dtype=np.int64)
+        out["truncated"] = np.array([is_truncated(len(i), self.spec.max_new_tokens,
+                                                  any(s in text for s in self.stop_strings))
+                                     for i, text in zip(ids, raw)], dtype=bool)
         return out
 
 
@@ -207,13 +229,17 @@ def vllm_pre(row: dict, model_path: str, template_name: str, spec: dict, stop_st
     return {**row, **lora, "prompt_text": row["prompt"], "tokenized_prompt": ids, "sampling_params": params}
 
 
-def vllm_post(row: dict, model_path: str, template_name: str, stop_strings: list[str]) -> dict:
+def vllm_post(row: dict, model_path: str, template_name: str, stop_strings: list[str], max_new_tokens: int) -> dict:
     """vLLM output row -> our columns, tokens counted as `HFEngine` counts them."""
     tokenizer = _tokenizer(model_path, template_name)
     end_ids = {i for i in (tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None}
     tokens = until_end([int(t) for t in row["generated_tokens"]], end_ids)
+    # vLLM ends a generation at a stop string and leaves the string out of the text, so only a
+    # generation that used the whole budget without an EOS counts as cut short.
+    truncated = is_truncated(len(tokens), max_new_tokens, stopped=False)
     return {"question_id": row["question_id"], "prompt": row["prompt_text"], "gold": row["gold"],
-            "generation": cut_at_stop(row["generated_text"], stop_strings), "tokens_generated": len(tokens)}
+            "generation": cut_at_stop(row["generated_text"], stop_strings), "tokens_generated": len(tokens),
+            "truncated": truncated}
 
 
 # LoRA ranks vLLM accepts (`max_lora_rank`) and the modules its Llama-family LoRA layers cover.
@@ -293,8 +319,7 @@ def vllm_processor(model_path: str, template_name: str, spec: EvalSpec, stop_str
     request names the adapter, which vLLM loads once per engine (`vllm_lora_plan`).
     """
     if spec.num_beams > 1 or spec.n_samples > 1:
-        raise EngineError("beam search and n_samples > 1 run on the hf engine only (ray.data.llm "
-                          "returns one output per row); set eval.engine: hf")
+        raise EngineError(VLLM_ONE_OUTPUT)
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
     engine_kwargs = {"dtype": "bfloat16" if spec.use_gpu else "float32", "enforce_eager": not spec.use_gpu}
@@ -315,5 +340,5 @@ def vllm_processor(model_path: str, template_name: str, spec: EvalSpec, stop_str
     return build_processor(
         config, preprocess=functools.partial(vllm_pre, **kwargs, spec=spec.model_dump(mode="json"),
                                              lora_path=lora.adapter if lora else None),
-        postprocess=functools.partial(vllm_post, **kwargs),
+        postprocess=functools.partial(vllm_post, **kwargs, max_new_tokens=spec.max_new_tokens),
     )

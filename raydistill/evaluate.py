@@ -3,12 +3,18 @@
 Test questions -> the student's prompt template -> an actor pool of generation engines
 (`raydistill.engines`) -> extracted answer -> predictions Parquet (`PREDICTION_SCHEMA`) + metrics.
 
+Decoding follows each task's evaluation protocol from the paper (`raydistill.tasks`; math: greedy,
+1,024 new tokens; commonsense: beam search with 5 beams, 640 new tokens) unless the spec overrides
+it. Every generation that used up ``max_new_tokens`` is flagged ``truncated``.
+
 Predictions are written batch by batch into ``<out>.parts/`` as they are generated, so a crash
-loses only the batches in flight and a rerun generates only the questions not yet predicted;
-``<out>`` is then written from the parts, sorted by question id.
+loses only the batches in flight and a rerun generates only the questions not yet predicted.
+Parts are keyed by the evaluation's identity (`eval_hash`: model weights, template, task, test
+data, decoding settings, grader), so another model or setting never reuses them; ``<out>`` is
+then written from the parts, sorted by question id.
 
     raydistill eval --model tiny-llama --task svamp --limit 20 --out-dir preds
-    raydistill eval --model outputs/x/adapter --task all --num-beams 5
+    raydistill eval --model outputs/x/adapter --task all --protocol none --max-new-tokens 256
 """
 
 from __future__ import annotations
@@ -28,9 +34,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raydistill import answers
+from raydistill.answers import PAPER_GRADING, GraderOptions
 from raydistill.engines import HFEngine, LoraPlan, choose_engine, load_tokenizer, vllm_lora, vllm_processor
 from raydistill.schemas import PREDICTION_SCHEMA
 from raydistill.spec import EvalSpec, content_hash
+from raydistill.tasks import TASK_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +49,13 @@ class EvalResult:
     accuracy: float
     n: int
     extraction_failure_rate: float
+    truncation_rate: float  # share of generations cut by max_new_tokens
     mean_generated_tokens: float
     median_generated_tokens: float
     predictions_path: str
     engine: str = "hf"
+    eval_hash: str = ""
+    max_new_tokens: int = 0
 
 
 # --------------------------------------------------------------------------- prompts and grading
@@ -57,25 +68,21 @@ def build_prompts(test: pa.Table, template, tokenizer) -> list[dict]:
     ]
 
 
-def grade(task: str, rows: list[dict], cell_hash: str) -> pa.Table:
+def grade(task: str, rows: list[dict], eval_hash: str, options: GraderOptions = PAPER_GRADING) -> pa.Table:
     """Prediction rows with the extracted answer and correctness, in `PREDICTION_SCHEMA`."""
-    graded = [
-        {
-            "cell_hash": cell_hash,
-            "question_id": r["question_id"],
-            "prompt": r["prompt"],
-            "generation": r["generation"],
-            "extracted": answers.extract(task, r["generation"]),
-            "gold": r["gold"],
-            "correct": answers.is_correct(task, r["generation"], r["gold"]),
-            "tokens_generated": int(r["tokens_generated"]),
-        }
-        for r in rows
-    ]
+    graded = []
+    for r in rows:
+        extracted, correct = answers.grade(task, r["generation"], r["gold"], options)
+        graded.append({
+            "eval_hash": eval_hash, "question_id": r["question_id"], "prompt": r["prompt"],
+            "generation": r["generation"], "extracted": extracted, "gold": r["gold"], "correct": correct,
+            "tokens_generated": int(r["tokens_generated"]), "truncated": bool(r["truncated"]),
+        })
     return pa.Table.from_pylist(graded, schema=PREDICTION_SCHEMA)
 
 
-def metrics(task: str, predictions: pa.Table, path: str, engine: str = "hf") -> EvalResult:
+def metrics(task: str, predictions: pa.Table, path: str, engine: str = "hf", eval_hash: str = "",
+            max_new_tokens: int = 0) -> EvalResult:
     rows = predictions.to_pylist()
     tokens = [r["tokens_generated"] for r in rows] or [0]
     n = len(rows)
@@ -84,10 +91,13 @@ def metrics(task: str, predictions: pa.Table, path: str, engine: str = "hf") -> 
         accuracy=sum(r["correct"] for r in rows) / n if n else 0.0,
         n=n,
         extraction_failure_rate=sum(r["extracted"] is None for r in rows) / n if n else 0.0,
+        truncation_rate=sum(bool(r["truncated"]) for r in rows) / n if n else 0.0,
         mean_generated_tokens=float(statistics.fmean(tokens)),
         median_generated_tokens=float(statistics.median(tokens)),
         predictions_path=path,
         engine=engine,
+        eval_hash=eval_hash,
+        max_new_tokens=max_new_tokens,
     )
 
 
@@ -100,8 +110,8 @@ def parts_dir(out_path: str | Path) -> Path:
     return out_path.with_name(out_path.name + ".parts")
 
 
-def read_parts(parts: Path, cell_hash: str) -> pa.Table:
-    """Every prediction written so far for this cell (parts of other cells are ignored).
+def read_parts(parts: Path, eval_hash: str) -> pa.Table:
+    """Every prediction written so far for this evaluation (parts of other evaluations are ignored).
 
     A part that cannot be read (damaged or cut short) is renamed ``*.corrupt`` and left
     out with a warning, so its questions are generated again and the other parts are kept.
@@ -118,7 +128,7 @@ def read_parts(parts: Path, cell_hash: str) -> pa.Table:
             log.warning("%s: unreadable prediction part (%s); moved to %s, its questions are generated again",
                         f, reason, aside.name)
     table = pa.concat_tables(tables) if tables else PREDICTION_SCHEMA.empty_table()
-    return table.filter(pa.compute.equal(table["cell_hash"], cell_hash)) if len(table) else table
+    return table.filter(pa.compute.equal(table["eval_hash"], eval_hash)) if len(table) else table
 
 
 def write_part(parts: Path, table: pa.Table) -> None:
@@ -155,16 +165,9 @@ def generate_batches(prompts: list[dict], model_path: str, template_name: str, s
             num_gpus=1 if spec.use_gpu else 0,
             resources=spec.resources_per_actor or None,
         )
-    columns = ["question_id", "prompt", "gold", "generation", "tokens_generated"]
+    columns = ["question_id", "prompt", "gold", "generation", "tokens_generated", "truncated"]
     for batch in generated.iter_batches(batch_size=None, batch_format="pyarrow"):
         yield batch.select(columns).to_pylist()
-
-
-def generate(prompts: list[dict], model_path: str, spec: EvalSpec, stop_strings: list[str],
-             template_name: str = "chat") -> list[dict]:
-    """All generations at once (no incremental output); see `generate_batches`."""
-    return [row for batch in generate_batches(prompts, model_path, template_name, spec, stop_strings)
-            for row in batch]
 
 
 # --------------------------------------------------------------------------- models
@@ -220,45 +223,83 @@ def merged_model(adapter_path: str | Path) -> str:
 # --------------------------------------------------------------------------- evaluate
 
 
+def model_digest(model_path: str | Path) -> str:
+    """The weights' part of an evaluation's identity: the folder's digest, and for a LoRA
+    adapter also its base model's."""
+    from raydistill.students import weights_digest
+
+    if is_adapter(model_path):
+        return content_hash([weights_digest(model_path), weights_digest(adapter_base(model_path))])
+    return weights_digest(model_path)
+
+
+def eval_hash(model: str, template: str, task: str, spec: EvalSpec, engine: str, grader: GraderOptions) -> str:
+    """The identity of one evaluation: whatever determines its predictions apart from the
+    questions themselves (model weights, template, task, the resolved decoding settings, the
+    engine that ran, the grader); not how the work is spread over actors. A resumed row must
+    also have the current question's prompt and gold answer (`_current`)."""
+    return content_hash({"model": model, "template": template, "task": task,
+                         "eval": {**spec.result_fields(), "engine": engine}, "grader": grader.model_dump()})
+
+
+def _current(table: pa.Table, prompts: list[dict]) -> pa.Table:
+    """The rows of ``table`` whose question is asked now with the same prompt and gold answer."""
+    wanted = {p["question_id"]: (p["prompt"], p["gold"]) for p in prompts}
+    rows = zip(table["question_id"].to_pylist(), table["prompt"].to_pylist(), table["gold"].to_pylist())
+    return table.filter(pa.array([wanted.get(q) == (p, g) for q, p, g in rows], pa.bool_()))
+
+
 def evaluate(model_path: str, student: str, task: str, test: pa.Table, spec: EvalSpec,
-             out_path: str | Path, cell_hash: str = "", progress: bool = True) -> EvalResult:
-    """Generate, grade and write predictions for one model on one test table (resumable)."""
+             out_path: str | Path, grader: GraderOptions = PAPER_GRADING, progress: bool = True) -> EvalResult:
+    """Generate, grade and write predictions for one model on one test table (resumable).
+
+    ``spec`` is resolved for ``task`` first (the task's protocol fills the fields it leaves open).
+    """
     from tqdm.auto import tqdm
 
     from raydistill.students import get_student, get_template
 
+    spec = spec.for_task(task)
     engine = choose_engine(spec)
+    template_name = get_student(student).template
+    key = eval_hash(model_digest(model_path), template_name, task, spec, engine, grader)
     lora = vllm_lora(model_path) if engine == "vllm" and is_adapter(model_path) else None  # else merged
     model_path = lora.base if lora else merged_model(model_path) if is_adapter(model_path) else str(model_path)
-    template_name = get_student(student).template
     tokenizer = load_tokenizer(model_path, template_name)
-    prompts = build_prompts(test, get_template(template_name), tokenizer)
+    template = get_template(template_name)
+    prompts = build_prompts(test, template, tokenizer)
     parts = parts_dir(out_path)
-    done = set(read_parts(parts, cell_hash)["question_id"].to_pylist())
+    done = set(_current(read_parts(parts, key), prompts)["question_id"].to_pylist())
     todo = [p for p in prompts if p["question_id"] not in done]
-    stop_strings = list(get_template(template_name).stop_strings(tokenizer))
+    stop_strings = list(dict.fromkeys([*spec.stop_strings, *template.stop_strings(tokenizer)]))
     if todo:
         with tqdm(total=len(todo), desc=f"eval {task}", unit="q", disable=not progress) as bar:
             for rows in generate_batches(todo, model_path, template_name, spec, stop_strings, engine, lora):
-                write_part(parts, grade(task, rows, cell_hash))
+                write_part(parts, grade(task, rows, key, grader))
                 bar.update(len(rows) // spec.n_samples)
-    wanted = pa.array(sorted({p["question_id"] for p in prompts}), pa.string())
-    predictions = read_parts(parts, cell_hash)
-    predictions = predictions.filter(pa.compute.is_in(predictions["question_id"], wanted)).sort_by("question_id")
+    predictions = _current(read_parts(parts, key), prompts).sort_by("question_id")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(predictions, out_path)
-    return metrics(task, predictions, str(out_path), engine)
+    return metrics(task, predictions, str(out_path), engine, key, spec.max_new_tokens)
 
 
 # --------------------------------------------------------------------------- command line
 
 
 def _spec_from_args(args: argparse.Namespace) -> EvalSpec:
-    return EvalSpec(engine=args.engine, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+    return EvalSpec(protocol=args.protocol, max_new_tokens=args.max_new_tokens, num_beams=args.num_beams,
+                    stop_strings=args.stop_string, engine=args.engine, batch_size=args.batch_size,
                     num_actors=args.num_actors, cpus_per_actor=args.cpus_per_actor, use_gpu=args.gpu,
-                    num_beams=args.num_beams, do_sample=args.do_sample, temperature=args.temperature,
-                    top_p=args.top_p, n_samples=args.n_samples, seed=args.seed)
+                    do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
+                    n_samples=args.n_samples, seed=args.seed)
+
+
+def model_label(model: str) -> str:
+    """The folder name predictions of ``--model`` go under: a registry name, else the folder's name."""
+    from raydistill.students import STUDENTS
+
+    return model if model in STUDENTS else Path(model).expanduser().resolve().name
 
 
 def main(argv: list[str]) -> int:
@@ -267,16 +308,26 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--model", required=True,
                         help="student registry name, an HF folder (e.g. an SFT output) or a LoRA adapter folder")
     parser.add_argument("--student", help="registry name whose template to use (default: from --model)")
-    parser.add_argument("--task", nargs="+", required=True, choices=[*answers.TASKS, "all"])
+    parser.add_argument("--task", nargs="+", required=True, choices=[*TASK_NAMES, "all"])
     parser.add_argument("--limit", type=int, help="evaluate only the first N test questions")
-    parser.add_argument("--out-dir", default="predictions", help="writes <out-dir>/<task>.parquet")
+    parser.add_argument("--out-dir", default="predictions",
+                        help="writes <out-dir>/<model>/<task>.parquet (<model>: the registry name or folder name)")
+    parser.add_argument("--protocol", choices=["paper", "none"], default=defaults.protocol,
+                        help="paper: each task's evaluation setting from the paper (math: greedy, 1024 new tokens; "
+                             "commonsense: beam search with 5 beams, 640 new tokens; their stop strings); "
+                             "none: greedy, 640 new tokens. --max-new-tokens, --num-beams and --stop-string "
+                             "override it")
+    parser.add_argument("--max-new-tokens", type=int, help="default: the protocol's")
+    parser.add_argument("--num-beams", type=int, help="default: the protocol's")
+    parser.add_argument("--stop-string", action="append",
+                        help="a string that ends a generation (repeat for several); replaces the protocol's list")
+    parser.add_argument("--grader-option", action="append", default=[], choices=list(GraderOptions.model_fields),
+                        help="opt-in leniency on top of the paper's grading (docs/grading.md)")
     parser.add_argument("--engine", choices=["auto", "hf", "vllm"], default=defaults.engine)
-    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--num-actors", type=int, default=defaults.num_actors)
     parser.add_argument("--cpus-per-actor", type=float, default=defaults.cpus_per_actor)
     parser.add_argument("--gpu", action="store_true", help="one GPU per engine actor")
-    parser.add_argument("--num-beams", type=int, default=defaults.num_beams)
     parser.add_argument("--do-sample", action="store_true")
     parser.add_argument("--temperature", type=float, default=defaults.temperature)
     parser.add_argument("--top-p", type=float, default=defaults.top_p)
@@ -290,16 +341,19 @@ def main(argv: list[str]) -> int:
     from raydistill.students import resolve_student
 
     spec = _spec_from_args(args)
+    grader = GraderOptions(**{name: True for name in args.grader_option})
     model_path = args.model if is_adapter(args.model) else str(resolve_student(args.model))
-    tasks = answers.TASKS if "all" in args.task else list(dict.fromkeys(args.task))
+    out_dir = Path(args.out_dir) / model_label(args.model)
+    tasks = TASK_NAMES if "all" in args.task else list(dict.fromkeys(args.task))
     ray.init(ignore_reinit_error=True)
     try:
         for task in tasks:
             test = load_test(task)
             test = test.slice(0, args.limit) if args.limit else test
             result = evaluate(model_path, args.student or args.model, task, test, spec,
-                              Path(args.out_dir) / f"{task}.parquet")
-            print(json.dumps(asdict(result)), flush=True)
+                              out_dir / f"{task}.parquet", grader)
+            print(json.dumps({**asdict(result), "protocol": spec.protocol_note(task),
+                              "grader": grader.label()}), flush=True)
     finally:
         ray.shutdown()
     return 0

@@ -43,7 +43,9 @@ ANNOTATION_SCHEMA = pa.schema(
 # One student generation on one test question (evaluation stage).
 PREDICTION_SCHEMA = pa.schema(
     [
-        ("cell_hash", pa.string()),
+        # The evaluation's identity (raydistill.evaluate.eval_hash): model weights, template, task,
+        # test data, decoding settings and grader; resumed parts are matched on it.
+        ("eval_hash", pa.string()),
         ("question_id", pa.string()),
         ("prompt", pa.string()),
         ("generation", pa.string()),
@@ -51,5 +53,6 @@ PREDICTION_SCHEMA = pa.schema(
         ("gold", pa.string()),
         ("correct", pa.bool_()),
         ("tokens_generated", pa.int64()),
+        ("truncated", pa.bool_()),  # cut by max_new_tokens: no EOS and no stop string before the budget ran out
     ]
 )

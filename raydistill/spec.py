@@ -17,8 +17,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from raydistill.annotate import Policy, RuntimeSpec, TeacherSpec
+from raydistill.answers import GraderOptions
+from raydistill.tasks import TASK_NAMES, get_task
 
-TASK_NAMES = ("svamp", "gsm8k", "aqua", "math", "csqa", "obqa", "strategyqa")
 REPLAY_TEACHERS = ("chatgpt", "gemini", "llama", "human", "answer_only")
 LEVELLESS_TEACHERS = ("human", "answer_only")
 FORMATS = ("cot", "bsm", "rar", "sym", "least_to_most")
@@ -123,16 +124,31 @@ class TrainSpec(_Strict):
         return self.global_batch_size // (self.micro_batch_size * self.num_workers)
 
 
+PROTOCOL_FIELDS = ("max_new_tokens", "num_beams", "stop_strings")
+NO_PROTOCOL = {"max_new_tokens": 640, "num_beams": 1, "stop_strings": []}  # protocol: none
+
+
 class EvalSpec(_Strict):
+    """How students are evaluated.
+
+    `protocol: paper` applies each task's evaluation setting from the task registry
+    (`raydistill.tasks`): math tasks greedy up to 1,024 new tokens with MAmmoTH2's stop strings,
+    commonsense tasks beam search (5 beams) up to 640 new tokens with the seed evaluator's stop
+    strings. `protocol: none` is greedy, 640 new tokens and only the student's own end-of-turn
+    strings. A protocol field set here (`max_new_tokens`, `num_beams`, `stop_strings`) overrides
+    it for every task and is recorded with the trial (`EvalSpec.overrides`).
+    """
+
+    protocol: Literal["paper", "none"] = "paper"
+    max_new_tokens: int | None = Field(None, ge=1)  # None: the protocol's
+    num_beams: int | None = Field(None, ge=1)  # None: the protocol's (1 = greedy)
+    stop_strings: list[str] | None = None  # None: the protocol's; the student's end-of-turn strings always stop
     engine: Literal["auto", "hf", "vllm"] = "auto"
-    max_new_tokens: int = Field(640, ge=1)
     batch_size: int = Field(16, ge=1)
     num_actors: int = Field(1, ge=1)
     cpus_per_actor: float = Field(1.0, gt=0)
     use_gpu: bool = False
     resources_per_actor: dict[str, float] = Field(default_factory=dict)  # custom Ray resources
-    # Decoding: greedy by default; the paper's commonsense evaluator used beam search (num_beams 5).
-    num_beams: int = Field(1, ge=1)
     do_sample: bool = False
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1.0)
@@ -141,16 +157,54 @@ class EvalSpec(_Strict):
 
     @model_validator(mode="after")
     def _samples_possible(self) -> EvalSpec:
-        if self.n_samples > 1 and not self.do_sample and self.num_beams < self.n_samples:
+        beams = self.num_beams or 1
+        if self.n_samples > 1 and not self.do_sample and beams < self.n_samples:
             raise ValueError(f"n_samples {self.n_samples} needs do_sample: true or num_beams >= n_samples")
         return self
+
+    def overrides(self) -> list[str]:
+        """The protocol fields this spec sets explicitly."""
+        return [name for name in PROTOCOL_FIELDS if getattr(self, name) is not None]
+
+    @property
+    def resolved(self) -> bool:
+        return all(getattr(self, name) is not None for name in PROTOCOL_FIELDS)
+
+    def for_task(self, task: str) -> EvalSpec:
+        """This spec with every protocol field filled for `task` (explicit fields win)."""
+        if self.protocol == "paper":
+            protocol = get_task(task).protocol
+            base = {"max_new_tokens": protocol.max_new_tokens, "num_beams": protocol.num_beams,
+                    "stop_strings": list(protocol.stop_strings)}
+        else:
+            base = NO_PROTOCOL
+        fields = self.model_dump()
+        fields.update({k: v for k, v in base.items() if fields[k] is None})
+        return EvalSpec.model_validate(fields)
+
+    def protocol_note(self, task: str) -> str:
+        """Where the resolved settings come from, for records and the report."""
+        if self.protocol == "none":
+            source = "no protocol: greedy, 640 new tokens, the student's end-of-turn strings"
+        else:
+            source = f"paper ({get_task(task).protocol.source})"
+        return source + (f"; overridden: {', '.join(self.overrides())}" if self.overrides() else "")
+
+    def result_fields(self) -> dict:
+        """The fields that determine the generations (not how the work is spread over actors)."""
+        keep = ("protocol", *PROTOCOL_FIELDS, "engine", "use_gpu", "do_sample", "temperature", "top_p",
+                "n_samples", "seed")
+        return {k: v for k, v in self.model_dump(mode="json").items() if k in keep}
 
 
 class CellSpec(_Strict):
     """One annotation cell: the supervision a student is trained on.
 
     `generator` is None when the cell replays the paper's released annotations, else the
-    identity (model and sampling parameters) of the teacher that writes it.
+    identity (model, sampling parameters, policy, gold hint) of the teacher that writes it.
+    `inputs` holds content digests of what the cell is made from (the data files it reads, the
+    annotation spec with its prompt and exemplar texts); the sweep fills it (`sweep.identify_cell`)
+    before the cell hash names the cell's folder, so an edited file makes a new cell.
     """
 
     dataset: str
@@ -158,7 +212,9 @@ class CellSpec(_Strict):
     level: int | None = None
     format: str = "cot"
     train_limit: int | None = None
+    repair_targets: bool = False
     generator: dict | None = None
+    inputs: dict[str, str] = Field(default_factory=dict)
 
     def __hash__(self) -> int:  # `generator` is a dict, so hash the content
         return hash(self.cell_hash)
@@ -174,14 +230,22 @@ class CellSpec(_Strict):
 
 
 class TrialSpec(_Strict):
-    """One trial = fine-tune `student` on `cell`, then evaluate it on the dataset's test set."""
+    """One trial = fine-tune `student` on `cell`, then evaluate it on the dataset's test set.
+
+    The trial hash covers everything that determines the result: the cell (with its input
+    digests), the student, its weights and the test data (`inputs`, filled by the sweep), the seed,
+    the training spec, the evaluation spec resolved for the task, and the grader options.
+    """
 
     cell: CellSpec
     student: str
     seed: int
     test_limit: int | None
     train: TrainSpec
-    eval: EvalSpec
+    eval: EvalSpec  # resolved for the cell's dataset (EvalSpec.for_task)
+    eval_overrides: list[str] = Field(default_factory=list)  # protocol fields the sweep set explicitly
+    grader: GraderOptions = GraderOptions()
+    inputs: dict[str, str] = Field(default_factory=dict)  # student weights and test data digests
 
     @property
     def trial_hash(self) -> str:
@@ -208,6 +272,10 @@ class AnnotationStageSpec(_Strict):
 
     teachers: dict[str, TeacherSpec] = Field(default_factory=dict)
     policy: Policy = "keep_all"
+    # Show the teacher the gold answer (data/prompts/gold_hint.md). The released StrategyQA and
+    # OBQA annotations agree with gold on 95-100 % of rows for every teacher, and the release ships
+    # OBQA files "with_gt" and "without_gt": the paper's teachers probably saw it. Part of the cell.
+    show_gold: bool = False
     runtime: RuntimeSpec = RuntimeSpec()
 
     @field_validator("teachers")
@@ -219,14 +287,30 @@ class AnnotationStageSpec(_Strict):
         return value
 
 
+AXES = ("datasets", "teachers", "levels", "formats", "students")
+
+
+class GridSpec(_Strict):
+    """A sub-grid of a sweep; an axis left out takes the sweep's top-level value. A sweep with
+    `grids` runs the union of them, e.g. each student family at its own level (the paper's
+    format runs: Gemma at level 5, BLOOM at level 3)."""
+
+    datasets: list[str] | None = None
+    teachers: list[str] | None = None
+    levels: list[int] | None = None
+    formats: list[str] | None = None
+    students: list[str] | None = None
+
+
 class SweepSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     output_dir: str = "outputs"
-    datasets: list[str] = Field(min_length=1)
-    teachers: list[str] = Field(min_length=1)
+    datasets: list[str] = Field(default_factory=list)
+    teachers: list[str] = Field(default_factory=list)
     levels: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5, 6])
     formats: list[str] = Field(default_factory=lambda: ["cot"])
-    students: list[str] = Field(min_length=1)
+    students: list[str] = Field(default_factory=list)
+    grids: list[GridSpec] = Field(default_factory=list)  # empty: the top-level axes are the one grid
     seeds: list[int] = Field(default_factory=lambda: [100])
     train_limit: int | None = Field(None, ge=1)
     test_limit: int | None = Field(None, ge=1)
@@ -234,6 +318,11 @@ class SweepSpec(_Strict):
     # A released cell missing from the data mirror (and not downloadable): stop with the error,
     # or leave the cell out of the grid and list it in the log and the report.
     missing_cells: Literal["error", "skip"] = "error"
+    # Opt-in repair of released targets (raydistill.datasets.repair_target): restore LaTeX escapes
+    # eaten by JSON and mark unmarked final answers. Off: the release as the paper trained on it.
+    repair_targets: bool = False
+    # Opt-in leniency of the grader (raydistill.answers.GraderOptions); off: the paper's grading.
+    grader: GraderOptions = GraderOptions()
     annotation: AnnotationStageSpec = AnnotationStageSpec()
     mlflow_tracking_uri: str | None = None  # default sqlite:///<output_dir>/<name>/mlflow.db
     # Where Ray Train keeps training checkpoints: default <output_dir>/<name>/ray; an object-storage
@@ -253,33 +342,37 @@ class SweepSpec(_Strict):
             raise ValueError(problem)
         return value
 
-    @field_validator("datasets")
-    @classmethod
-    def _known_datasets(cls, value: list[str]) -> list[str]:
-        return _check_members("datasets", value, TASK_NAMES)
-
-    @field_validator("formats")
-    @classmethod
-    def _known_formats(cls, value: list[str]) -> list[str]:
-        return _check_members("formats", value, FORMATS)
-
-    @field_validator("levels")
-    @classmethod
-    def _levels_in_range(cls, value: list[int]) -> list[int]:
-        bad = [lvl for lvl in value if not 1 <= lvl <= 6]
-        if bad:
-            raise ValueError(f"granularity levels run from 1 to 6, got {bad}")
-        return value
-
     @model_validator(mode="after")
-    def _teachers_known(self) -> SweepSpec:
-        unknown = [t for t in self.teachers if t not in REPLAY_TEACHERS and t not in self.annotation.teachers]
-        if unknown:
-            raise ValueError(
-                f"teachers {unknown} are neither released annotation sets {list(REPLAY_TEACHERS)} "
-                "nor defined under annotation.teachers (name: {model: <litellm model>, ...})"
-            )
+    def _grids_valid(self) -> SweepSpec:
+        for i, grid in enumerate(self.expanded_grids()):
+            where = f"grids[{i}]: " if self.grids else ""
+            for axis in ("datasets", "teachers", "students"):
+                if not grid[axis]:
+                    raise ValueError(f"{where}{axis} is empty; list at least one")
+            _check_members(f"{where}datasets", grid["datasets"], TASK_NAMES)
+            _check_members(f"{where}formats", grid["formats"], FORMATS)
+            bad = [lvl for lvl in grid["levels"] if not 1 <= lvl <= 6]
+            if bad:
+                raise ValueError(f"{where}granularity levels run from 1 to 6, got {bad}")
+            unknown = [t for t in grid["teachers"] if t not in REPLAY_TEACHERS and t not in self.annotation.teachers]
+            if unknown:
+                raise ValueError(
+                    f"{where}teachers {unknown} are neither released annotation sets {list(REPLAY_TEACHERS)} "
+                    "nor defined under annotation.teachers (name: {model: <litellm model>, ...})"
+                )
         return self
+
+    def expanded_grids(self) -> list[dict[str, list]]:
+        """Every grid with its axes filled from the top level."""
+        top = {axis: getattr(self, axis) for axis in AXES}
+        if not self.grids:
+            return [top]
+        return [{axis: getattr(g, axis) if getattr(g, axis) is not None else top[axis] for axis in AXES}
+                for g in self.grids]
+
+    def axis_values(self, axis: str) -> list:
+        """The values an axis takes over all grids, in first-seen order."""
+        return list(dict.fromkeys(v for grid in self.expanded_grids() for v in grid[axis]))
 
     @property
     def run_dir(self) -> Path:
@@ -296,31 +389,42 @@ class SweepSpec(_Strict):
 
     def cells(self) -> list[CellSpec]:
         """Annotation cells of the grid; teachers without levels (human, answer-only) appear once."""
-        cells: dict[CellSpec, None] = {}
-        for dataset in self.datasets:
-            for teacher in self.teachers:
+        return list(dict.fromkeys(cell for grid in self.expanded_grids() for cell in self._grid_cells(grid)))
+
+    def _grid_cells(self, grid: dict[str, list]) -> list[CellSpec]:
+        cells = []
+        for dataset in grid["datasets"]:
+            for teacher in grid["teachers"]:
                 levelless = teacher in LEVELLESS_TEACHERS
                 generator = self._generator(teacher)
-                for level in [None] if levelless else self.levels:
-                    for fmt in ["cot"] if levelless else self.formats:
-                        cells[CellSpec(dataset=dataset, teacher=teacher, level=level, format=fmt,
-                                       train_limit=self.train_limit, generator=generator)] = None
-        return list(cells)
+                for level in [None] if levelless else grid["levels"]:
+                    for fmt in ["cot"] if levelless else grid["formats"]:
+                        cells.append(CellSpec(dataset=dataset, teacher=teacher, level=level, format=fmt,
+                                              train_limit=self.train_limit, generator=generator,
+                                              repair_targets=self.repair_targets and generator is None))
+        return cells
 
     def _generator(self, teacher: str) -> dict | None:
         spec = self.annotation.teachers.get(teacher)
         if spec is None:
             return None
-        return {"model": spec.model, **spec.sampling_params(), "policy": self.annotation.policy}
+        return {"model": spec.model, **spec.sampling_params(), "policy": self.annotation.policy,
+                "show_gold": self.annotation.show_gold}
 
     def trials(self) -> list[TrialSpec]:
-        return [
-            TrialSpec(cell=cell, student=student, seed=seed, test_limit=self.test_limit,
-                      train=self.train.model_copy(update={"seed": seed}), eval=self.eval)
-            for cell in self.cells()
-            for student in self.students
-            for seed in self.seeds
-        ]
+        """One trial per (cell, student, seed) of every grid, the evaluation resolved per task."""
+        trials: dict[str, TrialSpec] = {}
+        for grid in self.expanded_grids():
+            for cell in self._grid_cells(grid):
+                for student in grid["students"]:
+                    for seed in self.seeds:
+                        trial = TrialSpec(
+                            cell=cell, student=student, seed=seed, test_limit=self.test_limit,
+                            train=self.train.model_copy(update={"seed": seed}),
+                            eval=self.eval.for_task(cell.dataset), eval_overrides=self.eval.overrides(),
+                            grader=self.grader)
+                        trials.setdefault(trial.trial_hash, trial)
+        return list(trials.values())
 
 
 def _check_members(field: str, value: list[str], allowed: tuple[str, ...]) -> list[str]:

@@ -48,8 +48,10 @@ def wilson_interval(correct: int, n: int, alpha: float = 0.05) -> tuple[float, f
 
 def _binom_sum(n: int, p: float, ks: range) -> float:
     """Sum of Binomial(n, p) probabilities over ks, each term computed in log space (0 < p < 1)."""
-    log_p, log_q = math.log(p), math.log1p(-p)
-    return math.fsum(math.exp(math.log(math.comb(n, k)) + k * log_p + (n - k) * log_q) for k in ks)
+    log_p, log_q, log_n = math.log(p), math.log1p(-p), math.lgamma(n + 1)
+    return math.fsum(
+        math.exp(log_n - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * log_p + (n - k) * log_q)
+        for k in ks)
 
 
 def _bisect_decreasing(f: Callable[[float], float], target: float, tol: float = 1e-13) -> float:

@@ -48,7 +48,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 __all__ = [
-    "PAPER_STOP_STRINGS",
     "TEMPLATES",
     "STUDENTS",
     "Template",
@@ -64,25 +63,12 @@ __all__ = [
     "build_tiny_llama",
     "convert_smollm2",
     "find_smollm2_gguf",
+    "weights_digest",
 ]
-
-# vLLM ``stop`` list of the paper's evaluator (run_reasoning.py, SamplingParams).
-PAPER_STOP_STRINGS: tuple[str, ...] = (
-    "USER:",
-    "ASSISTANT:",
-    "### Instruction:",
-    "Response:",
-    "<start_of_turn>",
-    "[INST]",
-    "\n\nProblem",
-    "\nProblem",
-    "Problem:",
-    "<|eot_id|>",
-    "####",
-)
 
 STUDENT_INFO_FILE = "raydistill_student.json"  # written into every folder raydistill produces
 _COMPLETE_MARKER = ".raydistill-complete"
+_DIGEST_CACHE = ".raydistill-digest.json"
 
 
 class StudentError(RuntimeError):
@@ -111,7 +97,8 @@ class Template(Protocol):
         """(prompt ids, response ids), each encoded without extra special tokens."""
 
     def stop_strings(self, tokenizer: PreTrainedTokenizerBase | None = None) -> tuple[str, ...]:
-        """Strings that end a generation: the paper's list, the family's end strings, the EOS."""
+        """Strings that end a generation whatever the protocol: the family's end strings, the EOS.
+        The paper's stop lists are part of each task's evaluation protocol (`raydistill.tasks`)."""
 
     def fix_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
         """Adjust EOS/pad before training, as LLaMA-Factory does for this template."""
@@ -131,7 +118,7 @@ def _encode_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[
 
 def _with_eos(strings: tuple[str, ...], tokenizer: PreTrainedTokenizerBase | None) -> tuple[str, ...]:
     extra = (tokenizer.eos_token,) if tokenizer is not None and tokenizer.eos_token else ()
-    return tuple(dict.fromkeys(PAPER_STOP_STRINGS + strings + extra))
+    return tuple(dict.fromkeys(strings + extra))
 
 
 @dataclass(frozen=True)
@@ -708,3 +695,52 @@ def _cached_build(student: Student, root: Path) -> Path:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+# --------------------------------------------------------------------------- identity
+
+
+def weights_digest(folder: str | os.PathLike[str]) -> str:
+    """sha256 over every file of a model folder (weights, config, tokenizer, chat template, our
+    student info), hidden files aside: the model's part of a trial's identity.
+
+    Each file's sha256 is kept in ``.raydistill-digest.json`` in the folder, keyed by its size and
+    mtime, so a folder is read once (about a second per GB); a read-only folder is hashed each time.
+    """
+    import hashlib
+
+    root = Path(folder)
+    files = sorted(p for p in root.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    if not files:
+        raise StudentError(f"{root}: no files to identify the model by; pass a Hugging Face model folder")
+    cache_path = root / _DIGEST_CACHE
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    digests, fresh = {}, {}
+    for path in files:
+        name, stat = path.relative_to(root).as_posix(), path.stat()
+        known = cache.get(name)
+        if isinstance(known, list) and known[:2] == [stat.st_size, stat.st_mtime_ns]:
+            digests[name] = known[2]
+        else:
+            digests[name] = _file_sha256(path)
+        fresh[name] = [stat.st_size, stat.st_mtime_ns, digests[name]]
+    if fresh != cache:
+        with contextlib.suppress(OSError):
+            tmp = cache_path.with_name(f"{cache_path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(fresh, indent=1))
+            os.replace(tmp, cache_path)
+    return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -23,6 +23,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import yaml
 
+import raydistill
+from raydistill.datasets import target_ceiling
 from raydistill.spec import CellSpec, SpecError, SweepSpec, TrialSpec, content_hash, load_sweep, storage_problem
 
 log = logging.getLogger("raydistill.sweep")
@@ -34,30 +36,66 @@ def cell_dir(cells_dir: Path, cell: CellSpec) -> Path:
     return cells_dir / cell.cell_hash
 
 
+def annotation_spec(cell: CellSpec, spec: SweepSpec):
+    """The `AnnotationSpec` a generating teacher's cell is written with."""
+    from raydistill.annotate import AnnotationSpec, QuestionsSpec
+
+    stage = spec.annotation
+    runtime = stage.runtime
+    if runtime.cache_dir is None:
+        runtime = runtime.model_copy(update={"cache_dir": str(spec.cells_dir.parent / "request-cache")})
+    return AnnotationSpec(task=cell.dataset, teacher=stage.teachers[cell.teacher], level=cell.level,
+                          format=cell.format, policy=stage.policy, show_gold=stage.show_gold, runtime=runtime,
+                          questions=QuestionsSpec(limit=cell.train_limit))
+
+
+def identify_cell(cell: CellSpec, spec: SweepSpec) -> CellSpec:
+    """The cell with its `inputs` filled: sha256 of every data file it is made from, and for a
+    generating teacher the annotation spec's hash (its prompt and exemplar texts included).
+    Raises DataUnavailable / CellNotReleased when a released cell's files are not to be had."""
+    from raydistill.datasets import digests, train_sources
+
+    if cell.generator is None:
+        inputs = digests(train_sources(cell.dataset, cell.teacher, cell.level, cell.format))
+    else:
+        inputs = {"annotation": annotation_spec(cell, spec).cell_hash(),
+                  **digests(train_sources(cell.dataset, "answer_only"))}  # the questions and their golds
+    return cell.model_copy(update={"inputs": inputs})
+
+
+def identify_trial(trial: TrialSpec, cell: CellSpec, student_digest: str, test_inputs: dict[str, str]) -> TrialSpec:
+    """The trial with its identified cell and the digests of its student's weights and test data."""
+    return trial.model_copy(update={"cell": cell, "inputs": {"student": student_digest, **test_inputs}})
+
+
 def prepare_cells(spec: SweepSpec) -> tuple[dict[CellSpec, dict], dict[CellSpec, str]]:
     """The annotation stage: every cell of the grid -> training Parquet, computed once.
 
     Released cells are replayed from the data mirror; cells of a generating teacher are written
     by `raydistill.annotate` in one Ray Data pipeline (CPU actors). Cells live under
-    `<output_dir>/cells/<cell hash>/`, so every student and every sweep sharing the output_dir
-    reuses them. Returns ({cell: info}, {missing cell: reason}); a cell is missing only with
-    `missing_cells: skip`.
+    `<output_dir>/cells/<cell hash>/` (the hash of the identified cell, `identify_cell`), so every
+    student and every sweep sharing the output_dir reuses them, and an edited data or prompt file
+    makes a new cell. Returns ({cell: info}, {missing cell: reason}) keyed by the grid's cells;
+    info["spec"] is the identified cell. A cell is missing only with `missing_cells: skip`.
     """
     from raydistill.datasets import CellNotReleased, DataUnavailable
 
     ready: dict[CellSpec, dict] = {}
     missing: dict[CellSpec, str] = {}
+    generated: dict[CellSpec, CellSpec] = {}
     for cell in spec.cells():
-        if cell.generator is not None:
-            continue
         try:
-            ready[cell] = replay_cell(cell, cell_dir(spec.cells_dir, cell))
+            identified = identify_cell(cell, spec)
+            if cell.generator is not None:
+                generated[cell] = identified
+                continue
+            ready[cell] = replay_cell(identified, cell_dir(spec.cells_dir, identified))
         except (CellNotReleased, DataUnavailable) as err:
             if spec.missing_cells == "error":
                 raise
             missing[cell] = str(err)
             log.warning("cell %s left out: %s", cell.label, err)
-    ready.update(generate_cells(spec, [c for c in spec.cells() if c.generator is not None]))
+    ready.update(generate_cells(spec, generated))
     return ready, missing
 
 
@@ -67,13 +105,13 @@ def replay_cell(cell: CellSpec, folder: Path) -> dict:
 
     path = folder / "train.parquet"
     if not _readable_parquet(path):
-        table = load_train(cell.dataset, cell.teacher, level=cell.level, fmt=cell.format)
+        table = load_train(cell.dataset, cell.teacher, level=cell.level, fmt=cell.format, repair=cell.repair_targets)
         if cell.train_limit is not None:
             table = table.slice(0, cell.train_limit)
         _write_atomic(table, path)
         (folder / "cell.json").write_text(json.dumps(cell.model_dump(mode="json"), indent=2))
     return {"hash": cell.cell_hash, "dir": str(folder), "source": "replay", "train_path": str(path),
-            "annotation": None}
+            "annotation": None, "spec": cell.model_dump(mode="json")}
 
 
 def _readable_parquet(path: Path) -> bool:
@@ -89,30 +127,24 @@ def _readable_parquet(path: Path) -> bool:
         return False
 
 
-def generate_cells(spec: SweepSpec, cells: list[CellSpec]) -> dict[CellSpec, dict]:
-    """Annotate the cells of generating teachers (one pipeline; the request cache is shared)."""
+def generate_cells(spec: SweepSpec, cells: dict[CellSpec, CellSpec]) -> dict[CellSpec, dict]:
+    """Annotate the cells of generating teachers (one pipeline; the request cache is shared).
+    ``cells`` maps each grid cell to its identified cell."""
     if not cells:
         return {}
-    from raydistill.annotate import AnnotationSpec, QuestionsSpec, annotate_cells, summary_table
+    from raydistill.annotate import annotate_cells, summary_table
 
-    stage = spec.annotation
-    runtime = stage.runtime
-    if runtime.cache_dir is None:
-        runtime = runtime.model_copy(update={"cache_dir": str(spec.cells_dir.parent / "request-cache")})
     jobs = []
-    for cell in cells:
-        annotation = AnnotationSpec(task=cell.dataset, teacher=stage.teachers[cell.teacher], level=cell.level,
-                                    format=cell.format, policy=stage.policy, runtime=runtime,
-                                    questions=QuestionsSpec(limit=cell.train_limit))
-        folder = cell_dir(spec.cells_dir, cell)
+    for identified in cells.values():
+        folder = cell_dir(spec.cells_dir, identified)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "cell.json").write_text(json.dumps(cell.model_dump(mode="json"), indent=2))
-        jobs.append((annotation, folder))
+        (folder / "cell.json").write_text(json.dumps(identified.model_dump(mode="json"), indent=2))
+        jobs.append((annotation_spec(identified, spec), folder))
     _init_ray()
     run = annotate_cells(jobs)
     log.info("annotation stage:\n%s", summary_table(run.cells))
     out = {}
-    for cell, result in zip(cells, run.cells):
+    for (cell, identified), result in zip(cells.items(), run.cells):
         if result.kept == 0:
             raise RuntimeError(
                 f"annotation cell {cell.label} kept no training rows ({result.failed} of {result.rows} requests "
@@ -120,15 +152,25 @@ def generate_cells(spec: SweepSpec, cells: list[CellSpec]) -> dict[CellSpec, dic
                 "and rerun: completed requests are cached and will not be sent again")
         summary = {k: v for k, v in result.to_dict().items()
                    if k not in ("annotations_path", "examples_path", "summary_path", "out_dir")}
-        out[cell] = {"hash": cell.cell_hash, "dir": result.out_dir, "source": "generated",
-                     "train_path": result.examples_path, "annotation": summary}
+        out[cell] = {"hash": identified.cell_hash, "dir": result.out_dir, "source": "generated",
+                     "train_path": result.examples_path, "annotation": summary,
+                     "spec": identified.model_dump(mode="json")}
     return out
 
 
+def test_inputs(task: str) -> dict[str, str]:
+    """Digests of the files a task's test set is read from."""
+    from raydistill.datasets import digests, test_sources
+
+    return digests(test_sources(task))
+
+
 def prepare_test(task: str, limit: int | None, run_dir: Path) -> Path:
+    """The task's test set (its first `limit` questions) as Parquet; the name carries the digest
+    of its source files, so an edited test file is read again."""
     from raydistill.datasets import load_test
 
-    path = run_dir / "test" / f"{task}-{limit or 'all'}.parquet"
+    path = run_dir / "test" / f"{task}-{limit or 'all'}-{content_hash(test_inputs(task))[:12]}.parquet"
     if not _readable_parquet(path):
         table = load_test(task)
         _write_atomic(table.slice(0, limit) if limit else table, path)
@@ -197,15 +239,22 @@ def _train_and_evaluate(trial: TrialSpec, payload: dict, trial_dir: Path) -> dic
     started = time.perf_counter()
     result = outside_trial_placement_group(
         evaluate, trained.model_path, trial.student, trial.cell.dataset, test, trial.eval,
-        trial_dir / "predictions.parquet", cell_hash=trial.trial_hash)
+        trial_dir / "predictions.parquet", trial.grader)
     eval_seconds = time.perf_counter() - started
     history = json.loads((Path(trained.model_path) / "train_state.json").read_text())["history"]
+    ceiling = target_ceiling(trial.cell.dataset, pq.read_table(payload["cell"]["train_path"]), trial.grader)
     return {
         "trial_hash": trial.trial_hash,
+        "eval_hash": result.eval_hash,
+        "raydistill_version": raydistill.__version__,
         "axes": trial.axes(),
         "cell": payload["cell"],
+        "inputs": trial.inputs,
         "train_spec": trial.train.model_dump(mode="json"),
         "eval_spec": trial.eval.model_dump(mode="json"),
+        "eval_protocol": _protocol_note(trial),
+        "grader": trial.grader.label(),
+        "engine": result.engine,
         "model_path": trained.model_path,
         "predictions_path": result.predictions_path,
         "train_history": history,
@@ -213,6 +262,9 @@ def _train_and_evaluate(trial: TrialSpec, payload: dict, trial_dir: Path) -> dic
             "accuracy": result.accuracy,
             "n_test": result.n,
             "extraction_failure_rate": result.extraction_failure_rate,
+            "truncation_rate": result.truncation_rate,
+            "max_new_tokens": result.max_new_tokens,
+            "target_ceiling": ceiling,
             "mean_generated_tokens": result.mean_generated_tokens,
             "train_examples": trained.examples,
             "train_truncated": trained.truncated,
@@ -224,6 +276,13 @@ def _train_and_evaluate(trial: TrialSpec, payload: dict, trial_dir: Path) -> dic
             "eval_seconds": eval_seconds,
         },
     }
+
+
+def _protocol_note(trial: TrialSpec) -> str:
+    """Where the trial's decoding settings come from (the task's protocol, what the sweep overrode)."""
+    explicit = {name: getattr(trial.eval, name) for name in trial.eval_overrides}
+    return trial.eval.model_copy(update={name: None for name in ("max_new_tokens", "num_beams", "stop_strings")
+                                         if name not in explicit}).protocol_note(trial.cell.dataset)
 
 
 def outside_trial_placement_group(fn, *args, **kwargs):
@@ -271,7 +330,7 @@ def run_sweep(spec: SweepSpec) -> list[dict]:
     from ray import tune
 
     from raydistill.report import write_report
-    from raydistill.students import resolve_student
+    from raydistill.students import resolve_student, weights_digest
     from raydistill.tracking import MLflowTrialLogger, finish_sweep_run, start_sweep_run
 
     problem = storage_problem(spec.checkpoint_storage) if spec.checkpoint_storage else None
@@ -282,21 +341,26 @@ def run_sweep(spec: SweepSpec) -> list[dict]:
     (run_dir / "sweep.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
     cells, missing = prepare_cells(spec)
     _write_missing(missing, run_dir)
-    trials = [t for t in spec.trials() if t.cell in cells]
-    log.info("sweep %s: %d trials over %d annotation cells (%d left out)", spec.name, len(trials), len(cells),
+    planned = [t for t in spec.trials() if t.cell in cells]
+    log.info("sweep %s: %d trials over %d annotation cells (%d left out)", spec.name, len(planned), len(cells),
              len(missing))
-    if not trials:
+    if not planned:
         raise SpecError(f"sweep {spec.name}: no trial left to run; every cell is missing (see {run_dir}/missing_cells.json)")
-    test_paths = {task: prepare_test(task, spec.test_limit, run_dir) for task in spec.datasets}
-    model_paths = {student: str(resolve_student(student)) for student in spec.students}
+    datasets = spec.axis_values("datasets")
+    test_paths = {task: prepare_test(task, spec.test_limit, run_dir) for task in datasets}
+    tests = {task: test_inputs(task) for task in datasets}
+    model_paths = {student: str(resolve_student(student)) for student in spec.axis_values("students")}
+    students = {student: weights_digest(path) for student, path in model_paths.items()}
+    trials = [identify_trial(t, CellSpec.model_validate(cells[t.cell]["spec"]), students[t.student],
+                             tests[t.cell.dataset]) for t in planned]
 
     _init_ray()
     parent = start_sweep_run(spec, run_dir / "sweep.yaml")
     payloads = [
-        {"trial": t.model_dump(mode="json"), "run_dir": str(run_dir), "cell": cells[t.cell],
+        {"trial": t.model_dump(mode="json"), "run_dir": str(run_dir), "cell": cells[p],
          "checkpoint_storage": spec.checkpoint_storage or str(run_dir / "ray"),
          "test_path": str(test_paths[t.cell.dataset]), "model_path": model_paths[t.student]}
-        for t in trials
+        for p, t in zip((t.cell for t in planned), trials)
     ]
     tuner = tune.Tuner(
         tune.with_resources(run_trial, TRIAL_DRIVER_RESOURCES),

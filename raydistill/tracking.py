@@ -60,8 +60,11 @@ def start_sweep_run(spec, config_path: Path) -> SweepRun:
         client.update_run(run_id, status="RUNNING")
     else:
         run_id = client.create_run(experiment_id, run_name=spec.name, tags={SWEEP_TAG: spec.name}).info.run_id
-        grid = {axis: ",".join(map(str, getattr(spec, axis)))
-                for axis in ("datasets", "teachers", "levels", "formats", "students", "seeds")}
+        grid = {axis: ",".join(map(str, spec.axis_values(axis)))
+                for axis in ("datasets", "teachers", "levels", "formats", "students")}
+        grid["seeds"] = ",".join(map(str, spec.seeds))
+        grid["grader"] = spec.grader.label()
+        grid["eval.protocol"] = spec.eval.protocol
         client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in grid.items()])
     client.log_artifact(run_id, str(config_path))
     return SweepRun(spec.tracking_uri, experiment_id, run_id)
@@ -96,15 +99,18 @@ def log_trial(sweep: SweepRun, record: dict) -> str:
             "cell.hash": cell.get("hash", ""), "cell.source": cell.get("source", "")}
     run_id = client.create_run(sweep.experiment_id, run_name=run_name, tags=tags).info.run_id
     params = {**axes, **{f"train.{k}": v for k, v in record["train_spec"].items()},
-              **{f"eval.{k}": v for k, v in record["eval_spec"].items()}}
+              **{f"eval.{k}": v for k, v in record["eval_spec"].items()},
+              "eval_protocol": record.get("eval_protocol", ""), "grader": record.get("grader", ""),
+              "eval_hash": record.get("eval_hash", ""), "raydistill_version": record.get("raydistill_version", "")}
     client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
     metrics = dict(record["metrics"])
     annotation = cell.get("annotation") or {}
-    for key in ("cost_usd", "tokens_in", "tokens_out", "teacher_accuracy"):
+    for key in ("cost_usd", "tokens_in", "tokens_out", "teacher_accuracy", "truncated_share"):
         if annotation.get(key) is not None:
             metrics[f"teacher_{key}"] = annotation[key]
     now_ms = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), now_ms, 0) for k, v in metrics.items()])
+    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), now_ms, 0) for k, v in metrics.items()
+                                      if v is not None])
     for point in record.get("train_history", []):
         client.log_metric(run_id, "train_loss", point["loss"], step=point["step"])
         client.log_metric(run_id, "learning_rate", point["lr"], step=point["step"])

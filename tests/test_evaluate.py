@@ -12,9 +12,10 @@ from raydistill.datasets import load_test
 from raydistill.engines import EngineError, HFEngine, choose_engine, load_tokenizer, vllm_available
 from raydistill.evaluate import build_prompts, evaluate, grade, merged_model, metrics, parts_dir
 from raydistill.spec import EvalSpec
+from raydistill.tasks import TASK_NAMES
 from raydistill.students import get_template, resolve_student
 
-SPEC = EvalSpec(engine="hf", max_new_tokens=24, batch_size=4)
+SPEC = EvalSpec(engine="hf", max_new_tokens=24, batch_size=4).for_task("svamp")
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def smollm2_engine_inputs(model_cache):
 
 def test_greedy_rounds_give_the_tokens_of_one_generate_call(smollm2_engine_inputs):
     path, stops, prompts = smollm2_engine_inputs
-    engine = HFEngine(path, "chat", EvalSpec(engine="hf", max_new_tokens=32).model_dump(), stops)
+    engine = HFEngine(path, "chat", EvalSpec(engine="hf", max_new_tokens=32).for_task("gsm8k").model_dump(), stops)
     one_call = engine.generate_ids(prompts, round_tokens=0)
     lengths = sorted(len(ids) for ids in one_call)
     assert lengths[0] + 4 < lengths[-1] <= 32  # rows end rounds apart: the batch shrinks between rounds
@@ -72,7 +73,7 @@ def test_greedy_rounds_give_the_tokens_of_one_generate_call(smollm2_engine_input
 
 def test_sampling_in_rounds_returns_n_samples_per_prompt(smollm2_engine_inputs):
     path, stops, prompts = smollm2_engine_inputs
-    spec = EvalSpec(engine="hf", max_new_tokens=24, do_sample=True, n_samples=2, seed=3)
+    spec = EvalSpec(engine="hf", max_new_tokens=24, do_sample=True, n_samples=2, seed=3).for_task("gsm8k")
     engine = HFEngine(path, "chat", spec.model_dump(), stops)
     samples = engine.generate_ids(prompts, round_tokens=4)
     assert len(samples) == 12 and all(0 < len(ids) <= 24 for ids in samples)
@@ -83,34 +84,34 @@ def test_sampling_in_rounds_returns_n_samples_per_prompt(smollm2_engine_inputs):
 def test_resume_generates_only_missing_questions(tiny, ray_module, tmp_path):
     out = tmp_path / "p.parquet"
     test = load_test("gsm8k").slice(0, 6)
-    evaluate(tiny, "tiny-llama", "gsm8k", test.slice(0, 4), SPEC, out, cell_hash="c", progress=False)
+    evaluate(tiny, "tiny-llama", "gsm8k", test.slice(0, 4), SPEC, out, progress=False)
     first = {f: f.stat().st_mtime_ns for f in parts_dir(out).iterdir()}
 
-    result = evaluate(tiny, "tiny-llama", "gsm8k", test, SPEC, out, cell_hash="c", progress=False)
+    result = evaluate(tiny, "tiny-llama", "gsm8k", test, SPEC, out, progress=False)
     second = {f: f.stat().st_mtime_ns for f in parts_dir(out).iterdir()}
     assert all(second[f] == t for f, t in first.items())  # finished batches are kept as they were
     new_rows = sum(pq.read_metadata(f).num_rows for f in set(second) - set(first))
     assert new_rows == 2 and result.n == 6
     assert sorted(pq.read_table(out)["question_id"].to_pylist()) == sorted(test["question_id"].to_pylist())
 
-    evaluate(tiny, "tiny-llama", "gsm8k", test, SPEC, out, cell_hash="c", progress=False)
+    evaluate(tiny, "tiny-llama", "gsm8k", test, SPEC, out, progress=False)
     assert set(parts_dir(out).iterdir()) == set(second)  # nothing left to generate
 
 
-@pytest.mark.parametrize("task", answers.TASKS)
+@pytest.mark.parametrize("task", TASK_NAMES)
 def test_every_task_builds_prompts_and_grades_gold(task, tiny):
     test = load_test(task).slice(0, 20)
     tokenizer = load_tokenizer(tiny, "chat")
     rows = build_prompts(test, get_template("chat"), tokenizer)
     assert len(rows) == 20 and all(r["prompt"].count(q) == 1 for r, q in zip(rows, test["question"].to_pylist()))
     for r in rows:
-        r.update(generation=f"The answer is {r['gold']}", tokens_generated=5)
+        r.update(generation=f"The answer is {r['gold']}", tokens_generated=5, truncated=False)
     result = metrics(task, grade(task, rows, "h"), "-")
-    assert (result.accuracy, result.extraction_failure_rate) == (1.0, 0.0)
+    assert (result.accuracy, result.extraction_failure_rate, result.truncation_rate) == (1.0, 0.0, 0.0)
 
 
 def test_beam_search_returns_n_samples_per_question(tiny):
-    spec = EvalSpec(engine="hf", max_new_tokens=8, num_beams=3, n_samples=2)
+    spec = EvalSpec(engine="hf", max_new_tokens=8, num_beams=3, n_samples=2).for_task("gsm8k")
     engine = HFEngine(tiny, "chat", spec.model_dump(), [])
     out = engine({"prompt": ["1 + 1 =", "What is 2 + 3?"], "question_id": ["a", "b"]})
     assert list(out["question_id"]) == ["a", "a", "b", "b"]

@@ -1,6 +1,7 @@
-"""Report stage: trial records -> tables in the paper's layout with bootstrap CIs, paired tests
-between neighbouring granularity levels, the paper's published numbers side by side, cost per
-cell, and accuracy-vs-granularity plots.
+"""Report stage: trial records -> tables in the paper's layout with confidence intervals, exact
+paired tests between neighbouring granularity levels (Holm-adjusted), the weak numbers flagged
+(truncated generations, extraction failures, target ceilings, cut teacher replies), the paper's
+published numbers side by side, cost per cell, and accuracy-vs-granularity plots.
 
     raydistill report outputs/granularity [--n-boot 2000] [--seed 0]
 
@@ -10,16 +11,20 @@ Files written into the run folder (docs/report.md explains each):
     results.csv           one row per cell (dataset, teacher, format, student, level), seeds aggregated
     results_table.csv     the paper's layout: one row per (dataset, teacher, format, student),
                           one column group per level
-    paired_tests.csv      paired bootstrap tests between neighbouring levels
+    paired_tests.csv      exact paired tests between neighbouring levels, Holm-adjusted
     trials.csv            one row per trial (per seed), the records' metrics
     accuracy_vs_level.png one panel per (dataset, student); plots/ holds one PNG per panel
 
-Statistics: a cell's accuracy is the mean over seeds of each trial's accuracy. Its 95 % CI is a
-percentile bootstrap over test questions: each replicate draws questions with replacement and
-averages the seeds' accuracies on the drawn questions. A question's score is the mean of its
-prediction rows (the fraction of correct samples when n_samples > 1). Random numbers come from a
-fixed seed mixed with the cell's name, so a report is reproducible and a cell's CI does not change
-when other cells are added.
+Statistics (docs/report.md): a cell's accuracy is the mean over seeds of each trial's accuracy.
+With one seed and one sample per question its 95 % interval is the Wilson score interval (never
+degenerate at 0 or n correct); with several seeds or samples it is a percentile bootstrap over
+test questions (each replicate draws questions with replacement and averages the seeds'
+accuracies on them), replaced by the Wilson interval over the questions where the bootstrap has
+zero width. Neighbouring levels are compared with an exact two-sided sign test on the per-question
+differences (the exact McNemar test for one seed), p-values Holm-adjusted over the table, next to
+the smallest difference the question count can show at all. Random numbers come from a fixed
+seed mixed with the cell's name, so a report is reproducible and a cell's CI does not change when
+other cells are added.
 """
 
 from __future__ import annotations
@@ -37,23 +42,31 @@ from pathlib import Path
 
 import numpy as np
 
+from raydistill import stats
+
 ROW_AXES = ("dataset", "teacher", "format", "student")
 CELL_AXES = ROW_AXES + ("level",)
 PUBLISHED_CSV = Path(__file__).resolve().parents[1] / "data" / "paper" / "published_results.csv"
 DEFAULT_N_BOOT = 2000
 DEFAULT_SEED = 0
 ALPHA = 0.05
+TRUNCATION_FLAG = 0.05  # a cell with more truncated generations than this is marked
+CEILING_FLAG = 0.95  # a cell whose targets grade below this against their own answers is listed
+TRUNCATED_MARK = "†"
 
 TRIAL_COLUMNS = ["trial_hash", "dataset", "teacher", "format", "student", "level", "seed", "accuracy", "n_test",
-                 "extraction_failure_rate", "mean_generated_tokens", "train_steps", "final_train_loss",
-                 "train_seconds", "eval_seconds", "num_workers", "num_actors", "cell_source"]
-CELL_COLUMNS = [*CELL_AXES, "accuracy", "ci_low", "ci_high", "n_seeds", "seeds", "n_test", "n_questions_ci",
-                "extraction_failure_rate", "mean_generated_tokens", "published_accuracy", "published_kind",
-                "teacher_source", "teacher_cost_usd", "teacher_tokens_in", "teacher_tokens_out",
+                 "extraction_failure_rate", "truncation_rate", "target_ceiling", "mean_generated_tokens",
+                 "max_new_tokens", "train_steps", "final_train_loss", "train_seconds", "eval_seconds", "num_workers",
+                 "num_actors", "cell_source", "eval_protocol", "grader", "raydistill_version"]
+CELL_COLUMNS = [*CELL_AXES, "accuracy", "ci_low", "ci_high", "ci_method", "n_seeds", "seeds", "n_test",
+                "n_questions_ci", "truncation_rate", "extraction_failure_rate", "target_ceiling",
+                "teacher_truncated_share", "flags", "mean_generated_tokens", "max_new_tokens", "published_accuracy",
+                "published_kind", "teacher_source", "teacher_cost_usd", "teacher_tokens_in", "teacher_tokens_out",
                 "train_seconds", "eval_seconds", "train_worker_seconds", "eval_actor_seconds",
                 "accuracy_pct_per_usd"]
-PAIRED_COLUMNS = [*ROW_AXES, "level_a", "level_b", "accuracy_a", "accuracy_b", "diff", "ci_low", "ci_high",
-                  "p_value", "n_questions", "n_seeds_paired", "paired_on"]
+PAIRED_COLUMNS = [*ROW_AXES, "level_a", "level_b", "accuracy_a", "accuracy_b", "diff", "n_b_better",
+                  "n_a_better", "p_value", "p_holm", "min_detectable_diff", "n_questions", "n_seeds_paired",
+                  "paired_on"]
 
 
 class ReportError(RuntimeError):
@@ -65,22 +78,25 @@ class ReportError(RuntimeError):
 
 @dataclass(frozen=True)
 class Interval:
-    """A point estimate with its bootstrap percentile interval."""
+    """A point estimate with its 95 % interval and how the interval was computed."""
 
     estimate: float
     low: float
     high: float
+    method: str = "bootstrap"  # "wilson" | "bootstrap" | "bootstrap+wilson" (Wilson where the bootstrap had zero width)
 
 
-@dataclass(frozen=True)
+@dataclass
 class PairedTest:
-    """Paired bootstrap comparison of two sets of per-question scores (b minus a)."""
+    """Exact paired comparison of two sets of per-question scores (b minus a)."""
 
     diff: float
-    low: float
-    high: float
-    p_value: float
+    n_b_better: int  # questions where b scores higher
+    n_a_better: int
+    p_value: float  # exact two-sided sign test (McNemar for 0/1 scores)
     n_questions: int
+    min_detectable: float  # the smallest |diff| that could reach p <= alpha with this many questions
+    p_holm: float | None = None  # Holm-adjusted over the report's comparisons
 
 
 def cell_rng(seed: int, *key: str) -> np.random.Generator:
@@ -115,23 +131,45 @@ def bootstrap_accuracy(scores: np.ndarray, n_boot: int = DEFAULT_N_BOOT, rng: np
     return Interval(estimate, float(low), float(high))
 
 
-def paired_bootstrap(a: np.ndarray, b: np.ndarray, n_boot: int = DEFAULT_N_BOOT,
-                     rng: np.random.Generator | None = None, alpha: float = ALPHA) -> PairedTest:
-    """Accuracy difference b - a over the same questions, its percentile CI and two-sided p-value.
+def wilson_accuracy(scores: np.ndarray, alpha: float = ALPHA) -> Interval:
+    """Accuracy of 0/1 question scores with its Wilson score interval."""
+    scores = np.asarray(scores, dtype=float)
+    correct, n = int(round(scores.sum())), int(scores.size)
+    low, high = stats.wilson_interval(correct, n, alpha)
+    return Interval(correct / n, low, high, "wilson")
 
-    The p-value is twice the smaller bootstrap tail beyond zero, with a +1 correction so it is
-    never reported as exactly zero: ``2 * min(#(d* <= 0) + 1, #(d* >= 0) + 1) / (n_boot + 1)``.
+
+def accuracy_interval(scores: np.ndarray, n_boot: int = DEFAULT_N_BOOT, rng: np.random.Generator | None = None,
+                      alpha: float = ALPHA) -> Interval:
+    """A cell's accuracy and 95 % interval from its (n_seeds, n_questions) score matrix.
+
+    One seed whose scores are all 0 or 1: the Wilson interval. Otherwise the percentile bootstrap
+    over questions (`bootstrap_accuracy`); where it has zero width (every question scored alike),
+    the Wilson interval over the questions at the same accuracy, so an interval never claims
+    certainty.
     """
+    scores = np.atleast_2d(np.asarray(scores, dtype=float))
+    present = scores[~np.isnan(scores)]
+    if scores.shape[0] == 1 and np.isin(present, (0.0, 1.0)).all():
+        return wilson_accuracy(present, alpha)
+    boot = bootstrap_accuracy(scores, n_boot, rng, alpha)
+    if boot.high > boot.low:
+        return boot
+    n = int((~np.isnan(scores)).any(axis=0).sum())
+    low, high = stats.wilson_interval(int(round(boot.estimate * n)), n, alpha)
+    return Interval(boot.estimate, low, high, "bootstrap+wilson")
+
+
+def paired_test(a: np.ndarray, b: np.ndarray, alpha: float = ALPHA) -> PairedTest:
+    """Accuracy difference b - a over the same questions with an exact two-sided sign test on the
+    per-question differences: the exact McNemar test on the discordant questions for 0/1 scores
+    (5 discordant questions all one way: p = 0.0625). Seeds averaged per question keep their sign."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if a.shape != b.shape or a.ndim != 1 or not a.size:
         raise ValueError(f"paired scores need two equal-length non-empty vectors, got {a.shape} and {b.shape}")
-    diffs = b - a
-    weights = bootstrap_weights(diffs.size, n_boot, rng or np.random.default_rng(DEFAULT_SEED))
-    replicates = weights @ diffs / diffs.size
-    low, high = np.percentile(replicates, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-    tail = min(np.count_nonzero(replicates <= 0), np.count_nonzero(replicates >= 0))
-    p_value = min(1.0, 2 * (tail + 1) / (n_boot + 1))
-    return PairedTest(float(diffs.mean()), float(low), float(high), p_value, int(diffs.size))
+    test = stats.sign_test(b - a)
+    return PairedTest(float((b - a).mean()), test.n_pos, test.n_neg, test.p_value, int(a.size),
+                      stats.min_detectable_difference(int(a.size), alpha))
 
 
 # =========================================================================== records -> trials
@@ -148,6 +186,7 @@ class Trial:
     num_actors: int | None
     cell: dict | None
     scores: dict[str, float] | None = None  # question_id -> mean correctness; None: predictions missing
+    record: dict = field(default_factory=dict)
 
     @property
     def key(self) -> tuple[str, ...]:
@@ -212,6 +251,7 @@ def to_trial(record: dict, run_dir: Path) -> Trial:
         num_actors=(record.get("eval_spec") or {}).get("num_actors"),
         cell=record.get("cell"),
         scores=question_scores(path) if path else None,
+        record=record,
     )
 
 
@@ -254,6 +294,43 @@ class Cell:
     @property
     def level(self) -> str:
         return self.key[4]
+
+    def mean(self, metric: str) -> float | None:
+        """Mean of a record metric over the seeds; None when a seed's record lacks it."""
+        values = [t.metrics.get(metric) for t in self.trials]
+        return None if any(v is None for v in values) else statistics.fmean(values)
+
+    @property
+    def truncation_rate(self) -> float | None:
+        return self.mean("truncation_rate")
+
+    @property
+    def teacher_truncated_share(self) -> float | None:
+        """Share of the teacher's replies cut at max_tokens (generated cells only)."""
+        shares = [((t.cell or {}).get("annotation") or {}).get("truncated_share") for t in self.trials]
+        known = [v for v in shares if v is not None]
+        return max(known) if known else None
+
+    @property
+    def truncated(self) -> bool:
+        return (self.truncation_rate or 0.0) > TRUNCATION_FLAG
+
+    def flags(self) -> list[str]:
+        """Why this cell's number is weak, in words; [] when nothing is."""
+        out = []
+        rate, ceiling, teacher = self.truncation_rate, self.mean("target_ceiling"), self.teacher_truncated_share
+        if rate is None:
+            out.append("truncation unknown")
+        elif rate > TRUNCATION_FLAG:
+            out.append(f"{100 * rate:.1f} % of generations cut at max_new_tokens")
+        failures = self.mean("extraction_failure_rate")
+        if failures is not None and failures > TRUNCATION_FLAG:
+            out.append(f"no answer extracted from {100 * failures:.1f} %")
+        if ceiling is not None and ceiling < CEILING_FLAG:
+            out.append(f"target ceiling {100 * ceiling:.1f} %")
+        if teacher is not None and teacher > TRUNCATION_FLAG:
+            out.append(f"{100 * teacher:.1f} % of teacher replies cut at max_tokens")
+        return out
 
 
 def _seed_key(seed: str) -> tuple:
@@ -327,7 +404,7 @@ def build_cells(trials: list[Trial], published: list[dict], n_boot: int, seed: i
         with_scores = [t for t in members if t.scores]
         if with_scores:
             ids, matrix = score_matrix(with_scores)
-            cell.interval = bootstrap_accuracy(matrix, n_boot, cell_rng(seed, "cell", *key))
+            cell.interval = accuracy_interval(matrix, n_boot, cell_rng(seed, "cell", *key))
             cell.n_questions_ci = len(ids)
         cells.append(cell)
     return cells
@@ -350,6 +427,7 @@ class Comparison:
     test: PairedTest
     n_seeds_paired: int
     paired_on: str
+
 
 
 def paired_scores(a: Cell, b: Cell) -> tuple[np.ndarray, np.ndarray, int, str] | None:
@@ -378,8 +456,9 @@ def paired_scores(a: Cell, b: Cell) -> tuple[np.ndarray, np.ndarray, int, str] |
     return mean_scores(ta), mean_scores(tb), len(common), paired_on
 
 
-def neighbour_tests(cells: list[Cell], n_boot: int, seed: int) -> list[Comparison]:
-    """Paired bootstrap tests between consecutive numbered levels present in each table row."""
+def neighbour_tests(cells: list[Cell]) -> list[Comparison]:
+    """Exact paired tests between consecutive numbered levels present in each table row, their
+    p-values Holm-adjusted over all of them (one family: the report's paired table)."""
     rows: dict[tuple, list[Cell]] = defaultdict(list)
     for cell in cells:
         if cell.level.isdigit():
@@ -392,8 +471,9 @@ def neighbour_tests(cells: list[Cell], n_boot: int, seed: int) -> list[Compariso
             if paired is None:
                 continue
             sa, sb, n_seeds, paired_on = paired
-            test = paired_bootstrap(sa, sb, n_boot, cell_rng(seed, "paired", *row, a.level, b.level))
-            comparisons.append(Comparison(row, a, b, test, n_seeds, paired_on))
+            comparisons.append(Comparison(row, a, b, paired_test(sa, sb), n_seeds, paired_on))
+    for comparison, adjusted in zip(comparisons, stats.holm_adjust([c.test.p_value for c in comparisons])):
+        comparison.test.p_holm = adjusted
     return comparisons
 
 
@@ -441,11 +521,14 @@ def _pct(value: float | None, digits: int = 1) -> str:
 
 
 def cell_text(cell: Cell) -> str:
-    """'52.1 [48.0, 56.2] ×3' (+ ' · paper 53.42'): mean over seeds, bootstrap CI, seed count."""
+    """'52.1 [48.0, 56.2] ×3' (+ ' †' when truncated, ' · paper 53.42'): mean over seeds, 95 %
+    interval, seed count."""
     text = f"{100 * cell.accuracy:.1f}"
     if cell.interval:
         text += f" [{_pct(cell.interval.low)}, {_pct(cell.interval.high)}]"
     text += f" ×{len(cell.trials)}"
+    if cell.truncated:
+        text += f" {TRUNCATED_MARK}"
     if cell.published:
         text += f" · paper {cell.published['accuracy_pct']:.2f}"
     return text
@@ -474,26 +557,79 @@ def accuracy_section(cells: list[Cell], n_boot: int) -> list[str]:
     rows = [[*row, *(cell_text(by[lvl]) if lvl in by else "" for lvl in levels)]
             for row, by in _by_row(cells).items()]
     n_test = sorted({int(t.metrics.get("n_test", 0)) for c in cells for t in c.trials})
-    return ["## Accuracy by granularity level", "", *_md_table(headers, rows), "",
-            f"Accuracy (%) on {', '.join(map(str, n_test))} test questions: mean over seeds, "
-            f"[95 % percentile bootstrap CI over questions, {n_boot} resamples], ×seeds; "
-            "'paper' is the published accuracy for the same dataset, teacher, student and level.", ""]
+    methods = sorted({c.interval.method for c in cells if c.interval})
+    truncated = [c for c in cells if c.truncated]
+    lines = ["## Accuracy by granularity level", "", *_md_table(headers, rows), "",
+             f"Accuracy (%) on {', '.join(map(str, n_test))} test questions: mean over seeds, "
+             f"[95 % interval: {_methods_text(methods, n_boot)}], ×seeds; "
+             "'paper' is the published accuracy for the same dataset, teacher, student and level."]
+    if truncated:
+        lines.append(f"{TRUNCATED_MARK} more than {100 * TRUNCATION_FLAG:.0f} % of the cell's generations hit "
+                     f"max_new_tokens, so its accuracy is bounded by the cut, not only by the student "
+                     f"({len(truncated)} of {len(cells)} cells; see 'Weak numbers').")
+    return lines + [""]
+
+
+def _methods_text(methods: list[str], n_boot: int) -> str:
+    words = {"wilson": "Wilson score interval (one seed)",
+             "bootstrap": f"percentile bootstrap over questions, {n_boot} resamples (several seeds or samples)",
+             "bootstrap+wilson": "Wilson over the questions where the bootstrap had zero width"}
+    return "; ".join(words[m] for m in methods) or "none (no predictions)"
 
 
 def paired_section(comparisons: list[Comparison]) -> list[str]:
-    lines = ["## Neighbouring levels: paired bootstrap tests", ""]
+    lines = ["## Neighbouring levels: exact paired tests", ""]
     if not comparisons:
         return lines + ["No table row has two numbered levels with predictions to pair.", ""]
-    headers = [*ROW_AXES, "comparison", "Δ accuracy (pp)", "95 % CI (pp)", "p", "questions", "paired on"]
+    headers = [*ROW_AXES, "comparison", "Δ accuracy (pp)", "better / worse", "p", "p (Holm)",
+               "smallest detectable Δ (pp)", "questions", "paired on"]
     rows = [[*c.row, f"{level_label(c.a.level)} → {level_label(c.b.level)}", f"{100 * c.test.diff:+.1f}",
-             f"[{100 * c.test.low:+.1f}, {100 * c.test.high:+.1f}]", _p_text(c.test.p_value),
-             c.test.n_questions, c.paired_on] for c in comparisons]
+             f"{c.test.n_b_better} / {c.test.n_a_better}", _p_text(c.test.p_value), _p_text(c.test.p_holm),
+             _detectable_text(c.test.min_detectable), c.test.n_questions, c.paired_on] for c in comparisons]
     return lines + _md_table(headers, rows) + [
-        "", "Δ = accuracy of the higher level minus the lower one on the questions both answered; "
-        "p is a two-sided bootstrap p-value for Δ = 0.", ""]
+        "", "Δ = accuracy of the higher level minus the lower one on the questions both answered. "
+        "'better / worse' counts the questions the higher level scores above / below the lower one "
+        "(the discordant questions); p is the exact two-sided sign test on them (the exact McNemar test "
+        f"for one seed), Holm-adjusted over the {len(comparisons)} comparisons of this table. With n "
+        f"questions no difference below {stats.min_discordant_for_significance(ALPHA)}/n can reach "
+        f"p ≤ {ALPHA}: the 'smallest detectable Δ' column.", ""]
 
 
-def _p_text(p: float) -> str:
+def _detectable_text(value: float) -> str:
+    return "none possible" if math.isinf(value) else f"{100 * value:.1f}"
+
+
+def quality_section(cells: list[Cell]) -> list[str]:
+    """Per cell: what can make its number weak, and the cells flagged."""
+    headers = [*ROW_AXES, "level", "truncated", "no answer", "target ceiling", "teacher cut", "mean tokens",
+               "max new tokens", "interval"]
+    rows = [[*c.key[:4], level_label(c.level), _share_text(c.truncation_rate),
+             _share_text(c.mean("extraction_failure_rate")), _share_text(c.mean("target_ceiling")),
+             _share_text(c.teacher_truncated_share), _number_text(c.mean("mean_generated_tokens")),
+             _number_text(c.mean("max_new_tokens")), c.interval.method if c.interval else ""] for c in cells]
+    flagged = [c for c in cells if c.flags()]
+    lines = ["## Weak numbers", "", *_md_table(headers, rows), "",
+             "truncated: share of generations that hit max_new_tokens; no answer: share with no "
+             "extractable answer; target ceiling: share of the cell's training targets graded correct "
+             "against their own answers (a student that copied its targets would score this); teacher cut: "
+             "share of the teacher's replies cut at max_tokens (generated cells).", ""]
+    if not flagged:
+        return lines + ["No cell is flagged.", ""]
+    return lines + ["Flagged cells:", ""] + [
+        f"- {'/'.join(c.key[:4])} {level_label(c.level)}: {'; '.join(c.flags())}" for c in flagged] + [""]
+
+
+def _share_text(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.1f} %"
+
+
+def _number_text(value: float | None) -> str:
+    return "" if value is None else f"{value:.0f}"
+
+
+def _p_text(p: float | None) -> str:
+    if p is None:
+        return ""
     return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
 
 
@@ -557,10 +693,11 @@ def markdown_report(cells: list[Cell], comparisons: list[Comparison], published:
     lines = ["# Results", ""]
     lines += accuracy_section(cells, n_boot)
     lines += paired_section(comparisons)
+    lines += quality_section(cells)
     lines += published_section(cells, published)
     lines += cost_section(cells)
     lines += ablation_section(published)
-    lines += [f"Bootstrap: {n_boot} resamples, seed {seed}; see docs/report.md.", *notes]
+    lines += [f"Bootstrap (where used): {n_boot} resamples, seed {seed}; see docs/report.md.", *notes]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -569,7 +706,9 @@ def markdown_report(cells: list[Cell], comparisons: list[Comparison], published:
 
 def trial_rows(trials: list[Trial]) -> list[dict]:
     rows = [{**t.axes, **t.metrics, "trial_hash": t.trial_hash, "num_workers": t.num_workers,
-             "num_actors": t.num_actors, "cell_source": (t.cell or {}).get("source", "")} for t in trials]
+             "num_actors": t.num_actors, "cell_source": (t.cell or {}).get("source", ""),
+             **{k: t.record.get(k, "") for k in ("eval_protocol", "grader", "raydistill_version")}}
+            for t in trials]
     return sorted(rows, key=lambda r: (_cell_sort_key(tuple(r[a] for a in CELL_AXES)), _seed_key(r["seed"])))
 
 
@@ -582,12 +721,18 @@ def cell_rows(cells: list[Cell]) -> list[dict]:
             "accuracy": c.accuracy,
             "ci_low": c.interval.low if c.interval else None,
             "ci_high": c.interval.high if c.interval else None,
+            "ci_method": c.interval.method if c.interval else "",
             "n_seeds": len(c.trials),
             "seeds": " ".join(c.seeds),
             "n_test": statistics.fmean(t.metrics.get("n_test", 0) for t in c.trials),
             "n_questions_ci": c.n_questions_ci,
+            "truncation_rate": c.truncation_rate,
             "extraction_failure_rate": _mean_metric(c, "extraction_failure_rate"),
+            "target_ceiling": c.mean("target_ceiling"),
+            "teacher_truncated_share": c.teacher_truncated_share,
+            "flags": "; ".join(c.flags()),
             "mean_generated_tokens": _mean_metric(c, "mean_generated_tokens"),
+            "max_new_tokens": _mean_metric(c, "max_new_tokens"),
             "published_accuracy": c.published["accuracy_pct"] / 100 if c.published else None,
             "published_kind": c.published["kind"] if c.published else "",
             "teacher_source": c.cost.source,
@@ -620,7 +765,7 @@ def table_rows(cells: list[Cell]) -> tuple[list[str], list[dict]]:
         out = dict(zip(ROW_AXES, row))
         for lvl, c in by.items():
             name = level_label(lvl).replace(" ", "_")
-            out[name] = f"{100 * c.accuracy:.1f}"
+            out[name] = f"{100 * c.accuracy:.1f}" + (TRUNCATED_MARK if c.truncated else "")
             out[f"{name}_ci_low"] = _pct(c.interval.low) if c.interval else ""
             out[f"{name}_ci_high"] = _pct(c.interval.high) if c.interval else ""
             out[f"{name}_n_seeds"] = len(c.trials)
@@ -632,7 +777,8 @@ def table_rows(cells: list[Cell]) -> tuple[list[str], list[dict]]:
 def paired_rows(comparisons: list[Comparison]) -> list[dict]:
     return [{**dict(zip(ROW_AXES, c.row)), "level_a": c.a.level, "level_b": c.b.level,
              "accuracy_a": c.a.accuracy, "accuracy_b": c.b.accuracy, "diff": c.test.diff,
-             "ci_low": c.test.low, "ci_high": c.test.high, "p_value": c.test.p_value,
+             "n_b_better": c.test.n_b_better, "n_a_better": c.test.n_a_better, "p_value": c.test.p_value,
+             "p_holm": c.test.p_holm, "min_detectable_diff": c.test.min_detectable,
              "n_questions": c.test.n_questions, "n_seeds_paired": c.n_seeds_paired, "paired_on": c.paired_on}
             for c in comparisons]
 
@@ -656,7 +802,8 @@ def _panels(cells: list[Cell]) -> dict[tuple[str, str], list[Cell]]:
 
 def draw_panel(ax, panel: tuple[str, str], cells: list[Cell]) -> None:
     """Accuracy vs level per (teacher, format) with CI error bars; level-less cells as dashed lines;
-    published numbers as black crosses."""
+    published numbers as black crosses; cells with more than 5 % truncated generations as hollow
+    red-edged markers labelled with the mark."""
     lines: dict[tuple[str, str], list[Cell]] = defaultdict(list)
     for cell in cells:
         lines[(cell.key[1], cell.key[2])].append(cell)
@@ -669,6 +816,12 @@ def draw_panel(ax, panel: tuple[str, str], cells: list[Cell]) -> None:
             lows = np.array([100 * c.interval.low if c.interval else y for c, y in zip(numbered, ys)])
             highs = np.array([100 * c.interval.high if c.interval else y for c, y in zip(numbered, ys)])
             ax.errorbar(xs, ys, yerr=[ys - lows, highs - ys], marker="o", capsize=3, color=color, label=label)
+            cut = [(x, y) for x, y, c in zip(xs, ys, numbered) if c.truncated]
+            if cut:
+                ax.scatter(*zip(*cut), s=90, facecolors="white", edgecolors="red", linewidths=1.5, zorder=4,
+                           label=f"{TRUNCATED_MARK} > {100 * TRUNCATION_FLAG:.0f} % truncated")
+                for x, y in cut:
+                    ax.annotate(TRUNCATED_MARK, (x, y), textcoords="offset points", xytext=(6, 4), color="red")
         for c in members:
             if not c.level.isdigit():
                 ax.axhline(100 * c.accuracy, linestyle="--", linewidth=1, color=color, label=f"{label} (no level)")
@@ -680,7 +833,9 @@ def draw_panel(ax, panel: tuple[str, str], cells: list[Cell]) -> None:
     ax.set_ylabel("accuracy (%)")
     ax.set_xticks(range(1, 7))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))  # the truncation marker once, however many lines carry it
+    ax.legend(unique.values(), unique.keys(), fontsize=7)
 
 
 def plot_accuracy_vs_level(cells: list[Cell], path: Path, panel_dir: Path | None = None) -> list[Path]:
@@ -733,7 +888,7 @@ def write_report(records: list[dict], run_dir: Path, *, n_boot: int = DEFAULT_N_
     trials = [to_trial(r, run_dir) for r in records]
     published = load_published(published_path)
     cells = build_cells(trials, published, n_boot, seed)
-    comparisons = neighbour_tests(cells, n_boot, seed)
+    comparisons = neighbour_tests(cells)
     notes = _notes(trials, published, published_path)
 
     paths = {"markdown": run_dir / "results.md", "csv": run_dir / "results.csv",

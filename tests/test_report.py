@@ -1,4 +1,5 @@
-"""Report stage: bootstrap CIs, paired level tests, seeds, published numbers, cost, CLI.
+"""Report stage: intervals, exact paired level tests with Holm, weak-number flags, seeds,
+published numbers, cost, CLI.
 
 Run folders are built from real record.json files and real Parquet predictions of simulated
 students whose per-question correctness is drawn from known probabilities.
@@ -26,11 +27,12 @@ N_BOOT = 500
 
 def write_trial(run_dir: Path, correct, *, dataset="svamp", teacher="chatgpt", level="1", fmt="cot",
                 student="tiny-llama", seed="0", cell="absent", num_workers=1, num_actors=1,
-                train_seconds=10.0, eval_seconds=4.0) -> dict:
+                train_seconds=10.0, eval_seconds=4.0, truncated=0, target_ceiling=0.99) -> dict:
     """A finished trial: predictions Parquet (one row per question and sample) + record.json.
 
-    ``correct`` is (n_questions,) or (n_questions, n_samples) of bools; ``cell`` is a record's
-    "cell" value, or "absent" for an older record without the key.
+    ``correct`` is (n_questions,) or (n_questions, n_samples) of bools; ``truncated`` is how many
+    of the rows hit max_new_tokens (the first ones); ``cell`` is a record's "cell" value, or
+    "absent" for an older record without the key.
     """
     correct = np.asarray(correct, dtype=bool).reshape(len(correct), -1)
     axes = {"dataset": dataset, "teacher": teacher, "level": level, "format": fmt, "student": student,
@@ -38,9 +40,11 @@ def write_trial(run_dir: Path, correct, *, dataset="svamp", teacher="chatgpt", l
     trial_hash = hashlib.sha256(json.dumps(axes, sort_keys=True).encode()).hexdigest()[:16]
     trial_dir = run_dir / "trials" / trial_hash
     trial_dir.mkdir(parents=True)
-    rows = [{"cell_hash": trial_hash, "question_id": f"q{q}", "prompt": "p", "generation": "g",
-             "extracted": "1", "gold": "1", "correct": bool(ok), "tokens_generated": 5}
+    rows = [{"eval_hash": trial_hash, "question_id": f"q{q}", "prompt": "p", "generation": "g",
+             "extracted": "1", "gold": "1", "correct": bool(ok), "tokens_generated": 5, "truncated": False}
             for q in range(correct.shape[0]) for ok in correct[q]]
+    for row in rows[:truncated]:
+        row.update(truncated=True, tokens_generated=64)
     predictions = trial_dir / "predictions.parquet"
     pq.write_table(pa.Table.from_pylist(rows, schema=PREDICTION_SCHEMA), predictions)
     record = {
@@ -49,7 +53,9 @@ def write_trial(run_dir: Path, correct, *, dataset="svamp", teacher="chatgpt", l
         "model_path": str(trial_dir / "model"), "predictions_path": str(predictions),
         "train_history": [{"step": 1, "loss": 1.0, "lr": 5e-5}],
         "metrics": {"accuracy": float(correct.mean()), "n_test": int(correct.shape[0]),
-                    "extraction_failure_rate": 0.0, "mean_generated_tokens": 5.0, "train_examples": 8,
+                    "extraction_failure_rate": 0.0, "truncation_rate": truncated / len(rows),
+                    "target_ceiling": target_ceiling, "max_new_tokens": 64,
+                    "mean_generated_tokens": 5.0, "train_examples": 8,
                     "train_truncated": 0, "train_over_cutoff": 0, "train_padding_fraction": 0.1,
                     "train_steps": 2, "final_train_loss": 0.5, "train_seconds": train_seconds,
                     "eval_seconds": eval_seconds},
@@ -104,12 +110,42 @@ def test_ci_over_seeds_averages_seeds_and_handles_missing_questions():
     assert 0.0 <= interval.low <= interval.estimate <= interval.high <= 1.0
 
 
-def test_paired_bootstrap_p_values():
-    better = report.paired_bootstrap(draws(0.3, 300, 1), draws(0.7, 300, 2), N_BOOT, np.random.default_rng(0))
-    assert better.p_value < 0.01 and 0.3 < better.diff < 0.5 and better.low > 0
+def test_paired_test_is_exact_on_the_discordant_questions():
+    """Hand-computed McNemar cases: the percentile bootstrap called 5 and 4 one-way discordant
+    questions out of 40 'p = 0.008' and 'p = 0.030'; the exact test says 0.0625 and 0.125."""
+    a = np.zeros(40)
+    b = a.copy()
+    b[:5] = 1  # 5 questions right only at the higher level
+    five = report.paired_test(a, b)
+    assert (five.n_b_better, five.n_a_better, five.p_value) == (5, 0, 0.0625)
+    assert five.diff == pytest.approx(5 / 40) and five.min_detectable == pytest.approx(6 / 40)
+    b[5] = 1
+    assert report.paired_test(a, b).p_value == 0.03125  # 6 all one way
+    a[10:14] = 1  # 4 the other way: 6 vs 4 discordant, 2 * P(X <= 4 | 10, 0.5) = 0.7539
+    assert report.paired_test(a, b).p_value == pytest.approx(2 * (1 + 10 + 45 + 120 + 210) / 1024)
+    better = report.paired_test(draws(0.3, 300, 1).astype(float), draws(0.7, 300, 2).astype(float))
+    assert better.p_value < 1e-6 and 0.3 < better.diff < 0.5
     same = draws(0.5, 300, 3)
-    identical = report.paired_bootstrap(same, same, N_BOOT, np.random.default_rng(0))
-    assert identical.p_value == 1.0 and identical.diff == 0 and identical.low == identical.high == 0
+    identical = report.paired_test(same, same)
+    assert identical.p_value == 1.0 and identical.diff == 0 and identical.n_b_better == identical.n_a_better == 0
+
+
+def test_one_seed_intervals_are_wilson_and_never_degenerate():
+    none_right = report.accuracy_interval(np.zeros((1, 40)))
+    assert none_right.method == "wilson" and (none_right.estimate, none_right.low) == (0.0, 0.0)
+    assert none_right.high == pytest.approx(0.0876, abs=1e-4)  # Wilson upper bound for 0/40
+    all_right = report.accuracy_interval(np.ones((1, 40)))
+    assert all_right.high == 1.0 and all_right.low == pytest.approx(1 - 0.0876, abs=1e-4)
+    half = report.accuracy_interval(np.array([[1, 0] * 20]))
+    assert half.low < 0.5 < half.high and half.method == "wilson"
+
+
+def test_several_seeds_use_the_bootstrap_and_widen_a_degenerate_one():
+    rng = np.random.default_rng(0)
+    mixed = report.accuracy_interval(np.stack([draws(0.5, 100, 1), draws(0.5, 100, 2)]).astype(float), N_BOOT, rng)
+    assert mixed.method == "bootstrap" and mixed.low < mixed.estimate < mixed.high
+    zeros = report.accuracy_interval(np.zeros((3, 40)), N_BOOT, rng)
+    assert zeros.method == "bootstrap+wilson" and zeros.low == 0.0 and zeros.high == pytest.approx(0.0876, abs=1e-4)
 
 
 # --------------------------------------------------------------------------- run folder
@@ -132,8 +168,12 @@ def test_report_tables_paired_tests_and_plots(tmp_path):
 
     tests = {(t["level_a"], t["level_b"]): t for t in read_csv(paths["paired_csv"])}
     assert set(tests) == {("1", "2"), ("2", "3")}  # level-less cells are not compared
-    assert float(tests[("1", "2")]["p_value"]) < 0.01 and float(tests[("1", "2")]["ci_low"]) > 0
+    first = tests[("1", "2")]
+    assert float(first["p_value"]) < 0.01 and int(first["n_b_better"]) > int(first["n_a_better"])
+    assert float(first["p_holm"]) == pytest.approx(min(1.0, 2 * float(first["p_value"])))  # Holm over 2 tests
+    assert float(first["min_detectable_diff"]) == pytest.approx(6 / n)
     assert float(tests[("2", "3")]["p_value"]) == 1.0 and float(tests[("2", "3")]["diff"]) == 0
+    assert float(tests[("2", "3")]["p_holm"]) == 1.0
     assert tests[("1", "2")]["paired_on"] == "question_id+seed" and tests[("1", "2")]["n_questions"] == str(n)
 
     cells = read_csv(paths["csv"])
@@ -159,6 +199,7 @@ def test_seeds_are_aggregated(tmp_path):
     assert cell["n_seeds"] == "3" and cell["seeds"] == "0 1 2"
     assert float(cell["accuracy"]) == pytest.approx(np.mean(accuracies))
     assert float(cell["ci_low"]) < np.mean(accuracies) < float(cell["ci_high"])
+    assert cell["ci_method"] == "bootstrap"
     # The seed-averaged CI is narrower than one seed's alone would be (seeds are independent here).
     one = report.bootstrap_accuracy(draws(0.5, 200, 11), N_BOOT, np.random.default_rng(0))
     assert float(cell["ci_high"]) - float(cell["ci_low"]) < one.high - one.low
@@ -173,6 +214,24 @@ def test_several_samples_per_question_use_the_mean_per_question(tmp_path):
     assert scores == {"q0": 1.0, "q1": 0.5, "q2": 0.0, "q3": 0.5}
     (cell,) = read_csv(run_report(tmp_path)["csv"])
     assert float(cell["accuracy"]) == pytest.approx(0.5) and cell["n_questions_ci"] == "4"
+
+
+def test_truncated_cells_are_marked_in_table_csv_and_flags(tmp_path):
+    write_trial(tmp_path, draws(0.5, 40, 1), level="1", truncated=1)  # 2.5 %: not marked
+    write_trial(tmp_path, draws(0.5, 40, 2), level="5", truncated=31, target_ceiling=0.86)  # 77.5 %
+    paths = run_report(tmp_path, plots=True)
+    md = paths["markdown"].read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| svamp | chatgpt | cot | tiny-llama |"))
+    l1, l5 = row.split(" | ")[4], row.split(" | ")[5]
+    assert "†" not in l1 and "†" in l5
+    assert "† more than 5 % of the cell's generations hit max_new_tokens" in md
+    cells = {c["level"]: c for c in read_csv(paths["csv"])}
+    assert float(cells["5"]["truncation_rate"]) == pytest.approx(31 / 40)
+    assert "77.5 % of generations cut at max_new_tokens" in cells["5"]["flags"]
+    assert "target ceiling 86.0 %" in cells["5"]["flags"] and cells["1"]["flags"] == ""
+    assert "- svamp/chatgpt/cot/tiny-llama L5: 77.5 % of generations cut" in md
+    table = read_csv(paths["table_csv"])[0]
+    assert table["L5"].endswith("†") and not table["L1"].endswith("†")
 
 
 def test_unpaired_seeds_pair_on_questions_only(tmp_path):

@@ -16,7 +16,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from raydistill import students
 from raydistill.students import (
-    PAPER_STOP_STRINGS,
     STUDENTS,
     TEMPLATES,
     StudentError,
@@ -109,14 +108,6 @@ def test_llama3_has_no_default_system_and_replaces_eos(tiny_tok):
     assert tiny_tok.eos_token == "</s>"
 
 
-def test_paper_stop_strings():
-    # Evaluation/reasoning_eval/run_reasoning.py, SamplingParams(stop=...)
-    assert PAPER_STOP_STRINGS == (
-        "USER:", "ASSISTANT:", "### Instruction:", "Response:", "<start_of_turn>", "[INST]",
-        "\n\nProblem", "\nProblem", "Problem:", "<|eot_id|>", "####",
-    )
-
-
 @pytest.mark.parametrize(
     "name, family_stops",
     [("alpaca", {"</s>"}), ("gemma", {"<eos>", "<end_of_turn>"}),
@@ -124,9 +115,8 @@ def test_paper_stop_strings():
 )
 def test_stop_strings(name, family_stops, tiny_tok):
     template = get_template(name)
-    stops = template.stop_strings(tiny_tok)
-    assert stops[: len(PAPER_STOP_STRINGS)] == PAPER_STOP_STRINGS
-    assert set(stops) == set(PAPER_STOP_STRINGS) | family_stops | {tiny_tok.eos_token}
+    stops = template.stop_strings(tiny_tok)  # the paper's lists belong to each task's protocol
+    assert set(stops) == family_stops | {tiny_tok.eos_token}
     assert len(stops) == len(set(stops))
 
 
@@ -184,6 +174,28 @@ def test_tiny_llama_is_deterministic(tiny_dir, tmp_path):
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert (tiny_dir / "tokenizer.json").read_text() == (tmp_path / "tokenizer.json").read_text()
+
+
+def test_weights_digest_follows_the_folder_content(tiny_dir, tmp_path):
+    """The student's part of a trial's identity: same files -> same digest; any byte changed, a
+    chat template edited, or another model -> another digest. Hidden files (markers, the digest's
+    own cache) do not count."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_dir, copy)
+    digest = students.weights_digest(tiny_dir)
+    assert students.weights_digest(copy) == digest
+    assert (copy / ".raydistill-digest.json").is_file()  # per-file sha256 kept for the next call
+    (copy / ".raydistill-complete").write_text("changed marker")
+    assert students.weights_digest(copy) == digest
+    config = json.loads((copy / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{{ messages[0]['content'] }}"
+    (copy / "tokenizer_config.json").write_text(json.dumps(config))
+    assert students.weights_digest(copy) != digest
+    other = tmp_path / "other"
+    build_tiny_llama(other, seed=1)
+    assert students.weights_digest(other) != students.weights_digest(tiny_dir)
 
 
 def test_tiny_tokenizer_round_trips(tiny_tok):

@@ -194,11 +194,21 @@ class Trial:
 
 
 def load_records(run_dir: Path) -> list[dict]:
-    """Every ``trials/*/record.json`` under the run folder."""
+    """The finished trials of the run folder's current plan (``trials.json``, written by the sweep):
+    a trial whose identity changed since (an edited data or prompt file, another setting) keeps its
+    old folder under ``trials/`` but is not reported. Without a plan file, every
+    ``trials/*/record.json``."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ReportError(f"{run_dir}: no such run folder; pass the folder a sweep wrote (its run_dir)")
     paths = sorted((run_dir / "trials").glob("*/record.json"))
+    plan = run_dir / "trials.json"
+    if plan.is_file():
+        try:
+            current = {entry["trial_hash"] for entry in json.loads(plan.read_text())}
+        except (ValueError, TypeError, KeyError) as err:
+            raise ReportError(f"{plan}: unreadable plan ({err}); rerun the sweep to write it again") from err
+        paths = [p for p in paths if p.parent.name in current]
     if not paths:
         raise ReportError(f"{run_dir}: no finished trials (no trials/*/record.json); run the sweep first")
     records = []

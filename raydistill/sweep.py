@@ -314,6 +314,8 @@ def _init_ray() -> None:
     ray.init(num_cpus=int(cpus) if cpus and not os.environ.get("RAY_ADDRESS") else None)
 
 
+PLAN_FILE = "trials.json"  # the sweep's current trials; the report leaves out records of earlier plans
+
 # A trial driver only waits on its Train workers and Ray Data actors, so it takes no CPU; Tune
 # cannot place a trial that asks for nothing, hence one byte of memory. `max_concurrent_trials`
 # bounds how many trials run at once.
@@ -353,6 +355,7 @@ def run_sweep(spec: SweepSpec) -> list[dict]:
     students = {student: weights_digest(path) for student, path in model_paths.items()}
     trials = [identify_trial(t, CellSpec.model_validate(cells[t.cell]["spec"]), students[t.student],
                              tests[t.cell.dataset]) for t in planned]
+    (run_dir / PLAN_FILE).write_text(json.dumps([{"trial_hash": t.trial_hash, **t.axes()} for t in trials], indent=1))
 
     _init_ray()
     parent = start_sweep_run(spec, run_dir / "sweep.yaml")

@@ -100,7 +100,7 @@ ANNOTATE = "output_dir: out\nteacher: {model: openai/gpt-4o}\n"
         pytest.param("output_dir: out\nteacher: {model: openai/gpt-4o, api_key: sk-live-123456}\n"
                      "grid: {tasks: [svamp]}\n", ["teacher", "never read from a config", "api_key_env"],
                      id="api-key-in-config"),
-        pytest.param(ANNOTATE + "cells: [{task: svampp, level: 1}]\n", ["cells.0.task", "'svamp'"],
+        pytest.param(ANNOTATE + "cells: [{task: svampp, level: 1}]\n", ["cells.0.task", "'svampp'", "known tasks: svamp"],
                      id="unknown-task"),
         pytest.param(ANNOTATE + "cells: [{task: svamp, level: 2, hybrid: {by: question_length}}]\n",
                      ["exactly one of level (1-6) and hybrid"], id="level-and-hybrid"),
@@ -452,14 +452,16 @@ def test_corrupt_evaluation_part_is_set_aside_and_only_its_questions_redone(tmp_
     def fake_batches(prompts, *engine_args):
         generated.append([p["question_id"] for p in prompts])
         for i in range(0, len(prompts), 2):
-            yield [{**p, "generation": f"The answer is {p['gold']}", "tokens_generated": 5} for p in prompts[i:i + 2]]
+            yield [{**p, "generation": f"The answer is {p['gold']}", "tokens_generated": 5, "truncated": False}
+                   for p in prompts[i:i + 2]]
 
     monkeypatch.setattr(E, "generate_batches", fake_batches)
+    monkeypatch.setattr(E, "model_digest", lambda path: "weights")
     monkeypatch.setattr(E, "load_tokenizer", lambda path, template: _ChatTokenizer())
     monkeypatch.setattr(E, "choose_engine", lambda spec: "hf")
     out = tmp_path / "svamp.parquet"
     spec = EvalSpec(engine="hf")
-    E.evaluate("unused", "tiny-llama", "svamp", test, spec, out, cell_hash="c", progress=False)
+    E.evaluate("unused", "tiny-llama", "svamp", test, spec, out, progress=False)
     parts = sorted(E.parts_dir(out).glob("part-*.parquet"))
     assert len(parts) == 3
     broken = parts[1]
@@ -468,7 +470,7 @@ def test_corrupt_evaluation_part_is_set_aside_and_only_its_questions_redone(tmp_
     kept = {p: p.stat().st_mtime_ns for p in parts if p != broken}
 
     with caplog.at_level(logging.WARNING, logger="raydistill.evaluate"):
-        result = E.evaluate("unused", "tiny-llama", "svamp", test, spec, out, cell_hash="c", progress=False)
+        result = E.evaluate("unused", "tiny-llama", "svamp", test, spec, out, progress=False)
     assert set(generated[-1]) == lost  # only the damaged part's questions again
     assert result.n == 6 and result.accuracy == 1.0
     assert all(p.stat().st_mtime_ns == t for p, t in kept.items())  # the good parts are untouched

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -13,7 +17,7 @@ from raydistill.engines import EngineError, HFEngine, choose_engine, load_tokeni
 from raydistill.evaluate import build_prompts, evaluate, grade, merged_model, metrics, parts_dir
 from raydistill.spec import EvalSpec
 from raydistill.tasks import TASK_NAMES
-from raydistill.students import get_template, resolve_student
+from raydistill.students import build_tiny_llama, get_template, resolve_student
 
 SPEC = EvalSpec(engine="hf", max_new_tokens=24, batch_size=4).for_task("svamp")
 
@@ -140,3 +144,34 @@ def test_vllm_engine_without_vllm_says_how_to_install():
     with pytest.raises(EngineError, match="pip install"):
         choose_engine(EvalSpec(engine="vllm"))
     assert choose_engine(EvalSpec(engine="auto")) == "hf"
+
+
+def test_eval_cli_never_hands_one_models_predictions_to_another(tmp_path, model_cache):
+    """Two different models whose folders share a name write to the same predictions file: the
+    second must generate every question itself (parts are keyed by the evaluation's identity),
+    and its generations must be its own."""
+    first, second = tmp_path / "a" / "model", tmp_path / "b" / "model"
+    build_tiny_llama(first, seed=0)
+    build_tiny_llama(second, seed=1)
+    out = tmp_path / "predictions"
+    cli = Path(sys.executable).parent / "raydistill"
+
+    def run(model: Path) -> dict:
+        done = subprocess.run([str(cli), "eval", "--model", str(model), "--task", "svamp", "--limit", "4",
+                               "--max-new-tokens", "8", "--out-dir", str(out)],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    a, b = run(first), run(second)
+    assert a["predictions_path"] == b["predictions_path"] == str(out / "model" / "svamp.parquet")
+    assert a["eval_hash"] != b["eval_hash"] and a["protocol"].startswith("paper") and b["grader"] == "paper"
+    parts = pq.read_table(parts_dir(b["predictions_path"]))
+    assert parts["eval_hash"].to_pylist().count(b["eval_hash"]) == 4  # all four generated anew
+    rows = pq.read_table(b["predictions_path"]).to_pylist()
+    assert {r["eval_hash"] for r in rows} == {b["eval_hash"]} and len(rows) == 4
+    spec = EvalSpec(engine="hf", max_new_tokens=8).for_task("svamp")
+    engine = HFEngine(str(second), "chat", spec.model_dump(),
+                      [*spec.stop_strings, *get_template("chat").stop_strings(load_tokenizer(str(second), "chat"))])
+    for row in rows:
+        assert row["generation"] == engine({"prompt": [row["prompt"]]})["generation"][0]

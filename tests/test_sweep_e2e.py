@@ -1,10 +1,13 @@
 """End to end: a tiny granularity sweep through Tune -> Train (DeepSpeed) -> eval -> MLflow -> report.
 
 Real local Ray cluster, real DeepSpeed over gloo, real MLflow on sqlite, real Parquet, training
-checkpoints on a local S3 endpoint; the student is a tiny random Llama built on the spot.
+checkpoints on a local S3 endpoint; the student is a tiny random Llama built on the spot. After a
+no-op rerun, one released file of the data mirror is edited: only the trial built from it reruns.
 """
 
-
+import csv
+import json
+import os
 from pathlib import Path
 
 import mlflow
@@ -12,7 +15,7 @@ import pyarrow.fs
 import pyarrow.parquet as pq
 import pytest
 
-from raydistill import answers
+from raydistill import answers, stats
 from raydistill.schemas import PREDICTION_SCHEMA
 from raydistill.spec import sweep_from_dict
 from raydistill.sweep import run_sweep
@@ -33,7 +36,7 @@ def _tiny_sweep(tmp_path, checkpoint_storage):
     })
 
 
-def test_tiny_sweep_end_to_end(tmp_path, model_cache, s3_storage, ray_local):
+def test_tiny_sweep_end_to_end(tmp_path, model_cache, s3_storage, ray_local, monkeypatch):
     """Checkpoints go to a bucket on a local S3 endpoint; everything else under output_dir."""
     spec = _tiny_sweep(tmp_path, s3_storage)
     records = run_sweep(spec)
@@ -58,10 +61,19 @@ def test_tiny_sweep_end_to_end(tmp_path, model_cache, s3_storage, ray_local):
         rows = table.to_pylist()
         assert len(rows) == TEST_LIMIT == m["n_test"]
         assert len({r["question_id"] for r in rows}) == TEST_LIMIT
-        assert all(r["cell_hash"] == record["trial_hash"] for r in rows)
+        assert all(r["eval_hash"] == record["eval_hash"] for r in rows)
         assert all(r["correct"] == answers.is_correct("svamp", r["generation"], r["gold"]) for r in rows)
         assert m["accuracy"] == pytest.approx(sum(r["correct"] for r in rows) / TEST_LIMIT)
         assert 0 < m["mean_generated_tokens"] <= 16
+        # Truncation: only a row that used all 16 tokens can be cut (no EOS or stop string before).
+        assert not any(r["truncated"] for r in rows if r["tokens_generated"] < 16)
+        assert m["truncation_rate"] == pytest.approx(sum(r["truncated"] for r in rows) / TEST_LIMIT)
+        # Identity: the protocol, overrides, grader, version, input digests and target ceiling are recorded.
+        assert record["eval_spec"]["num_beams"] == 1 and record["eval_spec"]["max_new_tokens"] == 16
+        assert "overridden: max_new_tokens" in record["eval_protocol"] and record["grader"] == "paper"
+        assert record["raydistill_version"] and len(record["inputs"]["student"]) == 64
+        assert record["cell"]["spec"]["inputs"]["distilling-cot/train/SVAMP_only_ans.json"]
+        assert 0.9 < m["target_ceiling"] <= 1.0
 
     # MLflow: a parent run for the sweep (config + report), a nested run per trial with axes as
     # params and tags, accuracy as metric, predictions as artifact.
@@ -87,8 +99,21 @@ def test_tiny_sweep_end_to_end(tmp_path, model_cache, s3_storage, ray_local):
     row = next(line for line in table_md.splitlines() if "tiny-llama" in line)
     for record in sorted(records, key=lambda r: r["axes"]["level"]):
         assert f"{100 * record['metrics']['accuracy']:.1f}" in row
+        if record["metrics"]["truncation_rate"] > 0.05:  # the random student rarely stops: cells are marked
+            assert f"{100 * record['metrics']['accuracy']:.1f} [" in row and "†" in row
     assert (spec.run_dir / "accuracy_vs_level.png").stat().st_size > 1000
-    assert len((spec.run_dir / "results.csv").read_text().splitlines()) == 3
+    cells = _csv(spec.run_dir / "results.csv")
+    assert len(cells) == 2 and all(c["ci_method"] == "wilson" for c in cells)
+    # The paired test L1 -> L6 is the exact test on the discordant questions of the two predictions.
+    by_level = {r["axes"]["level"]: {p["question_id"]: p["correct"] for p in pq.read_table(r["predictions_path"]).to_pylist()}
+                for r in records}
+    diffs = [int(by_level["6"][q]) - int(by_level["1"][q]) for q in by_level["1"]]
+    (paired,) = _csv(spec.run_dir / "paired_tests.csv")
+    assert float(paired["p_value"]) == pytest.approx(stats.sign_test(diffs).p_value)
+    assert int(paired["n_b_better"]) == diffs.count(1) and int(paired["n_a_better"]) == diffs.count(-1)
+    assert float(paired["p_holm"]) == pytest.approx(float(paired["p_value"]))  # one comparison
+    assert float(paired["min_detectable_diff"]) == pytest.approx(6 / TEST_LIMIT)
+    assert "## Weak numbers" in table_md
 
     # A rerun reuses the finished trials: no training, same records, no duplicate MLflow runs.
     stamps = {p: p.stat().st_mtime_ns for p in (spec.run_dir / "trials").glob("*/record.json")}
@@ -96,3 +121,41 @@ def test_tiny_sweep_end_to_end(tmp_path, model_cache, s3_storage, ray_local):
     assert {r["trial_hash"] for r in again} == {r["trial_hash"] for r in records}
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert len(client.search_runs([experiment.experiment_id])) == 3  # the parent and two trials
+
+    # Edit the level-1 file in a copy of the mirror: its cell and trial get new hashes and only
+    # that trial runs again; the level-6 trial is reused and the report shows the current plan.
+    mirror = _mirror_with_edited_level1(tmp_path / "mirror")
+    monkeypatch.setenv("RAYDISTILL_DATA_DIR", str(mirror))
+    third = run_sweep(spec)
+    old = {r["axes"]["level"]: r for r in records}
+    new = {r["axes"]["level"]: r for r in third}
+    assert new["6"]["trial_hash"] == old["6"]["trial_hash"]
+    assert new["1"]["trial_hash"] != old["1"]["trial_hash"]
+    assert new["1"]["cell"]["hash"] != old["1"]["cell"]["hash"]
+    stamps_after = {p: p.stat().st_mtime_ns for p in stamps}
+    six = spec.run_dir / "trials" / old["6"]["trial_hash"] / "record.json"
+    assert stamps_after[six] == stamps[six]  # level 6 not retrained
+    assert len(client.search_runs([experiment.experiment_id])) == 4  # one new trial run
+    assert {c["trial_hash"] for c in _csv(spec.run_dir / "trials.csv")} == {new["1"]["trial_hash"], new["6"]["trial_hash"]}
+
+
+def _csv(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _mirror_with_edited_level1(root: Path) -> Path:
+    """A data mirror linking every file of the shared one, but for an edited copy of the SVAMP
+    GPT-4o level-1 file (its first rationale gets one more sentence)."""
+    source = Path(os.environ["RAYDISTILL_DATA_DIR"])
+    edited = "distilling-cot/train/SVAMP_ChatGPT_level1_ranked.json"
+    for path in source.rglob("*"):
+        if path.is_file():
+            target = root / path.relative_to(source)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if path.relative_to(source).as_posix() != edited:
+                target.symlink_to(path)
+    rows = json.loads((source / edited).read_text())
+    rows[0]["output"] = "Let us read it carefully. " + rows[0]["output"]
+    (root / edited).write_text(json.dumps(rows))
+    return root

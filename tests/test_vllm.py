@@ -56,7 +56,7 @@ def evaluate_both(model_path: str, questions: int, max_new_tokens: int, out) -> 
     results = {
         engine: evaluate(model_path, STUDENT, TASK, test,
                          EvalSpec(engine=engine, max_new_tokens=max_new_tokens, batch_size=questions),
-                         out / f"{engine}.parquet", cell_hash="c", progress=False)
+                         out / f"{engine}.parquet", progress=False)
         for engine in ("vllm", "hf")
     }
     return results, {engine: pq.read_table(r.predictions_path) for engine, r in results.items()}
@@ -70,13 +70,14 @@ def compare(tokenizer, tables: dict) -> int:
     identical = 0
     for qid, h in hf.items():
         v = vllm[qid]
-        assert (v["prompt"], v["gold"], v["cell_hash"]) == (h["prompt"], h["gold"], h["cell_hash"])
+        assert (v["prompt"], v["gold"]) == (h["prompt"], h["gold"])
+        assert v["eval_hash"] != h["eval_hash"]  # the engine that ran is part of the evaluation's identity
         prefix = tokenizer.decode(tokenizer(h["generation"], add_special_tokens=False)["input_ids"][:PREFIX_TOKENS])
         assert v["generation"].startswith(prefix), (qid, h["generation"], v["generation"])
         if v["generation"] == h["generation"]:
             identical += 1
-            assert (v["tokens_generated"], v["extracted"], v["correct"]) == \
-                   (h["tokens_generated"], h["extracted"], h["correct"]), qid
+            assert (v["tokens_generated"], v["extracted"], v["correct"], v["truncated"]) == \
+                   (h["tokens_generated"], h["extracted"], h["correct"], h["truncated"]), qid
     print(f"vllm vs hf: {identical}/{len(hf)} generations identical")
     return identical
 
@@ -90,8 +91,9 @@ def runs(model, ray_cluster, tmp_path_factory):
 
 def test_auto_engine_picks_vllm_when_importable_and_usable(runs):
     _, results, _ = runs
-    assert choose_engine(EvalSpec(engine="auto")) == "vllm"
+    assert choose_engine(EvalSpec(engine="auto").for_task("svamp")) == "vllm"
     assert choose_engine(EvalSpec(engine="auto", num_beams=3)) == "hf"  # beams: HF only
+    assert choose_engine(EvalSpec(engine="auto").for_task("csqa")) == "hf"  # the paper's beam search
     assert results["vllm"].engine == "vllm" and results["hf"].engine == "hf"
 
 
@@ -127,7 +129,8 @@ def test_stop_strings_and_eos_end_generations_on_both_engines(runs):
     from raydistill.students import get_template
 
     model, _, tables = runs
-    stop = get_template("chat").stop_strings(load_tokenizer(model, "chat"))
+    stop = [*get_template("chat").stop_strings(load_tokenizer(model, "chat")),
+            *EvalSpec().for_task(TASK).stop_strings]
     for table in tables.values():
         for row in table.to_pylist():
             assert not any(s in row["generation"] for s in stop)

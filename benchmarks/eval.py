@@ -94,9 +94,9 @@ def main() -> int:
     template = get_student(args.model).template
     tokenizer = load_tokenizer(model_path, template)
     prompts = build_prompts(load_test(args.task).slice(0, args.questions), get_template(template), tokenizer)
-    stop = list(get_template(template).stop_strings(tokenizer))
     spec = EvalSpec(engine="hf", max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                    num_actors=args.actors, cpus_per_actor=args.cpus / args.actors)
+                    num_actors=args.actors, cpus_per_actor=args.cpus / args.actors).for_task(args.task)
+    stop = list(dict.fromkeys([*spec.stop_strings, *get_template(template).stop_strings(tokenizer)]))
 
     with_vllm = vllm_available() and not args.no_vllm
     if with_vllm:

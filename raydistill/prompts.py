@@ -83,17 +83,20 @@ def _read(path: Path) -> str:
         raise PromptError(f"prompt file not found: {path}") from None
 
 
+def _stamp(path: Path) -> int:
+    """The file's mtime, so the caches below read an edited prompt file again."""
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return -1
+
+
 @functools.lru_cache(maxsize=64)
-def _exemplar(prompt_dir: str, task: str) -> Exemplar:
-    root = Path(prompt_dir) / "exemplars"
-    path = root / f"{task}.yaml"
-    family = get_task(task).exemplars
-    if not path.exists():
-        path = root / f"{family}.yaml"
+def _exemplar(path: Path, stamp: int, family: str) -> Exemplar:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise PromptError(f"no exemplar for task {task!r}: {path} not found") from None
+        raise PromptError(f"no exemplar of family {family!r}: {path} not found") from None
     except yaml.YAMLError as e:
         raise PromptError(f"{path}: invalid YAML: {e}") from None
     missing = [k for k in ("question", "answer", "answer_rule", "levels", "formats") if k not in data]
@@ -118,14 +121,25 @@ def _exemplar(prompt_dir: str, task: str) -> Exemplar:
 
 
 def exemplar(task: str, prompt_dir: str | Path | None = None) -> Exemplar:
+    """The one-shot exemplar of ``task``: exemplars/<task>.yaml, else its family's file."""
     if task not in TASKS:
         raise PromptError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
-    return _exemplar(str(prompt_dir or DEFAULT_PROMPT_DIR), task)
+    root = Path(prompt_dir or DEFAULT_PROMPT_DIR) / "exemplars"
+    family = get_task(task).exemplars
+    path = root / f"{task}.yaml"
+    if not path.exists():
+        path = root / f"{family}.yaml"
+    return _exemplar(path, _stamp(path), family)
+
+
+def _file(prompt_dir: str, rel: str) -> str:
+    path = Path(prompt_dir) / rel
+    return _read_file(path, _stamp(path))
 
 
 @functools.lru_cache(maxsize=256)
-def _file(prompt_dir: str, rel: str) -> str:
-    return _read(Path(prompt_dir) / rel)
+def _read_file(path: Path, stamp: int) -> str:
+    return _read(path)
 
 
 def _check(level: int, fmt: str) -> None:

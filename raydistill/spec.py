@@ -276,6 +276,9 @@ class AnnotationStageSpec(_Strict):
     # OBQA annotations agree with gold on 95-100 % of rows for every teacher, and the release ships
     # OBQA files "with_gt" and "without_gt": the paper's teachers probably saw it. Part of the cell.
     show_gold: bool = False
+    # Folder of the teacher prompt files (system.md, levels/, formats/, exemplars/, ...); None: the
+    # package's data/prompts. Their texts are part of each generated cell's identity.
+    prompt_dir: str | None = None
     runtime: RuntimeSpec = RuntimeSpec()
 
     @field_validator("teachers")

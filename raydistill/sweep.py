@@ -46,7 +46,7 @@ def annotation_spec(cell: CellSpec, spec: SweepSpec):
         runtime = runtime.model_copy(update={"cache_dir": str(spec.cells_dir.parent / "request-cache")})
     return AnnotationSpec(task=cell.dataset, teacher=stage.teachers[cell.teacher], level=cell.level,
                           format=cell.format, policy=stage.policy, show_gold=stage.show_gold, runtime=runtime,
-                          questions=QuestionsSpec(limit=cell.train_limit))
+                          questions=QuestionsSpec(limit=cell.train_limit), prompt_dir=stage.prompt_dir)
 
 
 def identify_cell(cell: CellSpec, spec: SweepSpec) -> CellSpec:

@@ -9,9 +9,10 @@ it. Every generation that used up ``max_new_tokens`` is flagged ``truncated``.
 
 Predictions are written batch by batch into ``<out>.parts/`` as they are generated, so a crash
 loses only the batches in flight and a rerun generates only the questions not yet predicted.
-Parts are keyed by the evaluation's identity (`eval_hash`: model weights, template, task, test
-data, decoding settings, grader), so another model or setting never reuses them; ``<out>`` is
-then written from the parts, sorted by question id.
+Parts are keyed by the evaluation's identity (`eval_hash`: model weights, template, task,
+decoding settings, engine, grader), and a row is reused only for a question asked with the same
+prompt and gold answer, so another model or setting never inherits predictions; ``<out>`` is then
+written from the parts, sorted by question id.
 
     raydistill eval --model tiny-llama --task svamp --limit 20 --out-dir preds
     raydistill eval --model outputs/x/adapter --task all --protocol none --max-new-tokens 256
@@ -340,7 +341,13 @@ def main(argv: list[str]) -> int:
     from raydistill.datasets import load_test
     from raydistill.students import resolve_student
 
-    spec = _spec_from_args(args)
+    from pydantic import ValidationError
+
+    try:
+        spec = _spec_from_args(args)
+    except ValidationError as err:
+        parser.error("; ".join(("--" + "-".join(map(str, e["loc"])).replace("_", "-") + ": " if e["loc"] else "")
+                               + e["msg"].removeprefix("Value error, ") for e in err.errors()))
     grader = GraderOptions(**{name: True for name in args.grader_option})
     model_path = args.model if is_adapter(args.model) else str(resolve_student(args.model))
     out_dir = Path(args.out_dir) / model_label(args.model)

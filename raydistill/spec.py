@@ -182,13 +182,15 @@ class EvalSpec(_Strict):
         fields.update({k: v for k, v in base.items() if fields[k] is None})
         return EvalSpec.model_validate(fields)
 
-    def protocol_note(self, task: str) -> str:
-        """Where the resolved settings come from, for records and the report."""
+    def protocol_note(self, task: str, overrides: list[str] | None = None) -> str:
+        """Where the settings for `task` come from, for records and the report. ``overrides``:
+        the explicit fields, for a spec already resolved (default: this spec's own)."""
+        overrides = self.overrides() if overrides is None else overrides
         if self.protocol == "none":
             source = "no protocol: greedy, 640 new tokens, the student's end-of-turn strings"
         else:
             source = f"paper ({get_task(task).protocol.source})"
-        return source + (f"; overridden: {', '.join(self.overrides())}" if self.overrides() else "")
+        return source + (f"; overridden: {', '.join(overrides)}" if overrides else "")
 
     def result_fields(self) -> dict:
         """The fields that determine the generations (not how the work is spread over actors)."""

@@ -63,9 +63,9 @@ def identify_cell(cell: CellSpec, spec: SweepSpec) -> CellSpec:
     return cell.model_copy(update={"inputs": inputs})
 
 
-def identify_trial(trial: TrialSpec, cell: CellSpec, student_digest: str, test_inputs: dict[str, str]) -> TrialSpec:
+def identify_trial(trial: TrialSpec, cell: CellSpec, student_digest: str, test_digests: dict[str, str]) -> TrialSpec:
     """The trial with its identified cell and the digests of its student's weights and test data."""
-    return trial.model_copy(update={"cell": cell, "inputs": {"student": student_digest, **test_inputs}})
+    return trial.model_copy(update={"cell": cell, "inputs": {"student": student_digest, **test_digests}})
 
 
 def prepare_cells(spec: SweepSpec) -> tuple[dict[CellSpec, dict], dict[CellSpec, str]]:
@@ -158,7 +158,7 @@ def generate_cells(spec: SweepSpec, cells: dict[CellSpec, CellSpec]) -> dict[Cel
     return out
 
 
-def test_inputs(task: str) -> dict[str, str]:
+def digests_of_test_set(task: str) -> dict[str, str]:
     """Digests of the files a task's test set is read from."""
     from raydistill.datasets import digests, test_sources
 
@@ -170,7 +170,7 @@ def prepare_test(task: str, limit: int | None, run_dir: Path) -> Path:
     of its source files, so an edited test file is read again."""
     from raydistill.datasets import load_test
 
-    path = run_dir / "test" / f"{task}-{limit or 'all'}-{content_hash(test_inputs(task))[:12]}.parquet"
+    path = run_dir / "test" / f"{task}-{limit or 'all'}-{content_hash(digests_of_test_set(task))[:12]}.parquet"
     if not _readable_parquet(path):
         table = load_test(task)
         _write_atomic(table.slice(0, limit) if limit else table, path)
@@ -252,7 +252,7 @@ def _train_and_evaluate(trial: TrialSpec, payload: dict, trial_dir: Path) -> dic
         "inputs": trial.inputs,
         "train_spec": trial.train.model_dump(mode="json"),
         "eval_spec": trial.eval.model_dump(mode="json"),
-        "eval_protocol": _protocol_note(trial),
+        "eval_protocol": trial.eval.protocol_note(trial.cell.dataset, trial.eval_overrides),
         "grader": trial.grader.label(),
         "engine": result.engine,
         "model_path": trained.model_path,
@@ -276,13 +276,6 @@ def _train_and_evaluate(trial: TrialSpec, payload: dict, trial_dir: Path) -> dic
             "eval_seconds": eval_seconds,
         },
     }
-
-
-def _protocol_note(trial: TrialSpec) -> str:
-    """Where the trial's decoding settings come from (the task's protocol, what the sweep overrode)."""
-    explicit = {name: getattr(trial.eval, name) for name in trial.eval_overrides}
-    return trial.eval.model_copy(update={name: None for name in ("max_new_tokens", "num_beams", "stop_strings")
-                                         if name not in explicit}).protocol_note(trial.cell.dataset)
 
 
 def outside_trial_placement_group(fn, *args, **kwargs):
@@ -350,7 +343,7 @@ def run_sweep(spec: SweepSpec) -> list[dict]:
         raise SpecError(f"sweep {spec.name}: no trial left to run; every cell is missing (see {run_dir}/missing_cells.json)")
     datasets = spec.axis_values("datasets")
     test_paths = {task: prepare_test(task, spec.test_limit, run_dir) for task in datasets}
-    tests = {task: test_inputs(task) for task in datasets}
+    tests = {task: digests_of_test_set(task) for task in datasets}
     model_paths = {student: str(resolve_student(student)) for student in spec.axis_values("students")}
     students = {student: weights_digest(path) for student, path in model_paths.items()}
     trials = [identify_trial(t, CellSpec.model_validate(cells[t.cell]["spec"]), students[t.student],

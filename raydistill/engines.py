@@ -51,20 +51,80 @@ class EngineError(RuntimeError):
 
 
 def vllm_available() -> bool:
+    """Whether vLLM imports in this process's environment."""
     return importlib.util.find_spec("vllm") is not None
 
 
-def choose_engine(spec: EvalSpec) -> str:
-    """``hf`` or ``vllm`` for a spec resolved for its task (`EvalSpec.for_task`): the spec's
-    choice; ``auto``: vLLM if importable, no beam search and one sample, else HF generate."""
+# How long `vllm_on_engine_nodes` waits for a node that can hold an engine (an autoscaling cluster
+# starts one for the probe).
+ENGINE_PROBE_TIMEOUT_S = float(os.environ.get("RAYDISTILL_ENGINE_PROBE_TIMEOUT_S", "1200"))
+
+
+def _probe_vllm() -> tuple[str, bool]:
+    import ray
+
+    return ray.util.get_node_ip_address(), vllm_available()
+
+
+def engine_nodes(spec: EvalSpec) -> list[dict]:
+    """The alive nodes of the Ray cluster whose resources can hold one engine (`engine_bundle`)."""
+    import ray
+
+    bundle = engine_bundle(spec)
+    return [node for node in ray.nodes()
+            if node["Alive"] and all(node["Resources"].get(k, 0) >= v for k, v in bundle.items())]
+
+
+def vllm_on_engine_nodes(spec: EvalSpec, timeout_s: float | None = None) -> dict[str, bool]:
+    """Node IP -> whether vLLM imports there, for every node an engine of ``spec`` can run on.
+
+    The question is asked where the engines run, not in the calling process: a zero-CPU task
+    pinned to each such node, or, where none is up yet (an autoscaling cluster), one task that
+    asks for the engine's resources and so brings such a node up.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    bundle = engine_bundle(spec)
+    probe = ray.remote(max_retries=1)(_probe_vllm)
+    nodes = engine_nodes(spec)
+    if nodes:
+        refs = [probe.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                .remote() for n in nodes]
+    else:
+        custom = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
+        refs = [probe.options(num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0),
+                              resources=custom or None).remote()]
+    timeout_s = ENGINE_PROBE_TIMEOUT_S if timeout_s is None else timeout_s
+    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    if pending:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise EngineError(f"no node with an evaluation engine's resources {bundle} answered within {timeout_s:.0f} s; "
+                          "check eval.use_gpu, cpus_per_actor and resources_per_actor against the cluster's node "
+                          "types (ray status)")
+    return dict(ray.get(ready))
+
+
+def choose_engine(spec: EvalSpec, vllm_nodes: dict[str, bool] | None = None) -> str:
+    """``hf`` or ``vllm`` for a spec resolved for its task (`EvalSpec.for_task`), decided for the
+    nodes the engines run on (``vllm_nodes``, default `vllm_on_engine_nodes`), never from this
+    process's packages: ``vllm`` needs vLLM on every such node; ``auto`` takes vLLM where every
+    such node has it and the decoding gives one output per prompt (no beam search, one sample),
+    else HF generate. Needs a running Ray cluster unless ``vllm_nodes`` is given or the engine is ``hf``."""
     one_output = (spec.num_beams or 1) == 1 and spec.n_samples == 1
-    if spec.engine == "vllm" and not vllm_available():
-        raise EngineError(VLLM_INSTALL_HINT)
-    if spec.engine == "vllm" and not one_output:
+    if spec.engine == "hf" or (spec.engine == "auto" and not one_output):
+        return "hf"
+    if not one_output:
         raise EngineError(VLLM_ONE_OUTPUT)
-    if spec.engine == "auto":
-        return "vllm" if vllm_available() and one_output else "hf"
-    return spec.engine
+    found = vllm_on_engine_nodes(spec) if vllm_nodes is None else vllm_nodes
+    missing = sorted(ip for ip, ok in found.items() if not ok)
+    if spec.engine == "vllm" and (missing or not found):
+        raise EngineError(f"vLLM does not import on the node(s) {', '.join(missing)} an engine would run on "
+                          f"(resources {engine_bundle(spec)}): {VLLM_INSTALL_HINT}")
+    if spec.engine == "auto" and missing and len(missing) < len(found):
+        log.warning("vLLM imports on some engine nodes but not on %s; evaluating with HF generate", missing)
+    return "vllm" if found and not missing else "hf"
 
 
 def generate_kwargs(spec: EvalSpec) -> dict:
@@ -307,27 +367,56 @@ def vllm_lora(adapter_path: str | Path) -> LoraPlan | None:
 
 
 def engine_bundle(spec: EvalSpec) -> dict[str, float]:
-    """What one vLLM engine holds: a GPU, or CPUs on CPU, plus the spec's custom resources."""
-    return {**({"GPU": 1} if spec.use_gpu else {"CPU": spec.cpus_per_actor}), **spec.resources_per_actor}
+    """What one engine holds: ``cpus_per_actor`` CPUs, a GPU with ``use_gpu``, and the spec's
+    custom resources (the same for the HF actors and the vLLM engines)."""
+    return {"CPU": spec.cpus_per_actor, **({"GPU": 1} if spec.use_gpu else {}), **spec.resources_per_actor}
+
+
+def model_max_len(model_path: str) -> int | None:
+    """The longest sequence the model's config allows (``max_position_embeddings``), if it says."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    config = getattr(config, "text_config", None) or config
+    return getattr(config, "max_position_embeddings", None)
+
+
+def vllm_max_model_len(spec: EvalSpec, longest_prompt_tokens: int, model_max_len: int | None) -> int:
+    """The context vLLM reserves KV cache for: ``spec.max_model_len``, else the longest prompt plus
+    ``max_new_tokens`` rounded up to a multiple of 256, at most the model's own limit (vLLM's
+    default, the model's limit, asks Llama-3.2 for 131,072 tokens a sequence)."""
+    if spec.max_model_len is not None:
+        return spec.max_model_len
+    needed = -(-(longest_prompt_tokens + spec.max_new_tokens) // 256) * 256
+    return min(needed, model_max_len) if model_max_len else needed
+
+
+def vllm_engine_kwargs(spec: EvalSpec, max_model_len: int, lora: LoraPlan | None = None) -> dict:
+    """vLLM engine arguments: dtype (bfloat16 on GPU, float32 on CPU), ``max_model_len``, eager mode
+    (``spec.enforce_eager``; default eager on CPU, CUDA graphs on GPU) and LoRA."""
+    eager = (not spec.use_gpu) if spec.enforce_eager is None else spec.enforce_eager
+    kwargs = {"dtype": "bfloat16" if spec.use_gpu else "float32", "enforce_eager": eager,
+              "max_model_len": max_model_len}
+    if lora:
+        kwargs.update(enable_lora=True, max_lora_rank=lora.max_lora_rank, max_loras=1)
+    return kwargs
 
 
 def vllm_processor(model_path: str, template_name: str, spec: EvalSpec, stop_strings: list[str],
-                   lora: LoraPlan | None = None):
-    """A `ray.data.llm` processor running vLLM engines on the prompts (float32 on CPU).
+                   max_model_len: int, lora: LoraPlan | None = None):
+    """A `ray.data.llm` processor running vLLM engines on the prompts (`vllm_engine_kwargs`).
 
     With ``lora`` the engines load ``model_path`` (the adapter's base) with LoRA enabled and every
-    request names the adapter, which vLLM loads once per engine (`vllm_lora_plan`).
+    request names the adapter, which vLLM loads once per engine (`vllm_lora_plan`). Building it
+    needs no vLLM in this process; the engines import it where they run.
     """
     if spec.num_beams > 1 or spec.n_samples > 1:
         raise EngineError(VLLM_ONE_OUTPUT)
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
-    engine_kwargs = {"dtype": "bfloat16" if spec.use_gpu else "float32", "enforce_eager": not spec.use_gpu}
-    if lora:
-        engine_kwargs.update(enable_lora=True, max_lora_rank=lora.max_lora_rank, max_loras=1)
     config = vLLMEngineProcessorConfig(
         model_source=model_path,
-        engine_kwargs=engine_kwargs,
+        engine_kwargs=vllm_engine_kwargs(spec, max_model_len, lora),
         batch_size=spec.batch_size, concurrency=spec.num_actors,
         chat_template_stage=False, tokenize_stage=False, detokenize_stage=False,
         log_engine_metrics=False,  # vLLM's Ray metrics export needs ray[serve]

@@ -36,7 +36,8 @@ import pyarrow.parquet as pq
 
 from raydistill import answers
 from raydistill.answers import PAPER_GRADING, GraderOptions
-from raydistill.engines import HFEngine, LoraPlan, choose_engine, load_tokenizer, vllm_lora, vllm_processor
+from raydistill.engines import (HFEngine, LoraPlan, choose_engine, load_tokenizer, model_max_len, vllm_lora,
+                                vllm_max_model_len, vllm_processor)
 from raydistill.schemas import PREDICTION_SCHEMA
 from raydistill.spec import EvalSpec, content_hash
 from raydistill.tasks import TASK_NAMES
@@ -154,7 +155,10 @@ def generate_batches(prompts: list[dict], model_path: str, template_name: str, s
     # Similar lengths in one batch waste less compute on padding.
     dataset = ray.data.from_items(sorted(prompts, key=lambda r: len(r["prompt"])))
     if engine == "vllm":
-        generated = vllm_processor(model_path, template_name, spec, stop_strings, lora)(dataset)
+        tokenizer = load_tokenizer(model_path, template_name)
+        longest = max(len(tokenizer(p["prompt"], add_special_tokens=False)["input_ids"]) for p in prompts)
+        context = vllm_max_model_len(spec, longest, model_max_len(model_path))
+        generated = vllm_processor(model_path, template_name, spec, stop_strings, context, lora)(dataset)
     else:
         generated = dataset.map_batches(
             HFEngine,
@@ -293,7 +297,8 @@ def _spec_from_args(args: argparse.Namespace) -> EvalSpec:
                     stop_strings=args.stop_string, engine=args.engine, batch_size=args.batch_size,
                     num_actors=args.num_actors, cpus_per_actor=args.cpus_per_actor, use_gpu=args.gpu,
                     do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
-                    n_samples=args.n_samples, seed=args.seed)
+                    n_samples=args.n_samples, seed=args.seed, max_model_len=args.max_model_len,
+                    enforce_eager=args.enforce_eager)
 
 
 def model_label(model: str) -> str:
@@ -329,6 +334,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--num-actors", type=int, default=defaults.num_actors)
     parser.add_argument("--cpus-per-actor", type=float, default=defaults.cpus_per_actor)
     parser.add_argument("--gpu", action="store_true", help="one GPU per engine actor")
+    parser.add_argument("--max-model-len", type=int,
+                        help="vLLM: the context each engine reserves KV cache for (default: the longest prompt "
+                             "+ max new tokens, rounded up to 256)")
+    parser.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
+                        help="vLLM: skip CUDA-graph capture at engine start (default: eager on CPU, graphs on GPU)")
     parser.add_argument("--do-sample", action="store_true")
     parser.add_argument("--temperature", type=float, default=defaults.temperature)
     parser.add_argument("--top-p", type=float, default=defaults.top_p)

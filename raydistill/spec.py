@@ -93,7 +93,16 @@ class TrainSpec(_Strict):
     warmup_steps: int = Field(0, ge=0)
     seed: int = 100
     zero_stage: Literal[0, 1, 2, 3] = 3
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # None: bf16 with use_gpu (checked on the GPU, which must support it), fp32 on CPU.
+    precision: Literal["fp32", "bf16"] | None = None
+    # Recompute each layer's activations in the backward pass (None: on with use_gpu, off on CPU).
+    gradient_checkpointing: bool | None = None
+    # auto: the student family's choice (students.FAMILY_ATTENTION: eager for BLOOM, which has no
+    # SDPA path; sdpa for Llama and Gemma), else transformers' default.
+    attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
+    # Memory of each training GPU, to refuse before any worker starts a config that cannot fit
+    # (raydistill.memory). None: checked on the worker against the GPU it got.
+    gpu_memory_gb: float | None = Field(None, gt=0)
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -108,6 +117,19 @@ class TrainSpec(_Strict):
     checkpoint_every_steps: int = Field(0, ge=0)  # 0: only at epoch ends and the end of the run
     max_failures: int = Field(0, ge=-1)  # worker-group restarts from the last checkpoint; -1: unlimited
     overlong: Literal["truncate", "drop"] = "truncate"  # sequences longer than cutoff_len
+
+    @model_validator(mode="before")
+    @classmethod
+    def _device_defaults(cls, fields: object) -> object:
+        """precision and gradient_checkpointing left open follow use_gpu (stored resolved, so the
+        trial's identity names what runs)."""
+        if isinstance(fields, dict):
+            gpu = bool(fields.get("use_gpu", False))
+            if fields.get("precision") is None:
+                fields = {**fields, "precision": "bf16" if gpu else "fp32"}
+            if fields.get("gradient_checkpointing") is None:
+                fields = {**fields, "gradient_checkpointing": gpu}
+        return fields
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainSpec:
@@ -149,6 +171,11 @@ class EvalSpec(_Strict):
     cpus_per_actor: float = Field(1.0, gt=0)
     use_gpu: bool = False
     resources_per_actor: dict[str, float] = Field(default_factory=dict)  # custom Ray resources
+    # vLLM only. max_model_len: the context each engine reserves KV cache for (None: the longest
+    # prompt + max_new_tokens, rounded up to 256). enforce_eager: skip CUDA-graph capture at engine
+    # start (None: eager on CPU, graphs on GPU; true saves the capture time of short evaluations).
+    max_model_len: int | None = Field(None, ge=16)
+    enforce_eager: bool | None = None
     do_sample: bool = False
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1.0)

@@ -296,6 +296,17 @@ class Student:
     def prompt_template(self) -> Template:
         return get_template(self.template)
 
+    @property
+    def attention(self) -> str | None:
+        """The attention implementation this family trains with (None: transformers' default)."""
+        return FAMILY_ATTENTION.get(self.family)
+
+
+# Attention per student family for training. BLOOM has only the eager path in transformers (its
+# ALiBi scores are a full fp32 heads x seq x seq tensor, see raydistill.memory); the others use
+# PyTorch's SDPA, which keeps no score matrix for the backward pass.
+FAMILY_ATTENTION = {"bloom": "eager", "gemma": "sdpa", "llama3": "sdpa", "llama": "sdpa", "smollm2": "sdpa"}
+
 
 def _hub(name: str, family: str, template: str, hub_id: str) -> Student:
     return Student(name=name, family=family, template=template, source=hub_id)

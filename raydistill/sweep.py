@@ -241,7 +241,7 @@ def _train_and_evaluate(trial: TrialSpec, payload: dict, trial_dir: Path) -> dic
         evaluate, trained.model_path, trial.student, trial.cell.dataset, test, trial.eval,
         trial_dir / "predictions.parquet", trial.grader)
     eval_seconds = time.perf_counter() - started
-    history = json.loads((Path(trained.model_path) / "train_state.json").read_text())["history"]
+    state = json.loads((Path(trained.model_path) / "train_state.json").read_text())
     ceiling = target_ceiling(trial.cell.dataset, pq.read_table(payload["cell"]["train_path"]), trial.grader)
     return {
         "trial_hash": trial.trial_hash,
@@ -257,7 +257,10 @@ def _train_and_evaluate(trial: TrialSpec, payload: dict, trial_dir: Path) -> dic
         "engine": result.engine,
         "model_path": trained.model_path,
         "predictions_path": result.predictions_path,
-        "train_history": history,
+        "train_history": state["history"],
+        # what ran: precision, gradient checkpointing, attention, DeepSpeed's accelerator and optimizer
+        "train_setup": {k: state.get(k) for k in ("precision", "gradient_checkpointing", "attn_implementation",
+                                                 "world_size", "deepspeed")},
         "metrics": {
             "accuracy": result.accuracy,
             "n_test": result.n,
@@ -351,6 +354,7 @@ def run_sweep(spec: SweepSpec) -> list[dict]:
     (run_dir / PLAN_FILE).write_text(json.dumps([{"trial_hash": t.trial_hash, **t.axes()} for t in trials], indent=1))
 
     _init_ray()
+    check_engines(trials)
     parent = start_sweep_run(spec, run_dir / "sweep.yaml")
     payloads = [
         {"trial": t.model_dump(mode="json"), "run_dir": str(run_dir), "cell": cells[p],
@@ -379,6 +383,22 @@ def run_sweep(spec: SweepSpec) -> list[dict]:
     report = write_report(records, run_dir)
     finish_sweep_run(parent, records, report)
     return records
+
+
+def check_engines(trials: list[TrialSpec]) -> None:
+    """Fail before any training when ``eval.engine: vllm`` names nodes that are up but cannot import
+    vLLM (`raydistill.engines.choose_engine`). Nodes an autoscaler has not started yet are asked
+    when the trial evaluates."""
+    from raydistill.engines import EngineError, choose_engine, engine_nodes
+
+    specs = {(t.eval.model_dump_json(), t.cell.dataset): t.eval.for_task(t.cell.dataset) for t in trials
+             if t.eval.engine == "vllm"}
+    for (_, task), eval_spec in specs.items():
+        if engine_nodes(eval_spec):
+            try:
+                choose_engine(eval_spec)
+            except EngineError as err:
+                raise SpecError(f"eval for {task}: {err}") from None
 
 
 def _write_missing(missing: dict[CellSpec, str], run_dir: Path) -> None:
@@ -432,10 +452,10 @@ def main(argv: list[str], prog: str = "raydistill sweep", default_config: str | 
         if args.output_dir:
             overrides["output_dir"] = args.output_dir
         spec = load_sweep(args.config, overrides)
+        run_and_print(spec)
     except SpecError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    run_and_print(spec)
     return 0
 
 

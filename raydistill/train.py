@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import random
@@ -24,6 +25,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from raydistill.spec import SpecError, TrainSpec, redact_storage, storage_problem
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 TRAIN_STATE_FILE = "train_state.json"
@@ -396,18 +399,66 @@ def _local_model_folder(checkpoint, download_to: str | os.PathLike | None) -> st
 # --------------------------------------------------------------------------- worker loop
 
 
+def stay_on_cpu() -> None:
+    """Keep a CPU run on CPU on a machine with GPUs: Ray leaves ``CUDA_VISIBLE_DEVICES`` alone for
+    workers without GPUs, and DeepSpeed would pick CUDA by itself while Ray set up gloo."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    from deepspeed.accelerator import get_accelerator, set_accelerator
+
+    if get_accelerator().device_name() != "cpu":  # DeepSpeed was imported before with another choice
+        from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+        set_accelerator(CPU_Accelerator())
+
+
+def check_precision(spec: TrainSpec) -> None:
+    """bf16 on a GPU without bf16 (before Ampere) fails here in one line rather than deep in DeepSpeed."""
+    import torch
+
+    if spec.use_gpu and spec.precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise TrainInputError(f"train.precision bf16: {torch.cuda.get_device_name()} has no bf16; "
+                              "set train.precision: fp32 (twice the memory) or use an Ampere or newer GPU")
+
+
+def load_student_model(job: TrainJob, spec: TrainSpec):
+    """The initial weights in the run's precision, with the attention implementation of the
+    student's family (`TrainSpec.attn_implementation`) and gradient checkpointing if asked."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if spec.precision == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(job.model_path, dtype=dtype,
+                                                 attn_implementation=attention_of(job, spec))
+    if spec.gradient_checkpointing:
+        model.config.use_cache = False
+        # Non-reentrant checkpointing also passes gradients to LoRA weights of a frozen base.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return _maybe_lora(model, spec)
+
+
+def attention_of(job: TrainJob, spec: TrainSpec) -> str | None:
+    """`TrainSpec.attn_implementation`, ``auto`` resolved by the student's family."""
+    from raydistill.students import get_student
+
+    return get_student(job.student).attention if spec.attn_implementation == "auto" else spec.attn_implementation
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker; resumes from `ray.train.get_checkpoint()` after a failure."""
+    job = TrainJob(**config["job"])
+    spec = TrainSpec.model_validate(job.spec)
+    if not spec.use_gpu:
+        stay_on_cpu()
     import deepspeed
     import ray.train
     import torch
     import torch.distributed as dist
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from raydistill.students import get_student
 
-    job = TrainJob(**config["job"])
-    spec = TrainSpec.model_validate(job.spec)
+    check_precision(spec)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(spec.seed)
@@ -419,13 +470,19 @@ def train_loop_per_worker(config: dict) -> None:
     rows = read_examples(job.data_path)
     examples, over = tokenize_examples(rows, tokenizer, template, spec.cutoff_len, spec.overlong)
     lengths = [len(e["input_ids"]) for e in examples]
+    if spec.use_gpu:  # before any weight is loaded: the GPU this worker got
+        import ray.train.torch
+
+        capacity = torch.cuda.get_device_properties(ray.train.torch.get_device()).total_memory
+        problem = memory_problem(job, spec, max(lengths), capacity, world)
+        if problem:
+            raise TrainInputError(problem)
     batches = micro_batches(lengths, spec, rank, world)
     total_steps = len(batches) // spec.grad_accum_steps
     save_at = checkpoint_steps(spec, total_steps)
 
     ds_config = deepspeed_config(spec)
-    dtype = torch.bfloat16 if spec.precision == "bf16" else torch.float32
-    model = _maybe_lora(AutoModelForCausalLM.from_pretrained(job.model_path, dtype=dtype), spec)
+    model = load_student_model(job, spec)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
@@ -469,7 +526,9 @@ def train_loop_per_worker(config: dict) -> None:
     state.update(final=True, examples=len(examples), over_cutoff=over, overlong=spec.overlong,
                  truncated=over if spec.overlong == "truncate" else 0,
                  padding_fraction=padding_fraction(batches, lengths), steps=total_steps, world_size=world,
-                 deepspeed=_deepspeed_setup(engine))
+                 deepspeed=_deepspeed_setup(engine), precision=spec.precision,
+                 gradient_checkpointing=bool(getattr(model, "is_gradient_checkpointing", False)),
+                 attn_implementation=model.config._attn_implementation)
     _report_final_model(engine, tokenizer, spec, job, state, rank, ds_config["zero_optimization"]["stage"])
     _shutdown(engine, dist)
 
@@ -481,10 +540,15 @@ def _deepspeed_setup(engine) -> dict:
     def device(offload) -> str:
         return "none" if offload is None else str(getattr(offload.device, "value", offload.device))
 
+    from deepspeed.accelerator import get_accelerator
+
+    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the base optimizer
     return {"zero_stage": engine.zero_optimization_stage(),
             "offload_optimizer": device(engine.zero_offload_optimizer()),
             "offload_param": device(engine.zero_offload_param()),
-            "gradient_allreduce": engine.enable_backward_allreduce}
+            "gradient_allreduce": engine.enable_backward_allreduce,
+            "accelerator": get_accelerator().device_name(),
+            "optimizer": type(optimizer).__name__}
 
 
 def _report_final_model(engine, tokenizer, spec: TrainSpec, job: TrainJob, state: dict, rank: int,
@@ -539,6 +603,74 @@ def _merge_lora_if_needed(out: Path, spec: TrainSpec, base_path: str) -> Path:
 # --------------------------------------------------------------------------- driver
 
 
+def lora_parameters(config, lora) -> int:
+    """Trainable weights of a LoRA adapter on every linear layer of the decoder (peft's "all-linear";
+    an upper bound for a narrower ``target_modules``): r x (inputs + outputs) per matrix."""
+    from raydistill.memory import Shape
+
+    shape = Shape.of(config)
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    attention = (shape.hidden + q) + 2 * (shape.hidden + kv) + (q + shape.hidden)
+    mlp = (3 if shape.gated else 2) * (shape.hidden + shape.intermediate)
+    return lora.r * shape.layers * (attention + mlp)
+
+
+def memory_problem(job: TrainJob, spec: TrainSpec, longest: int, capacity_bytes: int, world: int) -> str | None:
+    """One line saying why the run cannot fit ``capacity_bytes`` per GPU and which micro-batch would
+    (`raydistill.memory`), for micro_batch_size x the cell's ``longest`` sequence; None if it fits."""
+    from transformers import AutoConfig
+
+    from raydistill import memory
+
+    config = AutoConfig.from_pretrained(job.model_path)
+    zero = deepspeed_config(spec)["zero_optimization"]
+    offloaded = {k: (zero.get(k) or {}).get("device", "none") not in ("none", None)
+                 for k in ("offload_optimizer", "offload_param")}
+    args = dict(seq_len=longest, precision=spec.precision, zero_stage=zero["stage"], world_size=world,
+                gradient_checkpointing=bool(spec.gradient_checkpointing),
+                attn_implementation=attention_of(job, spec) or "sdpa",
+                trainable_parameters=lora_parameters(config, spec.lora) if spec.lora else None, **offloaded)
+    estimate = memory.estimate_training_memory(config, micro_batch_size=spec.micro_batch_size, **args)
+    if estimate.total() <= capacity_bytes:
+        return None
+    args.pop("world_size")
+    suggestion = memory.largest_micro_batch(config, capacity_bytes=capacity_bytes,
+                                            global_batch_size=spec.global_batch_size, world_size=world, **args)
+    what = (f"train {job.student}: micro_batch_size {spec.micro_batch_size} x {longest} tokens, ZeRO-{zero['stage']}, "
+            f"{spec.precision}, gradient_checkpointing {bool(spec.gradient_checkpointing)}")
+    return memory.fits_message(estimate, capacity_bytes, suggestion, what)
+
+
+def longest_sequence(job: TrainJob, spec: TrainSpec) -> int:
+    """The longest tokenized training sequence of the job's data, at most ``cutoff_len``."""
+    from transformers import AutoTokenizer
+
+    from raydistill.students import get_student
+
+    tokenizer = AutoTokenizer.from_pretrained(job.model_path)
+    template = get_student(job.student).prompt_template
+    template.fix_tokenizer(tokenizer)
+    examples, _ = tokenize_examples(read_examples(job.data_path), tokenizer, template, spec.cutoff_len, spec.overlong)
+    return max(len(e["input_ids"]) for e in examples)
+
+
+def check_memory_on_driver(job: TrainJob, spec: TrainSpec) -> None:
+    """With ``train.gpu_memory_gb``, refuse before any worker starts a run that cannot fit that GPU."""
+    if spec.use_gpu and spec.gpu_memory_gb:
+        problem = memory_problem(job, spec, longest_sequence(job, spec), int(spec.gpu_memory_gb * 2**30),
+                                 spec.num_workers)
+        if problem:
+            raise TrainInputError(problem)
+
+
+def precision_warning(spec: TrainSpec) -> str | None:
+    """Why fp32 training on GPUs deserves a second look (None when it does not apply)."""
+    if spec.use_gpu and spec.precision == "fp32":
+        return ("train.precision fp32 on GPUs: about twice the memory and time of bf16, while evaluation runs "
+                "bf16; drop train.precision (bf16 on GPUs) unless the GPU has no bf16")
+    return None
+
+
 def fit(job: TrainJob, report_to_tune: bool = False, download_to: str | os.PathLike | None = None) -> TrainResult:
     """Run one fine-tuning job on the current Ray cluster and return where the model landed: a local
     HF folder (the final checkpoint, or with URI storage its copy under `download_to`)."""
@@ -550,6 +682,9 @@ def fit(job: TrainJob, report_to_tune: bool = False, download_to: str | os.PathL
     from ray.train.torch import TorchConfig, TorchTrainer
 
     spec = TrainSpec.model_validate(job.spec)
+    check_memory_on_driver(job, spec)
+    if precision_warning(spec):
+        log.warning(precision_warning(spec))
     callbacks = []
     if report_to_tune:
         from ray.tune.integration.ray_train import TuneReportCallback
@@ -607,11 +742,12 @@ def main(argv: list[str]) -> int:
         read_examples(args.data)
         check_storage(storage)
         model_path = resolve_student(args.student)
+        job = TrainJob(student=args.student, model_path=str(model_path),
+                       data_path=str(Path(args.data).resolve()), run_name=args.name,
+                       storage_path=storage, spec=spec.model_dump())
+        check_memory_on_driver(job, spec)
     except (TrainInputError, StudentError, SpecError) as err:
         parser.error(str(err))
-    job = TrainJob(student=args.student, model_path=str(model_path),
-                   data_path=str(Path(args.data).resolve()), run_name=args.name,
-                   storage_path=storage, spec=spec.model_dump())
     ray.init(ignore_reinit_error=True)
     result = fit(job, download_to=args.download_to)
     print(json.dumps(asdict(result), indent=2))

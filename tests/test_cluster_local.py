@@ -70,15 +70,17 @@ class LocalHead:
     """A Ray head started with the real CLI in a private temp dir; `stop()` ends only its processes."""
 
     def __init__(self, num_cpus: int, dashboard: bool = True, autoscaling_config: Path | None = None,
-                 env: dict | None = None, object_store_mb: int = 300):
+                 env: dict | None = None, object_store_mb: int = 300, extra_args: tuple[str, ...] = (),
+                 node_ip: str = "127.0.0.1"):
         # short path: Ray's Unix sockets live under it (108-byte limit)
         self.temp_dir = tempfile.mkdtemp(prefix="rdc-", dir="/tmp")
         self.port = _free_port()
         self.dashboard_port = _free_port()
-        self.gcs = f"127.0.0.1:{self.port}"
+        self.node_ip = node_ip  # a driver joining with ray.init(address) needs a non-loopback one
+        self.gcs = f"{node_ip}:{self.port}"
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         self.env = env or _env()
-        args = ["start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(self.port),
+        args = ["start", "--head", "--node-ip-address", node_ip, "--port", str(self.port),
                 "--num-cpus", str(num_cpus), "--temp-dir", self.temp_dir, "--disable-usage-stats",
                 "--object-store-memory", str(object_store_mb * 1024 * 1024),
                 "--min-worker-port", "0", "--max-worker-port", "0"]
@@ -89,6 +91,7 @@ class LocalHead:
             args += ["--include-dashboard", "false"]
         if autoscaling_config is not None:
             args += [f"--autoscaling-config={autoscaling_config}"]
+        args += list(extra_args)
         try:
             _ray(*args, env=self.env)
         except BaseException:

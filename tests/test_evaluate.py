@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,9 @@ import pytest
 
 from raydistill import answers
 from raydistill.datasets import load_test
-from raydistill.engines import EngineError, HFEngine, choose_engine, load_tokenizer, vllm_available
+from raydistill.engines import (EngineError, HFEngine, choose_engine, engine_nodes, load_tokenizer,
+                                vllm_available, vllm_engine_kwargs, vllm_max_model_len, vllm_on_engine_nodes,
+                                vllm_processor)
 from raydistill.evaluate import build_prompts, evaluate, grade, merged_model, metrics, parts_dir
 from raydistill.spec import EvalSpec
 from raydistill.tasks import TASK_NAMES
@@ -140,10 +143,58 @@ def test_lora_adapter_is_merged_into_its_base(tiny, tmp_path):
 
 
 @pytest.mark.skipif(vllm_available(), reason="vLLM is installed")
-def test_vllm_engine_without_vllm_says_how_to_install():
-    with pytest.raises(EngineError, match="pip install"):
-        choose_engine(EvalSpec(engine="vllm"))
-    assert choose_engine(EvalSpec(engine="auto")) == "hf"
+def test_vllm_engine_without_vllm_names_the_engine_node_and_how_to_install(ray_module):
+    import ray
+
+    ip = ray.util.get_node_ip_address()
+    spec = EvalSpec(engine="vllm").for_task("svamp")
+    assert vllm_on_engine_nodes(spec) == {ip: False}  # asked on the node, by a task pinned there
+    with pytest.raises(EngineError, match=f"{re.escape(ip)}.*pip install"):
+        choose_engine(spec)
+    assert choose_engine(EvalSpec(engine="auto").for_task("svamp")) == "hf"
+    assert choose_engine(EvalSpec(engine="auto").for_task("csqa")) == "hf"  # beam search: no probe needed
+
+
+def test_engine_choice_follows_the_engine_nodes_not_this_process():
+    """The decision is made from what the engine nodes report (`vllm_on_engine_nodes`), whatever this
+    process has installed; with some engine nodes lacking vLLM, auto stays on HF and vllm refuses."""
+    greedy = EvalSpec(engine="auto").for_task("gsm8k")
+    assert choose_engine(greedy, vllm_nodes={"10.0.0.2": True}) == "vllm"
+    assert choose_engine(greedy, vllm_nodes={"10.0.0.2": True, "10.0.0.3": False}) == "hf"
+    assert choose_engine(greedy, vllm_nodes={}) == "hf"
+    with pytest.raises(EngineError, match="10.0.0.3"):
+        choose_engine(EvalSpec(engine="vllm").for_task("gsm8k"), vllm_nodes={"10.0.0.2": True, "10.0.0.3": False})
+    with pytest.raises(EngineError, match="beam search"):
+        choose_engine(EvalSpec(engine="vllm").for_task("csqa"), vllm_nodes={"10.0.0.2": True})
+
+
+def test_engine_probe_gives_up_when_no_node_can_hold_an_engine(ray_module):
+    spec = EvalSpec(engine="vllm", cpus_per_actor=64).for_task("svamp")  # a 2-CPU cluster
+    assert engine_nodes(spec) == []
+    with pytest.raises(EngineError, match=r"no node .*'CPU': 64.* answered within 3 s"):
+        vllm_on_engine_nodes(spec, timeout_s=3)
+
+
+def test_vllm_settings_reach_the_engine_config(ray_module):
+    """max_model_len from the longest prompt and max_new_tokens (not the model's 131,072 for
+    Llama-3.2), eager mode, CPUs per engine and the GPU: in the ray.data.llm engine stage, built
+    here without vLLM installed."""
+    spec = EvalSpec(engine="vllm", use_gpu=True, cpus_per_actor=4, resources_per_actor={"gpu_node": 1}).for_task("math")
+    assert spec.max_new_tokens == 1024
+    context = vllm_max_model_len(spec, longest_prompt_tokens=700, model_max_len=131072)
+    assert context == 1792  # 700 + 1024, rounded up to 256
+    assert vllm_max_model_len(spec, 700, model_max_len=1024) == 1024
+    assert vllm_max_model_len(spec.model_copy(update={"max_model_len": 4096}), 700, 131072) == 4096
+    processor = vllm_processor("/models/llama-3.2-3b", "llama3", spec, ["</s>"], context)
+    stage = processor.get_stage_by_name("vLLMEngineStage")
+    engine = stage.fn_constructor_kwargs["engine_kwargs"]
+    assert (engine["max_model_len"], engine["dtype"], engine["enforce_eager"]) == (1792, "bfloat16", False)
+    actor = stage.map_batches_kwargs  # the engine actor's resources, from its one-bundle placement group
+    assert (actor["num_cpus"], actor["num_gpus"], actor["resources"]) == (4.0, 1.0, {"gpu_node": 1.0})
+    eager = vllm_engine_kwargs(spec.model_copy(update={"enforce_eager": True}), context)
+    assert eager["enforce_eager"] is True
+    cpu = vllm_engine_kwargs(EvalSpec(engine="vllm").for_task("math"), context)
+    assert (cpu["dtype"], cpu["enforce_eager"]) == ("float32", True)
 
 
 def test_eval_cli_never_hands_one_models_predictions_to_another(tmp_path, model_cache):

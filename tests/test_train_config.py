@@ -1,12 +1,13 @@
 """SFT configuration without a cluster: DeepSpeed config files, checkpoint steps, overlong policy."""
 
 import json
+import re
 
 import pytest
 
 from raydistill.spec import TrainSpec
-from raydistill.train import (DEEPSPEED_CONFIG_DIR, checkpoint_steps, deepspeed_config,
-                              tokenize_examples)
+from raydistill.train import (DEEPSPEED_CONFIG_DIR, checkpoint_steps, deepspeed_config, load_train_spec,
+                              precision_warning, tokenize_examples)
 
 
 @pytest.mark.parametrize("name,stage", [("zero2.json", 2), ("zero3.json", 3), ("zero3_offload.json", 3)])
@@ -18,8 +19,37 @@ def test_shipped_deepspeed_files_fill_their_auto_values(name, stage):
     assert config["train_micro_batch_size_per_gpu"] == 2
     assert config["gradient_accumulation_steps"] == 4
     assert config["optimizer"]["params"]["lr"] == 1e-4
-    assert config["optimizer"]["params"]["torch_adam"] is True
+    # The offloaded optimizer steps on CPU: DeepSpeed's vectorised CPU Adam, not torch's AdamW.
+    assert config["optimizer"]["params"]["torch_adam"] is ("offload" not in name)
+    assert ("offload_optimizer" in config["zero_optimization"]) is ("offload" in name)
     assert config["bf16"]["enabled"] is True
+
+
+def test_precision_and_checkpointing_follow_the_device_unless_set():
+    cpu, gpu = TrainSpec(), TrainSpec(use_gpu=True)
+    assert (cpu.precision, cpu.gradient_checkpointing) == ("fp32", False)
+    assert (gpu.precision, gpu.gradient_checkpointing) == ("bf16", True)
+    assert deepspeed_config(gpu)["bf16"]["enabled"] is True and deepspeed_config(cpu)["bf16"]["enabled"] is False
+    explicit = TrainSpec(use_gpu=True, precision="fp32", gradient_checkpointing=False)
+    assert (explicit.precision, explicit.gradient_checkpointing) == ("fp32", False)
+    # stored resolved: the dump (part of a trial's identity) names what runs, and reads back the same
+    assert gpu.model_dump()["precision"] == "bf16"
+    assert TrainSpec.model_validate(gpu.model_dump()) == gpu
+    assert precision_warning(explicit) and "fp32" in precision_warning(explicit)
+    assert precision_warning(gpu) is None and precision_warning(TrainSpec(precision="fp32")) is None
+
+
+def test_attention_follows_the_student_family():
+    from raydistill.train import TrainJob, attention_of
+
+    def job(student):
+        return TrainJob(student=student, model_path="unused", data_path="unused", run_name="x",
+                        storage_path="unused", spec={})
+
+    assert attention_of(job("bloom-3b"), TrainSpec()) == "eager"  # BLOOM has no SDPA path
+    assert attention_of(job("llama-3.2-3b"), TrainSpec()) == "sdpa"
+    assert attention_of(job("gemma-2b"), TrainSpec()) == "sdpa"
+    assert attention_of(job("bloom-3b"), TrainSpec(attn_implementation="sdpa")) == "sdpa"
 
 
 def test_default_file_follows_zero_stage():
@@ -74,3 +104,40 @@ def test_cli_config_errors_name_the_field(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--student", "tiny-llama", "--data", "x.parquet", "--config", str(config)])
     assert "train.learning_rate" in capsys.readouterr().err
+
+
+def test_train_cli_refuses_a_gpu_config_that_cannot_fit_and_suggests_a_micro_batch(tmp_path, model_cache):
+    """`train.gpu_memory_gb` checks the estimate (raydistill.memory) at the cell's longest sequence on
+    the driver: one line, exit 2, no worker started; the suggested micro-batch passes the same check."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    from raydistill.datasets import load_train
+    from raydistill.students import resolve_student
+    from raydistill.train import TrainJob, longest_sequence, memory_problem
+
+    data = tmp_path / "math32.parquet"
+    pq.write_table(load_train("math", "chatgpt", level=1).slice(0, 32), data)
+    sets = ["use_gpu=true", "gpu_memory_gb=1.1", "micro_batch_size=8", "global_batch_size=64", "zero_stage=0",
+            "gradient_checkpointing=false"]
+    cli = Path(sys.executable).with_name("raydistill")
+    out = subprocess.run([str(cli), "train", "--student", "tiny-llama", "--data", str(data), "--out", str(tmp_path / "o"),
+                          *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    line = out.stderr.strip().splitlines()[-1]
+    assert "needs about" in line and "but the GPU has 1.1 GiB" in line, line
+    suggested = int(re.search(r"set train.micro_batch_size: (\d+)", line).group(1))
+    assert 1 <= suggested < 8 and 64 % suggested == 0
+    assert not (tmp_path / "o").exists()  # nothing started
+
+    spec = load_train_spec(None, {"use_gpu": True, "micro_batch_size": suggested, "global_batch_size": 64,
+                                  "zero_stage": 0, "gradient_checkpointing": False})
+    job = TrainJob(student="tiny-llama", model_path=str(resolve_student("tiny-llama")), data_path=str(data),
+                   run_name="x", storage_path=str(tmp_path), spec=spec.model_dump())
+    capacity = int(1.1 * 2**30)
+    assert memory_problem(job, spec, longest_sequence(job, spec), capacity, 1) is None
+    assert memory_problem(job, spec.model_copy(update={"micro_batch_size": suggested * 2}),
+                          longest_sequence(job, spec), capacity, 1) is not None

@@ -77,26 +77,32 @@ def _assert_plain_hf_folder(model_path: str) -> None:
     assert model(**ids).logits.shape[-1] == model.config.vocab_size
 
 
-@pytest.mark.parametrize("zero_stage,lora,deepspeed_config,offload,workers", [
-    (2, None, None, "none", 2),
-    (3, LoraSpec(r=8, alpha=16), None, "none", 2),
-    (3, None, "zero3_offload.json", "cpu", 2),
-    (0, None, None, "none", 1),
-], ids=["zero2-full", "zero3-lora", "zero3-offload-full", "zero0-one-worker"])
-def test_loss_decreases_and_model_is_a_plain_hf_folder(tmp_path, model_cache, ray_local, svamp_small,
-                                                       zero_stage, lora, deepspeed_config, offload, workers):
-    """ZeRO stage 0 on one worker runs without DeepSpeed's gradient all-reduce (nothing to average)."""
+@pytest.mark.parametrize("zero_stage,lora,deepspeed_config,offload,workers,checkpointing", [
+    (2, None, None, "none", 2, False),
+    (3, LoraSpec(r=8, alpha=16), None, "none", 2, True),
+    (3, None, "zero3_offload.json", "cpu", 2, False),
+    (0, None, None, "none", 1, False),
+], ids=["zero2-full", "zero3-lora-checkpointing", "zero3-offload-full", "zero0-one-worker"])
+def test_loss_decreases_and_model_is_a_plain_hf_folder(tmp_path, model_cache, ray_local, svamp_small, zero_stage,
+                                                       lora, deepspeed_config, offload, workers, checkpointing):
+    """ZeRO stage 0 on one worker runs without DeepSpeed's gradient all-reduce (nothing to average);
+    the offloaded optimizer is DeepSpeed's CPU Adam; LoRA learns under gradient checkpointing."""
     from raydistill.train import fit, read_train_state
 
     lr, drop = (2e-3, 0.9) if lora is None else (1e-2, 0.97)  # LoRA on a random tiny model learns slowly
     job = _job(tmp_path, svamp_small, f"sft-z{zero_stage}", zero_stage=zero_stage, lora=lora, learning_rate=lr,
-               deepspeed_config=deepspeed_config, num_workers=workers)
+               deepspeed_config=deepspeed_config, num_workers=workers, gradient_checkpointing=checkpointing)
     result = fit(job)
 
-    setup = read_train_state(result.model_path)["deepspeed"]
+    state = read_train_state(result.model_path)
+    setup = state["deepspeed"]
     assert {key: setup[key] for key in ("zero_stage", "offload_optimizer", "offload_param")} == \
         {"zero_stage": zero_stage, "offload_optimizer": offload, "offload_param": offload}
     assert setup["gradient_allreduce"] is not (zero_stage == 0 and workers == 1)
+    assert setup["optimizer"] == ("DeepSpeedCPUAdam" if offload == "cpu" else "AdamW")
+    assert setup["accelerator"] == "cpu"
+    assert (state["precision"], state["gradient_checkpointing"], state["attn_implementation"]) == \
+        ("fp32", checkpointing, "sdpa")
 
     assert result.steps == 4 * 16 // 4
     losses = _losses(result.model_path)
@@ -188,3 +194,24 @@ def _list(storage: str, relative: str) -> set[str]:
     fs, base = _filesystem(storage)
     infos = fs.get_file_info(pyarrow.fs.FileSelector(f"{base}/{relative}", recursive=True))
     return {info.path[len(base) + 1:] for info in infos if info.type == pyarrow.fs.FileType.File}
+
+
+def test_cpu_run_stays_on_cpu_where_deepspeed_would_pick_cuda(tmp_path, model_cache, svamp_small):
+    """On a GPU machine DeepSpeed picks CUDA by itself; `DS_ACCELERATOR=cuda` in the workers'
+    environment stands for that here. A run with use_gpu false must still train on CPU over gloo."""
+    import ray
+
+    from raydistill.train import fit, read_train_state
+
+    ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"RAYDISTILL_DATA_DIR": os.environ["RAYDISTILL_DATA_DIR"],
+                                       "DS_ACCELERATOR": "cuda"}})
+    try:
+        job = _job(tmp_path, svamp_small, "sft-cpu-on-gpu-machine", zero_stage=2, num_workers=2, epochs=1)
+        result = fit(job)
+    finally:
+        ray.shutdown()
+    state = read_train_state(result.model_path)
+    assert state["deepspeed"]["accelerator"] == "cpu"
+    assert result.steps == 16 // 4

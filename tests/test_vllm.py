@@ -13,7 +13,7 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from raydistill.engines import choose_engine, load_tokenizer, vllm_available
+from raydistill.engines import EngineError, choose_engine, load_tokenizer, vllm_available, vllm_on_engine_nodes
 from raydistill.schemas import PREDICTION_SCHEMA
 from raydistill.spec import EvalSpec
 
@@ -164,3 +164,68 @@ def test_lora_adapter_runs_unmerged_on_vllm(model, runs, ray_cluster, model_cach
     assert results["vllm"].engine == "vllm"
     base = {r["question_id"]: r["generation"] for r in runs[2]["hf"].to_pylist()}  # same questions, no adapter
     assert any(not base[r["question_id"]].startswith(r["generation"]) for r in tables["vllm"].to_pylist())
+
+
+DRIVER = """
+import json, sys, ray
+from raydistill.engines import EngineError, choose_engine, vllm_available, vllm_on_engine_nodes
+from raydistill.spec import EvalSpec
+ray.init(address=sys.argv[1], log_to_driver=False)
+spec = EvalSpec(engine="auto", resources_per_actor={sys.argv[2]: 1}).for_task("svamp")
+try:
+    choose_engine(spec.model_copy(update={"engine": "vllm"}))
+    refused = None
+except EngineError as err:
+    refused = str(err)
+print(json.dumps({"driver_has_vllm": vllm_available(), "nodes": list(vllm_on_engine_nodes(spec).values()),
+                  "auto": choose_engine(spec), "vllm_refused": refused}))
+"""
+
+
+def test_engine_choice_is_made_where_the_engines_run(tmp_path):
+    """A two-node local cluster whose nodes run different environments: the head this one (vLLM),
+    the second node `.venv` (no vLLM; `make test-vllm` builds both). The engine is decided by the
+    nodes an engine's resources select, whatever the driver has installed: a driver with vLLM gets
+    HF for the node without it, and a driver without vLLM gets vLLM for the node with it."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    import ray
+    from test_cluster_local import AUTH, REPO, LocalHead
+
+    plain = REPO / ".venv" / "bin"
+    assert (plain / "ray").is_file(), "`make test-vllm` builds .venv (make install) as well"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0", **AUTH)
+    ray.shutdown()
+    head = LocalHead(num_cpus=1, dashboard=False, env=env, extra_args=("--resources", json.dumps({"vllm_side": 1})),
+                     node_ip=ray.util.get_node_ip_address())
+    try:
+        started = subprocess.run([str(plain / "ray"), "start", "--address", head.gcs, "--node-ip-address", head.node_ip,
+                                  "--num-cpus", "1", "--resources", json.dumps({"plain_side": 1}),
+                                  "--disable-usage-stats", "--min-worker-port", "0", "--max-worker-port", "0"],
+                                 env={**env, "PATH": f"{plain}:{env['PATH']}"}, capture_output=True, text=True,
+                                 timeout=180)
+        assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-3000:]
+
+        def drive(python: str, side: str) -> dict:
+            for _ in range(3):  # the second node may take a moment to register
+                out = subprocess.run([python, "-c", DRIVER, head.gcs, side], env=env, capture_output=True, text=True,
+                                     timeout=300, cwd=tmp_path)
+                assert out.returncode == 0, out.stderr[-3000:]
+                result = json.loads(out.stdout.strip().splitlines()[-1])
+                if result["nodes"]:
+                    return result
+                time.sleep(5)
+            return result
+
+        with_vllm = drive(sys.executable, "plain_side")
+        assert with_vllm["driver_has_vllm"] and with_vllm["nodes"] == [False]
+        assert with_vllm["auto"] == "hf" and "does not import" in with_vllm["vllm_refused"]
+        without_vllm = drive(str(plain / "python"), "vllm_side")
+        assert not without_vllm["driver_has_vllm"] and without_vllm["nodes"] == [True]
+        assert without_vllm["auto"] == "vllm" and without_vllm["vllm_refused"] is None
+    finally:
+        head.stop()

@@ -87,6 +87,7 @@ install-vllm: $(VLLM_VENV)/.installed
 
 # .venv too: a test starts a node from each environment (the engine is chosen where it runs).
 test-vllm: install install-vllm
+	@$(VLLM_PY) -c "import vllm" 2>/dev/null || { echo "make test-vllm: vLLM does not import in $(VLLM_VENV) (every vLLM test would skip); rebuild it: rm -rf $(VLLM_VENV) && make install-vllm" >&2; exit 1; }
 	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(VLLM_PY) -m pytest -q -ra -m vllm tests/test_vllm.py
 
 lock: install

@@ -501,10 +501,24 @@ def sweep_from_dict(raw: dict, source: str = "<config>", overrides: dict | None 
     for dotted, value in (overrides or {}).items():
         _set_dotted(raw, dotted, value)
     try:
-        return SweepSpec.model_validate(raw)
+        spec = SweepSpec.model_validate(raw)
     except ValidationError as err:
         problems = "; ".join(_problem(e) for e in err.errors())
         raise SpecError(f"{source}: {problems}") from None
+    _check_students(spec, source)
+    return spec
+
+
+def _check_students(spec: SweepSpec, source: str) -> None:
+    """Every student a registry name or a model folder, checked with the config (nothing is
+    downloaded here), so a typo fails before any annotation or training."""
+    from raydistill.students import StudentError, get_student
+
+    for student in spec.axis_values("students"):
+        try:
+            get_student(student)
+        except StudentError as err:
+            raise SpecError(f"{source}: field 'students': {err}") from None
 
 
 def _problem(error: dict) -> str:

@@ -437,6 +437,22 @@ def parse_overrides(items: list[str]) -> dict:
     return overrides
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors whose message already says what to fix: the sweep CLI prints them in one line."""
+    from raydistill.annotate import ConfigError
+    from raydistill.datasets import CellNotReleased, DataUnavailable, MalformedData
+    from raydistill.engines import EngineError
+    from raydistill.prompts import PromptError
+    from raydistill.students import StudentError
+    from raydistill.train import TrainInputError
+
+    return (SpecError, StudentError, DataUnavailable, CellNotReleased, MalformedData, ConfigError, PromptError,
+            EngineError, TrainInputError)
+
+
+USER_ERRORS = _user_errors()
+
+
 def main(argv: list[str], prog: str = "raydistill sweep", default_config: str | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=default_config is None, default=default_config,
@@ -453,8 +469,8 @@ def main(argv: list[str], prog: str = "raydistill sweep", default_config: str | 
             overrides["output_dir"] = args.output_dir
         spec = load_sweep(args.config, overrides)
         run_and_print(spec)
-    except SpecError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except USER_ERRORS as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     return 0
 

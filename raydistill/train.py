@@ -678,7 +678,7 @@ def fit(job: TrainJob, report_to_tune: bool = False, download_to: str | os.PathL
     if "://" not in job.storage_path:  # workers resolve paths from their own working directory
         job = replace(job, storage_path=os.path.abspath(job.storage_path))
     check_storage(job.storage_path)
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
     spec = TrainSpec.model_validate(job.spec)
@@ -704,7 +704,13 @@ def fit(job: TrainJob, report_to_tune: bool = False, download_to: str | os.PathL
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
     started = time.perf_counter()
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as err:  # a worker's input error is the user's to fix: its own line
+        inputs = [e for e in getattr(err, "worker_failures", {}).values() if isinstance(e, TrainInputError)]
+        if inputs:
+            raise TrainInputError(str(inputs[0])) from None
+        raise
     if result.checkpoint is None:
         raise RuntimeError(f"training run {job.run_name} finished without a checkpoint")
     model_path = _local_model_folder(result.checkpoint, download_to)

@@ -667,3 +667,52 @@ def test_sweep_cli_reports_a_bad_override_without_a_traceback(capsys):
 
     assert main(["--config", "sweeps/granularity.yaml", "--set", "train.epochs"]) == 2
     assert "--set expects KEY=VALUE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["sweeps/granularity.py", "sweeps/teacher.py"])
+def test_sweep_script_with_an_unknown_student_fails_in_one_line_before_anything_runs(script, tmp_path):
+    """`python sweeps/<name>.py --set students=[gpt-5]` as a user types it: the student is checked
+    with the config, one line, exit 2, nothing written."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, script, "--set", "students=[gpt-5]", "--output-dir", str(tmp_path / "o")],
+                         cwd=repo, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    line = out.stderr.strip().splitlines()[-1]
+    assert "field 'students'" in line and "unknown student 'gpt-5'" in line and "tiny-llama" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_sweep_cli_prints_an_unavailable_data_file_in_one_line(small_mirror, tmp_path, capsys):
+    """A sweep over a dataset the mirror lacks: the data error's own line, no traceback."""
+    from raydistill.sweep import main
+
+    config = tmp_path / "s.yaml"
+    config.write_text("name: s\ndatasets: [svamp]\nteachers: [chatgpt]\nlevels: [1]\nstudents: [tiny-llama]\n")
+    assert main(["--config", str(config), "--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "SVAMP" in err[0] and "RAYDISTILL_DATA_DIR" in err[0], err[-5:]
+
+
+def test_make_test_vllm_fails_in_one_line_where_vllm_does_not_import(tmp_path):
+    """`make test-vllm` against an environment without vLLM (here: .venv's Python) stops before
+    pytest, whose vLLM tests would all skip and pass, with a line saying how to rebuild it."""
+    import shutil
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    venv = tmp_path / "venv-without-vllm"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    (venv / ".installed").touch()
+    plain = os.path.relpath(Path(sys.executable).parents[1], repo)  # this environment stays as it is
+    out = subprocess.run([shutil.which("make") or "make", "-o", f"{plain}/.installed", "-o", f"{venv}/.installed",
+                          "test-vllm", f"VENV={plain}", f"VLLM_VENV={venv}"],
+                         cwd=repo, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert f"make test-vllm: vLLM does not import in {venv}" in out.stderr and "make install-vllm" in out.stderr
+    assert "pytest" not in out.stdout and "skipped" not in out.stdout

@@ -11,7 +11,7 @@ BASE = {"name": "t", "datasets": ["svamp"], "teachers": ["chatgpt"], "levels": [
 
 
 def test_grid_expands_levels_students_seeds():
-    spec = sweep_from_dict({**BASE, "students": ["a", "b"], "seeds": [1, 2]})
+    spec = sweep_from_dict({**BASE, "students": ["tiny-llama", "tiny-llama-alpaca"], "seeds": [1, 2]})
     trials = spec.trials()
     assert len(trials) == 2 * 2 * 2
     assert len({t.trial_hash for t in trials}) == len(trials)

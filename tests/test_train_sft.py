@@ -215,3 +215,18 @@ def test_cpu_run_stays_on_cpu_where_deepspeed_would_pick_cuda(tmp_path, model_ca
     state = read_train_state(result.model_path)
     assert state["deepspeed"]["accelerator"] == "cpu"
     assert result.steps == 16 // 4
+
+
+def test_a_workers_input_error_reaches_the_caller_as_its_own_line(tmp_path, model_cache, ray_local, svamp_small):
+    """A problem only a worker can see (here the damaged state of the checkpoint it resumes from)
+    comes back from `fit` as that worker's TrainInputError, not inside Ray Train's failure report."""
+    from raydistill.train import TrainInputError, fit
+
+    job = _job(tmp_path, svamp_small, "sft-damaged-state", zero_stage=0, num_workers=1, epochs=1)
+    first = fit(job)
+    state = Path(first.model_path) / TRAIN_STATE_FILE  # the final checkpoint, where a rerun resumes
+    state.write_text('{"step": 4, "hist')
+    with pytest.raises(TrainInputError) as err:
+        fit(job)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{state}: unreadable checkpoint state"), message

@@ -1,7 +1,7 @@
 """Granularity sweep: levels x students on released (or generated) annotations.
 
     python sweeps/granularity.py [--config sweeps/granularity.yaml] [--set KEY=VALUE ...]
-    ray job submit --working-dir . -- python sweeps/granularity.py
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python sweeps/granularity.py
 
 Without --config it runs sweeps/granularity.yaml. `--help` lists the options.
 """

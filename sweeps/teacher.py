@@ -1,7 +1,7 @@
 """Teacher sweep: released teachers, human rationales and answer-only (or generating teachers) x students.
 
     python sweeps/teacher.py [--config sweeps/teacher.yaml] [--set KEY=VALUE ...]
-    ray job submit --working-dir . -- python sweeps/teacher.py
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python sweeps/teacher.py
 
 Without --config it runs sweeps/teacher.yaml. `--help` lists the options.
 """

@@ -100,38 +100,46 @@ class LocalHead:
 
     def processes(self) -> list[psutil.Process]:
         """This head's processes: those naming its temp dir, and everything they started."""
-        own = []
-        for proc in psutil.process_iter(["pid", "cmdline"]):
-            try:
-                if any(self.temp_dir in part for part in proc.info["cmdline"] or []):
-                    own.append(proc)
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                continue
-        found = {p.pid: p for p in own}
-        for proc in own:
-            try:
-                for child in proc.children(recursive=True):
-                    found.setdefault(child.pid, child)
-            except psutil.NoSuchProcess:
-                continue
-        found.pop(os.getpid(), None)
-        return list(found.values())
+        return _processes_naming(self.temp_dir)
 
     def stop(self) -> None:
-        procs = self.processes()
-        for proc in procs:
-            try:
-                proc.send_signal(signal.SIGTERM)
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=15)
-        for proc in alive:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(alive, timeout=10)
+        _stop_processes(self.processes())
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _processes_naming(text: str) -> list[psutil.Process]:
+    """Processes with `text` in their command line, and everything they started."""
+    own = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any(text in part for part in proc.info["cmdline"] or []):
+                own.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    found = {p.pid: p for p in own}
+    for proc in own:
+        try:
+            for child in proc.children(recursive=True):
+                found.setdefault(child.pid, child)
+        except psutil.NoSuchProcess:
+            continue
+    found.pop(os.getpid(), None)
+    return list(found.values())
+
+
+def _stop_processes(procs: list[psutil.Process]) -> None:
+    for proc in procs:
+        try:
+            proc.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=10)
 
 
 def _runtime_env(model_cache: Path) -> str:
@@ -210,11 +218,46 @@ def test_upload_is_small(tmp_path):
     assert package.stat().st_size < 10 * 2**20, f"package is {package.stat().st_size / 2**20:.1f} MiB"
 
 
-def test_job_submit_runs_the_sweep(head, model_cache, tmp_path):
+README_SUBMIT = "ray job submit --address http://127.0.0.1:8265 --working-dir . -- python sweeps/granularity.py"
+
+
+def _readme_cluster_commands() -> list[str]:
+    """The README's bash block that submits a sweep to a local head, one command per entry
+    (continuation lines joined, comments dropped)."""
+    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    block = next((b for b in blocks if README_SUBMIT in b), None)
+    assert block is not None, f"README.md has no bash block with `{README_SUBMIT}`"
+    joined = re.sub(r"\\\n\s*", "", block)
+    return [line.split("  #")[0].strip() for line in joined.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _ray_session_of_default_temp_dir() -> str:
+    return os.path.realpath("/tmp/ray/session_latest")
+
+
+def test_readme_job_submit_lines_work_from_a_fresh_shell(tmp_path):
+    """The README's lines, as written, in bash with nothing but HOME and the system PATH: the venv,
+    Ray's token authentication and the head's environment all come from those lines. The job's
+    command gets a one-trial config appended (the README's default sweep takes 14 minutes); the
+    final `ray stop` (every Ray process of the machine) is replaced by stopping this head only."""
+    commands = _readme_cluster_commands()
+    assert commands[-1] == "ray stop" and sum(README_SUBMIT in c for c in commands) == 1, commands
     out = tmp_path / "out"
-    _submit(head, "rd-sweep", model_cache, out, "levels=[1]")  # one trial; the resume test runs two
-    status = _wait_job(head, "rd-sweep", timeout=600)
-    assert status == "SUCCEEDED", _logs(head, "rd-sweep")
+    one_trial = f" --config {TINY} --output-dir {out} --set levels=[1]"
+    script = "set -euo pipefail\n" + "\n".join(
+        c + one_trial if README_SUBMIT in c else c for c in commands[:-1]) + "\n"
+    env = {"HOME": os.environ["HOME"], "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
+    before = _ray_session_of_default_temp_dir()
+    try:
+        proc = subprocess.run(["bash", "-c", script], cwd=REPO, env=env, text=True, capture_output=True,
+                              timeout=900)
+    finally:
+        session = _ray_session_of_default_temp_dir()
+        if session != before:
+            _stop_processes(_processes_naming(session))
+    assert proc.returncode == 0, f"{script}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    assert "succeeded" in proc.stdout + proc.stderr
 
     run_dir = out / "tiny-cluster"
     records = [json.loads(p.read_text()) for p in _records(run_dir)]
@@ -229,7 +272,7 @@ def test_job_submit_runs_the_sweep(head, model_cache, tmp_path):
     experiment = client.get_experiment_by_name("tiny-cluster")
     hashes = {r.data.tags.get("raydistill.trial_hash") for r in client.search_runs([experiment.experiment_id])}
     assert {r["trial_hash"] for r in records} <= hashes
-    assert "wall time" in _logs(head, "rd-sweep")
+    assert "wall time" in proc.stdout
 
 
 def test_job_stop_then_resume(head, model_cache, tmp_path):

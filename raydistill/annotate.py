@@ -12,7 +12,8 @@ Pipeline (one Ray Data job for every cell of a run)::
 
 Durability: every completed response is appended to the cache as soon as it arrives, so a
 rerun after a crash sends no request that had completed. Rows that fail after all retries are
-written with their error (never dropped); they are not cached, so a rerun tries them again.
+written with their error (never dropped) and are not cached: a finished cell is reused as it is,
+and ``--retry-failed`` runs it again, sending only its failed rows.
 
 API keys are read from the environment only (``TeacherSpec.api_key_env`` or the provider's usual
 variable such as OPENAI_API_KEY / GEMINI_API_KEY). No key is stored in a spec, a Parquet file, the
@@ -31,6 +32,7 @@ import os
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import argparse
+import contextlib
 import asyncio
 import hashlib
 import json
@@ -54,7 +56,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from typing_extensions import Annotated
 
-from raydistill import prompts
+from raydistill import files, prompts
 from raydistill.schemas import ANNOTATION_SCHEMA, EXAMPLE_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -489,14 +491,24 @@ def prompt_hash(messages: list[dict[str, str]]) -> str:
 
 
 _CACHE_FIELDS = frozenset({"key", "response"})  # what a record must have to be served
+_RECORD_START = b'{"key": "'  # every record line starts so (the writer puts "key" first)
+
+
+class CacheWriteError(RuntimeError):
+    """A record could not be appended to the request cache (disk full, folder gone): the run stops
+    rather than leave a torn record in the shard."""
 
 
 class RequestCache:
     """Completed responses, durable as they arrive: append-only JSON Lines shards in one folder.
 
-    Each writer (one per actor process) appends to its own shard, so there is no locking and a
-    crash can only leave a half-written last line, which readers skip. The folder must be on a
-    POSIX file system that every node reaches (local disk for one machine, NFS or similar for a
+    Each writer (one per actor process) appends to its own shard, so there is no locking. A failed
+    append is cut back off the shard and stops the run (:class:`CacheWriteError`); a crash can
+    still leave a half-written last line. Readers skip damaged records with a warning naming the
+    shard and line (their requests are sent again) and recover a whole record written after a
+    torn one on the same line. When a key has two different responses (two runs sampled the same
+    request at once), the earliest is served, also with a warning. The folder must be on a POSIX
+    file system that every node reaches (local disk for one machine, NFS or similar for a
     cluster).
     """
 
@@ -507,35 +519,61 @@ class RequestCache:
         return sorted(self.root.glob("*.jsonl")) if self.root.exists() else []
 
     def load(self, keys: set[str] | None = None) -> dict[str, dict[str, Any]]:
-        """key -> record for the wanted keys (all if None). Broken lines (cut short, not JSON, or
-        missing a field) are skipped with a warning, so their requests are sent again."""
+        """key -> record for the wanted keys (all if None)."""
         out: dict[str, dict[str, Any]] = {}
-        bad: list[str] = []
+        where: dict[str, str] = {}
+        problems: list[str] = []
         for shard in self.shards():
             with open(shard, "rb") as f:
-                for line in f:
-                    if not line.endswith(b"\n"):
-                        continue  # a line cut short by a crash
-                    k = line[9:73].decode("ascii", "replace") if line.startswith(b'{"key": "') else None
-                    if k is not None and keys is not None and k not in keys:
-                        continue
-                    try:
-                        rec = json.loads(line)
-                    except (json.JSONDecodeError, UnicodeDecodeError):
-                        rec = None
-                    if not isinstance(rec, dict) or not _CACHE_FIELDS <= rec.keys() \
-                            or not isinstance(rec["response"], (str, type(None))):
-                        bad.append(str(shard))  # damaged: the request is sent again
-                        continue
-                    if keys is None or rec.get("key") in keys:
-                        out[rec["key"]] = rec
-        if bad:
-            log.warning("request cache: skipped %d damaged line(s) in %s (those requests are sent again)",
-                        len(bad), ", ".join(sorted(set(bad))))
+                for number, line in enumerate(f, 1):
+                    for rec, problem in _records_of_line(line, keys):
+                        place = f"{shard}:{number}"
+                        if problem:
+                            problems.append(f"{place}: {problem}")
+                            continue
+                        known = out.get(rec["key"])
+                        if known is not None and known["response"] != rec["response"]:
+                            problems.append(f"{place}: key {rec['key'][:12]} has another response at "
+                                            f"{where[rec['key']]}; the earlier one is served")
+                            if known.get("t", 0) <= rec.get("t", 0):
+                                continue
+                        out[rec["key"]], where[rec["key"]] = rec, place
+        if problems:
+            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            log.warning("request cache: %d damaged or conflicting record(s), damaged ones are sent again: %s",
+                        len(problems), shown)
         return out
 
     def writer(self, fsync: bool = False) -> "CacheWriter":
         return CacheWriter(self.root, fsync)
+
+
+def _records_of_line(line: bytes, keys: set[str] | None) -> list[tuple[dict[str, Any] | None, str | None]]:
+    """The records of one shard line as (record, None) or (None, what is wrong with it). A line
+    normally holds one record; after a torn append it holds the torn part, then a whole record."""
+    if not line.endswith(b"\n"):
+        return [(None, "cut short (the last line of a crashed writer)")]
+    parts = line.split(_RECORD_START)[1:] if line.startswith(_RECORD_START) else [None]
+    if parts == [None]:
+        return [(None, "not a cache record")]
+    found: list[tuple[dict[str, Any] | None, str | None]] = []
+    for k, part in enumerate(parts):
+        text = _RECORD_START + part
+        key = part[:64].decode("ascii", "replace")
+        if keys is not None and key not in keys and k == len(parts) - 1 and len(parts) == 1:
+            return []  # not wanted: not parsed
+        try:
+            rec = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            found.append((None, "torn (a failed append)" if k < len(parts) - 1 else "not JSON"))
+            continue
+        if not isinstance(rec, dict) or not _CACHE_FIELDS <= rec.keys():
+            found.append((None, "missing key or response"))
+        elif not isinstance(rec["response"], str):
+            found.append((None, f"response is {type(rec['response']).__name__}, not text"))
+        elif keys is None or rec["key"] in keys:
+            found.append((rec, None))
+    return found
 
 
 class CacheWriter:
@@ -545,17 +583,30 @@ class CacheWriter:
         self.path = root / name
         self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self.fsync = fsync
+        self.failed: str | None = None
 
     def append(self, record: dict[str, Any]) -> None:
+        """Append one record whole, or cut the partial write back off and raise CacheWriteError."""
+        if self.failed:
+            raise CacheWriteError(self.failed)
         # "key" first, so readers can skip unwanted lines without parsing them.
         line = json.dumps({"key": record["key"], **{k: v for k, v in record.items() if k != "key"}},
                           ensure_ascii=False) + "\n"
         data = line.encode()
-        while data:
-            n = os.write(self.fd, data)
-            data = data[n:]
-        if self.fsync:
-            os.fsync(self.fd)
+        size = os.fstat(self.fd).st_size  # this writer is the shard's only one
+        try:
+            while data:
+                n = os.write(self.fd, data)
+                data = data[n:]
+            if self.fsync:
+                os.fsync(self.fd)
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, size)  # truncating frees space, so it works on a full disk too
+            self.failed = (f"request cache: could not append to {self.path} ({err.strerror or err}); the records "
+                           "before it are whole. Make room (or fix the folder) and rerun: completed requests are "
+                           "not sent again")
+            raise CacheWriteError(self.failed) from None
 
     def close(self) -> None:
         try:
@@ -824,6 +875,8 @@ class TeacherCaller:
     async def _row(self, r: dict[str, Any]) -> dict[str, Any]:
         try:
             return await self._row_inner(r)
+        except CacheWriteError:
+            raise  # the run stops: a row must not be answered without its record in the cache
         except Exception as e:  # noqa: BLE001 - a bug here must cost one row, not the job
             log.exception("internal error on request %s", r["key"][:12])
             out = _empty_result(r["key"])
@@ -1133,7 +1186,7 @@ class _CellState:
         idx = pa.array([order.get(q, 1 << 30) for q in table.column("question_id").to_pylist()], pa.int64())
         table = table.take(pc.sort_indices(idx))
         ann = self.out_dir / "annotations.parquet"
-        _atomic_write_parquet(table, ann)
+        files.write_parquet(table, ann)
         if self.tmp_path.exists():
             self.tmp_path.unlink()
         ok = pc.is_null(table.column("error"))
@@ -1155,7 +1208,7 @@ class _CellState:
             schema=EXAMPLE_SCHEMA,
         )
         exa = self.out_dir / "examples.parquet"
-        _atomic_write_parquet(examples, exa)
+        files.write_parquet(examples, exa)
         st, sm = self.stats, self.sums
         result = AnnotationResult(
             cell_name=self.name,
@@ -1194,7 +1247,7 @@ class _CellState:
             "versions": _versions(),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        _atomic_write_text(json.dumps(summary, indent=2, ensure_ascii=False), Path(result.summary_path))
+        files.write_json(result.summary_path, summary)
         return result
 
 
@@ -1203,18 +1256,6 @@ def _ensure_trigger(response: str, extracted: str | None) -> str:
     if extracted is not None and not _ANSWER_TRIGGER.search(text):
         text = f"{text} The answer is {extracted}"
     return text
-
-
-def _atomic_write_parquet(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _versions() -> dict[str, str]:
@@ -1344,17 +1385,31 @@ def _run_requests(reqs: list[_Req], teachers: list[TeacherSpec], runtime: Runtim
         num_cpus=runtime.num_cpus_per_actor,
         resources=runtime.resources_per_actor or None,
     )
-    for out in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        on_batch(out.to_pylist())
+    try:
+        for out in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            on_batch(out.to_pylist())
+    except Exception as err:
+        stopped = cache_write_error_in(err)
+        if stopped is None:
+            raise
+        raise stopped from None
     del handles
 
 
+def cache_write_error_in(err: BaseException) -> CacheWriteError | None:
+    """The CacheWriteError an actor raised, out of the error Ray Data raises at the driver (which
+    keeps only the remote traceback's text), so the run ends on its one line."""
+    found = re.search(r"CacheWriteError: (.+)", str(err))
+    return CacheWriteError(found.group(1).strip()) if found else None
+
+
 def annotate_cells(cells: Sequence[tuple[AnnotationSpec, str | os.PathLike]], *, overwrite: bool = False,
-                   progress: bool | None = None) -> AnnotationRun:
+                   retry_failed: bool = False, progress: bool | None = None) -> AnnotationRun:
     """Annotate several cells in one Ray Data pipeline (requests shared between cells are sent once).
 
     Cells whose ``summary.json`` already carries the same cell hash are returned as they are,
-    unless ``overwrite``. Outputs of a different cell in a cell's folder (another hash, or a
+    unless ``overwrite``, or ``retry_failed`` and some of their rows failed (the cell runs again: its
+    completed requests come from the cache, only the failed rows are sent). Outputs of a different cell in a cell's folder (another hash, or a
     damaged summary) are moved to ``<folder>/superseded/`` first, never overwritten. The runtime
     settings (concurrency, actors, cache folder) of the first cell apply to the whole run.
     """
@@ -1367,17 +1422,47 @@ def annotate_cells(cells: Sequence[tuple[AnnotationSpec, str | os.PathLike]], *,
     show = runtime.progress if progress is None else progress
 
     results: list[AnnotationResult | None] = [None] * len(specs)
-    todo: list[int] = []
-    for i, (spec, out) in enumerate(specs):
+    todo = _cells_to_run(specs, results, overwrite, retry_failed)
+    if not todo:
+        return AnnotationRun([r for r in results if r], {"cells": len(specs), "reused": len(specs)})
+    # Another run (a second sweep or `raydistill annotate` on the same folders) may be annotating
+    # some of these cells: wait for it, then reuse what it finished instead of sending it again.
+    with files.exclusive_locks([specs[i][1] / CELL_LOCK for i in todo],
+                               waiting="{path}: another run is annotating this cell; waiting for it"):
+        if not overwrite:
+            todo = _cells_to_run(specs, results, False, retry_failed, todo)
+        totals = _annotate(specs, todo, results, runtime, cache_dir, show) if todo else Counter()
+    totals["wall_time_s"] = time.perf_counter() - t_start
+    totals["cells"] = len(specs)
+    totals["reused"] = len(specs) - len(todo)
+    return AnnotationRun([r for r in results if r is not None], dict(totals))
+
+
+CELL_LOCK = ".lock"  # in a cell's folder, held while a run annotates it
+
+
+def _cells_to_run(specs: list[tuple[AnnotationSpec, Path]], results: list[AnnotationResult | None],
+                  overwrite: bool, retry_failed: bool, among: list[int] | None = None) -> list[int]:
+    """Indices of the cells to annotate; the others' finished outputs go into ``results``."""
+    todo = []
+    for i in range(len(specs)) if among is None else among:
+        spec, out = specs[i]
         r = None if overwrite else _reuse(spec, out)
+        if r is not None and retry_failed and r.failed:
+            log.info("%s: %d row(s) failed; sending them again", spec.cell_name(), r.failed)
+            r = None
         if r is not None:
             results[i] = r
             log.info("%s: outputs exist with the same cell hash, reused", spec.cell_name())
         else:
             todo.append(i)
-    if not todo:
-        return AnnotationRun([r for r in results if r], {"cells": len(specs), "reused": len(specs)})
+    return todo
 
+
+def _annotate(specs: list[tuple[AnnotationSpec, Path]], todo: list[int], results: list[AnnotationResult | None],
+              runtime: RuntimeSpec, cache_dir: Path, show: bool) -> Counter:
+    """Annotate the cells ``todo`` (their locks held); fills ``results``, returns the run's totals."""
+    t_start = time.perf_counter()
     # Teachers, questions, cell states.
     teachers: list[TeacherSpec] = []
     tindex: dict[str, int] = {}
@@ -1437,10 +1522,7 @@ def annotate_cells(cells: Sequence[tuple[AnnotationSpec, str | os.PathLike]], *,
             import ray
 
             ray.shutdown()
-    totals["wall_time_s"] = time.perf_counter() - t_start
-    totals["cells"] = len(specs)
-    totals["reused"] = len(specs) - len(todo)
-    return AnnotationRun([r for r in results if r is not None], dict(totals))
+    return totals
 
 
 def _plan(states: list[_CellState], teachers: list[TeacherSpec], probe: bool
@@ -1536,16 +1618,17 @@ def _write_probe(c: _CellState) -> None:
             continue
         rows.append(c.make_row(q, None, p["req"], p, fmt="answer_only"))
     c.out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_parquet(pa.Table.from_pylist(rows, schema=ANNOTATION_SCHEMA), c.out_dir / "probe.parquet")
+    files.write_parquet(pa.Table.from_pylist(rows, schema=ANNOTATION_SCHEMA), c.out_dir / "probe.parquet")
 
 
 def annotate(spec: AnnotationSpec | dict[str, Any], out_dir: str | os.PathLike, *, overwrite: bool = False,
-             progress: bool | None = None) -> AnnotationResult:
+             retry_failed: bool = False, progress: bool | None = None) -> AnnotationResult:
     """Annotate one cell into ``out_dir`` (annotations.parquet, examples.parquet, summary.json).
 
-    Returns at once with ``reused=True`` when ``out_dir`` already holds this cell's outputs.
+    Returns at once with ``reused=True`` when ``out_dir`` already holds this cell's outputs (and,
+    with ``retry_failed``, none of its rows failed).
     """
-    run = annotate_cells([(spec, out_dir)], overwrite=overwrite, progress=progress)
+    run = annotate_cells([(spec, out_dir)], overwrite=overwrite, retry_failed=retry_failed, progress=progress)
     return run.cells[0]
 
 
@@ -1575,6 +1658,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="override output_dir")
     p.add_argument("--limit", type=int, help="annotate only the first N questions of each cell")
     p.add_argument("--overwrite", action="store_true", help="run cells even if their outputs exist")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="run finished cells with failed rows again, sending only those rows")
     p.add_argument("--dry-run", action="store_true", help="print the cells and cache hits, send nothing")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", help="also write the per-cell results as JSON here")
@@ -1601,10 +1686,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{spec.cell_name():<48} {spec.cell_hash()[:12]}  {out}{'  (done)' if done else ''}")
         return 0
     try:
-        run = annotate_cells(cells, overwrite=args.overwrite, progress=not args.no_progress)
+        run = annotate_cells(cells, overwrite=args.overwrite, retry_failed=args.retry_failed,
+                             progress=not args.no_progress)
     except (ConfigError, prompts.PromptError) as e:
         print(str(e), file=sys.stderr)
         return 2
+    except CacheWriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(summary_table(run.cells))
     t = run.totals
     if "requests" in t:
@@ -1612,7 +1701,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{t.get('api_calls', 0)} API calls, {t.get('failed', 0)} failed; "
               f"spent ${t.get('new_cost_usd', 0.0):.4f}; wall {t.get('wall_time_s', 0.0):.1f} s")
     if args.json:
-        Path(args.json).write_text(json.dumps({"cells": [r.to_dict() for r in run.cells], "totals": t}, indent=2))
+        files.write_json(args.json, {"cells": [r.to_dict() for r in run.cells], "totals": t})
     return 0
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raydistill import answers
+from raydistill import answers, files
 from raydistill.schemas import EXAMPLE_SCHEMA
 from raydistill.tasks import TASKS, get_task
 from raydistill.tasks.base import Field
@@ -539,9 +539,10 @@ def write_parquet(table: pa.Table, path: str | os.PathLike) -> None:
     if not table.schema.equals(EXAMPLE_SCHEMA):
         raise ValueError(f"table schema differs from EXAMPLE_SCHEMA:\n{table.schema}")
     path = str(path)
-    if "://" not in path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path)
+    if "://" in path:
+        pq.write_table(table, path)  # object stores write an object whole
+    else:
+        files.write_parquet(table, path)
 
 
 # ------------------------------------------------------------------------- availability
@@ -703,7 +704,7 @@ def _cmd_pin(args: argparse.Namespace) -> int:
     if not args.mirror:
         raise ValueError(f"pin needs --mirror or {ENV_DATA_DIR}")
     manifest = build_manifest(Path(args.mirror))
-    Path(args.out).write_text(json.dumps(manifest, indent=1) + "\n")
+    files.write_json(args.out, manifest, indent=1)
     print(f"pinned {len(manifest['files'])} files to {args.out}")
     return 0
 

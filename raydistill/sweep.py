@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import yaml
 
 import raydistill
+from raydistill import files
 from raydistill.datasets import target_ceiling
 from raydistill.spec import CellSpec, SpecError, SweepSpec, TrialSpec, content_hash, load_sweep, storage_problem
 
@@ -108,8 +109,8 @@ def replay_cell(cell: CellSpec, folder: Path) -> dict:
         table = load_train(cell.dataset, cell.teacher, level=cell.level, fmt=cell.format, repair=cell.repair_targets)
         if cell.train_limit is not None:
             table = table.slice(0, cell.train_limit)
-        _write_atomic(table, path)
-        (folder / "cell.json").write_text(json.dumps(cell.model_dump(mode="json"), indent=2))
+        files.write_parquet(table, path)
+        files.write_json(folder / "cell.json", cell.model_dump(mode="json"))
     return {"hash": cell.cell_hash, "dir": str(folder), "source": "replay", "train_path": str(path),
             "annotation": None, "spec": cell.model_dump(mode="json")}
 
@@ -138,7 +139,7 @@ def generate_cells(spec: SweepSpec, cells: dict[CellSpec, CellSpec]) -> dict[Cel
     for identified in cells.values():
         folder = cell_dir(spec.cells_dir, identified)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "cell.json").write_text(json.dumps(identified.model_dump(mode="json"), indent=2))
+        files.write_json(folder / "cell.json", identified.model_dump(mode="json"))
         jobs.append((annotation_spec(identified, spec), folder))
     _init_ray()
     run = annotate_cells(jobs)
@@ -173,15 +174,8 @@ def prepare_test(task: str, limit: int | None, run_dir: Path) -> Path:
     path = run_dir / "test" / f"{task}-{limit or 'all'}-{content_hash(digests_of_test_set(task))[:12]}.parquet"
     if not _readable_parquet(path):
         table = load_test(task)
-        _write_atomic(table.slice(0, limit) if limit else table, path)
+        files.write_parquet(table.slice(0, limit) if limit else table, path)
     return path
-
-
-def _write_atomic(table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
 
 
 # --------------------------------------------------------------------------- one trial
@@ -198,10 +192,7 @@ def run_trial(config: dict) -> dict:
     record = read_record(record_path)
     if record is None:
         record = _train_and_evaluate(trial, payload, trial_dir)
-        trial_dir.mkdir(parents=True, exist_ok=True)
-        tmp = record_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, indent=2))
-        tmp.replace(record_path)
+        files.write_json(record_path, record)
     result = {**record["metrics"], "record_path": str(record_path)}
     tune.report(result)
     return result
@@ -336,7 +327,7 @@ def run_sweep(spec: SweepSpec) -> list[dict]:
         raise SpecError(f"sweep {spec.name}: checkpoint_storage {spec.checkpoint_storage!r}: {problem}")
     run_dir = spec.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "sweep.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    files.write_text(run_dir / "sweep.yaml", yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
     cells, missing = prepare_cells(spec)
     _write_missing(missing, run_dir)
     planned = [t for t in spec.trials() if t.cell in cells]
@@ -351,7 +342,7 @@ def run_sweep(spec: SweepSpec) -> list[dict]:
     students = {student: weights_digest(path) for student, path in model_paths.items()}
     trials = [identify_trial(t, CellSpec.model_validate(cells[t.cell]["spec"]), students[t.student],
                              tests[t.cell.dataset]) for t in planned]
-    (run_dir / PLAN_FILE).write_text(json.dumps([{"trial_hash": t.trial_hash, **t.axes()} for t in trials], indent=1))
+    files.write_json(run_dir / PLAN_FILE, [{"trial_hash": t.trial_hash, **t.axes()} for t in trials], indent=1)
 
     _init_ray()
     check_engines(trials)
@@ -404,7 +395,7 @@ def check_engines(trials: list[TrialSpec]) -> None:
 def _write_missing(missing: dict[CellSpec, str], run_dir: Path) -> None:
     path = run_dir / "missing_cells.json"
     if missing:
-        path.write_text(json.dumps([{"cell": c.label, "reason": r} for c, r in missing.items()], indent=2))
+        files.write_json(path, [{"cell": c.label, "reason": r} for c, r in missing.items()])
     elif path.exists():
         path.unlink()
 
@@ -439,7 +430,7 @@ def parse_overrides(items: list[str]) -> dict:
 
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors whose message already says what to fix: the sweep CLI prints them in one line."""
-    from raydistill.annotate import ConfigError
+    from raydistill.annotate import CacheWriteError, ConfigError
     from raydistill.datasets import CellNotReleased, DataUnavailable, MalformedData
     from raydistill.engines import EngineError
     from raydistill.prompts import PromptError
@@ -447,7 +438,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from raydistill.train import TrainInputError
 
     return (SpecError, StudentError, DataUnavailable, CellNotReleased, MalformedData, ConfigError, PromptError,
-            EngineError, TrainInputError)
+            EngineError, TrainInputError, CacheWriteError)
 
 
 USER_ERRORS = _user_errors()

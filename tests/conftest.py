@@ -24,11 +24,12 @@ def model_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def ray_local():
-    """A fresh 2-CPU local Ray cluster, shut down afterwards."""
+    """A fresh 2-CPU local Ray cluster, shut down afterwards (`address="local"`: never a head this
+    machine already runs, such as the README's `ray start`)."""
     import ray
 
     ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False,
              log_to_driver=False, runtime_env={"env_vars": {"RAYDISTILL_DATA_DIR": os.environ["RAYDISTILL_DATA_DIR"]}})
     yield ray
     ray.shutdown()

@@ -26,13 +26,16 @@ Failures are chosen by hashing (request key, attempt number), so a run is reprod
 share of request keys that fail on every attempt. ``--kinds-by-question`` (JSON object: question
 text -> kind) fixes the reply to a question on every attempt; besides the kinds above it takes
 ``400`` (a non-retryable bad request), ``empty`` (HTTP 200, empty content), ``noanswer`` (HTTP 200,
-a reply without "The answer is" or any number) and ``badjson`` (HTTP 200, a body cut short). The request key is the sha256 of the canonical
+a reply without "The answer is" or any number), ``badjson`` (HTTP 200, a body cut short), ``hang``
+(the connection is accepted and nothing is sent until the client hangs up) and ``stall`` (status,
+headers and the start of a body, then nothing until the client hangs up). The request key is the sha256 of the canonical
 JSON of (model, messages, temperature, max_tokens, top_p, seed).
 
 The log line: ``{"key", "question", "status", "kind", "t_recv", "t_done", "attempt", "auth"}``
 where ``kind`` is ``ok``, ``429``, ``500``, ``timeout``, ``401`` or a forced kind and ``auth`` says whether the
 bearer token matched ``--expect-key-sha256`` (the key itself is never logged). An injected timeout
-is logged when it starts stalling, since the client gives up before it ends.
+is logged when it starts stalling, since the client gives up before it ends; so are ``hang`` and
+``stall``.
 """
 
 from __future__ import annotations
@@ -170,6 +173,17 @@ class Server:
                 self._log(key, question, 504, kind, t_recv, attempt, auth_ok)
                 await asyncio.sleep(a.timeout_sleep)
                 return web.json_response({"error": {"message": "too slow (injected)"}}, status=504)
+            if kind in ("hang", "stall"):
+                # No reply at all, or headers and the start of a body and then nothing, for as long
+                # as the client keeps the connection open.
+                self._log(key, question, 0 if kind == "hang" else 200, kind, t_recv, attempt, auth_ok)
+                if kind == "stall":
+                    stalled = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+                    await stalled.prepare(request)
+                    await stalled.write(b'{"id": "chatcmpl-stalled", "object": "chat.completion", "choices": [')
+                while request.transport is not None and not request.transport.is_closing():
+                    await asyncio.sleep(0.05)
+                raise asyncio.CancelledError
             await asyncio.sleep(self._latency())
             if kind in ("ok", "empty", "noanswer"):
                 content = {"ok": self._reply, "empty": lambda m: "",

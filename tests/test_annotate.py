@@ -3,7 +3,11 @@ the durable cache's file format, the rate-limit bucket, padding and hybrid level
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pyarrow as pa
@@ -11,6 +15,8 @@ import pytest
 
 from raydistill import annotate as A
 from raydistill import prompts
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 # -- prompts --------------------------------------------------------------------------------------
@@ -158,6 +164,72 @@ def test_cache_survives_a_torn_last_line_and_filters_keys(tmp_path):
                             "b" * 64: {"key": "b" * 64, "response": "two \u00e9"}}
     assert set(cache.load({"b" * 64, "z" * 64})) == {"b" * 64}
     assert len(cache.shards()) == 2
+
+
+def _line(key: str, response, t: float = 0.0) -> bytes:
+    return (json.dumps({"key": key, "response": response, "t": t}) + "\n").encode()
+
+
+def test_cache_reads_every_whole_record_around_damage_and_names_the_line(tmp_path, caplog):
+    """A torn append in the middle of a shard (a full disk, then more appends), a null response
+    and one key with two different responses: every whole record is served, each problem is
+    logged with its shard and line, and damaged records are not served (their requests go out again)."""
+    root = tmp_path / "c"
+    root.mkdir()
+    a, b, c, d = ("a" * 64, "b" * 64, "c" * 64, "d" * 64)
+    shard = root / "one.jsonl"
+    torn = _line(b, "lost half")[:30]
+    shard.write_bytes(_line(a, "first", t=1) + torn + _line(c, "after the tear") + _line(d, None)
+                      + _line(a, "second", t=2))
+    other = root / "two.jsonl"
+    other.write_bytes(_line(b, "from the other shard"))
+    with caplog.at_level("WARNING", logger="raydistill.annotate"):
+        got = A.RequestCache(root).load()
+    assert {k: r["response"] for k, r in got.items()} == {a: "first", b: "from the other shard", c: "after the tear"}
+    warning = caplog.text
+    assert f"{shard}:2: torn" in warning
+    assert f"{shard}:3: response is NoneType" in warning
+    assert f"{shard}:4: key {a[:12]} has another response at {shard}:1" in warning
+    # the wanted-keys filter sees the record behind the tear too
+    assert set(A.RequestCache(root).load({c})) == {c}
+
+
+FULL_DISK = textwrap.dedent("""
+    import json, resource, signal, sys
+    from raydistill import annotate as A
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+    writer = A.RequestCache(sys.argv[1]).writer()
+    resource.setrlimit(resource.RLIMIT_FSIZE, (400, resource.RLIM_INFINITY))
+    written = 0
+    try:
+        for i in range(100):
+            writer.append({"key": f"{i:064d}", "response": "x" * 50})
+            written += 1
+    except A.CacheWriteError as err:
+        print(json.dumps({"written": written, "error": str(err)}))
+        try:
+            writer.append({"key": "f" * 64, "response": "after the failure"})
+        except A.CacheWriteError:
+            sys.exit(0)
+    sys.exit(1)
+""")
+
+
+def test_a_failing_cache_write_stops_with_a_clear_error_and_leaves_the_shard_whole(tmp_path):
+    """A real failing write (the file size limit makes write() fail half way, as a full disk
+    does): the partial record is cut back off, the writer refuses further appends, and every
+    record written before is served."""
+    root = tmp_path / "c"
+    proc = subprocess.run([sys.executable, "-c", FULL_DISK, str(root)], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert 1 <= report["written"] < 100
+    assert "could not append" in report["error"] and "rerun" in report["error"]
+    (shard,) = A.RequestCache(root).shards()
+    assert str(shard) in report["error"]
+    assert shard.read_bytes().endswith(b"\n")  # no torn tail
+    assert set(A.RequestCache(root).load()) == {f"{i:064d}" for i in range(report["written"])}
 
 
 # -- rate limiting --------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ def ray_cluster():
 
     os.environ[KEY_ENV] = SENTINEL
     ray.shutdown()
-    ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ctx = ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                    runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     yield ctx
     ray.shutdown()
@@ -290,3 +290,86 @@ def test_cli_reports_config_errors(tmp_path, capsys):
     assert A.main(["--config", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "teacher" in err and "api_key_env" in err and "sk-abc" not in err
+
+
+def test_two_runs_on_one_output_dir_send_each_request_once_and_write_whole_files(ray_cluster, tmp_path):
+    """Two `raydistill annotate` runs of the same cells, started together (two sweeps sharing an
+    output dir): the second waits on the cells' locks and reuses what the first wrote."""
+    n = 24
+    qpath, gold = make_questions(tmp_path, n)
+    with ServerProcess(tmp_path / "srv", latency=0.2, answers=gold) as server:
+        cfg = tmp_path / "annotate.yaml"
+        cfg.write_text(textwrap.dedent(f"""
+            output_dir: {tmp_path / 'out'}
+            teacher: {{model: openai/mock-teacher, name: mock, api_base: "{server.base_url}", api_key_env: {KEY_ENV}}}
+            questions: {{source: parquet, path: "{qpath}"}}
+            runtime: {{concurrency: 4, num_actors: 1, batch_size: 4, num_cpus_per_actor: 0.25, progress: false,
+                       ray_address: "{ray_cluster.address_info['address']}"}}
+            grid: {{tasks: [svamp], levels: [1, 3]}}
+        """))
+        cli = [str(Path(sys.executable).parent / "raydistill"), "annotate", "--config", str(cfg)]
+        runs = [subprocess.Popen(cli, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                for _ in range(2)]
+        outputs = [run.communicate(timeout=300)[0] for run in runs]
+        log = server.log_entries()
+
+    assert [run.returncode for run in runs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    assert any("another run is annotating this cell" in o for o in outputs), outputs
+    counts = ok_counts(log)
+    assert len(counts) == 2 * n and set(counts.values()) == {1}, "a request was sent by both runs"
+    for level in (1, 3):
+        folder = tmp_path / "out" / f"svamp-mock-cot-L{level}"
+        table = pq.read_table(folder / "annotations.parquet")
+        assert table.schema.equals(ANNOTATION_SCHEMA) and table.num_rows == n
+        assert table.column("error").null_count == n
+        assert pq.read_table(folder / "examples.parquet").schema.equals(EXAMPLE_SCHEMA)
+        assert json.loads((folder / "summary.json").read_text())["result"]["rows"] == n
+        assert not [p.name for p in folder.rglob("*.tmp")], "a temporary file was left behind"
+
+
+@pytest.mark.parametrize("kind", ["hang", "stall"])
+def test_a_teacher_that_never_answers_fails_its_rows_and_retry_failed_sends_only_them(ray_cluster, tmp_path, kind):
+    """`hang`: the connection is accepted and nothing comes back; `stall`: headers and half a body,
+    then nothing. Each attempt ends at the client's timeout, the row fails with the reason after
+    max_attempts, the run finishes; a rerun with retry_failed sends exactly those rows."""
+    n = 8
+    qpath, gold = make_questions(tmp_path, n)
+    stuck = list(gold)[:2]
+    with ServerProcess(tmp_path / "srv", answers=gold, kinds_by_question={q: kind for q in stuck}) as server:
+        spec = spec_for(server, qpath, n, timeout_s=1.0, max_attempts=2,
+                        ray_address=ray_cluster.address_info["address"])
+        first = A.annotate(spec, tmp_path / "cell")
+        sent = server.log_entries()
+    rows = {r["question"]: r for r in pq.read_table(first.annotations_path).to_pylist()}
+    assert first.rows == n and first.failed == len(stuck) and first.succeeded == n - len(stuck)
+    for q in stuck:
+        assert "timeout" in rows[q]["error"] and "after 2 attempt" in rows[q]["error"], rows[q]["error"]
+        attempts = sorted(e["t_recv"] for e in sent if e["question"] == q)
+        assert len(attempts) == 2 and attempts[1] - attempts[0] >= spec.teacher.timeout_s
+    assert A.annotate(spec, tmp_path / "cell").reused  # without retry_failed, the cell is final
+
+    with ServerProcess(tmp_path / "srv2", answers=gold) as healthy:
+        moved = spec.teacher.model_copy(update={"api_base": healthy.base_url})
+        second = A.annotate(spec.model_copy(update={"teacher": moved}), tmp_path / "cell", retry_failed=True)
+        resent = healthy.log_entries()
+    assert sorted(e["question"] for e in resent) == sorted(stuck)
+    assert second.failed == 0 and second.rows == n and second.cache_hits == n - len(stuck)
+    assert pq.read_table(second.annotations_path).column("error").null_count == n
+
+
+
+def test_a_cache_write_error_in_an_actor_reaches_the_driver_as_its_own_line(ray_cluster):
+    import ray
+
+    class FullDiskCaller:  # fails as TeacherCaller does when its cache shard cannot be appended
+        def __call__(self, batch):
+            raise A.CacheWriteError("request cache: could not append to /c/shard.jsonl (No space left on device)")
+
+    ds = ray.data.range(4).map_batches(FullDiskCaller, batch_size=2, compute=ray.data.ActorPoolStrategy(size=1))
+    with pytest.raises(Exception) as raised:
+        for _ in ds.iter_batches(batch_size=None):
+            pass
+    assert not isinstance(raised.value, A.CacheWriteError)  # Ray Data keeps only the remote traceback's text
+    found = A.cache_write_error_in(raised.value)
+    assert isinstance(found, A.CacheWriteError)
+    assert str(found) == "request cache: could not append to /c/shard.jsonl (No space left on device)"

@@ -545,7 +545,7 @@ def teacher_run(tmp_path_factory):
     qpath, qs, golds = _svamp_questions(tmp, 10)
     kinds = {qs[i]: k for i, k in REPLY_KINDS.items()}
     ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO), KEY_ENV: "sk-test-key"}})
     try:
         with ServerProcess(tmp / "srv", answers=dict(zip(qs, golds)), kinds_by_question=kinds) as server:

@@ -236,6 +236,18 @@ def _ray_session_of_default_temp_dir() -> str:
     return os.path.realpath("/tmp/ray/session_latest")
 
 
+CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")  # `ray start` writes it, `ray stop` removes it
+
+
+def _restore_current_cluster(before: str | None) -> None:
+    """Do what `ray stop` does for the address file: a stale one makes every later `ray.init()`
+    of this machine try to join the stopped head."""
+    if before is None:
+        CURRENT_CLUSTER.unlink(missing_ok=True)
+    else:
+        CURRENT_CLUSTER.write_text(before)
+
+
 def test_readme_job_submit_lines_work_from_a_fresh_shell(tmp_path):
     """The README's lines, as written, in bash with nothing but HOME and the system PATH: the venv,
     Ray's token authentication and the head's environment all come from those lines. The job's
@@ -249,6 +261,7 @@ def test_readme_job_submit_lines_work_from_a_fresh_shell(tmp_path):
         c + one_trial if README_SUBMIT in c else c for c in commands[:-1]) + "\n"
     env = {"HOME": os.environ["HOME"], "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
     before = _ray_session_of_default_temp_dir()
+    address_before = CURRENT_CLUSTER.read_text() if CURRENT_CLUSTER.exists() else None
     try:
         proc = subprocess.run(["bash", "-c", script], cwd=REPO, env=env, text=True, capture_output=True,
                               timeout=900)
@@ -256,6 +269,7 @@ def test_readme_job_submit_lines_work_from_a_fresh_shell(tmp_path):
         session = _ray_session_of_default_temp_dir()
         if session != before:
             _stop_processes(_processes_naming(session))
+            _restore_current_cluster(address_before)
     assert proc.returncode == 0, f"{script}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     assert "succeeded" in proc.stdout + proc.stderr
 

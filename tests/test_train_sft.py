@@ -204,7 +204,7 @@ def test_cpu_run_stays_on_cpu_where_deepspeed_would_pick_cuda(tmp_path, model_ca
     from raydistill.train import fit, read_train_state
 
     ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"RAYDISTILL_DATA_DIR": os.environ["RAYDISTILL_DATA_DIR"],
                                        "DS_ACCELERATOR": "cuda"}})
     try:

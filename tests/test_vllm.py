@@ -34,7 +34,7 @@ def ray_cluster():
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's CPU default is 4
     ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {k: os.environ[k] for k in ("RAYDISTILL_DATA_DIR", "VLLM_CPU_KVCACHE_SPACE")}})
     yield ray
     ray.shutdown()

@@ -215,7 +215,8 @@ class RuntimeSpec(_Strict):
         default_factory=dict, description="custom Ray resources per actor, e.g. {annotation_node: 1} on a cluster")
     max_attempts: int = Field(6, ge=1, description="tries per request, the first included")
     backoff_base_s: float = Field(0.5, ge=0)
-    backoff_max_s: float = Field(30.0, ge=0)
+    backoff_max_s: float = Field(30.0, ge=0, description="the longest backoff of our own")
+    retry_after_max_s: float = Field(300.0, ge=0, description="the longest wait a server's Retry-After can ask for")
     cache_dir: str | None = Field(None, description="request cache folder (POSIX path; default <out>/request-cache)")
     fsync: bool = Field(False, description="fsync the cache after every response (survives power loss, slower)")
     actor_start_timeout_s: float = Field(600, gt=0, description="how long to wait for the actor pool to start")
@@ -869,7 +870,7 @@ class TeacherCaller:
                 wait = base * random.uniform(0.5, 1.0)
                 ra = _retry_after(e)
                 if ra is not None:
-                    wait = max(wait, min(ra, self.runtime.backoff_max_s))
+                    wait = max(wait, min(ra, self.runtime.retry_after_max_s))
                 await asyncio.sleep(wait)
 
     async def _row(self, r: dict[str, Any]) -> dict[str, Any]:

@@ -172,6 +172,11 @@ def test_injected_failures_are_retried_or_recorded_and_cache_hits_are_counted(ra
     kinds = Counter(e["kind"] for e in log1)
     assert kinds["ok"] == len(ok) and r1.requests_sent == len(log1) and r1.retries == len(log1) - n
     assert {"429", "500"} <= set(kinds)
+    # A retryable failure gives up only after max_attempts; some rows succeeded on a retry.
+    tries = Counter(e["question"] for e in log1)
+    for r in failed:
+        assert tries[r["question"]] == spec.runtime.max_attempts, r["error"]
+    assert any(tries[r["question"]] > 1 for r in ok)
     # Verification: wrong answers are kept by keep_all, marked incorrect.
     wrong = [r for r in ok if not r["correct"]]
     assert wrong and r1.teacher_accuracy == pytest.approx(1 - len(wrong) / len(ok))
@@ -373,3 +378,35 @@ def test_a_cache_write_error_in_an_actor_reaches_the_driver_as_its_own_line(ray_
     found = A.cache_write_error_in(raised.value)
     assert isinstance(found, A.CacheWriteError)
     assert str(found) == "request cache: could not append to /c/shard.jsonl (No space left on device)"
+
+
+@pytest.mark.parametrize("kind", ["429", "timeout"])
+def test_transient_failures_are_retried_end_to_end(ray_cluster, tmp_path, kind):
+    """A 429 with `Retry-After: 1` is retried no sooner than 1 s later (measured at the server,
+    with our own backoff capped far below it); a reply slower than `timeout_s` is abandoned and
+    retried. A row fails only after max_attempts, and the counts match the server's log."""
+    n = 24
+    qpath, gold = make_questions(tmp_path, n)
+    with ServerProcess(tmp_path / "srv", answers=gold, fail_rate=0.4, fail_kinds=kind, retry_after=1,
+                       timeout_sleep=3) as server:
+        spec = spec_for(server, qpath, n, max_attempts=4, timeout_s=0.5, backoff_base_s=0.05, backoff_max_s=0.2,
+                        ray_address=ray_cluster.address_info["address"])
+        result = A.annotate(spec, tmp_path / "cell")
+        log = server.log_entries()
+    by_question: dict[str, list[dict]] = {}
+    for e in sorted(log, key=lambda e: e["attempt"]):
+        by_question.setdefault(e["question"], []).append(e)
+    assert len(by_question) == n
+    retried = [sent for sent in by_question.values() if len(sent) > 1]
+    assert len(retried) >= n // 4
+    for sent in by_question.values():
+        assert [e["attempt"] for e in sent] == list(range(len(sent)))
+        assert all(e["kind"] == kind for e in sent[:-1]), "a request was sent again after it succeeded"
+        assert sent[-1]["kind"] == "ok" or len(sent) == spec.runtime.max_attempts
+        for before, after in zip(sent, sent[1:]):
+            if kind == "429":
+                assert after["t_recv"] - before["t_done"] >= 1.0, "Retry-After was not honoured"
+            else:
+                assert after["t_recv"] - before["t_recv"] >= spec.teacher.timeout_s
+    assert result.failed == sum(1 for sent in by_question.values() if sent[-1]["kind"] != "ok")
+    assert result.succeeded == n - result.failed and result.retries == len(log) - n

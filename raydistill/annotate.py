@@ -454,8 +454,8 @@ class AnnotationResult:
     retries: int = 0
     tokens_in: int = 0
     tokens_out: int = 0
-    cost_usd: float = 0.0  # what the cell's responses cost (cached ones at their original price)
-    new_cost_usd: float = 0.0  # spent during this run
+    cost_usd: float = 0.0  # the sum of the rows' cost_usd: the cell's price from an empty cache
+    new_cost_usd: float = 0.0  # spent during this run on requests this cell was the first to use
     wall_time_s: float = 0.0
     teacher_accuracy: float | None = None  # correct / succeeded rows that have a gold answer
     mean_rationale_words: float | None = None
@@ -1077,6 +1077,7 @@ class _CellState:
         self.probe_rows: list[dict[str, Any] | None] = []
         self.pad_main: dict[int, dict[str, Any]] = {}
         self.pad_target_words: dict[int, int] = {}
+        self.responses_cost: dict[int, dict[str, float]] = {}  # per question: every response its row uses
         self.writer: pq.ParquetWriter | None = None
         self.tmp_path = out_dir / f".annotations.{uuid.uuid4().hex[:8]}.partial.parquet"
         self.buffer: list[dict[str, Any]] = []
@@ -1088,7 +1089,7 @@ class _CellState:
 
     # rows --------------------------------------------------------------------------------------
     def make_row(self, qidx: int, level: int | None, req: _Req, res: dict[str, Any], response: str | None = None,
-                 fmt: str | None = None) -> dict[str, Any]:
+                 fmt: str | None = None, cost_usd: float | None = None) -> dict[str, Any]:
         return {
             "question_id": self.qids[qidx],
             "question": self.qtext[qidx],
@@ -1102,7 +1103,7 @@ class _CellState:
             "correct": res["correct"],
             "tokens_in": res["tokens_in"],
             "tokens_out": res["tokens_out"],
-            "cost_usd": res["cost_usd"],
+            "cost_usd": res["cost_usd"] if cost_usd is None else cost_usd,
             "latency_s": res["latency_s"],
             "error": res["error"],
             "finish_reason": res.get("finish_reason"),
@@ -1127,7 +1128,6 @@ class _CellState:
         else:
             st["requests_sent"] += res["attempts"]
             st["retries"] += max(0, res["attempts"] - 1)
-            self.sums["new_cost"] += res["cost_usd"]
         self.sums["tokens_in"] += row["tokens_in"]
         self.sums["tokens_out"] += row["tokens_out"]
         self.sums["cost"] += row["cost_usd"]
@@ -1148,9 +1148,18 @@ class _CellState:
         self.written += len(self.buffer)
         self.buffer = []
 
+    def uses(self, qidx: int, req: _Req, res: dict[str, Any]) -> None:
+        """Record a response that goes into question ``qidx``'s row (its rationale, padding target
+        or probe): the row's cost_usd is the price of all of them, each counted once."""
+        self.responses_cost.setdefault(qidx, {})[req.key] = res["cost_usd"]
+
+    def row_cost(self, qidx: int) -> float:
+        return sum(self.responses_cost.get(qidx, {}).values())
+
     def on_result(self, tgt: _Target, req: _Req, res: dict[str, Any]) -> None:
+        self.uses(tgt.qidx, req, res)
         if tgt.role == "main" and self.spec.pad is None:
-            row = self.make_row(tgt.qidx, tgt.level, req, res)
+            row = self.make_row(tgt.qidx, tgt.level, req, res, cost_usd=self.row_cost(tgt.qidx))
             self.account(res, row)
             self.emit(row)
         elif tgt.role == "main":
@@ -1170,7 +1179,7 @@ class _CellState:
             if res["error"] is None and res["response"]:
                 target = self.pad_target_words.get(qidx, mean_len)
                 response = pad_rationale(res["response"], target, self.spec.pad.filler)
-            row = self.make_row(qidx, m["level"], m["req"], res, response=response)
+            row = self.make_row(qidx, m["level"], m["req"], res, response=response, cost_usd=self.row_cost(qidx))
             self.account(res, row)
             self.emit(row)
 
@@ -1574,8 +1583,11 @@ def _execute(reqs: dict[str, _Req], targets: dict[str, list[_Target]], states: l
                     if not c.probe_rows:
                         c.probe_rows = [None] * len(c.qids)
                     c.probe_rows[tgt.qidx] = {**res, "req": req}
+                    c.uses(tgt.qidx, req, res)
                 else:
                     c.on_result(tgt, req, res)
+            if not res["cache_hit"]:  # what this run spent, charged once: to the first cell using it
+                by_idx[targets[res["key"]][0].cell].sums["new_cost"] += res["cost_usd"]
             counts["requests"] += 1
             counts["cache_hits"] += bool(res["cache_hit"])
             counts["failed"] += res["error"] is not None
@@ -1638,6 +1650,12 @@ def annotate(spec: AnnotationSpec | dict[str, Any], out_dir: str | os.PathLike, 
 # ----------------------------------------------------------------------------------------------
 
 
+def spent_usd(totals: dict[str, Any]) -> float:
+    """What a run paid its teachers: every request it sent, answer-only probes and padding targets
+    included (the cells' ``new_cost_usd`` add up to it)."""
+    return float(totals.get("new_cost_usd", 0.0)) + float(totals.get("probe_new_cost_usd", 0.0))
+
+
 def summary_table(results: Sequence[AnnotationResult]) -> str:
     head = ["cell", "rows", "failed", "cache hits", "sent", "tokens in", "tokens out", "cost $", "spent now $",
             "teacher acc", "mean words", "cut at max_tokens", "wall s"]
@@ -1698,9 +1716,12 @@ def main(argv: list[str] | None = None) -> int:
     print(summary_table(run.cells))
     t = run.totals
     if "requests" in t:
-        print(f"\n{t.get('requests', 0)} unique requests: {t.get('cache_hits', 0)} cache hits, "
-              f"{t.get('api_calls', 0)} API calls, {t.get('failed', 0)} failed; "
-              f"spent ${t.get('new_cost_usd', 0.0):.4f}; wall {t.get('wall_time_s', 0.0):.1f} s")
+        probes = t.get("probe_requests", 0)
+        print(f"\n{t.get('requests', 0) + probes} unique requests{f' ({probes} answer-only probes)' if probes else ''}: "
+              f"{t.get('cache_hits', 0) + t.get('probe_cache_hits', 0)} cache hits, "
+              f"{t.get('api_calls', 0) + t.get('probe_api_calls', 0)} API calls, "
+              f"{t.get('failed', 0) + t.get('probe_failed', 0)} failed; spent ${spent_usd(t):.4f}; "
+              f"wall {t.get('wall_time_s', 0.0):.1f} s")
     if args.json:
         files.write_json(args.json, {"cells": [r.to_dict() for r in run.cells], "totals": t})
     return 0

@@ -410,3 +410,64 @@ def test_transient_failures_are_retried_end_to_end(ray_cluster, tmp_path, kind):
                 assert after["t_recv"] - before["t_recv"] >= spec.teacher.timeout_s
     assert result.failed == sum(1 for sent in by_question.values() if sent[-1]["kind"] != "ok")
     assert result.succeeded == n - result.failed and result.retries == len(log) - n
+
+
+def test_cost_is_attributed_once_per_run_and_every_response_is_priced(ray_cluster, tmp_path):
+    """Priced teacher; cells that share requests (L1 and its copy padded to L5) and a hybrid cell
+    with answer-only probes. Rows carry the price of every response they use, cells sum their
+    rows, and what the run spent counts each request once: the cells' spend adds up to it."""
+    n = 12
+    price_in, price_out = 1e-6, 3e-6
+    qpath, gold = make_questions(tmp_path, n)
+    with ServerProcess(tmp_path / "srv", answers=gold, wrong_rate=0.5) as server:
+        cfg = tmp_path / "annotate.yaml"
+        cfg.write_text(textwrap.dedent(f"""
+            output_dir: {tmp_path / 'out'}
+            teacher: {{model: openai/mock-teacher, name: mock, api_base: "{server.base_url}", api_key_env: {KEY_ENV},
+                       input_cost_per_token: {price_in}, output_cost_per_token: {price_out}}}
+            questions: {{source: parquet, path: "{qpath}"}}
+            runtime: {{concurrency: 16, num_actors: 1, batch_size: 4, num_cpus_per_actor: 0.5, progress: false,
+                       ray_address: "{ray_cluster.address_info['address']}"}}
+            cells:
+              - {{task: svamp, level: 1, pad: {{to_level: 5}}}}
+              - {{task: svamp, level: 1}}
+              - {{task: svamp, hybrid: {{by: answer_only, easy_level: 1, hard_level: 5}}}}
+        """))
+        assert A.main(["--config", str(cfg), "--json", str(tmp_path / "run.json")]) == 0
+        sent = server.log_entries()
+        assert A.main(["--config", str(cfg), "--overwrite", "--json", str(tmp_path / "again.json")]) == 0
+        assert server.log_entries() == sent  # everything came from the cache
+
+    out = tmp_path / "out"
+    records = A.RequestCache(out / "request-cache").load()
+    assert len(records) == len(sent)  # one record per request the server answered
+    price = {k: r["tokens_in"] * price_in + r["tokens_out"] * price_out for k, r in records.items()}
+    assert all(r["cost_usd"] == pytest.approx(price[k]) and price[k] > 0 for k, r in records.items())
+
+    def rows(cell: str, name: str = "annotations.parquet") -> dict[str, dict]:
+        return {r["question_id"]: r for r in pq.read_table(out / cell / name).to_pylist()}
+
+    def own(row: dict) -> float:
+        return row["tokens_in"] * price_in + row["tokens_out"] * price_out
+
+    l1, pad = rows("svamp-mock-cot-L1"), rows("svamp-mock-cot-L1-pad5")
+    hybrid = rows("svamp-mock-cot-hybrid-answer_only-L1L5")
+    probe = rows("svamp-mock-cot-hybrid-answer_only-L1L5", "probe.parquet")
+    level5 = {r["question"]: r for r in hybrid.values() if r["level"] == 5}
+    for qid, row in l1.items():
+        assert row["cost_usd"] == pytest.approx(own(row))
+        # The padded row used its L1 rationale and the L5 reply whose length it took.
+        l5_cost = pad[qid]["cost_usd"] - row["cost_usd"]
+        assert l5_cost > 0
+        if row["question"] in level5:
+            assert l5_cost == pytest.approx(own(level5[row["question"]]))
+        assert hybrid[qid]["cost_usd"] == pytest.approx(own(hybrid[qid]) + probe[qid]["cost_usd"])
+        assert probe[qid]["cost_usd"] == pytest.approx(own(probe[qid]))
+
+    for name in ("run.json", "again.json"):
+        run = json.loads((tmp_path / name).read_text())
+        for cell in run["cells"]:
+            assert cell["cost_usd"] == pytest.approx(sum(r["cost_usd"] for r in rows(cell["cell_name"]).values()))
+        spent = A.spent_usd(run["totals"])
+        assert sum(c["new_cost_usd"] for c in run["cells"]) == pytest.approx(spent)
+        assert spent == pytest.approx(sum(price.values()) if name == "run.json" else 0.0)

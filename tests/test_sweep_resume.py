@@ -6,6 +6,7 @@ Ray cluster of its own, with tiny students and tiny subsets.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -131,7 +133,8 @@ def test_generated_cell_shared_by_students_and_secrets_stay_out(tmp_path, model_
     key_sha256 = hashlib.sha256(SENTINEL_KEY.encode()).hexdigest()
     with ServerProcess(tmp_path / "server", policy="fixed", fixed_answer="7", expect_key_sha256=key_sha256) as server:
         teacher = {"model": "openai/local-teacher", "api_base": server.base_url,
-                   "api_key_env": "RAYDISTILL_TEST_TEACHER_KEY", "max_tokens": 256}
+                   "api_key_env": "RAYDISTILL_TEST_TEACHER_KEY", "max_tokens": 256,
+                   "input_cost_per_token": 2e-6, "output_cost_per_token": 8e-6}
         annotation = {"teachers": {"local": teacher}, "runtime": {"concurrency": 8, "num_actors": 1}}
         env = {"RAYDISTILL_TEST_TEACHER_KEY": SENTINEL_KEY}
 
@@ -158,8 +161,16 @@ def test_generated_cell_shared_by_students_and_secrets_stay_out(tmp_path, model_
     leaks = [p for p in [*out.rglob("*"), *tmp_path.glob("*.log"), *_ray_tmpdir(tmp_path).rglob("*")]
              if p.is_file() and SENTINEL_KEY.encode() in p.read_bytes()]
     assert not leaks
+    # The teacher's cost, from the rows it is made of to MLflow and the report, in both sweeps.
+    rows = pq.read_table(out / "cells" / cell / "annotations.parquet").to_pylist()
+    assert all(r["cost_usd"] == pytest.approx(r["tokens_in"] * 2e-6 + r["tokens_out"] * 8e-6) for r in rows)
+    cell_cost = sum(r["cost_usd"] for r in rows)
+    assert cell_cost > 0
     for sweep in ("first", "second"):
         tracking_uri = f"sqlite:///{out / sweep / 'mlflow.db'}"
         [run] = _trial_runs(tracking_uri, sweep)
         assert run.data.tags["cell.source"] == "generated"
+        assert run.data.metrics["teacher_cost_usd"] == pytest.approx(cell_cost)
+        [reported] = list(csv.DictReader((out / sweep / "results.csv").open()))
+        assert float(reported["teacher_cost_usd"]) == pytest.approx(cell_cost)
         assert SENTINEL_KEY not in json.dumps([run.data.params, run.data.tags, run.data.metrics])

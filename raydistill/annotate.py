@@ -57,7 +57,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from typing_extensions import Annotated
 
 from raydistill import files, prompts
-from raydistill.schemas import ANNOTATION_SCHEMA, EXAMPLE_SCHEMA
+from raydistill.schemas import ANNOTATION_SCHEMA, EXAMPLE_SCHEMA, answer_problem
 
 log = logging.getLogger(__name__)
 
@@ -1001,10 +1001,18 @@ def _read_questions_parquet(path: str) -> pa.Table:
                 and not pa.types.is_large_string(t.schema.field(name).type):
             raise ConfigError(f"{where}: column {name!r} has type {t.schema.field(name).type}, not string; "
                               "write it as text")
+    if t.num_rows == 0:
+        raise ConfigError(f"{where}: no rows; there is nothing to annotate")
     blank = [i for i, x in enumerate(t.column("question").to_pylist()) if x is None or not x.strip()]
     if blank:
         raise ConfigError(f"{where}: rows {blank[:10]}{' ...' if len(blank) > 10 else ''} have an empty "
                           f"question ({len(blank)} in all); remove or fill them")
+    from raydistill.datasets import question_id
+
+    ids = None if "question_id" in t.column_names else [question_id(x) for x in t.column("question").to_pylist()]
+    problem = answer_problem(t, ids)
+    if problem:
+        raise ConfigError(f"{where}: {problem}")
     return t
 
 

@@ -56,3 +56,29 @@ PREDICTION_SCHEMA = pa.schema(
         ("truncated", pa.bool_()),  # cut by max_new_tokens: no EOS and no stop string before the budget ran out
     ]
 )
+
+
+def answer_problem(table: pa.Table, ids: list[str] | None = None) -> str | None:
+    """What is wrong with a table's ``answer`` column, as the end of an error message naming the
+    file; None when it is fine (or absent). An answer is text or a number, present on every row,
+    and the same on every row of one question (``ids``, else the question_id column)."""
+    if "answer" not in table.column_names:
+        return None
+    kind = table.schema.field("answer").type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_integer(kind)
+            or pa.types.is_floating(kind) or pa.types.is_decimal(kind)):
+        return f"column 'answer' has type {kind}; write one answer per row, as text or a number"
+    answers = [None if a is None else str(a).strip() for a in table.column("answer").to_pylist()]
+    missing = [i for i, a in enumerate(answers) if not a]
+    if missing:
+        return (f"rows {missing[:10]}{' ...' if len(missing) > 10 else ''} have no answer (null or empty; "
+                f"{len(missing)} in all); fill or remove them")
+    if ids is None and "question_id" in table.column_names:
+        ids = table.column("question_id").to_pylist()
+    first: dict[str, int] = {}
+    for i, qid in enumerate(ids or []):
+        j = first.setdefault(qid, i)
+        if answers[j] != answers[i]:
+            return (f"rows {j} and {i} are the same question (question_id {qid}) with different answers "
+                    f"({answers[j]!r} and {answers[i]!r}); keep the right one")
+    return None

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from raydistill.schemas import answer_problem
 from raydistill.spec import SpecError, TrainSpec, redact_storage, storage_problem
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,9 @@ def read_examples(path: str | os.PathLike) -> list[dict]:
     if blank:
         raise TrainInputError(f"{path}: rows {blank[:10]}{' ...' if len(blank) > 10 else ''} have an empty "
                               f"question or rationale ({len(blank)} in all); remove or fill them")
+    problem = answer_problem(table)
+    if problem:
+        raise TrainInputError(f"{path}: {problem}")
     return rows
 
 

@@ -168,6 +168,17 @@ def _examples(questions: list, rationales: list) -> pa.Table:
     return pa.table({"question": questions, "rationale": rationales})
 
 
+def _cut_parquet(table: pa.Table) -> bytes:
+    """A real Parquet file of several row groups, cut in the middle (a copy that stopped half way)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.concat_tables([table] * 200), sink, row_group_size=100)
+    data = sink.getvalue().to_pybytes()
+    return data[: len(data) // 2]
+
+
+_QUESTIONS = ["How many apples?", "How many pears?", "How many apples?"]
+
+
 @pytest.mark.parametrize(
     "content, words",
     [
@@ -184,6 +195,16 @@ def _examples(questions: list, rationales: list) -> pa.Table:
         pytest.param(_examples([], []).cast(pa.schema([("question", pa.string()), ("rationale", pa.string())])),
                      ["no rows to train on"], id="no-rows"),
         pytest.param(None, ["no such training file", "--data"], id="missing-file"),
+        pytest.param(_cut_parquet(_examples(["q"], ["r"])), ["not a readable Parquet file", "write it again"],
+                     id="cut-mid-row-group"),
+        pytest.param(pa.table({"question_id": ["a", "b", "a"], "question": _QUESTIONS, "rationale": ["r"] * 3,
+                               "answer": ["3", "4", "5"]}),
+                     ["rows 0 and 2", "question_id a", "different answers ('3' and '5')", "keep the right one"],
+                     id="duplicate-id-different-answers"),
+        pytest.param(pa.table({"question": ["q1", "q2"], "rationale": ["r", "r"], "answer": ["1", None]}),
+                     ["rows [1] have no answer", "fill or remove them"], id="null-answer"),
+        pytest.param(pa.table({"question": ["q1"], "rationale": ["r"], "answer": [["1", "2"]]}),
+                     ["column 'answer' has type list<", "one answer per row"], id="list-answer"),
     ],
 )
 def test_training_parquet_errors_name_the_file(tmp_path, content, words):
@@ -257,6 +278,19 @@ def test_train_cli_refuses_credentials_in_the_storage_uri_without_echoing_them(t
         pytest.param(pa.table({"question": ["a?", None, " "], "answer": ["1", "2", "3"]}),
                      ["rows [1, 2] have an empty question", "remove or fill them"], id="empty-question"),
         pytest.param(None, ["no such file", "point questions.path at a Parquet file"], id="missing-file"),
+        pytest.param(_cut_parquet(pa.table({"question": ["q"], "answer": ["1"]})), ["not a readable Parquet file"],
+                     id="cut-mid-row-group"),
+        pytest.param(pa.table({"question": pa.array([], pa.string()), "answer": pa.array([], pa.string())}),
+                     ["no rows", "nothing to annotate"], id="no-rows"),
+        pytest.param(pa.table({"question": _QUESTIONS, "answer": ["3", "4", "5"]}),
+                     ["rows 0 and 2 are the same question", "different answers ('3' and '5')"],
+                     id="duplicate-question-different-answers"),
+        pytest.param(pa.table({"question_id": ["a", "b", "a"], "question": ["x?", "y?", "z?"], "answer": [1, 2, 3]}),
+                     ["rows 0 and 2", "question_id a", "('1' and '3')"], id="duplicate-id-different-answers"),
+        pytest.param(pa.table({"question": ["a?", "b?", "c?"], "answer": ["1", None, " "]}),
+                     ["rows [1, 2] have no answer", "fill or remove them"], id="null-answer"),
+        pytest.param(pa.table({"question": ["a?"], "answer": [["1"]]}), ["column 'answer' has type list",
+                                                                        "as text or a number"], id="list-answer"),
     ],
 )
 def test_annotation_questions_parquet_errors_name_the_file(tmp_path, content, words):

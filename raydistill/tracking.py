@@ -5,7 +5,8 @@ the sweep's config and, at the end, its report (tables, plots). Each finished tr
 nested run: params and `axis.*` tags for every axis (dataset, teacher, level, format, student,
 seed), hyper-parameters, metrics, the per-step training loss, the trial config, the predictions
 Parquet and the loss plot as artifacts. Runs are keyed by the sweep name and the trial hash, so a
-resumed sweep logs nothing twice.
+resumed sweep logs nothing twice; a trial's run that a killed driver left unfinished is deleted
+and logged again, whole.
 """
 
 from __future__ import annotations
@@ -88,8 +89,11 @@ def log_trial(sweep: SweepRun, record: dict) -> str:
 
     client = mlflow.MlflowClient(sweep.tracking_uri)
     existing = client.search_runs([sweep.experiment_id], f"tags.`{TRIAL_HASH_TAG}` = '{record['trial_hash']}'")
-    if existing:
-        return existing[0].info.run_id
+    finished = [run for run in existing if run.info.status == "FINISHED"]
+    if finished:
+        return finished[0].info.run_id
+    for run in existing:  # left half-logged by a driver killed while logging it: log the trial again, whole
+        client.delete_run(run.info.run_id)
     axes = record["axes"]
     cell = record.get("cell") or {}
     level = f"L{axes['level']}" if axes["level"] else "no-level"

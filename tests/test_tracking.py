@@ -1,0 +1,74 @@
+"""MLflow logging of trials survives a driver killed in the middle of it (real MLflow, sqlite)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import mlflow
+
+from raydistill import tracking
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _record(tmp_path: Path) -> dict:
+    predictions = tmp_path / "predictions.parquet"
+    predictions.write_bytes(b"PAR1")
+    return {
+        "trial_hash": "f" * 64, "axes": {"dataset": "svamp", "teacher": "chatgpt", "level": "2", "format": "cot",
+                                         "student": "tiny-llama", "seed": 100},
+        "cell": {"hash": "c" * 16, "source": "replay"}, "train_spec": {"epochs": 1}, "eval_spec": {"max_new_tokens": 8},
+        "metrics": {"accuracy": 0.5, "n_test": 6, "train_seconds": 12.0},
+        "train_history": [{"step": 1, "loss": 2.0, "lr": 1e-3}, {"step": 2, "loss": 1.5, "lr": 1e-3}],
+        "predictions_path": str(predictions),
+    }
+
+
+# Runs log_trial in a process that SIGKILLs itself on the trial's second MLflow batch: after its
+# run exists, before its metrics are in (a driver killed while logging).
+DIES_WHILE_LOGGING = textwrap.dedent("""
+    import json, os, signal, sys
+    import mlflow
+    from raydistill import tracking
+
+    sweep = tracking.SweepRun(*sys.argv[1:4])
+    batches = []
+    log_batch = mlflow.MlflowClient.log_batch
+
+    def log_batch_then_die(self, *args, **kwargs):
+        batches.append(1)
+        if len(batches) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return log_batch(self, *args, **kwargs)
+
+    mlflow.MlflowClient.log_batch = log_batch_then_die
+    tracking.log_trial(sweep, json.loads(open(sys.argv[4]).read()))
+""")
+
+
+def test_a_trial_run_left_by_a_driver_killed_while_logging_is_logged_again_whole(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment = tracking.setup_experiment(uri, "killed", tmp_path / "mlartifacts")
+    client = mlflow.MlflowClient(uri)
+    parent = client.create_run(experiment, run_name="killed").info.run_id
+    record = _record(tmp_path)
+    (tmp_path / "record.json").write_text(json.dumps(record))
+
+    killed = subprocess.run([sys.executable, "-c", DIES_WHILE_LOGGING, uri, experiment, parent,
+                             str(tmp_path / "record.json")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    query = f"tags.`{tracking.TRIAL_HASH_TAG}` = '{record['trial_hash']}'"
+    [half] = client.search_runs([experiment], query)
+    assert half.info.status == "RUNNING" and not half.data.metrics  # what the kill left
+
+    run_id = tracking.log_trial(tracking.SweepRun(uri, experiment, parent), record)
+    [run] = client.search_runs([experiment], query)
+    assert run.info.run_id == run_id != half.info.run_id
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["accuracy"] == 0.5 and run.data.metrics["n_test"] == 6
+    assert [m.value for m in client.get_metric_history(run_id, "train_loss")] == [2.0, 1.5]
+    assert tracking.log_trial(tracking.SweepRun(uri, experiment, parent), record) == run_id  # logged once

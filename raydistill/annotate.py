@@ -577,6 +577,42 @@ def _records_of_line(line: bytes, keys: set[str] | None) -> list[tuple[dict[str,
     return found
 
 
+class CacheFollower:
+    """Where the records appended to a cache folder since this follower started are, read
+    incrementally (each byte once). An actor that takes over the batch of an actor that died
+    serves what the dead one had already completed instead of sending it again."""
+
+    def __init__(self, root: Path, since: dict[str, int]):
+        """``since``: each shard's size when the run started (the driver served what came before)."""
+        self.root = root
+        self.offsets = {Path(shard): size for shard, size in since.items()}
+        self.places: dict[str, tuple[Path, int]] = {}
+
+    def refresh(self) -> None:
+        for shard in RequestCache(self.root).shards():
+            start = self.offsets.get(shard, 0)
+            with open(shard, "rb") as f:
+                f.seek(start)
+                data = f.read()
+            whole = data[: data.rfind(b"\n") + 1]  # a line still being written waits for the next look
+            at = start
+            for line in whole.splitlines(keepends=True):
+                if line.startswith(_RECORD_START):
+                    self.places[line[len(_RECORD_START):len(_RECORD_START) + 64].decode("ascii", "replace")] = (shard, at)
+                at += len(line)
+            self.offsets[shard] = start + len(whole)
+
+    def find(self, key: str) -> dict[str, Any] | None:
+        """The record of ``key`` appended since the start, if it is whole."""
+        place = self.places.get(key)
+        if place is None:
+            return None
+        with open(place[0], "rb") as f:
+            f.seek(place[1])
+            line = f.readline()
+        return next((rec for rec, problem in _records_of_line(line, {key}) if rec is not None), None)
+
+
 class CacheWriter:
     def __init__(self, root: Path, fsync: bool = False):
         root.mkdir(parents=True, exist_ok=True)
@@ -764,7 +800,7 @@ class TeacherCaller:
     SLOT_TOLERANCE_S = 0.1
 
     def __init__(self, teachers: list[dict[str, Any]], runtime: dict[str, Any], cache_dir: str,
-                 limiters: list[str | None], in_flight: int):
+                 limiters: list[str | None], in_flight: int, cache_since: dict[str, int]):
         os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
         import litellm
 
@@ -775,6 +811,7 @@ class TeacherCaller:
         self.teachers = [TeacherSpec.model_validate(t) for t in teachers]
         self.runtime = RuntimeSpec.model_validate(runtime)
         self.cache = RequestCache(cache_dir).writer(self.runtime.fsync)
+        self.appended = CacheFollower(Path(cache_dir), cache_since)
         self.limiter_names = limiters
         self.limiters: list[Any] = [None] * len(limiters)
         self.in_flight = in_flight
@@ -889,6 +926,9 @@ class TeacherCaller:
         i = int(r["teacher_idx"])
         t = self.teachers[i]
         messages = json.loads(r["messages"])
+        done = self.appended.find(r["key"])
+        if done is not None:  # completed by an actor of this run that died before returning it
+            return _finish_result(out, done, r["task"], r.get("gold"), self.answers)
         assert self.sem is not None
         async with self.sem:
             try:
@@ -917,6 +957,7 @@ class TeacherCaller:
     async def __call__(self, batch: pa.Table) -> pa.Table:
         if self.sem is None:
             self.sem = asyncio.Semaphore(self.in_flight)
+        self.appended.refresh()
         rows = batch.to_pylist()
         results = await asyncio.gather(*(self._row(r) for r in rows))
         now = time.process_time()
@@ -1395,6 +1436,7 @@ def _run_requests(reqs: list[_Req], teachers: list[TeacherSpec], runtime: Runtim
             cache_dir=str(cache_dir),
             limiters=names,
             in_flight=per_actor,
+            cache_since={str(shard): shard.stat().st_size for shard in RequestCache(cache_dir).shards()},
         ),
         batch_size=batch,
         batch_format="pyarrow",

@@ -124,6 +124,8 @@ def test_kill_half_way_then_rerun_sends_no_completed_request_twice(ray_cluster, 
     assert not done_before_kill & {e["key"] for e in rerun}
     counts = ok_counts(log)
     assert all(counts[k] == 1 for k in done_before_kill)
+    # Sent twice: only what was in flight when the job's actors died (at most the concurrency).
+    assert len([k for k, c in counts.items() if c > 1]) <= spec.runtime.concurrency
     assert len(rerun) <= n - len(done_before_kill)
     assert result.cache_hits >= len(done_before_kill)
     assert result.cache_hits + result.requests_sent == n
@@ -471,3 +473,50 @@ def test_cost_is_attributed_once_per_run_and_every_response_is_priced(ray_cluste
         spent = A.spent_usd(run["totals"])
         assert sum(c["new_cost_usd"] for c in run["cells"]) == pytest.approx(spent)
         assert spent == pytest.approx(sum(price.values()) if name == "run.json" else 0.0)
+
+
+def test_a_killed_teacher_actor_costs_at_most_its_requests_in_flight(ray_cluster, tmp_path):
+    """SIGKILL one of two TeacherCaller actors half way. Ray Data restarts it and retries its
+    batches; the run (or a rerun, if it fails) completes every row, and the only requests sent
+    twice are those the killed actor had in flight (counted from the server's log)."""
+    import threading
+
+    import psutil
+
+    n = 80
+    qpath, gold = make_questions(tmp_path, n)
+    with ServerProcess(tmp_path / "srv", latency=0.4, answers=gold) as server:
+        spec = spec_for(server, qpath, n, concurrency=4, num_actors=2,
+                        ray_address=ray_cluster.address_info["address"])
+        outcome: list = []
+        run = threading.Thread(target=lambda: outcome.append(_annotate_or_error(spec, tmp_path / "cell")))
+        run.start()
+        deadline = time.time() + 150
+        while server.stats()["ok"] < n // 2:
+            assert run.is_alive() and time.time() < deadline, outcome
+            time.sleep(0.05)
+        actors = [p for p in psutil.process_iter(["cmdline"]) if "MapBatches(TeacherCaller)" in " ".join(p.info["cmdline"] or [])]
+        assert len(actors) == 2, [p.info["cmdline"] for p in actors]
+        t_kill = time.time()
+        actors[0].kill()
+        run.join(300)
+        assert not run.is_alive()
+        result = outcome[0]
+        if isinstance(result, BaseException):  # the run failed with the actor: rerun
+            result = A.annotate(spec, tmp_path / "cell")
+        log = server.log_entries()
+
+    in_flight = [e for e in log if e["t_recv"] <= t_kill < e["t_done"]]  # both actors'
+    per_actor = spec.runtime.concurrency // spec.runtime.num_actors  # the most one actor has in flight
+    twice = [k for k, c in ok_counts(log).items() if c > 1]
+    assert len(twice) <= min(per_actor, len(in_flight)), (len(twice), len(in_flight))
+    table = pq.read_table(result.annotations_path)
+    assert table.num_rows == n and table.column("error").null_count == n
+    assert len(ok_counts(log)) == n
+
+
+def _annotate_or_error(spec, out):
+    try:
+        return A.annotate(spec, out)
+    except BaseException as err:  # noqa: BLE001 - the test looks at it
+        return err

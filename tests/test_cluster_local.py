@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import uuid
@@ -263,6 +264,21 @@ def _restore_current_cluster(before: str | None) -> None:
         CURRENT_CLUSTER.write_text(before)
 
 
+# What a head that is still starting answers a job submission (the README says to run it again).
+STILL_STARTING = "No available agent to submit job|Remote end closed connection without response"
+
+
+def _again_while_starting(command: str) -> str:
+    """``command`` in bash, run up to three times while its output says the head is still starting."""
+    return textwrap.dedent(f"""\
+        for attempt in 1 2 3; do
+            if out=$({command} 2>&1); then echo "$out"; break; fi
+            echo "$out"
+            if [ "$attempt" = 3 ] || ! grep -qE "{STILL_STARTING}" <<< "$out"; then exit 1; fi
+            sleep 5
+        done""")
+
+
 def test_readme_job_submit_lines_work_from_a_fresh_shell(tmp_path):
     """The README's lines, as written, in bash with nothing but HOME and the system PATH: the venv,
     Ray's token authentication and the head's environment all come from those lines. The job's
@@ -273,7 +289,7 @@ def test_readme_job_submit_lines_work_from_a_fresh_shell(tmp_path):
     out = tmp_path / "out"
     one_trial = f" --config {TINY} --output-dir {out} --set levels=[1]"
     script = "set -euo pipefail\n" + "\n".join(
-        c + one_trial if README_SUBMIT in c else c for c in commands[:-1]) + "\n"
+        _again_while_starting(c + one_trial) if README_SUBMIT in c else c for c in commands[:-1]) + "\n"
     env = {"HOME": os.environ["HOME"], "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
     before = _ray_session_of_default_temp_dir()
     address_before = CURRENT_CLUSTER.read_text() if CURRENT_CLUSTER.exists() else None

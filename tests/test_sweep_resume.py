@@ -174,3 +174,77 @@ def test_generated_cell_shared_by_students_and_secrets_stay_out(tmp_path, model_
         [reported] = list(csv.DictReader((out / sweep / "results.csv").open()))
         assert float(reported["teacher_cost_usd"]) == pytest.approx(cell_cost)
         assert SENTINEL_KEY not in json.dumps([run.data.params, run.data.tags, run.data.metrics])
+
+
+def test_sweep_killed_in_training_then_in_evaluation_resumes_both(tmp_path, model_cache):
+    """SIGKILL the driver once a checkpoint exists, then again once evaluation wrote its first batch:
+    each rerun takes up where the last one stopped, and the third finishes the trial."""
+    config = _config(tmp_path, "kills", teachers=["chatgpt"], levels=[1], test_limit=16,
+                     train={**TINY["train"], "epochs": 10, "checkpoint_every_steps": 4},
+                     eval={**TINY["eval"], "batch_size": 1, "max_new_tokens": 16})
+    run_dir = tmp_path / "outputs" / "kills"
+
+    # 1. Killed in training, after its first checkpoint (20 steps planned; checkpoints every 4 steps
+    #    and at each epoch's end, every 2).
+    _kill_sweep_when(config, tmp_path / "first.log", lambda: _latest_checkpoint(run_dir) is not None)
+    saved = _latest_checkpoint(run_dir)
+    assert not saved.endswith("_final"), "training finished before the kill"
+    assert not list(run_dir.glob("trials/*/predictions.parquet.parts"))
+
+    # 2. Rerun, killed once evaluation has written its first batch of predictions.
+    _kill_sweep_when(config, tmp_path / "second.log", lambda: _prediction_parts(run_dir))
+    assert not _records(run_dir), "the trial finished before the kill"
+    first_parts = {p: p.stat().st_mtime_ns for p in _prediction_parts(run_dir)}
+    answered = sum(pq.read_metadata(p).num_rows for p in first_parts)
+    assert _latest_checkpoint(run_dir).endswith("_final")
+    [rank0] = run_dir.glob("ray/train-*/workers/rank0.json")
+    trained = (rank0.stat().st_mtime_ns, json.loads(rank0.read_text()))
+
+    # 3. Rerun to the end: no training step again, only the missing questions generated.
+    _run_sweep(config, tmp_path / "third.log")
+    [record_path] = _records(run_dir)
+    record = json.loads(record_path.read_text())
+    state = json.loads((Path(record["model_path"]) / "train_state.json").read_text())
+    assert state["steps"] == 20 and [p["step"] for p in state["history"]] == list(range(1, 21))
+    [resumed] = state["resumed_at"]  # the second run started from the checkpoint the first one saved
+    assert int(saved.removeprefix("checkpoint_step")) <= resumed < 20 and resumed % 2 == 0
+    assert trained[1]["start_step"] == resumed
+    assert (rank0.stat().st_mtime_ns, json.loads(rank0.read_text())) == trained  # the third run trained nothing
+
+    parts = {p: p.stat().st_mtime_ns for p in _prediction_parts(run_dir)}
+    assert all(parts[p] == t for p, t in first_parts.items())  # finished batches kept as they were
+    generated = sum(pq.read_metadata(p).num_rows for p in set(parts) - set(first_parts))
+    assert 0 < answered < 16 and generated == 16 - answered
+    assert record["metrics"]["n_test"] == 16
+    [test] = run_dir.glob("test/svamp-16-*.parquet")
+    assert sorted(pq.read_table(record["predictions_path"])["question_id"].to_pylist()) == \
+        sorted(pq.read_table(test)["question_id"].to_pylist())
+
+
+def _kill_sweep_when(config: Path, log: Path, ready, timeout: float = 600) -> None:
+    """Start the sweep and SIGKILL its driver as soon as `ready()` is true."""
+    proc = _start_sweep(config, log)
+    try:
+        deadline = time.time() + timeout
+        while not ready():
+            assert proc.poll() is None, log.read_text()[-4000:]
+            assert time.time() < deadline, f"nothing to kill for within {timeout:.0f} s"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        _reap(proc)
+
+
+def _latest_checkpoint(run_dir: Path) -> str | None:
+    """The name of the newest checkpoint Ray Train registered for the sweep's one training run."""
+    for snapshot in run_dir.glob("ray/train-*/checkpoint_manager_snapshot.json"):
+        try:
+            latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
+        except ValueError:  # being written
+            return None
+        return latest.get("checkpoint_dir_name")
+    return None
+
+
+def _prediction_parts(run_dir: Path) -> list[Path]:
+    return sorted(run_dir.glob("trials/*/predictions.parquet.parts/part-*.parquet"))

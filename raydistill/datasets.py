@@ -1,7 +1,7 @@
 """Dataset registry: the paper's seven tasks, their released training annotations and test sets.
 
 Every file is named by a relative path that equals its upstream path under one of the roots
-pinned in ``data/upstream.json`` (``distilling-cot/...``, ``mammoth2-math-eval/...``).
+pinned in ``raydistill/data/upstream.json`` (``distilling-cot/...``, ``mammoth2-math-eval/...``).
 ``resolve`` finds it in a mirror folder (``RAYDISTILL_DATA_DIR``), then in a local cache
 (``RAYDISTILL_CACHE_DIR``), then downloads it from the pinned commit and checks its sha256.
 
@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raydistill import answers, files
+from raydistill.resources import package_data
 from raydistill.schemas import EXAMPLE_SCHEMA
 from raydistill.tasks import TASKS, get_task
 from raydistill.tasks.base import Field
@@ -51,10 +52,10 @@ ENV_DATA_URL = "RAYDISTILL_DATA_URL"
 ENV_TIMEOUT = "RAYDISTILL_DOWNLOAD_TIMEOUT"
 DEFAULT_DATA_URL = "https://raw.githubusercontent.com"
 DEFAULT_CACHE_DIR = Path("~/.cache/raydistill/data")
-MANIFEST = Path(__file__).resolve().parents[1] / "data" / "upstream.json"
+MANIFEST = package_data("upstream.json")
 DATASET_INFO = "distilling-cot/train/dataset_info.json"
 
-# Relative root -> upstream repository, commit and folder (written into data/upstream.json).
+# Relative root -> upstream repository, commit and folder (written into raydistill/data/upstream.json).
 _COT_REPO = ("EIT-NLP/Distilling-CoT-Reasoning", "cc33822e99534615a87841bd6c2e865e0d24d123")
 _MAMMOTH_REPO = ("TIGER-AI-Lab/MAmmoTH2", "9c67cb137b87e3c2f68ab412c6731b1f47a51b55")
 ROOTS = {
@@ -104,9 +105,9 @@ class TrainFile:
 
 @lru_cache(maxsize=None)
 def _manifest(path: Path = MANIFEST) -> dict:
-    """data/upstream.json: the pinned roots and files (needed to download, not to read a mirror)."""
+    """raydistill/data/upstream.json: the pinned roots and files (needed to download, not to read a mirror)."""
     if not path.is_file():
-        raise DataUnavailable(f"{path} is missing: downloads need the project's data/upstream.json "
+        raise DataUnavailable(f"{path} is missing: downloads need the project's raydistill/data/upstream.json "
                               f"(use a source checkout), or set {ENV_DATA_DIR} to a mirror")
     return json.loads(path.read_text())
 
@@ -162,7 +163,7 @@ def _download(relpath: str, dest: Path) -> Path:
     """Fetch ``relpath`` into ``dest`` atomically; verify the pinned sha256 when there is one."""
     entry = _manifest()["files"].get(relpath)
     if entry is None:
-        raise _unavailable(relpath, "not a pinned upstream file in data/upstream.json")
+        raise _unavailable(relpath, "not a pinned upstream file in raydistill/data/upstream.json")
     url = upstream_url(relpath)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")

@@ -15,7 +15,6 @@ holds between the nodes of a cluster sharing the folder.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -65,21 +64,21 @@ def write_parquet(table: Any, path: str | os.PathLike) -> None:
 
 @contextlib.contextmanager
 def exclusive_lock(path: str | os.PathLike, waiting: str | None = None) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` (created if missing). When another process holds it,
-    log ``waiting`` once and block until it is released."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    """Hold an exclusive lock on ``path`` (created if missing; ``flock`` through :mod:`filelock`).
+    When another process holds it, log ``waiting`` once and block until it is released."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(path)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if waiting:
-                log.info(waiting)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        lock.acquire(timeout=0)
+    except Timeout:
+        if waiting:
+            log.info(waiting)
+        lock.acquire()
+    try:
         yield
     finally:
-        os.close(fd)  # releases the lock
+        lock.release()
 
 
 @contextlib.contextmanager

@@ -1,6 +1,6 @@
 """Teacher prompts for the annotation stage: granularity levels, formats and one-shot exemplars.
 
-The prompt texts live in files under ``data/prompts/`` (override with ``prompt_dir``)::
+The prompt texts live in files under ``raydistill/data/prompts/`` (override with ``prompt_dir``)::
 
     system.md                 the system message; {level_instruction}, {format_instruction}, {answer_rule}
     answer_only.md            the system message of the answer-only probe (hybrid granularity)
@@ -29,13 +29,14 @@ from pathlib import Path
 
 import yaml
 
+from raydistill.resources import package_data
 from raydistill.tasks import TASK_NAMES, get_task
 
 LEVELS = (1, 2, 3, 4, 5, 6)
 FORMATS = ("cot", "least_to_most", "rar", "bsm", "sym")
 TASKS = TASK_NAMES
 
-DEFAULT_PROMPT_DIR = Path(__file__).resolve().parent.parent / "data" / "prompts"
+DEFAULT_PROMPT_DIR = package_data("prompts")
 
 _STEP = re.compile(r"^\d+\.\s")
 

@@ -43,10 +43,11 @@ from pathlib import Path
 import numpy as np
 
 from raydistill import files, stats
+from raydistill.resources import package_data
 
 ROW_AXES = ("dataset", "teacher", "format", "student")
 CELL_AXES = ROW_AXES + ("level",)
-PUBLISHED_CSV = Path(__file__).resolve().parents[1] / "data" / "paper" / "published_results.csv"
+PUBLISHED_CSV = package_data("paper", "published_results.csv")
 DEFAULT_N_BOOT = 2000
 DEFAULT_SEED = 0
 ALPHA = 0.05
@@ -935,7 +936,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--n-boot", type=int, default=DEFAULT_N_BOOT, help="bootstrap resamples (default 2000)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="bootstrap RNG seed (default 0)")
     parser.add_argument("--published", type=Path, default=PUBLISHED_CSV,
-                        help="CSV of published numbers (default data/paper/published_results.csv)")
+                        help="CSV of published numbers (default raydistill/data/paper/published_results.csv)")
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir)
     try:

@@ -301,12 +301,12 @@ class AnnotationStageSpec(_Strict):
 
     teachers: dict[str, TeacherSpec] = Field(default_factory=dict)
     policy: Policy = "keep_all"
-    # Show the teacher the gold answer (data/prompts/gold_hint.md). The released StrategyQA and
+    # Show the teacher the gold answer (raydistill/data/prompts/gold_hint.md). The released StrategyQA and
     # OBQA annotations agree with gold on 95-100 % of rows for every teacher, and the release ships
     # OBQA files "with_gt" and "without_gt": the paper's teachers probably saw it. Part of the cell.
     show_gold: bool = False
     # Folder of the teacher prompt files (system.md, levels/, formats/, exemplars/, ...); None: the
-    # package's data/prompts. Their texts are part of each generated cell's identity.
+    # package's raydistill/data/prompts. Their texts are part of each generated cell's identity.
     prompt_dir: str | None = None
     runtime: RuntimeSpec = RuntimeSpec()
 
@@ -470,6 +470,21 @@ def content_hash(obj: object) -> str:
     """Stable 16-hex-char hash of a JSON-serialisable object."""
     blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`--set a.b=1` pairs, values parsed as YAML (numbers, lists, booleans)."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SpecError(f"--set expects KEY=VALUE (e.g. train.epochs=1), got {item!r}")
+        try:
+            overrides[key] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise SpecError(f"--set {item!r}: the value is not valid YAML ({err.__class__.__name__}); "
+                            "quote it, e.g. --set 'name=\"a b\"'") from None
+    return overrides
 
 
 def load_sweep(path: str | Path, overrides: dict | None = None) -> SweepSpec:

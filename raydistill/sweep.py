@@ -26,7 +26,8 @@ import yaml
 import raydistill
 from raydistill import files
 from raydistill.datasets import target_ceiling
-from raydistill.spec import CellSpec, SpecError, SweepSpec, TrialSpec, content_hash, load_sweep, storage_problem
+from raydistill.spec import (CellSpec, SpecError, SweepSpec, TrialSpec, content_hash, load_sweep, parse_overrides,
+                             storage_problem)
 
 log = logging.getLogger("raydistill.sweep")
 
@@ -411,21 +412,6 @@ def print_summary(spec: SweepSpec) -> None:
     print(f"plot          : {run_dir / 'accuracy_vs_level.png'} (one panel per dataset and student in plots/)")
     print(f"MLflow store  : {spec.tracking_uri}")
     print(f"open the UI   : LITELLM_LOCAL_MODEL_COST_MAP=True mlflow ui --backend-store-uri {spec.tracking_uri} --port 5000")
-
-
-def parse_overrides(items: list[str]) -> dict:
-    """`--set a.b=1` pairs, values parsed as YAML (numbers, lists, booleans)."""
-    overrides = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SpecError(f"--set expects KEY=VALUE (e.g. train.epochs=1), got {item!r}")
-        try:
-            overrides[key] = yaml.safe_load(value)
-        except yaml.YAMLError as err:
-            raise SpecError(f"--set {item!r}: the value is not valid YAML ({err.__class__.__name__}); "
-                            "quote it, e.g. --set 'name=\"a b\"'") from None
-    return overrides
 
 
 def _user_errors() -> tuple[type[Exception], ...]:

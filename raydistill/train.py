@@ -25,7 +25,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from raydistill.schemas import answer_problem
-from raydistill.spec import SpecError, TrainSpec, redact_storage, storage_problem
+from raydistill.spec import SpecError, TrainSpec, parse_overrides, redact_storage, storage_problem
 
 log = logging.getLogger(__name__)
 
@@ -744,7 +744,6 @@ def main(argv: list[str]) -> int:
     import ray
 
     from raydistill.students import StudentError, resolve_student
-    from raydistill.sweep import parse_overrides
 
     storage = args.out if "://" in args.out else str(Path(args.out).resolve())
     try:

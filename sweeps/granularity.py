@@ -7,9 +7,6 @@ Without --config it runs sweeps/granularity.yaml. `--help` lists the options.
 """
 
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's raydistill, also in `ray job submit`
 
 if __name__ == "__main__":
     from raydistill.sweep import script_main

@@ -687,7 +687,7 @@ def test_damaged_cell_parquet_is_written_again(tmp_path):
                                          ("=3", ["KEY=VALUE"]),
                                          ("levels=[1, 2", ["levels=[1, 2", "not valid YAML"])])
 def test_bad_set_override_is_one_line(item, words):
-    from raydistill.sweep import parse_overrides
+    from raydistill.spec import parse_overrides
 
     with pytest.raises(SpecError) as err:
         parse_overrides([item])

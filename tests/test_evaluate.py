@@ -12,7 +12,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from raydistill import answers
 from raydistill.datasets import load_test
 from raydistill.engines import (EngineError, HFEngine, choose_engine, engine_nodes, load_tokenizer,
                                 vllm_available, vllm_engine_kwargs, vllm_max_model_len, vllm_on_engine_nodes,

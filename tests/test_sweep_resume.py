@@ -237,7 +237,9 @@ def _kill_sweep_when(config: Path, log: Path, ready, timeout: float = 600) -> No
 
 def _latest_checkpoint(run_dir: Path) -> str | None:
     """The name of the newest checkpoint Ray Train registered for the sweep's one training run."""
-    for snapshot in run_dir.glob("ray/train-*/checkpoint_manager_snapshot.json"):
+    snapshots = list(run_dir.glob("ray/train-*/checkpoint_manager_snapshot.json"))
+    assert len(snapshots) <= 1, f"the trial trained in more than one run: {snapshots}"
+    for snapshot in snapshots:
         try:
             latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
         except ValueError:  # being written

@@ -13,7 +13,7 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from raydistill.engines import EngineError, choose_engine, load_tokenizer, vllm_available, vllm_on_engine_nodes
+from raydistill.engines import choose_engine, load_tokenizer, vllm_available
 from raydistill.schemas import PREDICTION_SCHEMA
 from raydistill.spec import EvalSpec
 

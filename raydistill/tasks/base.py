@@ -84,7 +84,7 @@ class Task:
     test: TestSet
     grader: Grader
     protocol: EvalProtocol
-    exemplars: str  # family of the one-shot teacher exemplar (data/prompts/exemplars/<family>.yaml)
+    exemplars: str  # family of the one-shot teacher exemplar (raydistill/data/prompts/exemplars/<family>.yaml)
     answer_only_target: str = "The answer is {answer}."  # the target an answer-only student learns
 
     def answer_only(self, answer: str) -> str:

@@ -107,8 +107,8 @@ class TrainFile:
 def _manifest(path: Path = MANIFEST) -> dict:
     """raydistill/data/upstream.json: the pinned roots and files (needed to download, not to read a mirror)."""
     if not path.is_file():
-        raise DataUnavailable(f"{path} is missing: downloads need the project's raydistill/data/upstream.json "
-                              f"(use a source checkout), or set {ENV_DATA_DIR} to a mirror")
+        raise DataUnavailable(f"{path} is missing: downloads need the package's raydistill/data/upstream.json "
+                              f"(reinstall raydistill), or set {ENV_DATA_DIR} to a mirror")
     return json.loads(path.read_text())
 
 

@@ -101,16 +101,7 @@ def test_killed_driver_rerun_skips_finished_trials(tmp_path, model_cache):
     run_dir = tmp_path / "outputs" / "resume"
 
     # First attempt: SIGKILL the driver as soon as the first trial has finished.
-    proc = _start_sweep(config, tmp_path / "first.log")
-    try:
-        deadline = time.time() + 600
-        while not _records(run_dir):
-            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-4000:]
-            assert time.time() < deadline, "no trial finished within 10 minutes"
-            time.sleep(1)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        _reap(proc)
+    _kill_sweep_when(config, tmp_path / "first.log", lambda: _records(run_dir))
     finished = _records(run_dir)
     assert len(finished) == 1
     assert not (run_dir / "results.csv").exists()

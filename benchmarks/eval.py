@@ -45,7 +45,7 @@ def one_prompt_per_call(model_path: str, template: str, prompts: list[dict], spe
                         cpus: int) -> dict:
     import torch
 
-    from raydistill.engines import HFEngine
+    from raydistill.evaluate import HFEngine
 
     torch.set_num_threads(cpus)
     engine = HFEngine(model_path, template, spec.model_dump(), stop)
@@ -85,8 +85,7 @@ def main() -> int:
     import ray
 
     from raydistill.datasets import load_test
-    from raydistill.engines import ROUND_TOKENS, load_tokenizer, vllm_available
-    from raydistill.evaluate import build_prompts
+    from raydistill.evaluate import ROUND_TOKENS, build_prompts, load_tokenizer, vllm_available
     from raydistill.spec import EvalSpec
     from raydistill.students import get_student, get_template, resolve_student
 

@@ -21,6 +21,8 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # mlflow imports 
 
 from ray import tune  # noqa: E402
 
+from raydistill.records import TrialRecord  # noqa: E402
+
 TRIAL_HASH_TAG = "raydistill.trial_hash"
 SWEEP_TAG = "raydistill.sweep"
 PARENT_TAG = "mlflow.parentRunId"
@@ -71,7 +73,7 @@ def start_sweep_run(spec, config_path: Path) -> SweepRun:
     return SweepRun(spec.tracking_uri, experiment_id, run_id)
 
 
-def finish_sweep_run(sweep: SweepRun, records: list[dict], report: dict[str, Path]) -> None:
+def finish_sweep_run(sweep: SweepRun, records: list[TrialRecord], report: dict[str, Path]) -> None:
     """Attach the report to the parent run and close it."""
     import mlflow
 
@@ -83,31 +85,31 @@ def finish_sweep_run(sweep: SweepRun, records: list[dict], report: dict[str, Pat
     client.set_terminated(sweep.run_id)
 
 
-def log_trial(sweep: SweepRun, record: dict) -> str:
+def log_trial(sweep: SweepRun, record: TrialRecord) -> str:
     """Log one finished trial's record (see `sweep.run_trial`) as a nested run; returns its id."""
     import mlflow
 
     client = mlflow.MlflowClient(sweep.tracking_uri)
-    existing = client.search_runs([sweep.experiment_id], f"tags.`{TRIAL_HASH_TAG}` = '{record['trial_hash']}'")
+    existing = client.search_runs([sweep.experiment_id], f"tags.`{TRIAL_HASH_TAG}` = '{record.trial_hash}'")
     finished = [run for run in existing if run.info.status == "FINISHED"]
     if finished:
         return finished[0].info.run_id
     for run in existing:  # left half-logged by a driver killed while logging it: log the trial again, whole
         client.delete_run(run.info.run_id)
-    axes = record["axes"]
-    cell = record.get("cell") or {}
+    axes = record.axes
+    cell = record.cell or {}
     level = f"L{axes['level']}" if axes["level"] else "no-level"
     run_name = f"{axes['student']} {level} {axes['teacher']} {axes['format']} {axes['dataset']} seed{axes['seed']}"
-    tags = {TRIAL_HASH_TAG: record["trial_hash"], PARENT_TAG: sweep.run_id,
+    tags = {TRIAL_HASH_TAG: record.trial_hash, PARENT_TAG: sweep.run_id,
             **{f"axis.{k}": v for k, v in axes.items()},
             "cell.hash": cell.get("hash", ""), "cell.source": cell.get("source", "")}
     run_id = client.create_run(sweep.experiment_id, run_name=run_name, tags=tags).info.run_id
-    params = {**axes, **{f"train.{k}": v for k, v in record["train_spec"].items()},
-              **{f"eval.{k}": v for k, v in record["eval_spec"].items()},
-              "eval_protocol": record.get("eval_protocol", ""), "grader": record.get("grader", ""),
-              "eval_hash": record.get("eval_hash", ""), "raydistill_version": record.get("raydistill_version", "")}
+    params = {**axes, **{f"train.{k}": v for k, v in record.train_spec.items()},
+              **{f"eval.{k}": v for k, v in record.eval_spec.items()},
+              "eval_protocol": record.eval_protocol, "grader": record.grader,
+              "eval_hash": record.eval_hash, "raydistill_version": record.raydistill_version}
     client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
-    metrics = dict(record["metrics"])
+    metrics = record.metrics.model_dump()
     annotation = cell.get("annotation") or {}
     for key in ("cost_usd", "tokens_in", "tokens_out", "teacher_accuracy", "truncated_share"):
         if annotation.get(key) is not None:
@@ -115,15 +117,15 @@ def log_trial(sweep: SweepRun, record: dict) -> str:
     now_ms = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), now_ms, 0) for k, v in metrics.items()
                                       if v is not None])
-    for point in record.get("train_history", []):
+    for point in record.train_history:
         client.log_metric(run_id, "train_loss", point["loss"], step=point["step"])
         client.log_metric(run_id, "learning_rate", point["lr"], step=point["step"])
         if "tokens_per_s" in point:
             client.log_metric(run_id, "train_tokens_per_s", point["tokens_per_s"], step=point["step"])
-    if record.get("train_history"):
-        client.log_figure(run_id, loss_curve(record["train_history"]), "train_loss.png")
-    client.log_artifact(run_id, record["predictions_path"])
-    client.log_text(run_id, json.dumps(record, indent=2, default=str), "trial.json")
+    if record.train_history:
+        client.log_figure(run_id, loss_curve(record.train_history), "train_loss.png")
+    client.log_artifact(run_id, record.predictions_path)
+    client.log_text(run_id, json.dumps(record.model_dump(mode="json"), indent=2), "trial.json")
     client.set_terminated(run_id)
     return run_id
 
@@ -153,4 +155,4 @@ class MLflowTrialLogger(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         record_path = (trial.last_result or {}).get("record_path")
         if record_path:
-            log_trial(self.sweep, json.loads(Path(record_path).read_text()))
+            log_trial(self.sweep, TrialRecord.read(record_path))

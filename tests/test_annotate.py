@@ -15,6 +15,10 @@ import pytest
 
 from raydistill import annotate as A
 from raydistill import prompts
+from raydistill.annotate.cells import _ensure_trigger
+from raydistill.annotate.questions import question_length_levels
+from raydistill.annotate.teacher import _classify, _scrub
+from raydistill.spec import SpecError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -109,20 +113,20 @@ cells:
 )
 def test_config_errors_name_the_field(tmp_path, teacher, message):
     p = _write(tmp_path, f"output_dir: out\nteacher: {teacher}\ngrid: {{tasks: [svamp]}}\n")
-    with pytest.raises(A.ConfigError) as e:
+    with pytest.raises(SpecError) as e:
         A.load_config(p)
     assert message in str(e.value)
     assert "sk-1" not in str(e.value)
 
 
 def test_config_errors_levels_and_yaml(tmp_path):
-    with pytest.raises(A.ConfigError, match="grid.levels"):
+    with pytest.raises(SpecError, match="grid.levels"):
         A.load_config(_write(tmp_path, "output_dir: o\nteacher: {model: m}\ngrid: {tasks: [svamp], levels: [7]}\n"))
-    with pytest.raises(A.ConfigError, match="not valid YAML"):
+    with pytest.raises(SpecError, match="not valid YAML"):
         A.load_config(_write(tmp_path, "output_dir: [\n"))
-    with pytest.raises(A.ConfigError, match="nothing to annotate"):
+    with pytest.raises(SpecError, match="nothing to annotate"):
         A.load_config(_write(tmp_path, "output_dir: o\nteacher: {model: m}\n"))
-    with pytest.raises(A.ConfigError, match="exactly one of level"):
+    with pytest.raises(SpecError, match="exactly one of level"):
         A.load_config(_write(tmp_path, "output_dir: o\nteacher: {model: m}\ncells: [{task: svamp}]\n"))
 
 
@@ -268,16 +272,16 @@ def test_classify_retries_only_transient_errors():
         e.status_code = status
         return e
 
-    assert A._classify(err(litellm.RateLimitError, 429))[:2] == (True, "rate_limit")
-    assert A._classify(err(litellm.InternalServerError, 500))[:2] == (True, "http_500")
-    assert A._classify(err(litellm.Timeout, 408))[:2] == (True, "timeout")
-    assert A._classify(TimeoutError())[0] is True
-    assert A._classify(err(litellm.AuthenticationError, 401))[:2] == (False, "http_401")
-    assert A._classify(err(litellm.BadRequestError, 400))[:2] == (False, "http_400")
+    assert _classify(err(litellm.RateLimitError, 429))[:2] == (True, "rate_limit")
+    assert _classify(err(litellm.InternalServerError, 500))[:2] == (True, "http_500")
+    assert _classify(err(litellm.Timeout, 408))[:2] == (True, "timeout")
+    assert _classify(TimeoutError())[0] is True
+    assert _classify(err(litellm.AuthenticationError, 401))[:2] == (False, "http_401")
+    assert _classify(err(litellm.BadRequestError, 400))[:2] == (False, "http_400")
 
 
 def test_scrub_removes_secrets():
-    assert A._scrub("bad key sk-SECRET-1 given", ["sk-SECRET-1", ""]) == "bad key *** given"
+    assert _scrub("bad key sk-SECRET-1 given", ["sk-SECRET-1", ""]) == "bad key *** given"
 
 
 # -- padding and hybrid ---------------------------------------------------------------------------
@@ -296,10 +300,10 @@ def test_padding_reaches_the_target_and_keeps_the_answer_last():
 
 def test_hybrid_by_question_length_splits_at_the_quantile():
     t = pa.table({"question": ["a b", "a b c d e f", "a", "a b c d e f g h i"]})
-    levels = A._question_length_levels(t, A.HybridSpec(by="question_length", easy_level=2, hard_level=6))
+    levels = question_length_levels(t, A.HybridSpec(by="question_length", easy_level=2, hard_level=6))
     assert levels == [2, 6, 2, 6]
 
 
 def test_ensure_trigger_appends_the_extracted_answer():
-    assert A._ensure_trigger("2+2 is 4.", "4") == "2+2 is 4. The answer is 4"
-    assert A._ensure_trigger(" So 4. The answer is 4 ", "4") == "So 4. The answer is 4"
+    assert _ensure_trigger("2+2 is 4.", "4") == "2+2 is 4. The answer is 4"
+    assert _ensure_trigger(" So 4. The answer is 4 ", "4") == "So 4. The answer is 4"

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from openai_server import ServerProcess
+
 from raydistill import annotate as A
+from raydistill import prompts
 from raydistill.schemas import ANNOTATION_SCHEMA, EXAMPLE_SCHEMA
 
 REPO = Path(__file__).resolve().parents[1]
@@ -213,8 +214,8 @@ def test_show_gold_sends_each_question_with_its_gold_answer(ray_cluster, tmp_pat
     for question, answer in gold.items():
         (turn,) = [s for s in sent if s.startswith(question)]
         assert f"The correct final answer is {answer}." in turn
-    messages = A.prompts.build_messages("svamp", 3, "cot", "Q?", gold="7")
-    exemplar = A.prompts.exemplar("svamp")
+    messages = prompts.build_messages("svamp", 3, "cot", "Q?", gold="7")
+    exemplar = prompts.exemplar("svamp")
     assert f"The correct final answer is {exemplar.answer}." in messages[1]["content"]
     rows = pq.read_table(result.annotations_path).to_pylist()
     cut = sum(r["finish_reason"] == "length" for r in rows)

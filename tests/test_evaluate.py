@@ -13,10 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from raydistill.datasets import load_test
-from raydistill.engines import (EngineError, HFEngine, choose_engine, engine_nodes, load_tokenizer,
-                                vllm_available, vllm_engine_kwargs, vllm_max_model_len, vllm_on_engine_nodes,
-                                vllm_processor)
-from raydistill.evaluate import build_prompts, evaluate, grade, merged_model, metrics, parts_dir
+from raydistill.evaluate import (EngineError, HFEngine, build_prompts, choose_engine, engine_nodes, evaluate, grade,
+                                 load_tokenizer, merged_model, metrics, parts_dir, vllm_available, vllm_engine_kwargs,
+                                 vllm_max_model_len, vllm_on_engine_nodes, vllm_processor)
 from raydistill.spec import EvalSpec
 from raydistill.tasks import TASK_NAMES
 from raydistill.students import build_tiny_llama, get_template, resolve_student

@@ -160,7 +160,7 @@ def test_report_tables_paired_tests_and_plots(tmp_path):
     paths = run_report(tmp_path, plots=True)
 
     md = paths["markdown"].read_text()
-    records = report.load_records(tmp_path)
+    records = [r.model_dump() for r in report.load_records(tmp_path)]
     row = next(line for line in md.splitlines() if line.startswith("| svamp | chatgpt | cot | tiny-llama"))
     for record in (r for r in records if r["axes"]["teacher"] == "chatgpt"):
         assert f"{100 * record['metrics']['accuracy']:.1f} [" in row

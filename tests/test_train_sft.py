@@ -45,7 +45,7 @@ def _job(tmp_path: Path, data: Path, name: str, **spec):
 def _losses(model_path: str) -> list[float]:
     from raydistill.train import read_train_state
 
-    return [point["loss"] for point in read_train_state(model_path)["history"]]
+    return [point["loss"] for point in read_train_state(model_path).history]
 
 
 def _set_loss(model_path: str, data: Path) -> float:
@@ -95,7 +95,7 @@ def test_loss_decreases_and_model_is_a_plain_hf_folder(tmp_path, model_cache, ra
     result = fit(job)
 
     state = read_train_state(result.model_path)
-    setup = state["deepspeed"]
+    setup = state.deepspeed
     assert {key: setup[key] for key in ("zero_stage", "offload_optimizer", "offload_param")} == \
         {"zero_stage": zero_stage, "offload_optimizer": offload, "offload_param": offload}
     assert setup["gradient_allreduce"] is not (zero_stage == 0 and workers == 1)
@@ -138,7 +138,7 @@ def test_sigkilled_worker_resumes_from_the_last_checkpoint(tmp_path, model_cache
     assert killed, "no worker was killed: the run ended before a checkpoint appeared"
     assert result.steps == 8 * 16 // 4
     assert len(result.resumed_at) == 1 and result.resumed_at[0] >= 4 and result.resumed_at[0] % 4 == 0
-    steps = [point["step"] for point in read_train_state(result.model_path)["history"]]
+    steps = [point["step"] for point in read_train_state(result.model_path).history]
     assert steps == list(range(1, result.steps + 1))
     restarted = _read_json(storage, f"{job.run_name}/workers/rank1.json")
     assert restarted["pid"] != killed[0] and restarted["start_step"] == result.resumed_at[0]
@@ -213,7 +213,7 @@ def test_cpu_run_stays_on_cpu_where_deepspeed_would_pick_cuda(tmp_path, model_ca
     finally:
         ray.shutdown()
     state = read_train_state(result.model_path)
-    assert state["deepspeed"]["accelerator"] == "cpu"
+    assert state.deepspeed["accelerator"] == "cpu"
     assert result.steps == 16 // 4
 
 

@@ -13,7 +13,7 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from raydistill.engines import choose_engine, load_tokenizer, vllm_available
+from raydistill.evaluate import choose_engine, load_tokenizer, vllm_available
 from raydistill.schemas import PREDICTION_SCHEMA
 from raydistill.spec import EvalSpec
 
@@ -146,7 +146,7 @@ def test_lora_adapter_runs_unmerged_on_vllm(model, runs, ray_cluster, model_cach
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from raydistill.engines import LoraPlan, vllm_lora_plan
+    from raydistill.evaluate import LoraPlan, vllm_lora_plan
 
     torch.manual_seed(0)
     config = LoraConfig(r=8, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
@@ -168,7 +168,7 @@ def test_lora_adapter_runs_unmerged_on_vllm(model, runs, ray_cluster, model_cach
 
 DRIVER = """
 import json, sys, ray
-from raydistill.engines import EngineError, choose_engine, vllm_available, vllm_on_engine_nodes
+from raydistill.evaluate import EngineError, choose_engine, vllm_available, vllm_on_engine_nodes
 from raydistill.spec import EvalSpec
 ray.init(address=sys.argv[1], log_to_driver=False)
 spec = EvalSpec(engine="auto", resources_per_actor={sys.argv[2]: 1}).for_task("svamp")

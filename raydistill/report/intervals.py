@@ -1,0 +1,123 @@
+"""Intervals and paired tests of the report: a cell's accuracy with its 95 % interval (Wilson
+or percentile bootstrap over questions) and the exact paired sign test between two cells.
+
+Statistics (docs/report.md): a cell's accuracy is the mean over seeds of each trial's accuracy.
+With one seed and one sample per question its 95 % interval is the Wilson score interval (never
+degenerate at 0 or n correct); with several seeds or samples it is a percentile bootstrap over
+test questions (each replicate draws questions with replacement and averages the seeds'
+accuracies on them), replaced by the Wilson interval over the questions where the bootstrap has
+zero width. Neighbouring levels are compared with an exact two-sided sign test on the per-question
+differences (the exact McNemar test for one seed), p-values Holm-adjusted over the table, next to
+the smallest difference the question count can show at all. Random numbers come from a fixed
+seed mixed with the cell's name, so a report is reproducible and a cell's CI does not change when
+other cells are added.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from raydistill import stats
+
+DEFAULT_N_BOOT = 2000
+DEFAULT_SEED = 0
+ALPHA = 0.05
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A point estimate with its 95 % interval and how the interval was computed."""
+
+    estimate: float
+    low: float
+    high: float
+    method: str = "bootstrap"  # "wilson" | "bootstrap" | "bootstrap+wilson" (Wilson where the bootstrap had zero width)
+
+
+@dataclass
+class PairedTest:
+    """Exact paired comparison of two sets of per-question scores (b minus a)."""
+
+    diff: float
+    n_b_better: int  # questions where b scores higher
+    n_a_better: int
+    p_value: float  # exact two-sided sign test (McNemar for 0/1 scores)
+    n_questions: int
+    min_detectable: float  # the smallest |diff| that could reach p <= alpha with this many questions
+    p_holm: float | None = None  # Holm-adjusted over the report's comparisons
+
+
+def cell_rng(seed: int, *key: str) -> np.random.Generator:
+    """A generator fixed by the report seed and a cell's name (stable across Python runs)."""
+    return np.random.default_rng([seed, zlib.crc32("\x1f".join(key).encode())])
+
+
+def bootstrap_weights(n_items: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """(n_boot, n_items) counts: how often each item is drawn in each resample with replacement."""
+    draws = rng.integers(0, n_items, size=(n_boot, n_items))
+    flat = (draws + n_items * np.arange(n_boot)[:, None]).ravel()
+    return np.bincount(flat, minlength=n_boot * n_items).reshape(n_boot, n_items)
+
+
+def bootstrap_accuracy(scores: np.ndarray, n_boot: int = DEFAULT_N_BOOT, rng: np.random.Generator | None = None,
+                       alpha: float = ALPHA) -> Interval:
+    """Mean over seeds of per-seed accuracy, with a percentile bootstrap CI resampling questions.
+
+    ``scores`` is (n_seeds, n_questions) or (n_questions,); NaN marks a question a seed lacks.
+    """
+    scores = np.atleast_2d(np.asarray(scores, dtype=float))
+    present = ~np.isnan(scores)
+    if not present.any():
+        raise ValueError("no scores to bootstrap")
+    values = np.where(present, scores, 0.0)
+    estimate = float(np.mean(values.sum(1) / present.sum(1)))
+    weights = bootstrap_weights(scores.shape[1], n_boot, rng or np.random.default_rng(DEFAULT_SEED))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_seed = (weights @ values.T) / (weights @ present.T)  # (n_boot, n_seeds)
+    replicates = np.nanmean(per_seed, axis=1) if np.isnan(per_seed).any() else per_seed.mean(1)
+    low, high = np.nanpercentile(replicates, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    return Interval(estimate, float(low), float(high))
+
+
+def wilson_accuracy(scores: np.ndarray, alpha: float = ALPHA) -> Interval:
+    """Accuracy of 0/1 question scores with its Wilson score interval."""
+    scores = np.asarray(scores, dtype=float)
+    correct, n = int(round(scores.sum())), int(scores.size)
+    low, high = stats.wilson_interval(correct, n, alpha)
+    return Interval(correct / n, low, high, "wilson")
+
+
+def accuracy_interval(scores: np.ndarray, n_boot: int = DEFAULT_N_BOOT, rng: np.random.Generator | None = None,
+                      alpha: float = ALPHA) -> Interval:
+    """A cell's accuracy and 95 % interval from its (n_seeds, n_questions) score matrix.
+
+    One seed whose scores are all 0 or 1: the Wilson interval. Otherwise the percentile bootstrap
+    over questions (`bootstrap_accuracy`); where it has zero width (every question scored alike),
+    the Wilson interval over the questions at the same accuracy, so an interval never claims
+    certainty.
+    """
+    scores = np.atleast_2d(np.asarray(scores, dtype=float))
+    present = scores[~np.isnan(scores)]
+    if scores.shape[0] == 1 and np.isin(present, (0.0, 1.0)).all():
+        return wilson_accuracy(present, alpha)
+    boot = bootstrap_accuracy(scores, n_boot, rng, alpha)
+    if boot.high > boot.low:
+        return boot
+    n = int((~np.isnan(scores)).any(axis=0).sum())
+    low, high = stats.wilson_interval(int(round(boot.estimate * n)), n, alpha)
+    return Interval(boot.estimate, low, high, "bootstrap+wilson")
+
+
+def paired_test(a: np.ndarray, b: np.ndarray, alpha: float = ALPHA) -> PairedTest:
+    """Accuracy difference b - a over the same questions with an exact two-sided sign test on the
+    per-question differences: the exact McNemar test on the discordant questions for 0/1 scores
+    (5 discordant questions all one way: p = 0.0625). Seeds averaged per question keep their sign."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.shape != b.shape or a.ndim != 1 or not a.size:
+        raise ValueError(f"paired scores need two equal-length non-empty vectors, got {a.shape} and {b.shape}")
+    test = stats.sign_test(b - a)
+    return PairedTest(float((b - a).mean()), test.n_pos, test.n_neg, test.p_value, int(a.size),
+                      stats.min_detectable_difference(int(a.size), alpha))

@@ -1,0 +1,196 @@
+"""results.md: one Markdown section per table (accuracy by level, paired tests, weak numbers,
+published numbers, cost, the paper's ablation) and the text formatting they share."""
+
+from __future__ import annotations
+
+import math
+
+from raydistill import stats
+from raydistill.report.cells import (
+    TRUNCATION_FLAG,
+    Cell,
+    Comparison,
+    Cost,
+    accuracy_per_usd,
+    by_row,
+    level_label,
+    sorted_levels,
+)
+from raydistill.report.intervals import ALPHA
+from raydistill.report.records import ROW_AXES
+
+TRUNCATED_MARK = "†"
+
+
+def pct(value: float | None, digits: int = 1) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.{digits}f}"
+
+
+def cell_text(cell: Cell) -> str:
+    """'52.1 [48.0, 56.2] ×3' (+ ' †' when truncated, ' · paper 53.42'): mean over seeds, 95 %
+    interval, seed count."""
+    text = f"{100 * cell.accuracy:.1f}"
+    if cell.interval:
+        text += f" [{pct(cell.interval.low)}, {pct(cell.interval.high)}]"
+    text += f" ×{len(cell.trials)}"
+    if cell.truncated:
+        text += f" {TRUNCATED_MARK}"
+    if cell.published:
+        text += f" · paper {cell.published['accuracy_pct']:.2f}"
+    return text
+
+
+def _md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
+    return lines
+
+
+def accuracy_section(cells: list[Cell], n_boot: int) -> list[str]:
+    levels = sorted_levels(cells)
+    headers = [*ROW_AXES, *(level_label(lvl) for lvl in levels)]
+    rows = [[*row, *(cell_text(by[lvl]) if lvl in by else "" for lvl in levels)]
+            for row, by in by_row(cells).items()]
+    n_test = sorted({int(t.metrics.get("n_test", 0)) for c in cells for t in c.trials})
+    methods = sorted({c.interval.method for c in cells if c.interval})
+    truncated = [c for c in cells if c.truncated]
+    lines = ["## Accuracy by granularity level", "", *_md_table(headers, rows), "",
+             f"Accuracy (%) on {', '.join(map(str, n_test))} test questions: mean over seeds, "
+             f"[95 % interval: {_methods_text(methods, n_boot)}], ×seeds; "
+             "'paper' is the published accuracy for the same dataset, teacher, student and level."]
+    if truncated:
+        lines.append(f"{TRUNCATED_MARK} more than {100 * TRUNCATION_FLAG:.0f} % of the cell's generations hit "
+                     f"max_new_tokens, so its accuracy is bounded by the cut, not only by the student "
+                     f"({len(truncated)} of {len(cells)} cells; see 'Weak numbers').")
+    return lines + [""]
+
+
+def _methods_text(methods: list[str], n_boot: int) -> str:
+    words = {"wilson": "Wilson score interval (one seed)",
+             "bootstrap": f"percentile bootstrap over questions, {n_boot} resamples (several seeds or samples)",
+             "bootstrap+wilson": "Wilson over the questions where the bootstrap had zero width"}
+    return "; ".join(words[m] for m in methods) or "none (no predictions)"
+
+
+def paired_section(comparisons: list[Comparison]) -> list[str]:
+    lines = ["## Neighbouring levels: exact paired tests", ""]
+    if not comparisons:
+        return lines + ["No table row has two numbered levels with predictions to pair.", ""]
+    headers = [*ROW_AXES, "comparison", "Δ accuracy (pp)", "better / worse", "p", "p (Holm)",
+               "smallest detectable Δ (pp)", "questions", "paired on"]
+    rows = [[*c.row, f"{level_label(c.a.level)} → {level_label(c.b.level)}", f"{100 * c.test.diff:+.1f}",
+             f"{c.test.n_b_better} / {c.test.n_a_better}", _p_text(c.test.p_value), _p_text(c.test.p_holm),
+             _detectable_text(c.test.min_detectable), c.test.n_questions, c.paired_on] for c in comparisons]
+    return lines + _md_table(headers, rows) + [
+        "", "Δ = accuracy of the higher level minus the lower one on the questions both answered. "
+        "'better / worse' counts the questions the higher level scores above / below the lower one "
+        "(the discordant questions); p is the exact two-sided sign test on them (the exact McNemar test "
+        f"for one seed), Holm-adjusted over the {len(comparisons)} comparisons of this table. With n "
+        f"questions no difference below {stats.min_discordant_for_significance(ALPHA)}/n can reach "
+        f"p ≤ {ALPHA}: the 'smallest detectable Δ' column.", ""]
+
+
+def _detectable_text(value: float) -> str:
+    return "none possible" if math.isinf(value) else f"{100 * value:.1f}"
+
+
+def quality_section(cells: list[Cell]) -> list[str]:
+    """Per cell: what can make its number weak, and the cells flagged."""
+    headers = [*ROW_AXES, "level", "truncated", "no answer", "target ceiling", "teacher cut", "mean tokens",
+               "max new tokens", "interval"]
+    rows = [[*c.key[:4], level_label(c.level), _share_text(c.truncation_rate),
+             _share_text(c.mean("extraction_failure_rate")), _share_text(c.mean("target_ceiling")),
+             _share_text(c.teacher_truncated_share), _number_text(c.mean("mean_generated_tokens")),
+             _number_text(c.mean("max_new_tokens")), c.interval.method if c.interval else ""] for c in cells]
+    flagged = [c for c in cells if c.flags()]
+    lines = ["## Weak numbers", "", *_md_table(headers, rows), "",
+             "truncated: share of generations that hit max_new_tokens; no answer: share with no "
+             "extractable answer; target ceiling: share of the cell's training targets graded correct "
+             "against their own answers (a student that copied its targets would score this); teacher cut: "
+             "share of the teacher's replies cut at max_tokens (generated cells).", ""]
+    if not flagged:
+        return lines + ["No cell is flagged.", ""]
+    return lines + ["Flagged cells:", ""] + [
+        f"- {'/'.join(c.key[:4])} {level_label(c.level)}: {'; '.join(c.flags())}" for c in flagged] + [""]
+
+
+def _share_text(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.1f} %"
+
+
+def _number_text(value: float | None) -> str:
+    return "" if value is None else f"{value:.0f}"
+
+
+def _p_text(p: float | None) -> str:
+    if p is None:
+        return ""
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
+def published_section(cells: list[Cell], published: list[dict]) -> list[str]:
+    lines = ["## Published numbers side by side", ""]
+    matched = [c for c in cells if c.published]
+    if not matched:
+        held = sorted({(r["dataset"], r["teacher"]) for r in published if r.get("teacher")})
+        what = "; ".join(f"{d}/{t}" for d, t in held) or "none held"
+        return lines + [f"No cell matches a published number (the paper's numbers cover {what}, "
+                        f"students {', '.join(sorted({r['student'] for r in published if r.get('student')}))}).", ""]
+    headers = ["dataset", "teacher", "format", "student", "level", "ours (%)", "95 % CI", "paper (%)",
+               "paper row", "ours − paper (pp)"]
+    rows = []
+    for c in matched:
+        ci = f"[{pct(c.interval.low)}, {pct(c.interval.high)}]" if c.interval else ""
+        paper = c.published["accuracy_pct"]
+        rows.append([*c.key[:4], level_label(c.level), f"{100 * c.accuracy:.1f}", ci, f"{paper:.2f}",
+                     c.published["kind"], f"{100 * c.accuracy - paper:+.1f}"])
+    return lines + _md_table(headers, rows) + [""]
+
+
+def cost_section(cells: list[Cell]) -> list[str]:
+    headers = [*ROW_AXES, "level", "teacher cost", "teacher tokens in/out", "train s (× workers)",
+               "eval s (× actors)", "accuracy % per $"]
+    rows = [[*c.key[:4], level_label(c.level), _usd_text(c.cost), _tokens_text(c.cost),
+             _seconds_text(c.cost.train_seconds, c.cost.train_worker_seconds),
+             _seconds_text(c.cost.eval_seconds, c.cost.eval_actor_seconds),
+             "" if accuracy_per_usd(c) is None else f"{accuracy_per_usd(c):.1f}"] for c in cells]
+    return ["## Cost per cell", "", *_md_table(headers, rows), "",
+            "Teacher cost is the annotation cell's summary (shared by every student trained on it); "
+            "'replayed' = released annotations, cost unknown. Compute seconds are summed over seeds; "
+            "the parenthesised figure multiplies by Ray Train workers / eval actors.", ""]
+
+
+def _usd_text(cost: Cost) -> str:
+    return f"${cost.usd:.2f}" if cost.source == "generated" else cost.source
+
+
+def _tokens_text(cost: Cost) -> str:
+    return f"{cost.tokens_in:,} / {cost.tokens_out:,}" if cost.source == "generated" else ""
+
+
+def _seconds_text(seconds: float | None, scaled: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    return f"{seconds:.1f}" + (f" ({scaled:.1f})" if scaled is not None and scaled != seconds else "")
+
+
+def ablation_section(published: list[dict]) -> list[str]:
+    rows = [[r["dataset"], level_label(r.get("level", "")), r.get("variant", ""), f"{r['accuracy_pct']:.2f}",
+             r.get("mean_seq_len", "")] for r in published if r.get("kind") == "ablation"]
+    if not rows:
+        return []
+    headers = ["dataset", "level", "variant", "paper accuracy (%)", "mean sequence length"]
+    return ["## Paper: granularity vs length ablation (for reference)", "", *_md_table(headers, rows), ""]
+
+
+def markdown_report(cells: list[Cell], comparisons: list[Comparison], published: list[dict],
+                    n_boot: int, seed: int, notes: list[str]) -> str:
+    lines = ["# Results", ""]
+    lines += accuracy_section(cells, n_boot)
+    lines += paired_section(comparisons)
+    lines += quality_section(cells)
+    lines += published_section(cells, published)
+    lines += cost_section(cells)
+    lines += ablation_section(published)
+    lines += [f"Bootstrap (where used): {n_boot} resamples, seed {seed}; see docs/report.md.", *notes]
+    return "\n".join(lines).rstrip() + "\n"

@@ -1,0 +1,83 @@
+"""Sweep: a Ray Tune grid of trials, one per (student, annotation cell, seed).
+
+The `raydistill sweep` command (its description is the line above) and the entry point of
+sweeps/<name>.py (`script_main`): runs the sweep, prints where its report and MLflow store are,
+and prints the errors a user can fix (`USER_ERRORS`) in one line.
+
+    raydistill sweep --config sweeps/granularity.yaml [--set train.epochs=1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from raydistill.records import TrialRecord
+from raydistill.spec import SpecError, SweepSpec, load_sweep, parse_overrides
+from raydistill.sweep.run import run_sweep
+
+
+def print_summary(spec: SweepSpec) -> None:
+    run_dir = spec.run_dir
+    print((run_dir / "results.md").read_text())
+    print(f"report        : {run_dir / 'results.md'} (CSV: results.csv, results_table.csv, paired_tests.csv)")
+    print(f"plot          : {run_dir / 'accuracy_vs_level.png'} (one panel per dataset and student in plots/)")
+    print(f"MLflow store  : {spec.tracking_uri}")
+    print(f"open the UI   : LITELLM_LOCAL_MODEL_COST_MAP=True mlflow ui --backend-store-uri {spec.tracking_uri} --port 5000")
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors whose message already says what to fix: the sweep CLI prints them in one line."""
+    from raydistill.annotate import CacheWriteError
+    from raydistill.datasets import CellNotReleased, DataUnavailable, MalformedData
+    from raydistill.evaluate import EngineError
+    from raydistill.prompts import PromptError
+    from raydistill.students import StudentError
+    from raydistill.train import TrainInputError
+
+    return (SpecError, StudentError, DataUnavailable, CellNotReleased, MalformedData, PromptError,
+            EngineError, TrainInputError, CacheWriteError)
+
+
+USER_ERRORS = _user_errors()
+
+
+def main(argv: list[str], prog: str = "raydistill sweep", default_config: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=default_config is None, default=default_config,
+                        help="sweep YAML (see sweeps/*.yaml)" + (f"; default {default_config}" if default_config else ""))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set train.epochs=1 --set levels=[1,6]")
+    parser.add_argument("--output-dir", default=os.environ.get("RAYDISTILL_OUTPUT_DIR"),
+                        help="parent folder of the sweep's outputs (default: $RAYDISTILL_OUTPUT_DIR, "
+                             "else the config's output_dir)")
+    args = parser.parse_args(argv)
+    try:
+        overrides = parse_overrides(args.set)
+        if args.output_dir:
+            overrides["output_dir"] = args.output_dir
+        spec = load_sweep(args.config, overrides)
+        run_and_print(spec)
+    except USER_ERRORS as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def script_main(script: str) -> int:
+    """Entry point of sweeps/<name>.py: runs sweeps/<name>.yaml unless --config names another."""
+    path = Path(script).resolve()
+    return main(sys.argv[1:], prog=path.name, default_config=str(path.with_suffix(".yaml")))
+
+
+def run_and_print(spec: SweepSpec) -> list[TrialRecord]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    started = time.perf_counter()
+    records = run_sweep(spec)
+    print_summary(spec)
+    print(f"wall time     : {time.perf_counter() - started:.0f} s for {len(records)} trials")
+    return records

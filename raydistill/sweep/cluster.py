@@ -1,0 +1,17 @@
+"""The Ray cluster a sweep runs on: the one it was submitted to, or a local one."""
+
+from __future__ import annotations
+
+import os
+
+
+def init_ray() -> None:
+    """Join the cluster this runs in (`ray job submit`, RAY_ADDRESS) or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    # Joins RAY_ADDRESS when set (e.g. inside `ray job submit`), else starts a local cluster of
+    # RAYDISTILL_RAY_NUM_CPUS CPUs (default: all of this machine's).
+    cpus = os.environ.get("RAYDISTILL_RAY_NUM_CPUS")
+    ray.init(num_cpus=int(cpus) if cpus and not os.environ.get("RAY_ADDRESS") else None)

@@ -1,0 +1,124 @@
+"""Running a sweep: prepare cells and test sets, run every trial under Ray Tune, track in MLflow, report.
+
+`run_sweep` writes the plan (`PLAN_FILE`), checks the evaluation engines before any training,
+and runs the trials with `TRIAL_DRIVER_RESOURCES` each.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import yaml
+
+from raydistill import files
+from raydistill.records import TrialRecord
+from raydistill.spec import CellSpec, SpecError, SweepSpec, TrialSpec, storage_problem
+from raydistill.sweep.cells import digests_of_test_set, identify_trial, prepare_cells, prepare_test
+from raydistill.sweep.cluster import init_ray
+from raydistill.sweep.trial import run_trial
+
+log = logging.getLogger("raydistill.sweep")
+
+
+PLAN_FILE = "trials.json"  # the sweep's current trials; the report leaves out records of earlier plans
+
+# A trial driver only waits on its Train workers and Ray Data actors, so it takes no CPU; Tune
+# cannot place a trial that asks for nothing, hence one byte of memory. `max_concurrent_trials`
+# bounds how many trials run at once.
+TRIAL_DRIVER_RESOURCES = {"cpu": 0, "memory": 1}
+
+
+def run_sweep(spec: SweepSpec) -> list[TrialRecord]:
+    """Run every trial of the sweep (skipping finished ones) and return their records.
+
+    Stages: annotation cells (once per cell, shared by students) -> Tune trials (SFT + eval per
+    student, cell and seed) -> MLflow (a parent run for the sweep, a nested run per trial) ->
+    report.
+    """
+    from ray import tune
+
+    from raydistill.report import write_report
+    from raydistill.students import resolve_student, weights_digest
+    from raydistill.tracking import MLflowTrialLogger, finish_sweep_run, start_sweep_run
+
+    problem = storage_problem(spec.checkpoint_storage) if spec.checkpoint_storage else None
+    if problem:  # before any annotation is paid for
+        raise SpecError(f"sweep {spec.name}: checkpoint_storage {spec.checkpoint_storage!r}: {problem}")
+    run_dir = spec.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    files.write_text(run_dir / "sweep.yaml", yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    cells, missing = prepare_cells(spec)
+    _write_missing(missing, run_dir)
+    planned = [t for t in spec.trials() if t.cell in cells]
+    log.info("sweep %s: %d trials over %d annotation cells (%d left out)", spec.name, len(planned), len(cells),
+             len(missing))
+    if not planned:
+        raise SpecError(f"sweep {spec.name}: no trial left to run; every cell is missing (see {run_dir}/missing_cells.json)")
+    datasets = spec.axis_values("datasets")
+    test_paths = {task: prepare_test(task, spec.test_limit, run_dir) for task in datasets}
+    tests = {task: digests_of_test_set(task) for task in datasets}
+    model_paths = {student: str(resolve_student(student)) for student in spec.axis_values("students")}
+    students = {student: weights_digest(path) for student, path in model_paths.items()}
+    trials = [identify_trial(t, CellSpec.model_validate(cells[t.cell]["spec"]), students[t.student],
+                             tests[t.cell.dataset]) for t in planned]
+    files.write_json(run_dir / PLAN_FILE, [{"trial_hash": t.trial_hash, **t.axes()} for t in trials], indent=1)
+
+    init_ray()
+    check_engines(trials)
+    parent = start_sweep_run(spec, run_dir / "sweep.yaml")
+    payloads = [
+        {"trial": t.model_dump(mode="json"), "run_dir": str(run_dir), "cell": cells[p],
+         "checkpoint_storage": spec.checkpoint_storage or str(run_dir / "ray"),
+         "test_path": str(test_paths[t.cell.dataset]), "model_path": model_paths[t.student]}
+        for p, t in zip((t.cell for t in planned), trials)
+    ]
+    tuner = tune.Tuner(
+        tune.with_resources(run_trial, TRIAL_DRIVER_RESOURCES),
+        param_space={"payload": tune.grid_search(payloads)},
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=spec.max_concurrent_trials,
+            trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
+        ),
+        run_config=tune.RunConfig(
+            name="tune", storage_path=str(run_dir / "ray"),
+            callbacks=[MLflowTrialLogger(parent)],
+            failure_config=tune.FailureConfig(max_failures=1),
+        ),
+    )
+    results = tuner.fit()
+    errors = [r.error for r in results if r.error]
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {len(trials)} trials failed; first error: {errors[0]}")
+    records = [TrialRecord.read(r.metrics["record_path"]) for r in results]
+    report = write_report(records, run_dir)
+    finish_sweep_run(parent, records, report)
+    return records
+
+
+def check_engines(trials: list[TrialSpec]) -> None:
+    """Fail before any training when ``eval.engine: vllm`` names nodes that are up but cannot import
+    vLLM (`raydistill.evaluate.choose_engine`). Nodes an autoscaler has not started yet are asked
+    when the trial evaluates."""
+    from raydistill.evaluate import EngineError, choose_engine, engine_nodes
+
+    specs = {(t.eval.model_dump_json(), t.cell.dataset): t.eval.for_task(t.cell.dataset) for t in trials
+             if t.eval.engine == "vllm"}
+    for (_, task), eval_spec in specs.items():
+        if engine_nodes(eval_spec):
+            try:
+                choose_engine(eval_spec)
+            except EngineError as err:
+                raise SpecError(f"eval for {task}: {err}") from None
+
+
+def _write_missing(missing: dict[CellSpec, str], run_dir: Path) -> None:
+    path = run_dir / "missing_cells.json"
+    if missing:
+        files.write_json(path, [{"cell": c.label, "reason": r} for c, r in missing.items()])
+    elif path.exists():
+        path.unlink()
+
+
+def _trial_name(trial) -> str:
+    return "trial-" + TrialSpec.model_validate(trial.config["payload"]["trial"]).trial_hash

@@ -1,0 +1,122 @@
+"""One sweep trial: the Ray Tune trainable `run_trial` (Ray Train SFT -> Ray Data evaluation -> trial record).
+
+A trial whose record already exists is not recomputed; a damaged record is set aside and the
+trial runs again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+import raydistill
+from raydistill.datasets import target_ceiling
+from raydistill.records import RecordError, TrainState, TrialRecord
+from raydistill.spec import TrialSpec
+
+log = logging.getLogger("raydistill.sweep")
+
+
+def run_trial(config: dict) -> dict:
+    """Tune trainable: fine-tune the student on the cell, evaluate, write the trial record."""
+    from ray import tune
+
+    payload = config["payload"]
+    trial = TrialSpec.model_validate(payload["trial"])
+    trial_dir = Path(payload["run_dir"]) / "trials" / trial.trial_hash
+    record_path = trial_dir / "record.json"
+    record = read_record(record_path)
+    if record is None:
+        record = _train_and_evaluate(trial, payload, trial_dir)
+        record.write(record_path)
+    result = {**record.metrics.model_dump(), "record_path": str(record_path)}
+    tune.report(result)
+    return result
+
+
+def read_record(path: Path) -> TrialRecord | None:
+    """A finished trial's record, or None when the trial must run.
+
+    A damaged record (cut short, not JSON, no metrics) is moved aside as `record.json.corrupt`
+    and the trial runs again; its checkpoints and prediction parts are reused.
+    """
+    if not path.exists():
+        return None
+    try:
+        return TrialRecord.read(path)
+    except RecordError as err:
+        problem = str(err).removeprefix(f"{path}: ")
+    log.warning("%s is damaged (%s): moved to %s.corrupt, the trial runs again", path, problem, path.name)
+    path.replace(path.with_name(path.name + ".corrupt"))
+    return None
+
+
+def _train_and_evaluate(trial: TrialSpec, payload: dict, trial_dir: Path) -> TrialRecord:
+    from raydistill.evaluate import evaluate
+    from raydistill.train import TRAIN_STATE_FILE, TrainJob, fit
+
+    job = TrainJob(student=trial.student, model_path=payload["model_path"], data_path=payload["cell"]["train_path"],
+                   run_name=f"train-{trial.trial_hash}", storage_path=payload["checkpoint_storage"],
+                   spec=trial.train)
+    trained = fit(job, report_to_tune=True, download_to=trial_dir / "model")
+    test = pq.read_table(payload["test_path"])
+    started = time.perf_counter()
+    result = outside_trial_placement_group(
+        evaluate, trained.model_path, trial.student, trial.cell.dataset, test, trial.eval,
+        trial_dir / "predictions.parquet", trial.grader)
+    eval_seconds = time.perf_counter() - started
+    state = TrainState.read(Path(trained.model_path) / TRAIN_STATE_FILE)
+    ceiling = target_ceiling(trial.cell.dataset, pq.read_table(payload["cell"]["train_path"]), trial.grader)
+    return TrialRecord.parse({
+        "trial_hash": trial.trial_hash,
+        "eval_hash": result.eval_hash,
+        "raydistill_version": raydistill.__version__,
+        "axes": trial.axes(),
+        "cell": payload["cell"],
+        "inputs": trial.inputs,
+        "train_spec": trial.train.model_dump(mode="json"),
+        "eval_spec": trial.eval.model_dump(mode="json"),
+        "eval_protocol": trial.eval.protocol_note(trial.cell.dataset, trial.eval_overrides),
+        "grader": trial.grader.label(),
+        "engine": result.engine,
+        "model_path": trained.model_path,
+        "predictions_path": result.predictions_path,
+        "train_history": state.history,
+        # what ran: precision, gradient checkpointing, attention, DeepSpeed's accelerator and optimizer
+        "train_setup": {k: getattr(state, k, None) for k in ("precision", "gradient_checkpointing", "attn_implementation",
+                                                 "world_size", "deepspeed")},
+        "metrics": {
+            "accuracy": result.accuracy,
+            "n_test": result.n,
+            "extraction_failure_rate": result.extraction_failure_rate,
+            "truncation_rate": result.truncation_rate,
+            "max_new_tokens": result.max_new_tokens,
+            "target_ceiling": ceiling,
+            "mean_generated_tokens": result.mean_generated_tokens,
+            "train_examples": trained.examples,
+            "train_truncated": trained.truncated,
+            "train_over_cutoff": trained.over_cutoff,
+            "train_padding_fraction": trained.padding_fraction,
+            "train_steps": trained.steps,
+            "final_train_loss": trained.final_loss,
+            "train_seconds": trained.train_seconds,
+            "eval_seconds": eval_seconds,
+        },
+    }, f"trial {trial.trial_hash}")
+
+
+def outside_trial_placement_group(fn, *args, **kwargs):
+    """Call `fn` in a zero-CPU Ray task that is not captured by the trial's placement group.
+
+    Tune runs each trial in a placement group that holds only what the trial driver asked for;
+    Ray Data tasks and actors started from inside it would be confined to it and never scheduled.
+    """
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    escaped = ray.remote(num_cpus=0, max_retries=0,
+                         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))(fn)
+    return ray.get(escaped.remote(*args, **kwargs))

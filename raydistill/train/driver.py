@@ -1,0 +1,76 @@
+"""The driver side of a run: check its inputs before any worker starts, run `train_loop_per_worker`
+on a Ray Train `TorchTrainer`, and return where the fine-tuned model landed."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import replace
+
+from raydistill.spec import redact_storage, storage_problem
+from raydistill.train.checkpoints import local_model_folder, read_train_state
+from raydistill.train.data import read_examples
+from raydistill.train.job import TrainInputError, TrainJob, TrainResult
+from raydistill.train.memory_check import check_memory_on_driver, precision_warning
+from raydistill.train.worker import train_loop_per_worker
+
+log = logging.getLogger(__package__)  # "raydistill.train"
+
+
+def check_storage(storage_path: str) -> None:
+    """A storage path pyarrow cannot open (unknown scheme, no bucket, bad query option, credentials
+    in the URI) raises TrainInputError naming it, before any worker starts."""
+    problem = storage_problem(storage_path)
+    if problem:
+        raise TrainInputError(f"checkpoint storage {redact_storage(storage_path)!r}: {problem}")
+
+
+def fit(job: TrainJob, report_to_tune: bool = False, download_to: str | os.PathLike | None = None) -> TrainResult:
+    """Run one fine-tuning job on the current Ray cluster and return where the model landed: a local
+    HF folder (the final checkpoint, or with URI storage its copy under `download_to`)."""
+    read_examples(job.data_path)  # a bad file fails here, in one line, before any worker starts
+    if "://" not in job.storage_path:  # workers resolve paths from their own working directory
+        job = replace(job, storage_path=os.path.abspath(job.storage_path))
+    check_storage(job.storage_path)
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    spec = job.spec
+    check_memory_on_driver(job, spec)
+    if precision_warning(spec):
+        log.warning(precision_warning(spec))
+    callbacks = []
+    if report_to_tune:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        callbacks.append(TuneReportCallback())
+    resources = {"CPU": spec.cpus_per_worker, **spec.resources_per_worker}
+    if spec.use_gpu:
+        resources["GPU"] = spec.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": job},
+        torch_config=TorchConfig(backend="nccl" if spec.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=spec.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=job.run_name, storage_path=job.storage_path, callbacks=callbacks,
+                             failure_config=FailureConfig(max_failures=spec.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    started = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as err:  # a worker's input error is the user's to fix: its own line
+        inputs = [e for e in getattr(err, "worker_failures", {}).values() if isinstance(e, TrainInputError)]
+        if inputs:
+            raise TrainInputError(str(inputs[0])) from None
+        raise
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {job.run_name} finished without a checkpoint")
+    model_path = local_model_folder(result.checkpoint, download_to)
+    state = read_train_state(model_path)
+    return TrainResult(model_path=model_path, steps=state.steps, final_loss=state.history[-1]["loss"],
+                       train_seconds=time.perf_counter() - started, examples=state.examples,
+                       truncated=state.truncated, over_cutoff=state.over_cutoff,
+                       padding_fraction=state.padding_fraction, resumed_at=tuple(state.resumed_at))

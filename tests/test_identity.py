@@ -3,8 +3,11 @@ changes exactly the hashes of what was built from it (the end-to-end rerun is in
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
+
+import pyarrow.parquet as pq
 
 from raydistill.spec import sweep_from_dict
 from raydistill.sweep import identify_cell, identify_trial
@@ -83,3 +86,34 @@ def test_trial_hash_covers_weights_test_data_grader_and_eval_overrides():
     # protocol: paper with the protocol's own value stated explicitly is recorded as an override
     explicit = sweep_from_dict({**base, "eval": {"max_new_tokens": 1024}})
     assert explicit.trials()[0].eval == trial.eval and explicit.trials()[0].eval_overrides == ["max_new_tokens"]
+
+
+def test_a_padded_cell_pads_level_1_to_the_same_questions_level_5_length(tmp_path):
+    """The length ablation from the release: each level-1 rationale is its own text plus "..." up
+    to the word count of the same question's level-5 rationale, the final answer sentence last."""
+    from raydistill.datasets import load_train
+    from raydistill.sweep import cell_dir, replay_cell
+
+    spec = sweep_from_dict({"name": "pad", "datasets": ["svamp"], "teachers": ["chatgpt"], "students": ["tiny-llama"],
+                            "train_limit": 40, "grids": [{"levels": [1], "pad_to_level": 5}]})
+    [cell] = spec.cells()
+    identified = identify_cell(cell, spec)
+    assert any("level1" in path for path in identified.inputs) and any("level5" in path for path in identified.inputs)
+    info = replay_cell(identified, cell_dir(tmp_path, identified))
+    rows = pq.read_table(info["train_path"]).to_pylist()
+    level1 = {r["question_id"]: r for r in load_train("svamp", "chatgpt", level=1).to_pylist()}
+    level5 = {r["question_id"]: r["rationale"] for r in load_train("svamp", "chatgpt", level=5).to_pylist()}
+    assert len(rows) == 40
+    grew = 0
+    for row in rows:
+        original = level1[row["question_id"]]["rationale"]
+        target = len(level5[row["question_id"]].split()) if row["question_id"] in level5 else 0  # not in L5: unpadded
+        words = row["rationale"].split()
+        assert len(words) == max(len(original.split()), target)
+        assert re.sub(r"\s+|\.\.\.", "", row["rationale"]) == re.sub(r"\s+|\.\.\.", "", original)  # no content added
+        assert row["answer"] == level1[row["question_id"]]["answer"]
+        if len(words) > len(original.split()) and re.search("[Tt]he answer is", original):
+            assert re.search("[Tt]he answer is", row["rationale"].rsplit("...", 1)[-1])  # the answer sentence stays last
+        grew += len(words) > len(original.split())
+    assert grew > 30  # level-5 rationales are longer for nearly every question
+

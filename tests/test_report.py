@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from raydistill import report
+from raydistill import report, stats
 from raydistill.schemas import PREDICTION_SCHEMA
 
 N_BOOT = 500
@@ -186,6 +186,29 @@ def test_report_tables_paired_tests_and_plots(tmp_path):
     assert len(read_csv(paths["trials_csv"])) == 4
     assert paths["plot"].stat().st_size > 1000
     assert paths["plot:svamp_tiny-llama"].stat().st_size > 1000
+
+
+def test_a_padded_cell_is_compared_with_both_of_its_levels(tmp_path):
+    """The length ablation: L1+pad5 is tested against L1 and against L5 (right-hand minus left),
+    in the same Holm family as the neighbouring levels."""
+    n = 200
+    write_trial(tmp_path, draws(0.3, n, 1), level="1")
+    write_trial(tmp_path, draws(0.6, n, 2), level="5")
+    padded = draws(0.3, n, 1)
+    padded[:12] = ~padded[:12]  # 12 discordant questions against L1
+    write_trial(tmp_path, padded, level="1+pad5")
+    paths = run_report(tmp_path)
+
+    tests = {(t["level_a"], t["level_b"]): t for t in read_csv(paths["paired_csv"])}
+    assert set(tests) == {("1", "5"), ("1", "1+pad5"), ("5", "1+pad5")}
+    to_l1 = tests[("1", "1+pad5")]
+    assert int(to_l1["n_a_better"]) + int(to_l1["n_b_better"]) == 12
+    assert float(to_l1["diff"]) == pytest.approx(padded.mean() - draws(0.3, n, 1).mean())
+    assert float(tests[("5", "1+pad5")]["diff"]) == pytest.approx(padded.mean() - draws(0.6, n, 2).mean())
+    raw = [float(t["p_value"]) for t in tests.values()]
+    assert [float(t["p_holm"]) for t in tests.values()] == pytest.approx(stats.holm_adjust(raw))  # one family of 3
+    md = paths["markdown"].read_text()
+    assert "L1 → L1+pad5" in md and "L5 → L1+pad5" in md
 
 
 def test_seeds_are_aggregated(tmp_path):

@@ -68,3 +68,28 @@ def test_unreadable_yaml_names_the_file(tmp_path):
     bad.write_text("name: [unclosed\n")
     with pytest.raises(SpecError, match="broken.yaml"):
         load_sweep(bad)
+
+
+def test_a_padded_grid_adds_its_own_cells_and_leaves_the_others_as_they_were():
+    plain = sweep_from_dict(BASE)
+    padded = sweep_from_dict({**BASE, "grids": [{}, {"levels": [1], "pad_to_level": 5}]})
+    assert [c.label for c in padded.cells()] == ["svamp/chatgpt/L1/cot", "svamp/chatgpt/L3/cot",
+                                                 "svamp/chatgpt/L1+pad5/cot"]
+    hashes = {t.trial_hash for t in padded.trials()}
+    assert {t.trial_hash for t in plain.trials()} < hashes and len(hashes) == 3  # unpadded trials keep their hash
+    [ablation] = [t for t in padded.trials() if t.cell.pad_to_level == 5]
+    assert ablation.axes()["level"] == "1+pad5" and ablation.cell.level == 1
+    assert "pad_to_level" not in plain.cells()[0].model_dump()
+
+
+@pytest.mark.parametrize("grid, words", [
+    ({"levels": [5], "pad_to_level": 5}, ["grids[0]", "pad_to_level 5", "another level"]),
+    ({"teachers": ["human"], "levels": [1], "pad_to_level": 5}, ["grids[0]", "['human'] have no level"]),
+    ({"levels": [1], "pad_to_level": 7}, ["grids.0.pad_to_level", "less than or equal to 6"]),
+])
+def test_bad_padding_names_the_grid(grid, words):
+    with pytest.raises(SpecError) as err:
+        sweep_from_dict({**BASE, "grids": [grid]}, source="bad.yaml")
+    for word in words:
+        assert word in str(err.value)
+

@@ -38,7 +38,8 @@ from raydistill.annotate.cache import CacheWriteError, RequestCache, prompt_hash
 from raydistill.annotate.cells import AnnotationResult, AnnotationRun  # noqa: E402
 from raydistill.annotate.cli import main, spent_usd, summary_table  # noqa: E402
 from raydistill.annotate.pipeline import annotate, annotate_cells, cache_write_error_in  # noqa: E402
-from raydistill.annotate.questions import load_questions, pad_rationale  # noqa: E402
+from raydistill.annotate.questions import load_questions  # noqa: E402
+from raydistill.datasets.tables import pad_rationale  # noqa: E402
 from raydistill.annotate.ratelimit import RateLimiter, TokenBucket  # noqa: E402
 from raydistill.annotate.teacher import TeacherCaller  # noqa: E402
 from raydistill.spec.annotation import (  # noqa: E402

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from raydistill import files
-from raydistill.annotate.questions import ANSWER_TRIGGER, pad_rationale
+from raydistill.datasets.tables import ANSWER_TRIGGER, pad_rationale
 from raydistill.schemas import ANNOTATION_SCHEMA, EXAMPLE_SCHEMA
 from raydistill.spec.annotation import AnnotationSpec
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import re
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -89,26 +88,6 @@ def _read_questions_parquet(path: str) -> pa.Table:
     if problem:
         raise SpecError(f"{where}: {problem}")
     return t
-
-
-ANSWER_TRIGGER = re.compile(r"[Tt]he answer is")
-
-
-def pad_rationale(text: str, target_words: int, filler: str = "...") -> str:
-    """Pad ``text`` to ``target_words`` whitespace words by repeating ``filler`` right before its
-    final "The answer is ..." sentence (at the end if there is none); no content is added."""
-    words = len(text.split())
-    unit = max(1, len(filler.split()))
-    need = math.ceil(max(0, target_words - words) / unit)
-    if need == 0:
-        return text
-    pad = " ".join([filler] * need)
-    matches = list(ANSWER_TRIGGER.finditer(text))
-    if not matches:
-        return f"{text.rstrip()} {pad}"
-    cut = matches[-1].start()
-    body, tail = text[:cut].rstrip(), text[cut:]
-    return f"{body} {pad} {tail}" if body else f"{pad} {tail}"
 
 
 def question_length_levels(questions: pa.Table, h: HybridSpec) -> list[int]:

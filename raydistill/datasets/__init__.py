@@ -58,6 +58,8 @@ from raydistill.datasets.release import (
 from raydistill.datasets.tables import (
     load_test,
     load_train,
+    pad_rationale,
+    pad_to_length_of,
     question_id,
     repair_gold,
     repair_target,
@@ -100,6 +102,8 @@ __all__ = [
     "file_digest",
     "load_test",
     "load_train",
+    "pad_rationale",
+    "pad_to_length_of",
     "local_path",
     "main",
     "mirror_dir",

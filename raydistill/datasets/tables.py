@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import re
 
@@ -179,6 +180,40 @@ def load_train(task: str, teacher: str, level: int | None = None, fmt: str = "co
         log.info("%s %s: %d rows have no gold answer (answer \"\")",
                  task, cell_name(tf.cell), missing)
     return _table(rows)
+
+
+# ----------------------------------------------------------------------- length ablation
+
+ANSWER_TRIGGER = re.compile(r"[Tt]he answer is")
+
+
+def pad_rationale(text: str, target_words: int, filler: str = "...") -> str:
+    """Pad ``text`` to ``target_words`` whitespace words by repeating ``filler`` right before its
+    final "The answer is ..." sentence (at the end if there is none); no content is added."""
+    matches = list(ANSWER_TRIGGER.finditer(text))
+    cut = matches[-1].start() if matches else len(text)
+    body, tail = text[:cut].rstrip(), text[cut:]
+    words = len(body.split()) + len(tail.split())  # "= 322.The answer is" counts as the words it becomes
+    unit = max(1, len(filler.split()))
+    need = math.ceil(max(0, target_words - words) / unit)
+    if need == 0:
+        return text
+    return " ".join(part for part in (body, " ".join([filler] * need), tail) if part)
+
+
+def pad_to_length_of(table: pa.Table, target: pa.Table, label: str) -> pa.Table:
+    """``table`` with each rationale padded (`pad_rationale`) to the word count of the same
+    question's rationale in ``target``: the paper's length ablation ("Level 1 + padding", padded to
+    level 5). A question ``target`` lacks keeps its rationale; they are counted in the log."""
+    lengths = dict(zip(target.column("question_id").to_pylist(),
+                       (len(r.split()) for r in target.column("rationale").to_pylist())))
+    qids = table.column("question_id").to_pylist()
+    padded = [pad_rationale(r, lengths.get(q, 0)) for q, r in zip(qids, table.column("rationale").to_pylist())]
+    unmatched = sum(q not in lengths for q in qids)
+    (log.warning if unmatched else log.info)("%s: %d of %d rationales padded to the length of the target "
+                                             "level's; %d questions have no target rationale and stay as they are",
+                                             label, sum(q in lengths for q in qids), len(qids), unmatched)
+    return table.set_column(table.schema.get_field_index("rationale"), "rationale", pa.array(padded, pa.string()))
 
 
 # ----------------------------------------------------------------------- repair and ceiling

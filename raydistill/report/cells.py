@@ -4,6 +4,7 @@ levels of a table row, Holm-adjusted; the order and labels of cells and levels."
 
 from __future__ import annotations
 
+import re
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -191,7 +192,7 @@ def cell_sort_key(key: tuple) -> tuple:
 
 @dataclass
 class Comparison:
-    """A paired test between two neighbouring levels of one table row."""
+    """A paired test between two levels of one table row (neighbours, or a padded cell and a level)."""
 
     row: tuple[str, ...]
     a: Cell
@@ -228,22 +229,31 @@ def paired_scores(a: Cell, b: Cell) -> tuple[np.ndarray, np.ndarray, int, str] |
     return mean_scores(ta), mean_scores(tb), len(common), paired_on
 
 
+PADDED_LEVEL = re.compile(r"^(\d+)\+pad(\d+)$")  # "1+pad5": level 1 padded to level 5's length
+
+
 def neighbour_tests(cells: list[Cell]) -> list[Comparison]:
-    """Exact paired tests between consecutive numbered levels present in each table row, their
-    p-values Holm-adjusted over all of them (one family: the report's paired table)."""
-    rows: dict[tuple, list[Cell]] = defaultdict(list)
+    """Exact paired tests between consecutive numbered levels present in each table row, and of
+    each padded cell ("1+pad5") against its own level and the level it was padded to (the length
+    ablation); their p-values Holm-adjusted over all of them (one family: the report's paired table)."""
+    rows: dict[tuple, dict[str, Cell]] = defaultdict(dict)
     for cell in cells:
-        if cell.level.isdigit():
-            rows[cell.key[:4]].append(cell)
-    comparisons = []
+        rows[cell.key[:4]][cell.level] = cell
+    pairs = []
     for row in sorted(rows):
-        ordered = sorted(rows[row], key=lambda c: level_key(c.level))
-        for a, b in zip(ordered, ordered[1:]):
-            paired = paired_scores(a, b)
-            if paired is None:
-                continue
-            sa, sb, n_seeds, paired_on = paired
-            comparisons.append(Comparison(row, a, b, paired_test(sa, sb), n_seeds, paired_on))
+        ordered = sorted((c for c in rows[row].values() if c.level.isdigit()), key=lambda c: level_key(c.level))
+        pairs += [(row, a, b) for a, b in zip(ordered, ordered[1:])]
+        for level, padded in sorted(rows[row].items()):
+            match = PADDED_LEVEL.match(level)
+            pairs += [(row, rows[row][plain], padded) for plain in (match.groups() if match else ())
+                      if plain in rows[row]]
+    comparisons = []
+    for row, a, b in pairs:
+        paired = paired_scores(a, b)
+        if paired is None:
+            continue
+        sa, sb, n_seeds, paired_on = paired
+        comparisons.append(Comparison(row, a, b, paired_test(sa, sb), n_seeds, paired_on))
     for comparison, adjusted in zip(comparisons, stats.holm_adjust([c.test.p_value for c in comparisons])):
         comparison.test.p_holm = adjusted
     return comparisons

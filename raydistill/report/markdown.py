@@ -82,8 +82,9 @@ def paired_section(comparisons: list[Comparison]) -> list[str]:
              f"{c.test.n_b_better} / {c.test.n_a_better}", _p_text(c.test.p_value), _p_text(c.test.p_holm),
              _detectable_text(c.test.min_detectable), c.test.n_questions, c.paired_on] for c in comparisons]
     return lines + _md_table(headers, rows) + [
-        "", "Δ = accuracy of the higher level minus the lower one on the questions both answered. "
-        "'better / worse' counts the questions the higher level scores above / below the lower one "
+        "", "Δ = accuracy of the right-hand cell (the higher level, or the padded cell of the length "
+        "ablation) minus the left one on the questions both answered. "
+        "'better / worse' counts the questions the right-hand cell scores above / below the left one "
         "(the discordant questions); p is the exact two-sided sign test on them (the exact McNemar test "
         f"for one seed), Holm-adjusted over the {len(comparisons)} comparisons of this table. With n "
         f"questions no difference below {stats.min_discordant_for_significance(ALPHA)}/n can reach "

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_serializer, model_validator
 
 from raydistill.answers import GraderOptions
 from raydistill import prompts
@@ -49,6 +49,17 @@ class CellSpec(Strict):
     repair_targets: bool = False
     generator: dict | None = None
     inputs: dict[str, str] = Field(default_factory=dict)
+    # The length ablation: each rationale padded ("...") to the length of the same question's
+    # rationale at this level, no content added (the paper's "Level 1 + padding" to level 5).
+    pad_to_level: int | None = None
+
+    @model_serializer(mode="wrap")
+    def _unpadded_as_before(self, handler) -> dict:
+        """An unpadded cell dumps (and so hashes) without `pad_to_level`."""
+        data = handler(self)
+        if self.pad_to_level is None:
+            data.pop("pad_to_level", None)
+        return data
 
     def __hash__(self) -> int:  # `generator` is a dict, so hash the content
         return hash(self.cell_hash)
@@ -58,8 +69,14 @@ class CellSpec(Strict):
         return content_hash(self.model_dump(mode="json"))
 
     @property
+    def level_name(self) -> str:
+        """"3", "1+pad5" for a padded cell, "" without a level."""
+        level = "" if self.level is None else str(self.level)
+        return level + (f"+pad{self.pad_to_level}" if self.pad_to_level is not None else "")
+
+    @property
     def label(self) -> str:
-        level = f"L{self.level}" if self.level is not None else "-"
+        level = f"L{self.level_name}" if self.level is not None else "-"
         return f"{self.dataset}/{self.teacher}/{level}/{self.format}"
 
 
@@ -90,7 +107,7 @@ class TrialSpec(Strict):
         return {
             "dataset": self.cell.dataset,
             "teacher": self.cell.teacher,
-            "level": "" if self.cell.level is None else str(self.cell.level),
+            "level": self.cell.level_name,
             "format": self.cell.format,
             "student": self.student,
             "seed": str(self.seed),
@@ -137,6 +154,9 @@ class GridSpec(Strict):
     levels: list[int] | None = None
     formats: list[str] | None = None
     students: list[str] | None = None
+    # Pad this grid's cells to the length of the same question's rationale at this level (the
+    # length ablation); its levels are then the padded ones, e.g. levels [1], pad_to_level 5.
+    pad_to_level: int | None = Field(None, ge=1, le=6)
 
 
 class SweepSpec(Strict):
@@ -197,15 +217,16 @@ class SweepSpec(Strict):
                     f"{where}teachers {unknown} are neither released annotation sets {list(REPLAY_TEACHERS)} "
                     "nor defined under annotation.teachers (name: {model: <litellm model>, ...})"
                 )
+            _check_padding(grid, where)
         return self
 
     def expanded_grids(self) -> list[dict[str, list]]:
         """Every grid with its axes filled from the top level."""
         top = {axis: getattr(self, axis) for axis in AXES}
         if not self.grids:
-            return [top]
-        return [{axis: getattr(g, axis) if getattr(g, axis) is not None else top[axis] for axis in AXES}
-                for g in self.grids]
+            return [{**top, "pad_to_level": None}]
+        return [{**{axis: getattr(g, axis) if getattr(g, axis) is not None else top[axis] for axis in AXES},
+                 "pad_to_level": g.pad_to_level} for g in self.grids]
 
     def axis_values(self, axis: str) -> list:
         """The values an axis takes over all grids, in first-seen order."""
@@ -238,7 +259,8 @@ class SweepSpec(Strict):
                     for fmt in ["cot"] if levelless else grid["formats"]:
                         cells.append(CellSpec(dataset=dataset, teacher=teacher, level=level, format=fmt,
                                               train_limit=self.train_limit, generator=generator,
-                                              repair_targets=self.repair_targets and generator is None))
+                                              repair_targets=self.repair_targets and generator is None,
+                                              pad_to_level=grid["pad_to_level"]))
         return cells
 
     def _generator(self, teacher: str) -> dict | None:
@@ -262,6 +284,19 @@ class SweepSpec(Strict):
                             grader=self.grader)
                         trials.setdefault(trial.trial_hash, trial)
         return list(trials.values())
+
+
+def _check_padding(grid: dict, where: str) -> None:
+    """A padded grid pads cells that have a level to another level."""
+    pad = grid["pad_to_level"]
+    if pad is None:
+        return
+    levelless = [t for t in grid["teachers"] if t in LEVELLESS_TEACHERS]
+    if levelless:
+        raise ValueError(f"{where}pad_to_level pads leveled rationales; teachers {levelless} have no level")
+    if pad in grid["levels"]:
+        raise ValueError(f"{where}pad_to_level {pad} is also one of the grid's levels {grid['levels']}; "
+                         "a cell is padded to another level's length")
 
 
 SWEEP_FIELDS = "name, datasets, teachers, levels, students, ..."

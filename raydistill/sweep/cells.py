@@ -25,7 +25,7 @@ def cell_dir(cells_dir: Path, cell: CellSpec) -> Path:
 
 def annotation_spec(cell: CellSpec, spec: SweepSpec):
     """The `AnnotationSpec` a generating teacher's cell is written with."""
-    from raydistill.annotate import AnnotationSpec, QuestionsSpec
+    from raydistill.annotate import AnnotationSpec, PaddingSpec, QuestionsSpec
 
     stage = spec.annotation
     runtime = stage.runtime
@@ -33,7 +33,8 @@ def annotation_spec(cell: CellSpec, spec: SweepSpec):
         runtime = runtime.model_copy(update={"cache_dir": str(spec.cells_dir.parent / "request-cache")})
     return AnnotationSpec(task=cell.dataset, teacher=stage.teachers[cell.teacher], level=cell.level,
                           format=cell.format, policy=stage.policy, show_gold=stage.show_gold, runtime=runtime,
-                          questions=QuestionsSpec(limit=cell.train_limit), prompt_dir=stage.prompt_dir)
+                          questions=QuestionsSpec(limit=cell.train_limit), prompt_dir=stage.prompt_dir,
+                          pad=PaddingSpec(to_level=cell.pad_to_level) if cell.pad_to_level is not None else None)
 
 
 def identify_cell(cell: CellSpec, spec: SweepSpec) -> CellSpec:
@@ -43,7 +44,9 @@ def identify_cell(cell: CellSpec, spec: SweepSpec) -> CellSpec:
     from raydistill.datasets import digests, train_sources
 
     if cell.generator is None:
-        inputs = digests(train_sources(cell.dataset, cell.teacher, cell.level, cell.format))
+        levels = [cell.level] + ([cell.pad_to_level] if cell.pad_to_level is not None else [])
+        inputs = digests([path for level in levels for path in train_sources(cell.dataset, cell.teacher, level,
+                                                                             cell.format)])
     else:
         inputs = {"annotation": annotation_spec(cell, spec).cell_hash(),
                   **digests(train_sources(cell.dataset, "answer_only"))}  # the questions and their golds
@@ -87,12 +90,17 @@ def prepare_cells(spec: SweepSpec) -> tuple[dict[CellSpec, dict], dict[CellSpec,
 
 
 def replay_cell(cell: CellSpec, folder: Path) -> dict:
-    """Training Parquet of a released annotation cell, written once."""
-    from raydistill.datasets import load_train
+    """Training Parquet of a released annotation cell (padded to another level's length for the
+    length ablation), written once."""
+    from raydistill.datasets import load_train, pad_to_length_of
 
     path = folder / "train.parquet"
     if not _readable_parquet(path):
         table = load_train(cell.dataset, cell.teacher, level=cell.level, fmt=cell.format, repair=cell.repair_targets)
+        if cell.pad_to_level is not None:
+            target = load_train(cell.dataset, cell.teacher, level=cell.pad_to_level, fmt=cell.format,
+                                repair=cell.repair_targets)
+            table = pad_to_length_of(table, target, cell.label)
         if cell.train_limit is not None:
             table = table.slice(0, cell.train_limit)
         files.write_parquet(table, path)

@@ -101,7 +101,7 @@ def test_loss_decreases_and_model_is_a_plain_hf_folder(tmp_path, model_cache, ra
     assert setup["gradient_allreduce"] is not (zero_stage == 0 and workers == 1)
     assert setup["optimizer"] == ("DeepSpeedCPUAdam" if offload == "cpu" else "AdamW")
     assert setup["accelerator"] == "cpu"
-    assert (state["precision"], state["gradient_checkpointing"], state["attn_implementation"]) == \
+    assert (state.precision, state.gradient_checkpointing, state.attn_implementation) == \
         ("fp32", checkpointing, "sdpa")
 
     assert result.steps == 4 * 16 // 4

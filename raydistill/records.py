@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from raydistill import files
+from raydistill.spec.base import describe_validation
 
 R = TypeVar("R", bound="Record")
 
@@ -51,8 +52,7 @@ class Record(BaseModel):
         try:
             return cls.model_validate(raw)
         except ValidationError as err:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}" for e in err.errors())
-            raise RecordError(f"{where}: {problems}") from None
+            raise RecordError(f"{where}: {describe_validation(err, cls)}") from None
 
     def write(self, path: str | os.PathLike) -> None:
         files.write_json(path, self.model_dump(mode="json"))

@@ -93,3 +93,12 @@ def test_bad_padding_names_the_grid(grid, words):
     for word in words:
         assert word in str(err.value)
 
+
+
+def test_overrides_leave_the_callers_config_as_it_was_and_name_a_scalar_in_the_path():
+    raw = {**BASE, "train": {"epochs": 2}}
+    spec = sweep_from_dict(raw, overrides={"train.epochs": 1, "train.lora.r": 4})
+    assert spec.train.epochs == 1 and spec.train.lora.r == 4
+    assert raw["train"] == {"epochs": 2}  # the caller's mapping is not changed
+    with pytest.raises(SpecError, match="'train.epochs.x': 'epochs' holds int, not a mapping"):
+        sweep_from_dict(raw, source="x.yaml", overrides={"train.epochs.x": 1})

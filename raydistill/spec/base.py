@@ -92,14 +92,21 @@ def parse_overrides(items: list[str]) -> dict:
     return overrides
 
 
-
-def set_dotted(raw: dict, dotted: str, value: object) -> None:
-    """Set `a.b.c` in a nested mapping, creating the levels that are missing."""
-    *parents, leaf = dotted.split(".")
-    node = raw
-    for key in parents:
-        node = node.setdefault(key, {})
-    node[leaf] = value
+def apply_overrides(raw: dict, overrides: dict | None) -> dict:
+    """`raw` with each dotted key of `overrides` set (`a.b.c`: the levels that are missing are
+    created); the nested mappings it changes are copies, so the caller's `raw` is left as it was."""
+    raw = dict(raw)
+    for dotted, value in (overrides or {}).items():
+        *parents, leaf = dotted.split(".")
+        node = raw
+        for key in parents:
+            child = node.get(key, {})
+            if not isinstance(child, dict):
+                raise SpecError(f"override {dotted!r}: {key!r} holds {type(child).__name__}, not a mapping of fields")
+            node[key] = dict(child)
+            node = node[key]
+        node[leaf] = value
+    return raw
 
 
 def yaml_problem(err: yaml.YAMLError) -> str:
@@ -134,9 +141,7 @@ def read_config(path: str | Path, kind: str, model: str, fields: str, overrides:
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise not_a_mapping(str(path), kind, model, fields, raw)
-    for dotted, value in (overrides or {}).items():
-        set_dotted(raw, dotted, value)
-    return raw
+    return apply_overrides(raw, overrides)
 
 
 def describe_validation(err: ValidationError, model: type[BaseModel], prefix: str = "") -> str:

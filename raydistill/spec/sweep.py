@@ -14,12 +14,12 @@ from raydistill.spec.annotation import Policy, RuntimeSpec, TeacherSpec
 from raydistill.spec.base import (
     SpecError,
     Strict,
+    apply_overrides,
     check_members,
     content_hash,
     describe_validation,
     not_a_mapping,
     read_config,
-    set_dotted,
     storage_problem,
 )
 from raydistill.spec.evaluation import EvalSpec
@@ -312,9 +312,7 @@ def sweep_from_dict(raw: dict, source: str = "<config>", overrides: dict | None 
     """A validated `SweepSpec` of a mapping; errors are one line starting with `source`."""
     if not isinstance(raw, dict):
         raise not_a_mapping(source, "sweep", "SweepSpec", SWEEP_FIELDS, raw)
-    raw = dict(raw)
-    for dotted, value in (overrides or {}).items():
-        set_dotted(raw, dotted, value)
+    raw = apply_overrides(raw, overrides)
     try:
         spec = SweepSpec.model_validate(raw)
     except ValidationError as err:

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from raydistill.spec.base import SpecError, Strict, describe_validation, read_config, set_dotted
+from raydistill.spec.base import SpecError, Strict, apply_overrides, describe_validation, read_config
 
 
 class LoraSpec(Strict):
@@ -88,11 +88,9 @@ class TrainSpec(Strict):
 
 def load_train_spec(config: str | os.PathLike | None, overrides: dict | None = None) -> TrainSpec:
     """The `TrainSpec` of a YAML file of TrainSpec fields (or none) plus dotted-key overrides."""
-    fields: dict = {}
-    if config is not None:
-        fields = read_config(config, "train", "TrainSpec", "epochs, learning_rate, zero_stage, ...")
-    for key, value in (overrides or {}).items():
-        set_dotted(fields, key, value)
+    fields = read_config(config, "train", "TrainSpec", "epochs, learning_rate, zero_stage, ...") \
+        if config is not None else {}
+    fields = apply_overrides(fields, overrides)
     try:
         return TrainSpec.model_validate(fields)
     except ValidationError as err:

@@ -86,8 +86,8 @@ def _train_and_evaluate(trial: TrialSpec, payload: dict, trial_dir: Path) -> Tri
         "predictions_path": result.predictions_path,
         "train_history": state.history,
         # what ran: precision, gradient checkpointing, attention, DeepSpeed's accelerator and optimizer
-        "train_setup": {k: getattr(state, k, None) for k in ("precision", "gradient_checkpointing", "attn_implementation",
-                                                 "world_size", "deepspeed")},
+        "train_setup": state.model_dump(include={"precision", "gradient_checkpointing", "attn_implementation",
+                                                 "world_size", "deepspeed"}),
         "metrics": {
             "accuracy": result.accuracy,
             "n_test": result.n,

@@ -166,8 +166,11 @@ def test_report_tables_paired_tests_and_plots(tmp_path):
         assert f"{100 * record['metrics']['accuracy']:.1f} [" in row
     assert "| L1 | L2 | L3 | no level |" in md
 
-    tests = {(t["level_a"], t["level_b"]): t for t in read_csv(paths["paired_csv"])}
-    assert set(tests) == {("1", "2"), ("2", "3")}  # level-less cells are not compared
+    rows = read_csv(paths["paired_csv"])
+    tests = {(t["level_a"], t["level_b"]): t for t in rows if t["family"] == "levels"}
+    assert set(tests) == {("1", "2"), ("2", "3")}  # the level-less cell is in the other family
+    assert {(t["level_a"], t["teacher_b"]) for t in rows if t["family"] == "sources"} == {
+        ("1", "human"), ("2", "human"), ("3", "human")}
     first = tests[("1", "2")]
     assert float(first["p_value"]) < 0.01 and int(first["n_b_better"]) > int(first["n_a_better"])
     assert float(first["p_holm"]) == pytest.approx(min(1.0, 2 * float(first["p_value"])))  # Holm over 2 tests
@@ -209,6 +212,61 @@ def test_a_padded_cell_is_compared_with_both_of_its_levels(tmp_path):
     assert [float(t["p_holm"]) for t in tests.values()] == pytest.approx(stats.holm_adjust(raw))  # one family of 3
     md = paths["markdown"].read_text()
     assert "L1 → L1+pad5" in md and "L5 → L1+pad5" in md
+
+
+def test_sources_without_levels_are_tested_against_every_level_in_their_own_family(tmp_path):
+    """Human and answer-only against each level of the leveled teacher (Δ = source − level) and
+    against each other, Holm-adjusted over those tests only; padded cells and other students are
+    left out of this family."""
+    n = 300
+    levels = {"1": draws(0.3, n, 1), "2": draws(0.6, n, 2)}
+    for level, correct in levels.items():
+        write_trial(tmp_path, correct, level=level)
+    write_trial(tmp_path, draws(0.3, n, 1), level="1+pad2")
+    human, answer_only = draws(0.45, n, 3), draws(0.1, n, 4)
+    write_trial(tmp_path, human, teacher="human", level="")
+    write_trial(tmp_path, answer_only, teacher="answer_only", level="")
+    write_trial(tmp_path, draws(0.5, n, 5), teacher="human", level="", student="other")  # no level to pair with
+    paths = run_report(tmp_path)
+
+    rows = read_csv(paths["paired_csv"])
+    sources = {(t["teacher"], t["level_a"], t["teacher_b"]): t for t in rows if t["family"] == "sources"}
+    assert set(sources) == {("chatgpt", "1", "human"), ("chatgpt", "2", "human"), ("chatgpt", "1", "answer_only"),
+                            ("chatgpt", "2", "answer_only"), ("answer_only", "", "human")}
+    assert {t["student"] for t in sources.values()} == {"tiny-llama"}
+    for (teacher, level, source), test in sources.items():
+        a = levels[level] if teacher == "chatgpt" else answer_only
+        b = human if source == "human" else answer_only
+        assert float(test["diff"]) == pytest.approx(b.mean() - a.mean())
+        assert int(test["n_b_better"]) == int((b & ~a).sum()) and int(test["n_a_better"]) == int((a & ~b).sum())
+    raw = [float(t["p_value"]) for t in sources.values()]
+    assert [float(t["p_holm"]) for t in sources.values()] == pytest.approx(stats.holm_adjust(raw))  # 5, not 8
+    levels_family = [t for t in rows if t["family"] == "levels"]
+    assert len(levels_family) == 3  # L1 → L2, L1 → L1+pad2, L2 → L1+pad2
+    assert [float(t["p_holm"]) for t in levels_family] == pytest.approx(
+        stats.holm_adjust([float(t["p_value"]) for t in levels_family]))
+    md = paths["markdown"].read_text()
+    assert "## Sources without levels against the levels" in md
+    assert "chatgpt L2 → answer_only" in md and "answer_only → human" in md
+
+
+def test_a_padded_cell_is_drawn_beside_its_level_not_as_a_level_less_line(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    write_trial(tmp_path, draws(0.3, 100, 1), level="1")
+    write_trial(tmp_path, draws(0.4, 100, 2), level="1+pad5")
+    write_trial(tmp_path, draws(0.5, 100, 3), teacher="human", level="")
+    trials = [report.to_trial(r, tmp_path) for r in report.load_records(tmp_path)]
+    cells = report.build_cells(trials, [], N_BOOT, 0)
+    fig, ax = plt.subplots()
+    report.draw_panel(ax, ("svamp", "tiny-llama"), cells)
+    labels = ax.get_legend_handles_labels()[1]
+    plt.close(fig)
+    assert "chatgpt/cot L1+pad5" in labels and "human/cot (no level)" in labels
+    assert "chatgpt/cot (no level)" not in labels
 
 
 def test_seeds_are_aggregated(tmp_path):

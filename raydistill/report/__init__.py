@@ -1,12 +1,12 @@
 """Report stage (`raydistill report`): trial records -> tables with confidence intervals, exact paired
-tests between neighbouring levels, weak numbers flagged, the paper's numbers, cost per cell, plots.
+tests (neighbouring levels, the length ablation, sources without levels against the levels), weak numbers flagged, the paper's numbers, cost per cell, plots.
 
 Parts, in the order the data flows:
 
     records.py    run folder -> Trial (record.json + per-question scores); ReportError
     intervals.py  Wilson / bootstrap intervals, exact paired sign test, per-cell RNG
     published.py  the paper's published numbers and their lookup by cell
-    cells.py      trials -> Cell (interval, flags, cost, published value); neighbouring-level tests
+    cells.py      trials -> Cell (interval, flags, cost, published value); the paired tests
     markdown.py   results.md sections and text formatting
     tables.py     the CSV files (cells, paper layout, paired tests, trials)
     plots.py      accuracy_vs_level.png and plots/
@@ -26,6 +26,7 @@ from raydistill.report.cells import (
     neighbour_tests,
     paired_scores,
     score_matrix,
+    source_tests,
 )
 from raydistill.report.cli import main, write_report
 from raydistill.report.intervals import (
@@ -51,6 +52,7 @@ from raydistill.report.markdown import (
     paired_section,
     published_section,
     quality_section,
+    source_section,
 )
 from raydistill.report.plots import draw_panel, plot_accuracy_vs_level
 from raydistill.report.published import PUBLISHED_CSV, load_published, published_lookup
@@ -74,6 +76,6 @@ __all__ = [
     "bootstrap_weights", "build_cells", "cell_cost", "cell_rng", "cell_rows", "cell_text", "cost_section",
     "draw_panel", "level_label", "load_published", "load_records", "main", "markdown_report", "neighbour_tests",
     "paired_rows", "paired_scores", "paired_section", "paired_test", "plot_accuracy_vs_level", "published_lookup",
-    "published_section", "quality_section", "question_scores", "score_matrix", "table_rows", "to_trial",
+    "published_section", "quality_section", "question_scores", "score_matrix", "source_section", "source_tests", "table_rows", "to_trial",
     "trial_rows", "wilson_accuracy", "write_csv", "write_report",
 ]

@@ -1,6 +1,7 @@
 """Trials -> cells: the seeds of one (dataset, teacher, format, student, level) grouped, with their
-interval, weak-number flags, cost and published value; the exact paired tests between neighbouring
-levels of a table row, Holm-adjusted; the order and labels of cells and levels."""
+interval, weak-number flags, cost and published value; the exact paired tests, Holm-adjusted within
+each family (neighbouring levels with the length ablation; sources without levels against the
+levels); the order and labels of cells and levels."""
 
 from __future__ import annotations
 
@@ -190,17 +191,32 @@ def cell_sort_key(key: tuple) -> tuple:
 # =========================================================================== paired tests
 
 
+LEVELS_FAMILY = "levels"  # neighbouring levels of a row, and each padded cell against its two levels
+SOURCES_FAMILY = "sources"  # each source without levels (human, answer-only) against every level
+
+
 @dataclass
 class Comparison:
-    """A paired test between two levels of one table row (neighbours, or a padded cell and a level)."""
+    """A paired test of cell ``b`` against cell ``a`` (Δ = b − a) in one Holm family."""
 
-    row: tuple[str, ...]
+    row: tuple[str, ...]  # a's (dataset, teacher, format, student)
     a: Cell
     b: Cell
     test: PairedTest
     n_seeds_paired: int
     paired_on: str
+    family: str = LEVELS_FAMILY
 
+    @property
+    def label(self) -> str:
+        """'L1 → L2' within a row; 'chatgpt L3 → human' across teachers."""
+        if self.a.key[1] == self.b.key[1]:
+            return f"{level_label(self.a.level)} → {level_label(self.b.level)}"
+        return f"{_source_label(self.a)} → {_source_label(self.b)}"
+
+
+def _source_label(cell: Cell) -> str:
+    return cell.key[1] + (f" {level_label(cell.level)}" if cell.level else "")
 
 
 def paired_scores(a: Cell, b: Cell) -> tuple[np.ndarray, np.ndarray, int, str] | None:
@@ -247,13 +263,36 @@ def neighbour_tests(cells: list[Cell]) -> list[Comparison]:
             match = PADDED_LEVEL.match(level)
             pairs += [(row, rows[row][plain], padded) for plain in (match.groups() if match else ())
                       if plain in rows[row]]
+    return _tested(pairs, LEVELS_FAMILY)
+
+
+def source_tests(cells: list[Cell]) -> list[Comparison]:
+    """Exact paired tests of each source without levels (human, answer-only) against every numbered
+    level of the other teachers and against each other source without levels, within one
+    (dataset, format, student); Holm-adjusted over all of them (one family, apart from the levels')."""
+    groups: dict[tuple, list[Cell]] = defaultdict(list)
+    for cell in cells:
+        groups[(cell.key[0], *cell.key[2:4])].append(cell)
+    pairs = []
+    for group in sorted(groups):
+        members = sorted(groups[group], key=lambda c: cell_sort_key(c.key))
+        levelless = [c for c in members if c.level == ""]
+        numbered = [c for c in members if c.level.isdigit()]
+        pairs += [(level.key[:4], level, source) for source in levelless for level in numbered
+                  if level.key[1] != source.key[1]]
+        pairs += [(a.key[:4], a, b) for i, a in enumerate(levelless) for b in levelless[i + 1:]]
+    return _tested(pairs, SOURCES_FAMILY)
+
+
+def _tested(pairs: list[tuple[tuple, Cell, Cell]], family: str) -> list[Comparison]:
+    """The paired test of each (row, a, b) that shares questions, Holm-adjusted over them."""
     comparisons = []
     for row, a, b in pairs:
         paired = paired_scores(a, b)
         if paired is None:
             continue
         sa, sb, n_seeds, paired_on = paired
-        comparisons.append(Comparison(row, a, b, paired_test(sa, sb), n_seeds, paired_on))
+        comparisons.append(Comparison(row, a, b, paired_test(sa, sb), n_seeds, paired_on, family))
     for comparison, adjusted in zip(comparisons, stats.holm_adjust([c.test.p_value for c in comparisons])):
         comparison.test.p_holm = adjusted
     return comparisons

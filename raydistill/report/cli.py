@@ -1,5 +1,6 @@
 """Report stage: trial records -> tables in the paper's layout with confidence intervals, exact
-paired tests between neighbouring granularity levels (Holm-adjusted), the weak numbers flagged
+paired tests between neighbouring granularity levels, of the length ablation and of the sources
+without levels against the levels (Holm-adjusted), the weak numbers flagged
 (truncated generations, extraction failures, target ceilings, cut teacher replies), the paper's
 published numbers side by side, cost per cell, and accuracy-vs-granularity plots.
 
@@ -11,7 +12,8 @@ Files written into the run folder (docs/report.md explains each):
     results.csv           one row per cell (dataset, teacher, format, student, level), seeds aggregated
     results_table.csv     the paper's layout: one row per (dataset, teacher, format, student),
                           one column group per level
-    paired_tests.csv      exact paired tests between neighbouring levels, Holm-adjusted
+    paired_tests.csv      exact paired tests, Holm-adjusted per family: neighbouring levels and the
+                          length ablation; sources without levels against the levels
     trials.csv            one row per trial (per seed), the records' metrics
     accuracy_vs_level.png one panel per (dataset, student); plots/ holds one PNG per panel
 
@@ -26,7 +28,7 @@ from pathlib import Path
 
 from raydistill import files
 from raydistill.records import TrialRecord
-from raydistill.report.cells import build_cells, neighbour_tests
+from raydistill.report.cells import build_cells, neighbour_tests, source_tests
 from raydistill.report.intervals import DEFAULT_N_BOOT, DEFAULT_SEED
 from raydistill.report.markdown import markdown_report
 from raydistill.report.plots import plot_accuracy_vs_level
@@ -55,7 +57,7 @@ def write_report(records: list[TrialRecord], run_dir: Path, *, n_boot: int = DEF
     trials = [to_trial(r, run_dir) for r in records]
     published = load_published(published_path)
     cells = build_cells(trials, published, n_boot, seed)
-    comparisons = neighbour_tests(cells)
+    comparisons = neighbour_tests(cells) + source_tests(cells)
     notes = _notes(trials, published, published_path)
 
     paths = {"markdown": run_dir / "results.md", "csv": run_dir / "results.csv",

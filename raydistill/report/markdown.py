@@ -7,6 +7,8 @@ import math
 
 from raydistill import stats
 from raydistill.report.cells import (
+    LEVELS_FAMILY,
+    SOURCES_FAMILY,
     TRUNCATION_FLAG,
     Cell,
     Comparison,
@@ -73,22 +75,42 @@ def _methods_text(methods: list[str], n_boot: int) -> str:
 
 
 def paired_section(comparisons: list[Comparison]) -> list[str]:
-    lines = ["## Neighbouring levels: exact paired tests", ""]
+    lines = ["## Neighbouring levels and the length ablation: exact paired tests", ""]
     if not comparisons:
         return lines + ["No table row has two numbered levels with predictions to pair.", ""]
-    headers = [*ROW_AXES, "comparison", "Δ accuracy (pp)", "better / worse", "p", "p (Holm)",
-               "smallest detectable Δ (pp)", "questions", "paired on"]
-    rows = [[*c.row, f"{level_label(c.a.level)} → {level_label(c.b.level)}", f"{100 * c.test.diff:+.1f}",
-             f"{c.test.n_b_better} / {c.test.n_a_better}", _p_text(c.test.p_value), _p_text(c.test.p_holm),
-             _detectable_text(c.test.min_detectable), c.test.n_questions, c.paired_on] for c in comparisons]
+    headers = [*ROW_AXES, "comparison", *_TEST_HEADERS]
+    rows = [[*c.row, c.label, *_test_cells(c)] for c in comparisons]
     return lines + _md_table(headers, rows) + [
         "", "Δ = accuracy of the right-hand cell (the higher level, or the padded cell of the length "
-        "ablation) minus the left one on the questions both answered. "
-        "'better / worse' counts the questions the right-hand cell scores above / below the left one "
-        "(the discordant questions); p is the exact two-sided sign test on them (the exact McNemar test "
-        f"for one seed), Holm-adjusted over the {len(comparisons)} comparisons of this table. With n "
-        f"questions no difference below {stats.min_discordant_for_significance(ALPHA)}/n can reach "
-        f"p ≤ {ALPHA}: the 'smallest detectable Δ' column.", ""]
+        "ablation) minus the left one on the questions both answered. " + _test_note(len(comparisons)), ""]
+
+
+def source_section(comparisons: list[Comparison]) -> list[str]:
+    """Sources without levels (human, answer-only) against the levels: a Holm family of its own."""
+    if not comparisons:
+        return []
+    headers = ["dataset", "format", "student", "comparison", *_TEST_HEADERS]
+    rows = [[c.row[0], *c.row[2:4], c.label, *_test_cells(c)] for c in comparisons]
+    return ["## Sources without levels against the levels: exact paired tests", "", *_md_table(headers, rows),
+            "", "Δ = accuracy of the right-hand source (human rationales, bare answers) minus the left-hand "
+            "cell on the questions both answered. " + _test_note(len(comparisons)), ""]
+
+
+_TEST_HEADERS = ["Δ accuracy (pp)", "better / worse", "p", "p (Holm)", "smallest detectable Δ (pp)", "questions",
+                 "paired on"]
+
+
+def _test_cells(c: Comparison) -> list:
+    return [f"{100 * c.test.diff:+.1f}", f"{c.test.n_b_better} / {c.test.n_a_better}", _p_text(c.test.p_value),
+            _p_text(c.test.p_holm), _detectable_text(c.test.min_detectable), c.test.n_questions, c.paired_on]
+
+
+def _test_note(n_comparisons: int) -> str:
+    return ("'better / worse' counts the questions the right-hand cell scores above / below the left one "
+            "(the discordant questions); p is the exact two-sided sign test on them (the exact McNemar test "
+            f"for one seed), Holm-adjusted over the {n_comparisons} comparisons of this table. With n "
+            f"questions no difference below {stats.min_discordant_for_significance(ALPHA)}/n can reach "
+            f"p ≤ {ALPHA}: the 'smallest detectable Δ' column.")
 
 
 def _detectable_text(value: float) -> str:
@@ -188,7 +210,8 @@ def markdown_report(cells: list[Cell], comparisons: list[Comparison], published:
                     n_boot: int, seed: int, notes: list[str]) -> str:
     lines = ["# Results", ""]
     lines += accuracy_section(cells, n_boot)
-    lines += paired_section(comparisons)
+    lines += paired_section([c for c in comparisons if c.family == LEVELS_FAMILY])
+    lines += source_section([c for c in comparisons if c.family == SOURCES_FAMILY])
     lines += quality_section(cells)
     lines += published_section(cells, published)
     lines += cost_section(cells)

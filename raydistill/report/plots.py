@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from raydistill import files
-from raydistill.report.cells import TRUNCATION_FLAG, Cell
+from raydistill.report.cells import PADDED_LEVEL, TRUNCATION_FLAG, Cell, level_label
 from raydistill.report.markdown import TRUNCATED_MARK
 
 
@@ -22,8 +22,8 @@ def _panels(cells: list[Cell]) -> dict[tuple[str, str], list[Cell]]:
 
 
 def draw_panel(ax, panel: tuple[str, str], cells: list[Cell]) -> None:
-    """Accuracy vs level per (teacher, format) with CI error bars; level-less cells as dashed lines;
-    published numbers as black crosses; cells with more than 5 % truncated generations as hollow
+    """Accuracy vs level per (teacher, format) with CI error bars; a padded cell ("1+pad5") as a
+    diamond beside its own level; level-less cells as dashed lines; published numbers as black crosses; cells with more than 5 % truncated generations as hollow
     red-edged markers labelled with the mark."""
     lines: dict[tuple[str, str], list[Cell]] = defaultdict(list)
     for cell in cells:
@@ -44,7 +44,14 @@ def draw_panel(ax, panel: tuple[str, str], cells: list[Cell]) -> None:
                 for x, y in cut:
                     ax.annotate(TRUNCATED_MARK, (x, y), textcoords="offset points", xytext=(6, 4), color="red")
         for c in members:
-            if not c.level.isdigit():
+            padded = PADDED_LEVEL.match(c.level)
+            if padded:
+                y = 100 * c.accuracy
+                low, high = (100 * c.interval.low, 100 * c.interval.high) if c.interval else (y, y)
+                ax.errorbar([int(padded.group(1)) + 0.15], [y], yerr=[[y - low], [high - y]], marker="D",
+                            linestyle="none", capsize=3, color=color, markerfacecolor="white",
+                            label=f"{label} {level_label(c.level)}")
+            elif not c.level.isdigit():
                 ax.axhline(100 * c.accuracy, linestyle="--", linewidth=1, color=color, label=f"{label} (no level)")
     paper = [(int(c.level), c.published["accuracy_pct"]) for c in cells if c.published and c.level.isdigit()]
     if paper:

@@ -31,7 +31,7 @@ CELL_COLUMNS = [*CELL_AXES, "accuracy", "ci_low", "ci_high", "ci_method", "n_see
                 "published_kind", "teacher_source", "teacher_cost_usd", "teacher_tokens_in", "teacher_tokens_out",
                 "train_seconds", "eval_seconds", "train_worker_seconds", "eval_actor_seconds",
                 "accuracy_pct_per_usd"]
-PAIRED_COLUMNS = [*ROW_AXES, "level_a", "level_b", "accuracy_a", "accuracy_b", "diff", "n_b_better",
+PAIRED_COLUMNS = ["family", *ROW_AXES, "level_a", "teacher_b", "level_b", "accuracy_a", "accuracy_b", "diff", "n_b_better",
                   "n_a_better", "p_value", "p_holm", "min_detectable_diff", "n_questions", "n_seeds_paired",
                   "paired_on"]
 
@@ -107,7 +107,8 @@ def table_rows(cells: list[Cell]) -> tuple[list[str], list[dict]]:
 
 
 def paired_rows(comparisons: list[Comparison]) -> list[dict]:
-    return [{**dict(zip(ROW_AXES, c.row)), "level_a": c.a.level, "level_b": c.b.level,
+    return [{"family": c.family, **dict(zip(ROW_AXES, c.row)), "level_a": c.a.level, "teacher_b": c.b.key[1],
+             "level_b": c.b.level,
              "accuracy_a": c.a.accuracy, "accuracy_b": c.b.accuracy, "diff": c.test.diff,
              "n_b_better": c.test.n_b_better, "n_a_better": c.test.n_a_better, "p_value": c.test.p_value,
              "p_holm": c.test.p_holm, "min_detectable_diff": c.test.min_detectable,

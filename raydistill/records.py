@@ -76,6 +76,9 @@ class TrialMetrics(Record):
     final_train_loss: float | None = None
     train_seconds: float | None = None
     eval_seconds: float | None = None
+    samples_per_question: int | None = None  # generations per test question (n_test counts them all)
+    pass_at_k: float | None = None  # with several samples: unbiased pass@k, k = samples_per_question
+    maj_at_k: float | None = None  # with several samples: majority vote over the extracted answers
 
 
 class TrialRecord(Record):

@@ -12,6 +12,8 @@ What each function is for in a report:
         Holm-Bonferroni adjusted p-values over a table's family of comparisons.
     min_discordant_for_significance, min_detectable_difference
         the smallest paired accuracy difference a test set of n questions can show at all.
+    pass_at_k
+        the unbiased pass@k of one question from n samples, c of them correct.
 """
 
 from __future__ import annotations
@@ -143,3 +145,12 @@ def min_detectable_difference(n_questions: int, alpha: float = 0.05) -> float:
         raise ValueError(f"n_questions must be >= 1, got {n_questions}")
     k = min_discordant_for_significance(alpha)
     return math.inf if n_questions < k else k / n_questions
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k of one question (Chen et al., 2021, "Evaluating Large Language Models
+    Trained on Code"): the chance that at least one of k samples drawn without replacement from
+    the n generated, c of them correct, is correct: 1 - C(n - c, k) / C(n, k)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)

@@ -103,6 +103,45 @@ def test_resume_generates_only_missing_questions(tiny, ray_module, tmp_path):
     assert set(parts_dir(out).iterdir()) == set(second)  # nothing left to generate
 
 
+def test_pass_at_k_and_majority_vote_from_fixed_predictions():
+    """Three samples per question; pass@3 and maj@3 by hand. q1: 1 of 3 correct, the majority
+    ("7", twice) wrong; q2: 2 of 3 correct, majority right; q3: no answer extracted at all; q4: a
+    1-1 tie between a right and a wrong answer (the first seen, right, wins) and one sample without
+    an answer."""
+    rows = [("q1", "5", True), ("q1", "7", False), ("q1", "7", False),
+            ("q2", "3", True), ("q2", "3", True), ("q2", "4", False),
+            ("q3", None, False), ("q3", None, False), ("q3", None, False),
+            ("q4", "2", True), ("q4", None, False), ("q4", "9", False)]
+    graded = [{"question_id": q, "prompt": "p", "generation": "g", "gold": "x", "extracted": e, "correct": ok,
+               "tokens_generated": 3, "truncated": False, "eval_hash": "h"} for q, e, ok in rows]
+    from raydistill.schemas import PREDICTION_SCHEMA
+    import pyarrow as pa
+
+    result = metrics("svamp", pa.Table.from_pylist(graded, schema=PREDICTION_SCHEMA), "-")
+    assert result.samples_per_question == 3
+    assert result.accuracy == pytest.approx(4 / 12)  # pass@1 over every sample
+    assert result.pass_at_k == pytest.approx((1 + 1 + 0 + 1) / 4)  # pass@3 with n = k = 3: any correct
+    assert result.maj_at_k == pytest.approx((0 + 1 + 0 + 1) / 4)
+    one_sample = metrics("svamp", pa.Table.from_pylist(graded[::3], schema=PREDICTION_SCHEMA), "-")
+    assert (one_sample.samples_per_question, one_sample.pass_at_k, one_sample.maj_at_k) == (1, None, None)
+
+
+def test_sampled_evaluation_reports_pass_at_k_over_its_samples(tiny, ray_module, tmp_path):
+    from raydistill.stats import pass_at_k
+
+    spec = EvalSpec(engine="hf", max_new_tokens=8, batch_size=4, do_sample=True, temperature=1.0,
+                    n_samples=3, seed=7).for_task("svamp")
+    out = tmp_path / "p.parquet"
+    result = evaluate(tiny, "tiny-llama", "svamp", load_test("svamp").slice(0, 4), spec, out, progress=False)
+    table = pq.read_table(out).to_pylist()
+    assert len(table) == 12 and result.samples_per_question == 3
+    per_question = {}
+    for row in table:
+        per_question.setdefault(row["question_id"], []).append(bool(row["correct"]))
+    assert result.pass_at_k == pytest.approx(sum(pass_at_k(3, sum(v), 3) for v in per_question.values()) / 4)
+    assert result.maj_at_k is not None and result.pass_at_k >= result.accuracy
+
+
 @pytest.mark.parametrize("task", TASK_NAMES)
 def test_every_task_builds_prompts_and_grades_gold(task, tiny):
     test = load_test(task).slice(0, 20)

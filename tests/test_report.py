@@ -27,12 +27,13 @@ N_BOOT = 500
 
 def write_trial(run_dir: Path, correct, *, dataset="svamp", teacher="chatgpt", level="1", fmt="cot",
                 student="tiny-llama", seed="0", cell="absent", num_workers=1, num_actors=1,
-                train_seconds=10.0, eval_seconds=4.0, truncated=0, target_ceiling=0.99) -> dict:
+                train_seconds=10.0, eval_seconds=4.0, truncated=0, target_ceiling=0.99, extracted=None) -> dict:
     """A finished trial: predictions Parquet (one row per question and sample) + record.json.
 
     ``correct`` is (n_questions,) or (n_questions, n_samples) of bools; ``truncated`` is how many
     of the rows hit max_new_tokens (the first ones); ``cell`` is a record's "cell" value, or
-    "absent" for an older record without the key.
+    "absent" for an older record without the key; ``extracted`` (the shape of ``correct``) gives each
+    row's extracted answer (default "1", the gold, on a correct row and "0" on a wrong one).
     """
     correct = np.asarray(correct, dtype=bool).reshape(len(correct), -1)
     axes = {"dataset": dataset, "teacher": teacher, "level": level, "format": fmt, "student": student,
@@ -40,9 +41,11 @@ def write_trial(run_dir: Path, correct, *, dataset="svamp", teacher="chatgpt", l
     trial_hash = hashlib.sha256(json.dumps(axes, sort_keys=True).encode()).hexdigest()[:16]
     trial_dir = run_dir / "trials" / trial_hash
     trial_dir.mkdir(parents=True)
+    answers = np.where(correct, "1", "0") if extracted is None else np.asarray(extracted, dtype=object).reshape(
+        correct.shape)
     rows = [{"eval_hash": trial_hash, "question_id": f"q{q}", "prompt": "p", "generation": "g",
-             "extracted": "1", "gold": "1", "correct": bool(ok), "tokens_generated": 5, "truncated": False}
-            for q in range(correct.shape[0]) for ok in correct[q]]
+             "extracted": answers[q][s], "gold": "1", "correct": bool(ok), "tokens_generated": 5, "truncated": False}
+            for q in range(correct.shape[0]) for s, ok in enumerate(correct[q])]
     for row in rows[:truncated]:
         row.update(truncated=True, tokens_generated=64)
     predictions = trial_dir / "predictions.parquet"
@@ -295,6 +298,29 @@ def test_several_samples_per_question_use_the_mean_per_question(tmp_path):
     assert scores == {"q0": 1.0, "q1": 0.5, "q2": 0.0, "q3": 0.5}
     (cell,) = read_csv(run_report(tmp_path)["csv"])
     assert float(cell["accuracy"]) == pytest.approx(0.5) and cell["n_questions_ci"] == "4"
+
+
+def test_pass_at_k_and_maj_at_k_per_cell_with_intervals(tmp_path):
+    """Three samples per question: pass@3 and maj@3 by hand; a one-sample cell has neither."""
+    pattern = [([1, 0, 0], ["1", "2", "2"]),  # one right, majority wrong: pass 1, maj 0
+               ([1, 1, 0], ["1", "1", "3"]),  # majority right: pass 1, maj 1
+               ([0, 0, 0], [None, None, "4"]),  # none right: 0, 0
+               ([0, 1, 0], [None, "1", None])]  # the only vote is right: 1, 1
+    correct = np.array([c for c, _ in pattern] * 25, dtype=bool)  # 100 questions
+    extracted = [e for _, e in pattern] * 25
+    write_trial(tmp_path, correct, level="1", extracted=extracted)
+    write_trial(tmp_path, draws(0.5, 100, 1), level="2")
+    paths = run_report(tmp_path)
+
+    sampled, single = read_csv(paths["csv"])
+    assert sampled["samples_per_question"] == "3" and float(sampled["accuracy"]) == pytest.approx(4 / 12)
+    assert float(sampled["pass_at_k"]) == pytest.approx(0.75) and float(sampled["maj_at_k"]) == pytest.approx(0.5)
+    for name in ("pass_at_k", "maj_at_k"):
+        assert float(sampled[f"{name}_ci_low"]) < float(sampled[name]) < float(sampled[f"{name}_ci_high"])
+    assert single["samples_per_question"] == single["pass_at_k"] == single["maj_at_k"] == ""
+    md = paths["markdown"].read_text()
+    assert "## Several samples per question: pass@k and maj@k" in md
+    assert "| 3 | 33.3 [" in md and "| 75.0 [" in md and "| 50.0 [" in md
 
 
 def test_truncated_cells_are_marked_in_table_csv_and_flags(tmp_path):

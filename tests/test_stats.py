@@ -13,6 +13,7 @@ from raydistill.stats import (
     holm_adjust,
     min_detectable_difference,
     min_discordant_for_significance,
+    pass_at_k,
     sign_test,
     wilson_interval,
 )
@@ -203,3 +204,21 @@ def test_min_detectable_difference():
     assert min_detectable_difference(40, alpha=0.01) == pytest.approx(0.2)
     with pytest.raises(ValueError):
         min_detectable_difference(0)
+
+
+@pytest.mark.parametrize("n,c", [(5, 0), (5, 2), (5, 5), (8, 3), (10, 1)])
+def test_pass_at_k_is_the_share_of_k_subsets_holding_a_correct_sample(n, c):
+    from itertools import combinations
+
+    samples = [True] * c + [False] * (n - c)
+    for k in range(1, n + 1):
+        subsets = list(combinations(samples, k))
+        assert pass_at_k(n, c, k) == pytest.approx(sum(any(s) for s in subsets) / len(subsets))
+    assert pass_at_k(n, c, 1) == pytest.approx(c / n)  # pass@1 is the accuracy over samples
+
+
+def test_pass_at_k_by_hand_and_bad_counts():
+    assert pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)  # 1 - C(3,2)/C(5,2)
+    for bad in [(5, 6, 1), (5, -1, 1), (5, 2, 0), (5, 2, 6)]:
+        with pytest.raises(ValueError, match="pass@k"):
+            pass_at_k(*bad)

@@ -4,7 +4,8 @@ Test questions -> the student's prompt template -> an actor pool of generation e
 (`raydistill.evaluate.hf_engine`, `raydistill.evaluate.vllm_engine`) -> extracted answer ->
 predictions Parquet (`PREDICTION_SCHEMA`) + metrics (`EvalResult`). Every generation that used up
 ``max_new_tokens`` is flagged ``truncated``. Batches are written as they finish
-(`raydistill.evaluate.parts`), keyed by the evaluation's identity (`eval_hash`).
+(`raydistill.evaluate.parts`), keyed by the evaluation's identity (`eval_hash`). With several samples per
+question the metrics add pass@k and maj@k (`raydistill.samples`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from raydistill.evaluate.hf_engine import HFEngine, load_tokenizer
 from raydistill.evaluate.models import adapter_base, is_adapter, merged_model
 from raydistill.evaluate.parts import parts_dir, read_parts, write_part
 from raydistill.evaluate.vllm_engine import LoraPlan, model_max_len, vllm_lora, vllm_max_model_len, vllm_processor
+from raydistill.samples import sample_scores
 from raydistill.schemas import PREDICTION_SCHEMA
 from raydistill.spec import EvalSpec, content_hash
 
@@ -40,6 +42,9 @@ class EvalResult:
     engine: str = "hf"
     eval_hash: str = ""
     max_new_tokens: int = 0
+    samples_per_question: int = 1
+    pass_at_k: float | None = None  # with several samples: unbiased pass@k, k = samples_per_question
+    maj_at_k: float | None = None  # with several samples: majority vote over the extracted answers
 
 
 # --------------------------------------------------------------------------- prompts and grading
@@ -70,6 +75,9 @@ def metrics(task: str, predictions: pa.Table, path: str, engine: str = "hf", eva
     rows = predictions.to_pylist()
     tokens = [r["tokens_generated"] for r in rows] or [0]
     n = len(rows)
+    several = sample_scores([r["question_id"] for r in rows], [r["extracted"] for r in rows],
+                            [r["correct"] for r in rows])
+    pass_k, maj_k = several.means() if several else (None, None)
     return EvalResult(
         task=task,
         accuracy=sum(r["correct"] for r in rows) / n if n else 0.0,
@@ -82,6 +90,9 @@ def metrics(task: str, predictions: pa.Table, path: str, engine: str = "hf", eva
         engine=engine,
         eval_hash=eval_hash,
         max_new_tokens=max_new_tokens,
+        samples_per_question=several.k if several else 1,
+        pass_at_k=pass_k,
+        maj_at_k=maj_k,
     )
 
 

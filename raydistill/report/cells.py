@@ -45,6 +45,9 @@ class Cell:
     n_questions_ci: int = 0
     published: dict | None = None
     cost: Cost = field(default_factory=lambda: Cost("unknown"))
+    samples_k: int | None = None  # samples per question, when every seed drew the same k > 1
+    pass_interval: Interval | None = None  # pass@k over the questions, with its 95 % interval
+    maj_interval: Interval | None = None  # maj@k likewise
 
     @property
     def accuracy(self) -> float:
@@ -120,13 +123,15 @@ def by_row(cells: list[Cell]) -> dict[tuple, dict[str, Cell]]:
     return dict(sorted(rows.items()))
 
 
-def score_matrix(trials: list[Trial]) -> tuple[list[str], np.ndarray]:
-    """(question ids, (n_seeds, n_questions) scores with NaN where a seed lacks a question)."""
-    ids = sorted(set().union(*(t.scores for t in trials)))
+def score_matrix(trials: list[Trial], scores=lambda t: t.scores) -> tuple[list[str], np.ndarray]:
+    """(question ids, (n_seeds, n_questions) scores with NaN where a seed lacks a question);
+    ``scores`` picks each trial's question_id -> score mapping (default: mean correctness)."""
+    per_trial = [scores(t) for t in trials]
+    ids = sorted(set().union(*per_trial))
     index = {q: i for i, q in enumerate(ids)}
     matrix = np.full((len(trials), len(ids)), np.nan)
-    for row, trial in enumerate(trials):
-        matrix[row, [index[q] for q in trial.scores]] = list(trial.scores.values())
+    for row, values in enumerate(per_trial):
+        matrix[row, [index[q] for q in values]] = list(values.values())
     return ids, matrix
 
 
@@ -180,8 +185,20 @@ def build_cells(trials: list[Trial], published: list[dict], n_boot: int, seed: i
             ids, matrix = score_matrix(with_scores)
             cell.interval = accuracy_interval(matrix, n_boot, cell_rng(seed, "cell", *key))
             cell.n_questions_ci = len(ids)
+        _add_sample_intervals(cell, n_boot, seed)
         cells.append(cell)
     return cells
+
+
+def _add_sample_intervals(cell: Cell, n_boot: int, seed: int) -> None:
+    """pass@k and maj@k with intervals, when every seed of the cell drew the same k > 1 samples."""
+    ks = {t.samples.k if t.samples else None for t in cell.trials}
+    if len(ks) != 1 or None in ks:
+        return
+    cell.samples_k = ks.pop()
+    for name, pick in (("pass", lambda t: t.samples.pass_at_k), ("maj", lambda t: t.samples.maj_at_k)):
+        _, matrix = score_matrix(cell.trials, pick)
+        setattr(cell, f"{name}_interval", accuracy_interval(matrix, n_boot, cell_rng(seed, name, *cell.key)))
 
 
 def cell_sort_key(key: tuple) -> tuple:

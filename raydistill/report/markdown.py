@@ -137,6 +137,25 @@ def quality_section(cells: list[Cell]) -> list[str]:
         f"- {'/'.join(c.key[:4])} {level_label(c.level)}: {'; '.join(c.flags())}" for c in flagged] + [""]
 
 
+def samples_section(cells: list[Cell]) -> list[str]:
+    """pass@1, pass@k and maj@k of the cells evaluated with several samples per question."""
+    sampled = [c for c in cells if c.samples_k]
+    if not sampled:
+        return []
+    headers = [*ROW_AXES, "level", "k", "pass@1", "pass@k", "maj@k"]
+    rows = [[*c.key[:4], level_label(c.level), c.samples_k, cell_text(c).split(" ×")[0],
+             _interval_text(c.pass_interval), _interval_text(c.maj_interval)] for c in sampled]
+    return ["## Several samples per question: pass@k and maj@k", "", *_md_table(headers, rows), "",
+            "k samples per question; pass@1 is the accuracy over all samples (the table above), pass@k the "
+            "unbiased estimator 1 − C(n−c, k)/C(n, k) per question, maj@k scores a question right when "
+            "the most common extracted answer of its first k samples is right (ties: the answer seen "
+            "first). Each with its 95 % interval over the questions; see docs/report.md.", ""]
+
+
+def _interval_text(interval) -> str:
+    return "" if interval is None else f"{100 * interval.estimate:.1f} [{pct(interval.low)}, {pct(interval.high)}]"
+
+
 def _share_text(value: float | None) -> str:
     return "" if value is None else f"{100 * value:.1f} %"
 
@@ -212,6 +231,7 @@ def markdown_report(cells: list[Cell], comparisons: list[Comparison], published:
     lines += accuracy_section(cells, n_boot)
     lines += paired_section([c for c in comparisons if c.family == LEVELS_FAMILY])
     lines += source_section([c for c in comparisons if c.family == SOURCES_FAMILY])
+    lines += samples_section(cells)
     lines += quality_section(cells)
     lines += published_section(cells, published)
     lines += cost_section(cells)

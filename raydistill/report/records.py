@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from raydistill.records import RecordError, TrialRecord
+from raydistill.samples import SampleScores, sample_scores
 
 ROW_AXES = ("dataset", "teacher", "format", "student")
 CELL_AXES = ROW_AXES + ("level",)
@@ -31,6 +32,7 @@ class Trial:
     cell: dict | None
     scores: dict[str, float] | None = None  # question_id -> mean correctness; None: predictions missing
     record: TrialRecord | None = None
+    samples: SampleScores | None = None  # pass@k and maj@k per question, with several samples per question
 
     @property
     def key(self) -> tuple[str, ...]:
@@ -63,18 +65,37 @@ def load_records(run_dir: Path) -> list[TrialRecord]:
 
 def question_scores(path: Path) -> dict[str, float]:
     """question_id -> mean of ``correct`` over its prediction rows (one row per sample)."""
+    return _scores(_read_predictions(path))
+
+
+def _read_predictions(path: Path):
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path, columns=["question_id", "correct"])
+        table = pq.read_table(path)
     except Exception as err:  # pyarrow raises several types for unreadable files
         raise ReportError(f"{path}: cannot read predictions ({err}); rerun the trial's evaluation") from err
+    missing = {"question_id", "correct"} - set(table.column_names)
+    if missing:
+        raise ReportError(f"{path}: predictions without column(s) {sorted(missing)}; rerun the trial's evaluation")
+    return table
+
+
+def _scores(table) -> dict[str, float]:
     ids = np.asarray(table.column("question_id").to_pylist(), dtype=object)
     correct = np.asarray(table.column("correct").fill_null(False).to_numpy(zero_copy_only=False), dtype=float)
     unique, inverse = np.unique(ids.astype(str), return_inverse=True)
     sums = np.bincount(inverse, weights=correct, minlength=unique.size)
     counts = np.bincount(inverse, minlength=unique.size)
     return dict(zip(unique.tolist(), (sums / counts).tolist()))
+
+
+def _samples(table) -> SampleScores | None:
+    if "extracted" not in table.column_names:
+        return None
+    return sample_scores([str(q) for q in table.column("question_id").to_pylist()],
+                         table.column("extracted").to_pylist(),
+                         [bool(ok) for ok in table.column("correct").fill_null(False).to_pylist()])
 
 
 def _predictions_path(record: TrialRecord, run_dir: Path) -> Path | None:
@@ -88,6 +109,7 @@ def to_trial(record: TrialRecord, run_dir: Path) -> Trial:
     """A record as a Trial, with its per-question scores when the predictions file exists."""
     axes = {a: str(record.axes.get(a, "")) for a in (*CELL_AXES, "seed")}
     path = _predictions_path(record, run_dir)
+    table = _read_predictions(path) if path else None
     return Trial(
         axes=axes,
         metrics=record.metrics.model_dump(exclude_unset=True),
@@ -95,6 +117,7 @@ def to_trial(record: TrialRecord, run_dir: Path) -> Trial:
         num_workers=record.train_spec.get("num_workers"),
         num_actors=record.eval_spec.get("num_actors"),
         cell=record.cell,
-        scores=question_scores(path) if path else None,
+        scores=_scores(table) if table is not None else None,
         record=record,
+        samples=_samples(table) if table is not None else None,
     )

@@ -30,7 +30,8 @@ CELL_COLUMNS = [*CELL_AXES, "accuracy", "ci_low", "ci_high", "ci_method", "n_see
                 "teacher_truncated_share", "flags", "mean_generated_tokens", "max_new_tokens", "published_accuracy",
                 "published_kind", "teacher_source", "teacher_cost_usd", "teacher_tokens_in", "teacher_tokens_out",
                 "train_seconds", "eval_seconds", "train_worker_seconds", "eval_actor_seconds",
-                "accuracy_pct_per_usd"]
+                "accuracy_pct_per_usd", "samples_per_question", "pass_at_k", "pass_at_k_ci_low", "pass_at_k_ci_high",
+                "maj_at_k", "maj_at_k_ci_low", "maj_at_k_ci_high"]
 PAIRED_COLUMNS = ["family", *ROW_AXES, "level_a", "teacher_b", "level_b", "accuracy_a", "accuracy_b", "diff", "n_b_better",
                   "n_a_better", "p_value", "p_holm", "min_detectable_diff", "n_questions", "n_seeds_paired",
                   "paired_on"]
@@ -76,8 +77,17 @@ def cell_rows(cells: list[Cell]) -> list[dict]:
             "train_worker_seconds": c.cost.train_worker_seconds,
             "eval_actor_seconds": c.cost.eval_actor_seconds,
             "accuracy_pct_per_usd": accuracy_per_usd(c),
+            "samples_per_question": c.samples_k,
+            **_interval_columns("pass_at_k", c.pass_interval),
+            **_interval_columns("maj_at_k", c.maj_interval),
         })
     return rows
+
+
+def _interval_columns(name: str, interval) -> dict:
+    if interval is None:
+        return {name: None, f"{name}_ci_low": None, f"{name}_ci_high": None}
+    return {name: interval.estimate, f"{name}_ci_low": interval.low, f"{name}_ci_high": interval.high}
 
 
 def _mean_metric(cell: Cell, name: str) -> float | None:

@@ -104,6 +104,9 @@ def _train_and_evaluate(trial: TrialSpec, payload: dict, trial_dir: Path) -> Tri
             "final_train_loss": trained.final_loss,
             "train_seconds": trained.train_seconds,
             "eval_seconds": eval_seconds,
+            "samples_per_question": result.samples_per_question,
+            "pass_at_k": result.pass_at_k,
+            "maj_at_k": result.maj_at_k,
         },
     }, f"trial {trial.trial_hash}")
 

@@ -272,6 +272,27 @@ def test_a_padded_cell_is_drawn_beside_its_level_not_as_a_level_less_line(tmp_pa
     assert "chatgpt/cot (no level)" not in labels
 
 
+def test_truncated_padded_and_level_less_cells_carry_the_mark_in_the_plot(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    write_trial(tmp_path, draws(0.3, 100, 1), level="1")
+    write_trial(tmp_path, draws(0.4, 100, 2), level="1+pad5", truncated=60)
+    write_trial(tmp_path, draws(0.5, 100, 3), teacher="human", level="", truncated=30)
+    trials = [report.to_trial(r, tmp_path) for r in report.load_records(tmp_path)]
+    cells = report.build_cells(trials, [], N_BOOT, 0)
+    fig, ax = plt.subplots()
+    report.draw_panel(ax, ("svamp", "tiny-llama"), cells)
+    labels = ax.get_legend_handles_labels()[1]
+    marks = [(text.get_text(), text.xy) for text in ax.texts]
+    plt.close(fig)
+    padded = next(c for c in cells if c.level == "1+pad5")
+    assert marks == [("†", (1.15, pytest.approx(100 * padded.accuracy)))]  # the diamond only, not L1
+    assert "† > 5 % truncated" in labels and "human/cot (no level) †" in labels
+
+
 def test_seeds_are_aggregated(tmp_path):
     accuracies = []
     for seed in range(3):

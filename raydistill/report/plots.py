@@ -23,8 +23,9 @@ def _panels(cells: list[Cell]) -> dict[tuple[str, str], list[Cell]]:
 
 def draw_panel(ax, panel: tuple[str, str], cells: list[Cell]) -> None:
     """Accuracy vs level per (teacher, format) with CI error bars; a padded cell ("1+pad5") as a
-    diamond beside its own level; level-less cells as dashed lines; published numbers as black crosses; cells with more than 5 % truncated generations as hollow
-    red-edged markers labelled with the mark."""
+    diamond beside its own level; level-less cells as dashed lines; published numbers as black
+    crosses. Cells with more than 5 % truncated generations carry the mark: hollow red-edged
+    markers (levels and padded cells) or the mark in the line's label (level-less cells)."""
     lines: dict[tuple[str, str], list[Cell]] = defaultdict(list)
     for cell in cells:
         lines[(cell.key[1], cell.key[2])].append(cell)
@@ -37,22 +38,19 @@ def draw_panel(ax, panel: tuple[str, str], cells: list[Cell]) -> None:
             lows = np.array([100 * c.interval.low if c.interval else y for c, y in zip(numbered, ys)])
             highs = np.array([100 * c.interval.high if c.interval else y for c, y in zip(numbered, ys)])
             ax.errorbar(xs, ys, yerr=[ys - lows, highs - ys], marker="o", capsize=3, color=color, label=label)
-            cut = [(x, y) for x, y, c in zip(xs, ys, numbered) if c.truncated]
-            if cut:
-                ax.scatter(*zip(*cut), s=90, facecolors="white", edgecolors="red", linewidths=1.5, zorder=4,
-                           label=f"{TRUNCATED_MARK} > {100 * TRUNCATION_FLAG:.0f} % truncated")
-                for x, y in cut:
-                    ax.annotate(TRUNCATED_MARK, (x, y), textcoords="offset points", xytext=(6, 4), color="red")
+            mark_truncated(ax, [(x, y) for x, y, c in zip(xs, ys, numbered) if c.truncated])
         for c in members:
             padded = PADDED_LEVEL.match(c.level)
             if padded:
-                y = 100 * c.accuracy
+                x, y = int(padded.group(1)) + 0.15, 100 * c.accuracy
                 low, high = (100 * c.interval.low, 100 * c.interval.high) if c.interval else (y, y)
-                ax.errorbar([int(padded.group(1)) + 0.15], [y], yerr=[[y - low], [high - y]], marker="D",
-                            linestyle="none", capsize=3, color=color, markerfacecolor="white",
-                            label=f"{label} {level_label(c.level)}")
+                ax.errorbar([x], [y], yerr=[[y - low], [high - y]], marker="D", linestyle="none", capsize=3,
+                            color=color, markerfacecolor="white", label=f"{label} {level_label(c.level)}")
+                mark_truncated(ax, [(x, y)] if c.truncated else [])
             elif not c.level.isdigit():
-                ax.axhline(100 * c.accuracy, linestyle="--", linewidth=1, color=color, label=f"{label} (no level)")
+                mark = f" {TRUNCATED_MARK}" if c.truncated else ""
+                ax.axhline(100 * c.accuracy, linestyle="--", linewidth=1, color=color,
+                           label=f"{label} (no level){mark}")
     paper = [(int(c.level), c.published["accuracy_pct"]) for c in cells if c.published and c.level.isdigit()]
     if paper:
         ax.scatter(*zip(*paper), marker="x", color="black", zorder=3, label="paper")
@@ -64,6 +62,16 @@ def draw_panel(ax, panel: tuple[str, str], cells: list[Cell]) -> None:
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles))  # the truncation marker once, however many lines carry it
     ax.legend(unique.values(), unique.keys(), fontsize=7)
+
+
+def mark_truncated(ax, points: list[tuple[float, float]]) -> None:
+    """Hollow red-edged markers, each labelled with the truncation mark, at ``points``."""
+    if not points:
+        return
+    ax.scatter(*zip(*points), s=90, facecolors="white", edgecolors="red", linewidths=1.5, zorder=4,
+               label=f"{TRUNCATED_MARK} > {100 * TRUNCATION_FLAG:.0f} % truncated")
+    for x, y in points:
+        ax.annotate(TRUNCATED_MARK, (x, y), textcoords="offset points", xytext=(6, 4), color="red")
 
 
 def plot_accuracy_vs_level(cells: list[Cell], path: Path, panel_dir: Path | None = None) -> list[Path]:

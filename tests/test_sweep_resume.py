@@ -10,6 +10,7 @@ import csv
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -119,6 +120,17 @@ def test_killed_driver_rerun_skips_finished_trials(tmp_path, model_cache):
     runs = _trial_runs(f"sqlite:///{run_dir / 'mlflow.db'}", "resume")
     assert sorted(run.data.tags["axis.level"] for run in runs) == ["1", "6"]
 
+    # The console names each trial by its axes, says which one was reused and which ran through
+    # which stage, and leaves Tune's table and the Ray workers' log lines out.
+    console = (tmp_path / "second.log").read_text()
+    [done] = {json.loads(p.read_text())["axes"]["level"] for p in finished}
+    [other] = {"1", "6"} - {done}
+    assert re.search(rf"\] svamp chatgpt L{done} cot tiny-llama seed 100: done, reused its record, accuracy", console)
+    for stage in ("training", "evaluating", "done, accuracy"):
+        assert f"] svamp chatgpt L{other} cot tiny-llama seed 100: {stage}" in console
+    assert "Trial status:" not in console and "(RayTrainWorker" not in console
+    assert "Setting accelerator to CPU" not in console  # DeepSpeed's warning in every worker
+
 
 def test_generated_cell_shared_by_students_and_secrets_stay_out(tmp_path, model_cache):
     key_sha256 = hashlib.sha256(SENTINEL_KEY.encode()).hexdigest()
@@ -179,6 +191,7 @@ def test_sweep_killed_in_training_then_in_evaluation_resumes_both(tmp_path, mode
     #    and at each epoch's end, every 2).
     _kill_sweep_when(config, tmp_path / "first.log", lambda: _latest_checkpoint(run_dir) is not None)
     saved = _latest_checkpoint(run_dir)
+    assert re.search(r"svamp chatgpt L1 cot tiny-llama seed 100: step \d+/20, loss \d", (tmp_path / "first.log").read_text())
     assert not saved.endswith("_final"), "training finished before the kill"
     assert not list(run_dir.glob("trials/*/predictions.parquet.parts"))
 

@@ -58,7 +58,7 @@ def identify_trial(trial: TrialSpec, cell: CellSpec, student_digest: str, test_d
     return trial.model_copy(update={"cell": cell, "inputs": {"student": student_digest, **test_digests}})
 
 
-def prepare_cells(spec: SweepSpec) -> tuple[dict[CellSpec, dict], dict[CellSpec, str]]:
+def prepare_cells(spec: SweepSpec, verbose: bool = False) -> tuple[dict[CellSpec, dict], dict[CellSpec, str]]:
     """The annotation stage: every cell of the grid -> training Parquet, computed once.
 
     Released cells are replayed from the data mirror; cells of a generating teacher are written
@@ -85,7 +85,7 @@ def prepare_cells(spec: SweepSpec) -> tuple[dict[CellSpec, dict], dict[CellSpec,
                 raise
             missing[cell] = str(err)
             log.warning("cell %s left out: %s", cell.label, err)
-    ready.update(generate_cells(spec, generated))
+    ready.update(generate_cells(spec, generated, verbose))
     return ready, missing
 
 
@@ -122,9 +122,9 @@ def _readable_parquet(path: Path) -> bool:
         return False
 
 
-def generate_cells(spec: SweepSpec, cells: dict[CellSpec, CellSpec]) -> dict[CellSpec, dict]:
+def generate_cells(spec: SweepSpec, cells: dict[CellSpec, CellSpec], verbose: bool = False) -> dict[CellSpec, dict]:
     """Annotate the cells of generating teachers (one pipeline; the request cache is shared).
-    ``cells`` maps each grid cell to its identified cell."""
+    ``cells`` maps each grid cell to its identified cell; ``verbose`` as in `init_ray`."""
     if not cells:
         return {}
     from raydistill.annotate import annotate_cells, summary_table
@@ -135,7 +135,7 @@ def generate_cells(spec: SweepSpec, cells: dict[CellSpec, CellSpec]) -> dict[Cel
         folder.mkdir(parents=True, exist_ok=True)
         files.write_json(folder / "cell.json", identified.model_dump(mode="json"))
         jobs.append((annotation_spec(identified, spec), folder))
-    init_ray()
+    init_ray(verbose)
     run = annotate_cells(jobs)
     log.info("annotation stage:\n%s", summary_table(run.cells))
     out = {}

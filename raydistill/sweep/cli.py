@@ -55,13 +55,15 @@ def main(argv: list[str], prog: str = "raydistill sweep", default_config: str | 
     parser.add_argument("--output-dir", default=os.environ.get("RAYDISTILL_OUTPUT_DIR"),
                         help="parent folder of the sweep's outputs (default: $RAYDISTILL_OUTPUT_DIR, "
                              "else the config's output_dir)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also print Tune's status table and every Ray worker's log lines")
     args = parser.parse_args(argv)
     try:
         overrides = parse_overrides(args.set)
         if args.output_dir:
             overrides["output_dir"] = args.output_dir
         spec = load_sweep(args.config, overrides)
-        run_and_print(spec)
+        run_and_print(spec, args.verbose)
     except USER_ERRORS as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
@@ -74,10 +76,10 @@ def script_main(script: str) -> int:
     return main(sys.argv[1:], prog=path.name, default_config=str(path.with_suffix(".yaml")))
 
 
-def run_and_print(spec: SweepSpec) -> list[TrialRecord]:
+def run_and_print(spec: SweepSpec, verbose: bool = False) -> list[TrialRecord]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     started = time.perf_counter()
-    records = run_sweep(spec)
+    records = run_sweep(spec, verbose)
     print_summary(spec)
     print(f"wall time     : {time.perf_counter() - started:.0f} s for {len(records)} trials")
     return records

@@ -16,6 +16,7 @@ from raydistill.records import TrialRecord
 from raydistill.spec import CellSpec, SpecError, SweepSpec, TrialSpec, storage_problem
 from raydistill.sweep.cells import digests_of_test_set, identify_trial, prepare_cells, prepare_test
 from raydistill.sweep.cluster import init_ray
+from raydistill.sweep.console import SweepConsole, trial_label, trial_name
 from raydistill.sweep.trial import run_trial
 
 log = logging.getLogger("raydistill.sweep")
@@ -29,8 +30,11 @@ PLAN_FILE = "trials.json"  # the sweep's current trials; the report leaves out r
 TRIAL_DRIVER_RESOURCES = {"cpu": 0, "memory": 1}
 
 
-def run_sweep(spec: SweepSpec) -> list[TrialRecord]:
+def run_sweep(spec: SweepSpec, verbose: bool = False) -> list[TrialRecord]:
     """Run every trial of the sweep (skipping finished ones) and return their records.
+
+    The console shows one line per trial event (`raydistill.sweep.console`); ``verbose`` adds
+    Tune's status table and every Ray worker's log lines.
 
     Stages: annotation cells (once per cell, shared by students) -> Tune trials (SFT + eval per
     student, cell and seed) -> MLflow (a parent run for the sweep, a nested run per trial) ->
@@ -48,7 +52,7 @@ def run_sweep(spec: SweepSpec) -> list[TrialRecord]:
     run_dir = spec.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     files.write_text(run_dir / "sweep.yaml", yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
-    cells, missing = prepare_cells(spec)
+    cells, missing = prepare_cells(spec, verbose)
     _write_missing(missing, run_dir)
     planned = [t for t in spec.trials() if t.cell in cells]
     log.info("sweep %s: %d trials over %d annotation cells (%d left out)", spec.name, len(planned), len(cells),
@@ -64,26 +68,30 @@ def run_sweep(spec: SweepSpec) -> list[TrialRecord]:
                              tests[t.cell.dataset]) for t in planned]
     files.write_json(run_dir / PLAN_FILE, [{"trial_hash": t.trial_hash, **t.axes()} for t in trials], indent=1)
 
-    init_ray()
+    init_ray(verbose)
     check_engines(trials)
     parent = start_sweep_run(spec, run_dir / "sweep.yaml")
-    payloads = [
-        {"trial": t.model_dump(mode="json"), "run_dir": str(run_dir), "cell": cells[p],
-         "checkpoint_storage": spec.checkpoint_storage or str(run_dir / "ray"),
-         "test_path": str(test_paths[t.cell.dataset]), "model_path": model_paths[t.student]}
+    payloads = {
+        t.trial_hash: {"trial": t.model_dump(mode="json"), "run_dir": str(run_dir), "cell": cells[p],
+                       "checkpoint_storage": spec.checkpoint_storage or str(run_dir / "ray"),
+                       "test_path": str(test_paths[t.cell.dataset]), "model_path": model_paths[t.student]}
         for p, t in zip((t.cell for t in planned), trials)
-    ]
+    }
+    names = {t.trial_hash: trial_name(t) for t in trials}
     tuner = tune.Tuner(
-        tune.with_resources(run_trial, TRIAL_DRIVER_RESOURCES),
-        param_space={"payload": tune.grid_search(payloads)},
+        tune.with_resources(tune.with_parameters(run_trial, payloads=payloads), TRIAL_DRIVER_RESOURCES),
+        param_space={"trial_hash": tune.grid_search(list(payloads))},
         tune_config=tune.TuneConfig(
             max_concurrent_trials=spec.max_concurrent_trials,
-            trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
+            trial_name_creator=lambda trial: names[trial.config["trial_hash"]],
+            trial_dirname_creator=lambda trial: names[trial.config["trial_hash"]],
         ),
         run_config=tune.RunConfig(
             name="tune", storage_path=str(run_dir / "ray"),
-            callbacks=[MLflowTrialLogger(parent)],
+            callbacks=[MLflowTrialLogger(parent),
+                       SweepConsole({t.trial_hash: trial_label(t) for t in trials}, len(trials))],
             failure_config=tune.FailureConfig(max_failures=1),
+            verbose=None if verbose else 0,  # Tune's status table only with --verbose
         ),
     )
     results = tuner.fit()
@@ -119,6 +127,3 @@ def _write_missing(missing: dict[CellSpec, str], run_dir: Path) -> None:
     elif path.exists():
         path.unlink()
 
-
-def _trial_name(trial) -> str:
-    return "trial-" + TrialSpec.model_validate(trial.config["payload"]["trial"]).trial_hash

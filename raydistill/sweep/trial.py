@@ -16,23 +16,28 @@ import raydistill
 from raydistill.datasets import target_ceiling
 from raydistill.records import RecordError, TrainState, TrialRecord
 from raydistill.spec import TrialSpec
+from raydistill.sweep.console import report_stage
 
 log = logging.getLogger("raydistill.sweep")
 
 
-def run_trial(config: dict) -> dict:
-    """Tune trainable: fine-tune the student on the cell, evaluate, write the trial record."""
+def run_trial(config: dict, payloads: dict[str, dict]) -> dict:
+    """Tune trainable: fine-tune the student on the cell, evaluate, write the trial record.
+
+    ``config["trial_hash"]`` picks the trial's payload (its spec, cell, paths) from ``payloads``.
+    """
     from ray import tune
 
-    payload = config["payload"]
+    payload = payloads[config["trial_hash"]]
     trial = TrialSpec.model_validate(payload["trial"])
     trial_dir = Path(payload["run_dir"]) / "trials" / trial.trial_hash
     record_path = trial_dir / "record.json"
     record = read_record(record_path)
-    if record is None:
+    reused = record is not None
+    if not reused:
         record = _train_and_evaluate(trial, payload, trial_dir)
         record.write(record_path)
-    result = {**record.metrics.model_dump(), "record_path": str(record_path)}
+    result = {**record.metrics.model_dump(), "record_path": str(record_path), "reused": reused}
     tune.report(result)
     return result
 
@@ -61,7 +66,9 @@ def _train_and_evaluate(trial: TrialSpec, payload: dict, trial_dir: Path) -> Tri
     job = TrainJob(student=trial.student, model_path=payload["model_path"], data_path=payload["cell"]["train_path"],
                    run_name=f"train-{trial.trial_hash}", storage_path=payload["checkpoint_storage"],
                    spec=trial.train)
+    report_stage("training")
     trained = fit(job, report_to_tune=True, download_to=trial_dir / "model")
+    report_stage("evaluating")
     test = pq.read_table(payload["test_path"])
     started = time.perf_counter()
     result = outside_trial_placement_group(

@@ -66,7 +66,7 @@ class _nullcontext:
         return False
 
 
-def save_resume_checkpoint(engine, state: TrainState, rank: int) -> None:
+def save_resume_checkpoint(engine, state: TrainState, rank: int, total_steps: int) -> None:
     """Every rank saves its DeepSpeed shard (model, optimizer, scheduler) into one Ray checkpoint."""
     import ray.train
 
@@ -74,7 +74,7 @@ def save_resume_checkpoint(engine, state: TrainState, rank: int) -> None:
         engine.save_checkpoint(str(Path(tmp) / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
         if rank == 0:
             state.write(Path(tmp) / TRAIN_STATE_FILE)
-        metrics = {"train_loss": state.history[-1]["loss"], "step": state.step}
+        metrics = {"train_loss": state.history[-1]["loss"], "step": state.step, "steps_total": total_steps}
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"checkpoint_step{state.step:07d}")
 

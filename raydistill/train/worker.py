@@ -104,7 +104,7 @@ def train_loop_per_worker(config: dict) -> None:
                                  "tokens_per_s": window_tokens * world / max(elapsed, 1e-9),
                                  "step_seconds": elapsed})
         if step in save_at:  # metrics go out with checkpoints only: a report syncs all workers
-            save_resume_checkpoint(engine, state, rank)
+            save_resume_checkpoint(engine, state, rank, total_steps)
         window_loss, window_tokens = 0.0, 0
 
     state = state.model_copy(update=dict(final=True, examples=len(examples), over_cutoff=over, overlong=spec.overlong,

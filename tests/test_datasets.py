@@ -14,6 +14,8 @@ import logging
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -398,3 +400,152 @@ def test_cli_export_of_unmirrored_cell_fails_cleanly(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and NOT_MIRRORED in err[0]
     assert not (tmp_path / "x.parquet").exists()
+
+
+# ---------------------------------------------------------------------- export-hf
+
+
+STUDY_TRIAL = REPO / "docs" / "results" / "svamp-study" / "trials" / "114f48cfccb08b8c"
+
+
+def _export_hf(*args: str | Path) -> subprocess.CompletedProcess:
+    """`python -m raydistill data export-hf ...` as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "raydistill", "data", "export-hf", *map(str, args)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def _loaded_equals_parquet(out: Path, parquet: Path) -> None:
+    import datasets as hf
+
+    loaded = hf.load_from_disk(str(out))
+    table = pq.read_table(parquet)
+    assert loaded.num_rows == table.num_rows > 0 and loaded.column_names == table.column_names
+    assert loaded.to_list() == table.to_pylist()  # row by row, in order
+
+
+def _facts(card: str) -> dict[str, str]:
+    return dict(line[2:].split(": ", 1) for line in card.splitlines() if line.startswith("- ") and ": " in line)
+
+
+def _generated_cell(folder: Path) -> Path:
+    """A finished cell of a generating teacher, written by the annotation stage's own cell writer
+    (`CellState`) from made-up teacher replies: 12 questions, 2 failed, 3 answered wrong, keep_correct."""
+    from raydistill.annotate.cache import prompt_hash
+    from raydistill.annotate.cells import CellState, PlannedRequest, RequestTarget
+    from raydistill.annotate.questions import load_questions
+    from raydistill.prompts import build_messages
+    from raydistill.spec.annotation import AnnotationSpec, QuestionsSpec, TeacherSpec
+
+    teacher = TeacherSpec(model="openai/tiny-teacher", api_base="http://user:s3cret-pass@127.0.0.1:9/v1",
+                          api_key_env="TINY_TEACHER_KEY", temperature=0.7, max_tokens=256, seed=5)
+    spec = AnnotationSpec(task="svamp", teacher=teacher, level=2, policy="keep_correct",
+                          questions=QuestionsSpec(limit=12))
+    state = CellState(0, spec, folder, load_questions("svamp", spec.questions), 0)
+    for i, (q, gold) in enumerate(zip(state.qtext, state.gold)):
+        messages = build_messages("svamp", 2, "cot", q)
+        answer = gold if i % 4 else f"{gold}1"  # questions 0, 4, 8 answered wrong
+        ok = {"response": f"Some steps. The answer is {answer}", "extracted": answer, "correct": answer == gold,
+              "tokens_in": 100, "tokens_out": 20, "cost_usd": 0.25, "latency_s": 0.1, "error": None,
+              "error_kind": None, "cache_hit": False, "attempts": 1, "finish_reason": "stop"}
+        failed = {**ok, "response": None, "extracted": None, "correct": None, "tokens_out": 0, "cost_usd": 0.0,
+                  "error": "500 after 3 attempts", "error_kind": "500", "attempts": 3, "finish_reason": None}
+        req = PlannedRequest(f"key{i}", 0, "svamp", gold, messages, prompt_hash(messages))
+        state.on_result(RequestTarget(0, i, 2, "main"), req, failed if i in (3, 7) else ok)
+    state.close(1.0, {q: k for k, q in enumerate(state.qids)})
+    return folder
+
+
+def test_export_hf_of_a_replayed_cell_loads_back_equal_to_its_parquet(tmp_path):
+    from raydistill.spec import sweep_from_dict
+    from raydistill.sweep import cell_dir, identify_cell, replay_cell
+
+    spec = sweep_from_dict({"name": "hf", "datasets": ["svamp"], "teachers": ["chatgpt"], "students": ["tiny-llama"],
+                            "train_limit": 40, "grids": [{"levels": [3]}]})
+    cell = identify_cell(spec.cells()[0], spec)
+    folder = Path(replay_cell(cell, cell_dir(tmp_path / "cells", cell))["dir"])
+    out = tmp_path / "hf"
+    proc = _export_hf(folder, out)
+    assert proc.returncode == 0, proc.stderr
+    _loaded_equals_parquet(out, folder / "train.parquet")
+    card = (out / "README.md").read_text()
+    facts = _facts(card)
+    assert card.startswith("---\nlicense: [\"apache-2.0\", \"mit\"]\n")
+    assert facts["cell hash"] == cell.cell_hash == folder.name
+    assert (facts["rows"], facts["questions"], facts["level"], facts["train limit"]) == ("40", "40", "3", "40")
+    assert facts["cost (USD)"].startswith("unknown (replayed") and facts["sampling"].startswith("unknown (replayed")
+    table = pq.read_table(folder / "train.parquet")
+    assert facts["target ceiling"] == f"{100 * datasets.target_ceiling('svamp', table):.1f} %"
+    for path, digest in cell.inputs.items():  # every source file with its sha256 and licence
+        licence = "MIT" if path.startswith("mammoth2") else "Apache-2.0"
+        assert f"| `{path}` | {digest} | " in card and card.split(f"`{path}`")[1].split("\n")[0].endswith(f"| {licence} |")
+    assert _export_hf(folder, out).returncode == 1  # OUT is not overwritten unasked
+    assert _export_hf(folder / "train.parquet", out, "--overwrite").returncode == 0
+    other = tmp_path / "other"
+    (other / "keep.txt").parent.mkdir()
+    (other / "keep.txt").write_text("mine")
+    proc = _export_hf(folder, other, "--overwrite")  # only an earlier export is replaced
+    assert proc.returncode == 1 and "not an earlier export" in proc.stderr and (other / "keep.txt").exists()
+
+
+def test_export_hf_of_a_generated_cell_states_its_teacher_prompts_counts_and_cost(tmp_path):
+    folder = _generated_cell(tmp_path / "cell")
+    summary = json.loads((folder / "summary.json").read_text())
+    out = tmp_path / "hf"
+    proc = _export_hf(folder, out)
+    assert proc.returncode == 0, proc.stderr
+    _loaded_equals_parquet(out, folder / "examples.parquet")
+    card = (out / "README.md").read_text()
+    facts = _facts(card)
+    assert facts["model"] == "openai/tiny-teacher" and facts["temperature"] == "0.7" and facts["seed"] == "5"
+    assert facts["prompt texts' sha256"] == summary["identity"]["prompts"][0] and len(facts["prompt texts' sha256"]) == 64
+    assert facts["policy"] == "keep_correct" and facts["annotation hash"] == summary["cell_hash"]
+    assert facts["saw the gold answer"] == "False" and "cell hash" not in facts  # `raydistill annotate` has no cell.json
+    assert (facts["rows"], facts["succeeded"], facts["failed"], facts["kept by the policy"]) == ("7", "10", "2", "7")
+    assert facts["teacher requests (rows of annotations.parquet)"] == "12"
+    assert facts["teacher accuracy"] == "70.0 %" and facts["target ceiling"] == "100.0 %"
+    assert facts["cost (USD, every request priced as if the cache were empty)"] == "2.5000"
+    assert "| `distilling-cot/train/SVAMP_only_ans.json` | not recorded | EIT-NLP/" in card
+    assert "s3cret" not in card and "127.0.0.1" not in card and "TINY_TEACHER_KEY" not in card
+
+
+def test_export_hf_of_a_trial_loads_back_its_predictions(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    proc = _export_hf(STUDY_TRIAL, tmp_path / "pushed", "--push-to-hub", "someone/predictions")
+    assert proc.returncode == 1 and "HF_TOKEN" in proc.stderr and not (tmp_path / "pushed").exists()
+    out = tmp_path / "hf"
+    proc = _export_hf(STUDY_TRIAL, out)
+    assert proc.returncode == 0, proc.stderr
+    _loaded_equals_parquet(out, STUDY_TRIAL / "predictions.parquet")
+    record = json.loads((STUDY_TRIAL / "record.json").read_text())
+    facts = _facts((out / "README.md").read_text())
+    assert facts["trial hash"] == record["trial_hash"] and facts["cell hash"] == record["cell"]["hash"]
+    assert facts["rows"] == str(record["metrics"]["n_test"])
+    correct = sum(pq.read_table(STUDY_TRIAL / "predictions.parquet").column("correct").to_pylist())
+    assert facts["graded correct"] == str(correct) and correct == round(record["metrics"]["accuracy"] * 300)
+
+
+def test_export_hf_without_datasets_names_the_extra(tmp_path):
+    (tmp_path / "datasets").mkdir()
+    (tmp_path / "datasets" / "__init__.py").write_text("raise ImportError('No module named datasets')\n")
+    proc = subprocess.run([sys.executable, "-m", "raydistill", "data", "export-hf", str(STUDY_TRIAL), str(tmp_path / "out")],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": f"{REPO}:{tmp_path}"})
+    assert proc.returncode == 1 and proc.stderr.strip() == ("raydistill data: export-hf needs the Hugging Face "
+                                                            "`datasets` package: pip install 'raydistill[hf]'")
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda p: p / "nowhere", ["nowhere", "does not exist", "cell folder"]),
+    (lambda p: p, ["is not a cell or trial folder", "train.parquet"]),
+    (lambda p: (p / "cell.json").write_text("{}") and p, ["train.parquet or examples.parquet", "run its sweep"]),
+    (lambda p: (p / "record.json").write_text("{}") and p, ["predictions.parquet is missing", "rerun its sweep"]),
+    (lambda p: (p / "train.parquet").write_text("PAR1 cut") and p, ["train.parquet is not a readable Parquet"]),
+], ids=["missing", "empty", "unfinished-cell", "unfinished-trial", "damaged"])
+def test_export_hf_bad_input_is_one_line_naming_the_path(tmp_path, make, words):
+    (tmp_path / "in").mkdir()
+    path = make(tmp_path / "in")
+    proc = _export_hf(path, tmp_path / "out")
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(err) == 1 and err[0].startswith("raydistill data: "), proc.stderr
+    assert str(tmp_path / "in") in err[0] and all(w in err[0] for w in words), err[0]
+    assert not (tmp_path / "out").exists()

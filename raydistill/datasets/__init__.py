@@ -14,8 +14,11 @@ Tasks come from the registry (`raydistill.tasks`); everything loads as a pyarrow
     target repair, ``target_ceiling``, the files each table reads and ``write_parquet``.
 ``overlap``
     ``contamination``: train/test question overlap per raw training file.
+``hf_export``
+    ``export_hf``: a cell's rows or a trial's predictions as a Hugging Face ``datasets`` folder
+    with a dataset card (the ``hf`` extra).
 ``cli``
-    ``raydistill data list | export | ceiling | check-contamination | pin``.
+    ``raydistill data list | export | export-hf | ceiling | check-contamination | pin``.
 """
 
 from raydistill.datasets.cli import main
@@ -40,8 +43,10 @@ from raydistill.datasets.mirror import (
     mirror_dir,
     read_rows,
     resolve,
+    upstream_root,
     upstream_url,
 )
+from raydistill.datasets.hf_export import ExportError, export_hf
 from raydistill.datasets.overlap import ContaminationReport, Overlap, contamination
 from raydistill.datasets.release import (
     FORMATS,
@@ -91,6 +96,7 @@ __all__ = [
     "ChecksumMismatch",
     "ContaminationReport",
     "DataUnavailable",
+    "ExportError",
     "MalformedData",
     "Overlap",
     "TrainFile",
@@ -99,6 +105,7 @@ __all__ = [
     "cache_dir",
     "contamination",
     "digests",
+    "export_hf",
     "file_digest",
     "load_test",
     "load_train",
@@ -118,6 +125,7 @@ __all__ = [
     "train_file",
     "train_files",
     "train_sources",
+    "upstream_root",
     "upstream_url",
     "write_parquet",
 ]

@@ -1,4 +1,4 @@
-"""`raydistill data`: list, export, ceiling, check-contamination and pin subcommands."""
+"""`raydistill data`: list, export, export-hf, ceiling, check-contamination and pin subcommands."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from raydistill.datasets.mirror import (
     build_manifest,
     local_path,
 )
+from raydistill.datasets.hf_export import TOKEN_ENV, export_hf
 from raydistill.datasets.overlap import contamination
 from raydistill.datasets.release import FORMATS, LEVELLESS, LEVELS, TEACHERS, available_cells, cell_name
 from raydistill.datasets.tables import load_test, load_train, target_ceiling, write_parquet
@@ -43,6 +44,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
         table = load_train(args.task, args.teacher, args.level, args.format, repair=args.repair)
     write_parquet(table, args.out)
     print(f"wrote {table.num_rows} rows to {args.out}")
+    return 0
+
+
+def _cmd_export_hf(args: argparse.Namespace) -> int:
+    ex = export_hf(args.cell, args.out, push_to_hub=args.push_to_hub, private=args.private, overwrite=args.overwrite)
+    print(f"wrote {ex.table.num_rows} rows of {ex.parquet} and the dataset card to {args.out}"
+          + (f"; pushed to {args.push_to_hub}" if args.push_to_hub else ""))
     return 0
 
 
@@ -99,6 +107,16 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--repair", action="store_true",
                     help="repair the targets (LaTeX escapes eaten by JSON, unmarked final answers); see docs/grading.md")
     ex.set_defaults(run=_cmd_export)
+    hf = sub.add_parser("export-hf", help="write a cell's training rows or a trial's predictions as a Hugging Face "
+                                          "datasets folder (save_to_disk) with a dataset card (README.md)")
+    hf.add_argument("cell", metavar="CELL", help="an annotation cell folder (outputs/cells/<hash>/), a trial folder "
+                                                 "(outputs/<sweep>/trials/<hash>/), or the Parquet file in one")
+    hf.add_argument("out", metavar="OUT", help="the folder to write; datasets.load_from_disk(OUT) reads it")
+    hf.add_argument("--push-to-hub", metavar="REPO",
+                    help=f"also push the rows and the card to this Hub dataset repository (token from ${TOKEN_ENV})")
+    hf.add_argument("--private", action="store_true", help="with --push-to-hub: a new repository is private")
+    hf.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT")
+    hf.set_defaults(run=_cmd_export_hf)
     ce = sub.add_parser("ceiling", help="target ceiling per cell: the share of its training targets graded "
                                          "correct against their own answers (as released and repaired)")
     ce.add_argument("--task", choices=list(TASKS))
@@ -115,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    """`raydistill data list | export | ceiling | check-contamination | pin`."""
+    """`raydistill data list | export | export-hf | ceiling | check-contamination | pin`."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:

@@ -34,13 +34,14 @@ DEFAULT_CACHE_DIR = Path("~/.cache/raydistill/data")
 MANIFEST = package_data("upstream.json")
 DATASET_INFO = "distilling-cot/train/dataset_info.json"
 
-# Relative root -> upstream repository, commit and folder (written into raydistill/data/upstream.json).
+# Relative root -> upstream repository, commit, folder and the repository's licence (SPDX id)
+# (written into raydistill/data/upstream.json).
 _COT_REPO = ("EIT-NLP/Distilling-CoT-Reasoning", "cc33822e99534615a87841bd6c2e865e0d24d123")
 _MAMMOTH_REPO = ("TIGER-AI-Lab/MAmmoTH2", "9c67cb137b87e3c2f68ab412c6731b1f47a51b55")
 ROOTS = {
-    "distilling-cot/train/": (*_COT_REPO, "data/"),
-    "distilling-cot/test/": (*_COT_REPO, "Evaluation/reasoning_eval/"),
-    "mammoth2-math-eval/": (*_MAMMOTH_REPO, "math_eval/dataset/"),
+    "distilling-cot/train/": (*_COT_REPO, "data/", "Apache-2.0"),
+    "distilling-cot/test/": (*_COT_REPO, "Evaluation/reasoning_eval/", "Apache-2.0"),
+    "mammoth2-math-eval/": (*_MAMMOTH_REPO, "math_eval/dataset/", "MIT"),
 }
 
 
@@ -84,6 +85,14 @@ def upstream_url(relpath: str) -> str:
         if relpath.startswith(prefix):
             return f"{base}/{root['repo']}/{root['commit']}/{root['path']}{relpath[len(prefix):]}"
     raise DataUnavailable(f"{relpath}: outside the pinned roots {', '.join(_manifest()['roots'])}")
+
+
+def upstream_root(relpath: str) -> dict | None:
+    """The pinned root a relative path lies under (repo, commit, path, license), else None."""
+    for prefix, root in _manifest()["roots"].items():
+        if relpath.startswith(prefix):
+            return root
+    return None
 
 
 def local_path(relpath: str) -> tuple[Path, str] | None:
@@ -222,5 +231,5 @@ def build_manifest(mirror: Path) -> dict:
         files[rel] = ({"sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
                        "bytes": p.stat().st_size} if p.is_file() else
                       {"sha256": None, "bytes": None})
-    roots = {k: {"repo": r, "commit": c, "path": p} for k, (r, c, p) in ROOTS.items()}
+    roots = {k: {"repo": r, "commit": c, "path": p, "license": lic} for k, (r, c, p, lic) in ROOTS.items()}
     return {"roots": roots, "files": files}

@@ -37,6 +37,7 @@ ANNOTATION_SCHEMA = pa.schema(
         ("latency_s", pa.float64()),
         ("error", pa.string()),  # null when the request succeeded, else why it failed
         ("finish_reason", pa.string()),  # the teacher's: "stop", "length" (hit max_tokens: cut short), ...
+        ("sample", pa.int32()),  # which of the question's samples (0 .. samples-1; 0 with one per question)
     ]
 )
 

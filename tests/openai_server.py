@@ -17,7 +17,9 @@ counters, ``GET /health`` answers ``ok``. From Python, :class:`ServerProcess` st
 Reply policy: the last user message is the question. ``--answers`` maps question text to the gold
 answer (JSON object); with ``--policy gold`` the reply's answer is the gold answer when known (else
 ``--fixed-answer``), with ``--policy fixed`` it is always ``--fixed-answer``; ``--wrong-rate`` makes
-that share of questions (chosen by hash) answer wrongly. The rationale's length follows the last
+that share of questions (chosen by hash) answer wrongly, ``--wrong-by-seed`` that share of
+(question, request seed) pairs (`wrong_by_seed`): several samples of one question, each with its
+own seed, then differ, and each one's reply stays the same on every attempt. The rationale's length follows the last
 assistant message in the conversation (the prompt's one-shot exemplar), like a teacher that copies
 the exemplar's granularity.
 
@@ -69,6 +71,11 @@ def _unit(*parts: object) -> float:
     return int.from_bytes(h[:8], "big") / 2**64
 
 
+def wrong_by_seed(question: str, seed: object, rate: float, server_seed: int = 0) -> bool:
+    """Whether ``--wrong-by-seed rate`` answers ``question`` wrongly at this request seed."""
+    return _unit("wrong-by-seed", server_seed, question.strip(), seed) < rate
+
+
 def _content(msg: dict) -> str:
     c = msg.get("content") or ""
     if isinstance(c, list):  # content parts
@@ -112,7 +119,7 @@ class Server:
             lat += self.rng.uniform(-self.args.latency_jitter, self.args.latency_jitter)
         return max(0.0, lat)
 
-    def _answer(self, question: str) -> str:
+    def _answer(self, question: str, seed: object = None) -> str:
         a = self.args
         gold = self.answers.get(question.strip())
         if a.policy == "fixed" or gold is None:
@@ -121,9 +128,11 @@ class Server:
             ans = gold
         if a.wrong_rate and _unit("wrong", a.seed, question) < a.wrong_rate:
             ans = _wrong(ans)
+        if a.wrong_by_seed and wrong_by_seed(question, seed, a.wrong_by_seed, a.seed):
+            ans = _wrong(ans)
         return ans
 
-    def _reply(self, messages: list[dict]) -> str:
+    def _reply(self, messages: list[dict], seed: object = None) -> str:
         users = [_content(m) for m in messages if m.get("role") == "user"]
         question = users[-1] if users else ""
         exemplar = [_content(m) for m in messages if m.get("role") == "assistant"]
@@ -135,7 +144,7 @@ class Server:
         while len(words) < max(target_words - 4, 0):
             words += _FILLER[i % len(_FILLER)].split()
             i += 1
-        return " ".join(words) + f" The answer is {self._answer(question)}"
+        return " ".join(words) + f" The answer is {self._answer(question, seed)}"
 
     async def chat(self, request: web.Request) -> web.Response:
         t_recv = time.time()
@@ -186,7 +195,7 @@ class Server:
                 raise asyncio.CancelledError
             await asyncio.sleep(self._latency())
             if kind in ("ok", "empty", "noanswer"):
-                content = {"ok": self._reply, "empty": lambda m: "",
+                content = {"ok": lambda m: self._reply(m, body.get("seed")), "empty": lambda m: "",
                            "noanswer": lambda m: "I cannot tell from what is given."}[kind](messages)
                 finish = "stop"
                 if kind == "ok" and a.cut_rate and _unit("cut", a.seed, key) < a.cut_rate:
@@ -298,6 +307,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--policy", choices=["gold", "fixed"], default="gold")
     p.add_argument("--fixed-answer", default="0")
     p.add_argument("--wrong-rate", type=float, default=0.0)
+    p.add_argument("--wrong-by-seed", type=float, default=0.0,
+                   help="share of (question, request seed) pairs answered wrongly (samples that differ)")
     p.add_argument("--default-words", type=int, default=30, help="rationale length without an exemplar")
     p.add_argument("--cut-rate", type=float, default=0.0,
                    help="share of replies cut in half with finish_reason 'length' (as at max_tokens)")

@@ -1,5 +1,6 @@
 """Annotation stage, the parts that need neither Ray nor a server: prompts, config, cache keys,
-the durable cache's file format, the rate-limit bucket, padding and hybrid level choice."""
+the durable cache's file format, the rate-limit bucket, padding, hybrid level choice and the
+selection among a question's samples."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ import pytest
 
 from raydistill import annotate as A
 from raydistill import prompts
+from raydistill.annotate import selection
 from raydistill.annotate.cells import _ensure_trigger
+from raydistill.annotate.selection import Sample
 from raydistill.annotate.questions import question_length_levels
 from raydistill.annotate.teacher import _classify, _scrub
 from raydistill.spec import SpecError
@@ -307,3 +310,86 @@ def test_hybrid_by_question_length_splits_at_the_quantile():
 def test_ensure_trigger_appends_the_extracted_answer():
     assert _ensure_trigger("2+2 is 4.", "4") == "2+2 is 4. The answer is 4"
     assert _ensure_trigger(" So 4. The answer is 4 ", "4") == "So 4. The answer is 4"
+
+
+# -- samples per question and their selection -----------------------------------------------------
+
+
+def _samples(*replies: tuple[bool, bool | None, str | None]) -> list[Sample]:
+    """(succeeded, correct, extracted) per sample, in sample order."""
+    return [Sample(i, ok, correct, extracted) for i, (ok, correct, extracted) in enumerate(replies)]
+
+
+def _kept(samples: list[Sample], policy: str, cap: int | None = None) -> list[int]:
+    return [s.index for s in selection.select(samples, policy, cap)]
+
+
+def test_each_policy_keeps_its_samples():
+    samples = _samples((True, False, "5"), (False, None, None), (True, True, "4"), (True, False, "5"),
+                       (True, True, "4"))
+    assert _kept(samples, "keep_all") == [0, 2, 3, 4]  # a failed sample is never kept
+    assert _kept(samples, "keep_correct") == [2, 4]
+    assert _kept(samples, "keep_first_correct") == [2]
+    assert _kept(samples, "keep_majority") == [0, 3]  # a 2-2 tie: the answer seen first wins
+    assert _kept(samples, "keep_all", 2) == [0, 2] and _kept(samples, "keep_majority", 1) == [0]
+    assert selection.questions_kept([samples, _samples((True, False, "1"), (True, None, None))]) == {
+        "keep_all": 2, "keep_correct": 1, "keep_first_correct": 1, "keep_majority": 2}
+
+
+def test_majority_needs_no_gold_and_compares_answers_with_the_task_grader():
+    from raydistill import answers
+
+    ungraded = _samples((True, None, "B"), (True, None, "C"), (True, None, "C"), (True, None, None))
+    assert _kept(ungraded, "keep_majority") == [1, 2] and _kept(ungraded, "keep_correct") == []
+    latex = _samples((True, None, "0.5"), (True, None, "\\text{Yes}"), (True, None, "yes"))
+    same = lambda a, b: answers.same_answer("math", a, b)  # noqa: E731
+    assert [s.index for s in selection.keep_majority(latex, same)] == [1, 2]  # by the grader: \text{} and case go
+    assert [s.index for s in selection.keep_majority(latex)] == [0]  # as plain strings: three answers, a tie
+    assert selection.keep_majority(_samples((False, None, None)), same) == []
+
+
+def test_samples_need_a_sampling_teacher_and_leave_one_sample_cells_as_they_were(tmp_path):
+    base = A.AnnotationSpec(task="svamp", level=2, teacher={"model": "openai/x", "temperature": 0.7, "seed": 3})
+    one = A.AnnotationSpec(task="svamp", level=2, teacher=base.teacher, samples=1, max_per_question=None)
+    assert one.cell_hash() == base.cell_hash() and one.cell_name() == base.cell_name() == "svamp-x-cot-L2"
+    three = base.model_copy(update={"samples": 3, "policy": "keep_majority"})
+    assert three.cell_hash() != base.cell_hash() and three.cell_name() == "svamp-x-cot-L2-k3-keep_majority"
+    capped = base.model_copy(update={"max_per_question": 1})
+    assert capped.cell_hash() != base.cell_hash() and capped.cell_name() == "svamp-x-cot-L2-max1"
+    # Sample 0 is the plain request; the others carry their index and a seed moved on by it.
+    m = [{"role": "user", "content": "hi"}]
+    t = base.teacher
+    assert t.sample_params(0) == t.sampling_params() and t.sample_params(2)["seed"] == 5
+    assert A.request_key("openai/x", m, t.sample_params(0), 0) == A.request_key("openai/x", m, t.sampling_params())
+    keys = {A.request_key("openai/x", m, t.sample_params(i), i) for i in range(3)}
+    unseeded = t.model_copy(update={"seed": None})
+    assert len(keys) == 3 and A.request_key("openai/x", m, unseeded.sample_params(1), 1) != \
+        A.request_key("openai/x", m, unseeded.sample_params(0), 0)
+    with pytest.raises(SpecError) as e:
+        A.load_config(_write(tmp_path, "output_dir: o\nteacher: {model: m}\nsamples: 4\ngrid: {tasks: [svamp]}\n"))
+    assert "samples: 4 needs teacher.temperature > 0" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(SpecError, match="samples: 2 needs"):
+        A.load_config(_write(tmp_path, "output_dir: o\nteacher: {model: m}\n"
+                                       "cells: [{task: svamp, level: 1, samples: 2}]\n"))
+
+
+def test_a_sweep_grid_sets_samples_and_policy_of_its_generated_cells():
+    from raydistill.spec import sweep_from_dict
+    from raydistill.sweep import annotation_spec
+
+    base = {"name": "k", "datasets": ["svamp"], "teachers": ["gpt"], "levels": [3], "students": ["tiny-llama"],
+            "annotation": {"teachers": {"gpt": {"model": "openai/gpt-4o-mini", "temperature": 0.8}}}}
+    spec = sweep_from_dict({**base, "grids": [{}, {"samples": 4, "policy": "keep_majority"},
+                                              {"samples": 4, "policy": "keep_correct", "max_per_question": 2}]})
+    plain, majority, capped = spec.cells()
+    assert plain.model_dump(mode="json") == sweep_from_dict(base).cells()[0].model_dump(mode="json")
+    assert [t.axes()["teacher"] for t in spec.trials()] == [
+        "gpt", "gpt[k4-keep_majority]", "gpt[k4-keep_correct-max2]"]
+    made = annotation_spec(capped, spec)
+    assert (made.samples, made.policy, made.max_per_question) == (4, "keep_correct", 2)
+    assert annotation_spec(plain, spec).samples == 1
+    assert len({c.cell_hash for c in spec.cells()}) == 3
+    with pytest.raises(SpecError, match="grids\\[0\\]: teacher gpt: samples: 2 needs teacher.temperature"):
+        sweep_from_dict({**base, "annotation": {"teachers": {"gpt": {"model": "m"}}}, "grids": [{"samples": 2}]})
+    with pytest.raises(SpecError, match="only released teachers"):
+        sweep_from_dict({**base, "teachers": ["chatgpt"], "grids": [{"policy": "keep_majority"}]})

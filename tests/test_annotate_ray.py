@@ -521,3 +521,74 @@ def _annotate_or_error(spec, out):
         return A.annotate(spec, out)
     except BaseException as err:  # noqa: BLE001 - the test looks at it
         return err
+
+
+def test_k_samples_per_question_with_each_policy(ray_cluster, tmp_path):
+    """Three samples per question, each its own request with its own seed, and every policy on
+    them: the server answers each (question, seed) right or wrong by a rule the test knows, so the
+    rows each policy keeps are computed here by hand. Cells with the same samples share their
+    requests, sample 0 is the one-sample cell's request, and a rerun sends nothing."""
+    from openai_server import wrong_by_seed
+
+    n, k, seed, rate = 10, 3, 11, 0.5
+    qpath, gold = make_questions(tmp_path, n)
+    policies = ["keep_all", "keep_correct", "keep_first_correct", "keep_majority"]
+    with ServerProcess(tmp_path / "srv", answers=gold, wrong_by_seed=rate) as server:
+        cfg = tmp_path / "annotate.yaml"
+        cells = "".join(f"\n  - {{task: svamp, level: 3, policy: {p}}}" for p in policies)
+        cfg.write_text(textwrap.dedent(f"""
+            output_dir: {tmp_path / 'out'}
+            teacher: {{model: openai/mock-teacher, name: mock, api_base: "{server.base_url}", api_key_env: {KEY_ENV},
+                       temperature: 0.7, seed: {seed}}}
+            questions: {{source: parquet, path: "{qpath}"}}
+            samples: {k}
+            runtime: {{concurrency: 16, num_actors: 1, batch_size: 4, num_cpus_per_actor: 0.5, progress: false,
+                       ray_address: "{ray_cluster.address_info['address']}"}}
+            cells:
+              - {{task: svamp, level: 3, policy: keep_majority, max_per_question: 1}}
+              - {{task: svamp, level: 3, samples: 1}}
+        """) + cells + "\n")
+        assert A.main(["--config", str(cfg)]) == 0
+        stats = server.stats()
+        assert stats["requests"] == stats["ok"] == stats["distinct_ok"] == n * k  # shared by the cells
+        sent = server.log_entries()
+        assert A.main(["--config", str(cfg)]) == 0  # every cell reused
+        assert A.main(["--config", str(cfg), "--overwrite"]) == 0  # every request from the cache
+        assert server.log_entries() == sent
+
+    # The server's replies: sample i of a question carries seed + i; wrong_by_seed says which are wrong.
+    right: dict[str, list[bool]] = {}
+    for question in gold:
+        sent_text = prompts.build_messages("svamp", 3, "cot", question)[-1]["content"]
+        right[question] = [not wrong_by_seed(sent_text, seed + i, rate) for i in range(k)]
+    assert {sum(r) for r in right.values()} == {0, 1, 2, 3}  # the policies differ on these questions
+
+    def by_hand(policy: str, r: list[bool]) -> list[int]:
+        majority = sum(r) * 2 > len(r)  # two answers only: the gold and one wrong one
+        return {"keep_all": [0, 1, 2], "keep_correct": [i for i in range(k) if r[i]],
+                "keep_first_correct": [i for i in range(k) if r[i]][:1],
+                "keep_majority": [i for i in range(k) if r[i] == majority]}[policy]
+
+    out = tmp_path / "out"
+    k1 = pq.read_table(out / "svamp-mock-cot-L3" / "annotations.parquet").to_pylist()
+    for policy, cap in [(p, None) for p in policies] + [("keep_majority", 1)]:
+        cell = out / (f"svamp-mock-cot-L3-k3-{policy}" + (f"-max{cap}" if cap else ""))
+        rows = pq.read_table(cell / "annotations.parquet").to_pylist()
+        assert [(r["question"], r["sample"]) for r in rows] == [(q, i) for q in gold for i in range(k)]
+        assert [r["correct"] for r in rows] == [ok for q in gold for ok in right[q]]
+        assert [r["response"] for r in rows if r["sample"] == 0] == [r["response"] for r in k1]
+        expected = {q: by_hand(policy, right[q])[:cap] for q in gold}
+        examples = pq.read_table(cell / "examples.parquet")
+        assert examples.schema.equals(EXAMPLE_SCHEMA)
+        rationale = {(r["question"], r["sample"]): r["response"].strip() for r in rows}
+        assert examples.column("rationale").to_pylist() == [rationale[(q, i)] for q in gold for i in expected[q]]
+        result = json.loads((cell / "summary.json").read_text())["result"]
+        assert result["samples"] == k and result["questions"] == n and result["rows"] == n * k
+        assert result["kept"] == sum(map(len, expected.values()))
+        assert result["questions_kept"] == sum(bool(v) for v in expected.values())
+        assert result["policies_would_keep"] == {p: sum(bool(by_hand(p, r)) for r in right.values())
+                                                 for p in policies}
+        assert result["teacher_pass_at_k"] == pytest.approx(sum(any(r) for r in right.values()) / n)
+    single = json.loads((out / "svamp-mock-cot-L3" / "summary.json").read_text())["result"]
+    assert single["samples"] == 1 and single["rows"] == n
+    assert single["teacher_pass_at_k"] == pytest.approx(sum(r[0] for r in right.values()) / n)

@@ -3,12 +3,12 @@
 Pipeline (one Ray Data job for every cell of a run)::
 
     questions (EXAMPLE_SCHEMA) -> prompt (level, format, one-shot; raydistill.prompts)
-      -> request key = sha256(model, messages, sampling params)     [driver]
+      -> request key = sha256(model, messages, sampling params[, sample index])   [driver]
       -> cached response?  (durable request cache, JSON Lines shards)  [driver]
       -> actor pool (map_batches, async UDF): rate limiter (shared Ray actor) -> litellm.acompletion
          with retries -> append to this actor's cache shard -> extract + verify (raydistill.answers)
       -> cell rows (ANNOTATION_SCHEMA) written to Parquet as results arrive           [driver]
-      -> examples.parquet (EXAMPLE_SCHEMA, filtered by policy) + summary.json
+      -> examples.parquet (EXAMPLE_SCHEMA, the samples the policy keeps) + summary.json
 
 Durability: every completed response is appended to the cache as soon as it arrives, so a
 rerun after a crash sends no request that had completed. Rows that fail after all retries are
@@ -25,8 +25,8 @@ Entry points: ``annotate(spec, out_dir) -> AnnotationResult`` (one cell),
 
 Parts: the specs live in the config layer (`raydistill.spec.annotation`); `cache` (request cache),
 `ratelimit` (shared token buckets), `teacher` (the litellm-calling actor), `questions` (questions,
-padding, hybrid levels), `cells` (one cell's rows and outputs), `pipeline` (the Ray Data driver),
-`cli` (`raydistill annotate`).
+padding, hybrid levels), `selection` (which of a question's samples the policy keeps), `cells` (one
+cell's rows and outputs), `pipeline` (the Ray Data driver), `cli` (`raydistill annotate`).
 """
 
 import os

@@ -18,9 +18,13 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
-def request_key(model: str, messages: list[dict[str, str]], params: dict[str, Any]) -> str:
-    """sha256 of (model, messages, sampling params): the identity of one teacher request."""
-    blob = json.dumps({"model": model, "messages": messages, "params": params}, sort_keys=True, ensure_ascii=False)
+def request_key(model: str, messages: list[dict[str, str]], params: dict[str, Any], sample: int = 0) -> str:
+    """sha256 of (model, messages, sampling params[, sample index]): the identity of one teacher
+    request. Sample 0 (one sample per question) has the key it had before samples existed."""
+    ident: dict[str, Any] = {"model": model, "messages": messages, "params": params}
+    if sample:
+        ident["sample"] = sample
+    blob = json.dumps(ident, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

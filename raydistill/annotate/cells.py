@@ -1,6 +1,7 @@
-"""One annotation cell on the driver: the requests it plans, its rows written as results arrive,
-examples.parquet filtered by policy, summary.json; the result records (`AnnotationResult`,
-`AnnotationRun`) and the reuse of a finished cell.
+"""One annotation cell on the driver: the requests it plans, its rows (one per question and
+sample) written as results arrive, examples.parquet chosen by the policy (`selection`),
+summary.json; the result records (`AnnotationResult`, `AnnotationRun`) and the reuse of a
+finished cell.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from raydistill import files
+from raydistill import files, stats
+from raydistill.annotate import selection
 from raydistill.datasets.tables import ANSWER_TRIGGER, pad_rationale
 from raydistill.schemas import ANNOTATION_SCHEMA, EXAMPLE_SCHEMA
 from raydistill.spec.annotation import AnnotationSpec
@@ -35,10 +37,10 @@ class AnnotationResult:
     cell_name: str
     cell_hash: str
     out_dir: str
-    annotations_path: str  # ANNOTATION_SCHEMA, one row per question, failures included
+    annotations_path: str  # ANNOTATION_SCHEMA, one row per question and sample, failures included
     examples_path: str  # EXAMPLE_SCHEMA, the rows the policy keeps (training input)
     summary_path: str
-    rows: int = 0
+    rows: int = 0  # questions x samples
     succeeded: int = 0
     failed: int = 0
     kept: int = 0
@@ -58,6 +60,11 @@ class AnnotationResult:
     errors: dict[str, int] = field(default_factory=dict)  # failure kind -> rows
     levels: dict[str, int] = field(default_factory=dict)  # level -> rows (hybrid cells mix levels)
     reused: bool = False  # outputs existed with the same cell hash; nothing ran
+    samples: int = 1  # teacher samples per question
+    questions: int = 0
+    questions_kept: int = 0  # questions with at least one row in examples.parquet
+    policies_would_keep: dict[str, int] = field(default_factory=dict)  # policy -> questions it keeps, same samples
+    teacher_pass_at_k: float | None = None  # share of graded questions with a correct sample (k = samples)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,6 +84,7 @@ class PlannedRequest:
     gold: str
     messages: list[dict[str, str]]
     prompt_hash: str
+    sample: int = 0  # which of the question's samples (its seed and key follow it)
 
 
 @dataclass
@@ -85,6 +93,7 @@ class RequestTarget:
     qidx: int  # index into the cell's question table
     level: int | None  # None: answer-only probe
     role: str  # "main" | "pad_target" | "probe"
+    sample: int = 0
 
 
 class CellState:
@@ -102,9 +111,10 @@ class CellState:
         self.name = spec.cell_name()
         self.level_of: list[int] = []  # per question: the level of its main request
         self.probe_rows: list[dict[str, Any] | None] = []
-        self.pad_main: dict[int, dict[str, Any]] = {}
+        self.pad_main: dict[tuple[int, int], dict[str, Any]] = {}  # (question, sample) -> its reply
         self.pad_target_words: dict[int, int] = {}
-        self.responses_cost: dict[int, dict[str, float]] = {}  # per question: every response its row uses
+        # per (question, sample): every response its row uses (probe and padding target: sample 0's)
+        self.responses_cost: dict[tuple[int, int], dict[str, float]] = {}
         self.writer: pq.ParquetWriter | None = None
         self.tmp_path = out_dir / f".annotations.{uuid.uuid4().hex[:8]}.partial.parquet"
         self.buffer: list[dict[str, Any]] = []
@@ -116,7 +126,7 @@ class CellState:
 
     # rows --------------------------------------------------------------------------------------
     def make_row(self, qidx: int, level: int | None, req: PlannedRequest, res: dict[str, Any], response: str | None = None,
-                 fmt: str | None = None, cost_usd: float | None = None) -> dict[str, Any]:
+                 fmt: str | None = None, cost_usd: float | None = None, sample: int = 0) -> dict[str, Any]:
         return {
             "question_id": self.qids[qidx],
             "question": self.qtext[qidx],
@@ -134,6 +144,7 @@ class CellState:
             "latency_s": res["latency_s"],
             "error": res["error"],
             "finish_reason": res.get("finish_reason"),
+            "sample": sample,
         }
 
     def account(self, res: dict[str, Any], row: dict[str, Any]) -> None:
@@ -175,22 +186,24 @@ class CellState:
         self.written += len(self.buffer)
         self.buffer = []
 
-    def uses(self, qidx: int, req: PlannedRequest, res: dict[str, Any]) -> None:
-        """Record a response that goes into question ``qidx``'s row (its rationale, padding target
-        or probe): the row's cost_usd is the price of all of them, each counted once."""
-        self.responses_cost.setdefault(qidx, {})[req.key] = res["cost_usd"]
+    def uses(self, qidx: int, req: PlannedRequest, res: dict[str, Any], sample: int = 0) -> None:
+        """Record a response that goes into the row of question ``qidx``'s sample (its rationale,
+        or for sample 0 the padding target or probe): the row's cost_usd is the price of all of
+        them, each counted once."""
+        self.responses_cost.setdefault((qidx, sample), {})[req.key] = res["cost_usd"]
 
-    def row_cost(self, qidx: int) -> float:
-        return sum(self.responses_cost.get(qidx, {}).values())
+    def row_cost(self, qidx: int, sample: int = 0) -> float:
+        return sum(self.responses_cost.get((qidx, sample), {}).values())
 
     def on_result(self, tgt: RequestTarget, req: PlannedRequest, res: dict[str, Any]) -> None:
-        self.uses(tgt.qidx, req, res)
+        self.uses(tgt.qidx, req, res, tgt.sample)
         if tgt.role == "main" and self.spec.pad is None:
-            row = self.make_row(tgt.qidx, tgt.level, req, res, cost_usd=self.row_cost(tgt.qidx))
+            row = self.make_row(tgt.qidx, tgt.level, req, res, cost_usd=self.row_cost(tgt.qidx, tgt.sample),
+                                sample=tgt.sample)
             self.account(res, row)
             self.emit(row)
         elif tgt.role == "main":
-            self.pad_main[tgt.qidx] = {"req": req, "res": res, "level": tgt.level}
+            self.pad_main[(tgt.qidx, tgt.sample)] = {"req": req, "res": res, "level": tgt.level}
         elif tgt.role == "pad_target":
             if res["error"] is None and res["response"]:
                 self.pad_target_words[tgt.qidx] = len(res["response"].split())
@@ -199,14 +212,15 @@ class CellState:
         assert self.spec.pad is not None
         lens = list(self.pad_target_words.values())
         mean_len = round(sum(lens) / len(lens)) if lens else 0
-        for qidx in sorted(self.pad_main):
-            m = self.pad_main[qidx]
+        for qidx, sample in sorted(self.pad_main):
+            m = self.pad_main[(qidx, sample)]
             res = dict(m["res"])
             response = None
             if res["error"] is None and res["response"]:
                 target = self.pad_target_words.get(qidx, mean_len)
                 response = pad_rationale(res["response"], target, self.spec.pad.filler)
-            row = self.make_row(qidx, m["level"], m["req"], res, response=response, cost_usd=self.row_cost(qidx))
+            row = self.make_row(qidx, m["level"], m["req"], res, response=response,
+                                cost_usd=self.row_cost(qidx, sample), sample=sample)
             self.account(res, row)
             self.emit(row)
 
@@ -220,18 +234,21 @@ class CellState:
             table = pq.read_table(self.tmp_path)
         else:
             table = ANNOTATION_SCHEMA.empty_table()
-        idx = pa.array([order.get(q, 1 << 30) for q in table.column("question_id").to_pylist()], pa.int64())
-        table = table.take(pc.sort_indices(idx))
+        k = self.spec.samples
+        idx = pa.array([order.get(q, 1 << 30) * k + s for q, s in zip(table.column("question_id").to_pylist(),
+                                                                       table.column("sample").to_pylist())], pa.int64())
+        table = table.take(pc.sort_indices(idx))  # question order, then sample order
         ann = self.out_dir / "annotations.parquet"
         files.write_parquet(table, ann)
         if self.tmp_path.exists():
             self.tmp_path.unlink()
-        ok = pc.is_null(table.column("error"))
-        if self.spec.policy == "keep_correct":
-            keep = pc.and_(ok, pc.fill_null(table.column("correct"), False))
-        else:
-            keep = ok
-        kept = table.filter(keep)
+        by_question = samples_by_question(table)
+        same = self.same_answer()
+        keep = {(qid, s.index) for qid, samples in by_question.items()
+                for s in selection.select(samples, self.spec.policy, self.spec.max_per_question, same)}
+        kept = table.filter(pa.array([(q, s) in keep for q, s in zip(table.column("question_id").to_pylist(),
+                                                                     table.column("sample").to_pylist())],
+                                     pa.bool_()))
         source_of = dict(zip(self.qids, self.qsource))
         examples = pa.Table.from_pydict(
             {
@@ -273,6 +290,11 @@ class CellState:
             truncated_share=(st["truncated"] / st["succeeded"]) if st["succeeded"] else None,
             errors=dict(self.errors),
             levels=dict(sorted(self.levels.items())),
+            samples=k,
+            questions=len(by_question),
+            questions_kept=len({q for q, _ in keep}),
+            policies_would_keep=selection.questions_kept(list(by_question.values()), same),
+            teacher_pass_at_k=self.pass_at_k(by_question),
         )
         summary = {
             "complete": True,
@@ -286,6 +308,33 @@ class CellState:
         }
         files.write_json(result.summary_path, summary)
         return result
+
+
+    def same_answer(self):
+        """Whether two extracted answers agree, by the task's grader."""
+        from raydistill import answers
+
+        task = self.spec.task
+        return lambda a, b: answers.same_answer(task, a, b)
+
+    def pass_at_k(self, by_question: dict[str, list[selection.Sample]]) -> float | None:
+        """Teacher pass@k with k = samples (every sample drawn): the share of the questions with a
+        gold answer that have at least one correct sample; a failed sample counts as wrong."""
+        gold = dict(zip(self.qids, self.gold))
+        graded = [samples for q, samples in by_question.items() if gold.get(q)]
+        if not graded:
+            return None
+        return sum(stats.pass_at_k(len(samples), sum(bool(s.ok and s.correct) for s in samples), len(samples))
+                   for samples in graded) / len(graded)
+
+
+def samples_by_question(table: pa.Table) -> dict[str, list[selection.Sample]]:
+    """question_id -> its samples in sample order (the table is sorted so), in question order."""
+    out: dict[str, list[selection.Sample]] = {}
+    cols = [table.column(c).to_pylist() for c in ("question_id", "sample", "error", "correct", "extracted")]
+    for qid, sample, error, correct, extracted in zip(*cols):
+        out.setdefault(qid, []).append(selection.Sample(sample, error is None, correct, extracted))
+    return out
 
 
 def _ensure_trigger(response: str, extracted: str | None) -> str:

@@ -74,7 +74,7 @@ def _run_requests(reqs: list[PlannedRequest], teachers: list[TeacherSpec], runti
     actors = min(actors, math.ceil(len(reqs) / batch))  # no actor without a batch to work on
     rows = [
         {"key": r.key, "teacher_idx": r.teacher_idx, "task": r.task, "gold": r.gold,
-         "messages": json.dumps(r.messages, ensure_ascii=False)}
+         "messages": json.dumps(r.messages, ensure_ascii=False), "sample": r.sample}
         for r in reqs
     ]
     ctx = DataContext.get_current()
@@ -252,7 +252,7 @@ def _plan(states: list[CellState], teachers: list[TeacherSpec], probe: bool
     reqs: dict[str, PlannedRequest] = {}
     targets: dict[str, list[RequestTarget]] = {}
 
-    def add(c: CellState, qidx: int, level: int | None, role: str) -> None:
+    def add(c: CellState, qidx: int, level: int | None, role: str, sample: int = 0) -> None:
         spec = c.spec
         t = teachers[c.teacher_idx]
         if level is None:
@@ -260,17 +260,19 @@ def _plan(states: list[CellState], teachers: list[TeacherSpec], probe: bool
         else:
             gold = (c.gold[qidx] or None) if spec.show_gold else None
             msgs = prompts.build_messages(spec.task, level, spec.format, c.qtext[qidx], spec.prompt_dir, gold)
-        key = request_key(t.model, msgs, t.sampling_params())
+        key = request_key(t.model, msgs, t.sample_params(sample), sample)
         if key not in reqs:
-            reqs[key] = PlannedRequest(key, c.teacher_idx, spec.task, c.gold[qidx] or "", msgs, prompt_hash(msgs))
-        targets.setdefault(key, []).append(RequestTarget(c.idx, qidx, level, role))
+            reqs[key] = PlannedRequest(key, c.teacher_idx, spec.task, c.gold[qidx] or "", msgs, prompt_hash(msgs),
+                                       sample)
+        targets.setdefault(key, []).append(RequestTarget(c.idx, qidx, level, role, sample))
 
     for c in states:
         for q in range(len(c.qids)):
             if probe:
                 add(c, q, None, "probe")
             else:
-                add(c, q, c.level_of[q], "main")
+                for sample in range(c.spec.samples):  # each sample its own request
+                    add(c, q, c.level_of[q], "main", sample)
                 if c.spec.pad is not None:
                     add(c, q, c.spec.pad.to_level, "pad_target")
     return reqs, targets

@@ -115,7 +115,7 @@ def finish_result(out: dict[str, Any], rec: dict[str, Any], task: str, gold: str
 class TeacherCaller:
     """Ray Data actor UDF: one teacher request per row, many in flight per actor via asyncio.
 
-    Input columns: key, teacher_idx, task, gold, messages (JSON). Cached requests never reach it.
+    Input columns: key, teacher_idx, task, gold, messages (JSON), sample. Cached requests never reach it.
     Output columns: key, response, extracted, correct, tokens_in, tokens_out, cost_usd, latency_s,
     error, error_kind, cache_hit, attempts, finish_reason, cpu_s.
     """
@@ -198,11 +198,11 @@ class TeacherCaller:
             if time.monotonic() - t0 - delay <= self.SLOT_TOLERANCE_S:
                 return
 
-    async def _send(self, i: int, messages: list[dict[str, str]]) -> tuple[Any, int, float]:
+    async def _send(self, i: int, messages: list[dict[str, str]], sample: int) -> tuple[Any, int, float]:
         t = self.teachers[i]
         key = self._api_key(t)
         kw: dict[str, Any] = dict(model=t.model, messages=messages, timeout=t.timeout_s, num_retries=0,
-                                  max_retries=0, drop_params=t.drop_unsupported_params, **t.sampling_params())
+                                  max_retries=0, drop_params=t.drop_unsupported_params, **t.sample_params(sample))
         if t.api_base:
             kw["api_base"] = t.api_base
         if key:
@@ -255,7 +255,7 @@ class TeacherCaller:
         assert self.sem is not None
         async with self.sem:
             try:
-                resp, attempts, latency = await self._send(i, messages)
+                resp, attempts, latency = await self._send(i, messages, int(r.get("sample") or 0))
             except _Failed as f:
                 out.update(error=f.reason, error_kind=f.kind, attempts=f.attempts)
                 return out

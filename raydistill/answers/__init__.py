@@ -17,8 +17,8 @@ rationales (annotate), measures a cell's target ceiling and grades students (eva
 Anything more lenient is an opt-in `GraderOptions` flag; the options are part of a trial's
 identity and named in the report.
 
-Public API: ``extract``, ``normalize_gold``, ``is_correct`` (by task name), the grader classes,
-``GraderOptions``, ``PAPER_GRADING`` and ``repair_escapes``.
+Public API: ``extract``, ``normalize_gold``, ``is_correct``, ``same_answer`` (by task name), the
+grader classes, ``GraderOptions``, ``PAPER_GRADING`` and ``repair_escapes``.
 
 Parts: `graders` (`GraderOptions`, the shared MAmmoTH2 helpers, `NumberGrader`, `ChoiceGrader`,
 `LabelGrader`), `latex` (MATH's LaTeX normalisation and `MathGrader`); this module grades by task name.
@@ -41,7 +41,8 @@ from raydistill.answers.latex import MathGrader, find_box, repair_escapes, strip
 
 __all__ = [
     "PAPER_GRADING", "TRIGGERS", "ChoiceGrader", "GraderOptions", "LabelGrader", "MathGrader", "NumberGrader",
-    "extract", "find_box", "gold_letter", "grade", "is_correct", "normalize_gold", "repair_escapes", "strip_string",
+    "extract", "find_box", "gold_letter", "grade", "is_correct", "normalize_gold", "repair_escapes", "same_answer",
+    "strip_string",
 ]
 
 
@@ -54,6 +55,11 @@ def _grader(task: str):
 def extract(task: str, text: str | None, options: GraderOptions = PAPER_GRADING) -> str | None:
     """The normalised answer in a model's output for ``task``; None when nothing is found."""
     return _grader(task).extract(text or "", options)
+
+
+def same_answer(task: str, a: str, b: str, options: GraderOptions = PAPER_GRADING) -> bool:
+    """Whether two extracted answers are the same answer by ``task``'s grader (``b`` in the gold's place)."""
+    return a == b or _grader(task).equal(a, b, options)
 
 
 def normalize_gold(task: str, raw: Any) -> str:

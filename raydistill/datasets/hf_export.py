@@ -120,9 +120,10 @@ def _cell(folder: Path, parquet: Path) -> Export:
         "Cell": _cell_axes(spec, summary, task, teacher, level, fmt),
         "Teacher and sampling": _teacher(_generator(spec, ident), replayed, teacher),
         "Prompts": _prompts(ident, replayed),
-        "Policy": [("policy", "replayed: the released rows" if replayed else _generator(spec, ident).get("policy", UNKNOWN))],
+        "Policy": _policy(spec, ident, replayed),
         "Counts": _row_counts(table) + _annotation_counts(result),
         "Quality": [("teacher accuracy", _share(result.get("teacher_accuracy"), replayed)),
+                    *([("teacher pass@k", _share(result["teacher_pass_at_k"]))] if "teacher_pass_at_k" in result else []),
                     ("target ceiling", _share(target_ceiling(task, table) if task and table.num_rows else None))],
         "Cost": _cost(result, replayed),
     }
@@ -144,6 +145,15 @@ def _cell_axes(spec: dict, summary: dict, task: str | None, teacher: str, level:
         axes += [("annotation hash", summary.get("cell_hash", UNKNOWN)), ("annotation name", summary.get("cell_name")),
                  ("questions", (summary.get("identity") or {}).get("questions", UNKNOWN))]
     return axes
+
+
+def _policy(spec: dict, ident: dict, replayed: bool) -> list[tuple[str, Any]]:
+    """The selection policy, the samples per question it chose from and its cap per question."""
+    if replayed:
+        return [("policy", "replayed: the released rows")]
+    return [("policy", _generator(spec, ident).get("policy", UNKNOWN)),
+            ("samples per question", ident.get("samples", 1)),
+            ("rows kept per question at most", ident.get("max_per_question") or "no limit")]
 
 
 def _generator(spec: dict, ident: dict) -> dict:
@@ -222,7 +232,8 @@ def _row_counts(table: pa.Table) -> list[tuple[str, Any]]:
 def _annotation_counts(result: dict) -> list[tuple[str, Any]]:
     names = {"rows": "teacher requests (rows of annotations.parquet)", "succeeded": "succeeded", "failed": "failed",
              "kept": "kept by the policy", "truncated": "cut at max_tokens", "errors": "failures by kind",
-             "levels": "rows per level"}
+             "levels": "rows per level", "questions_kept": "questions kept",
+             "policies_would_keep": "questions each policy would keep"}
     return [(name, result[k]) for k, name in names.items() if k in result]
 
 

@@ -95,6 +95,14 @@ class TeacherSpec(Strict):
         p.update(self.extra_params)
         return p
 
+    def sample_params(self, sample: int) -> dict[str, Any]:
+        """The sampling parameters of sample ``sample`` of a question: a set seed moves on by the
+        sample's index, so each sample is its own reproducible draw (sample 0 is the plain request)."""
+        p = self.sampling_params()
+        if sample and self.seed is not None:
+            p["seed"] = self.seed + sample
+        return p
+
 
 class QuestionsSpec(Strict):
     """Which questions to annotate."""
@@ -168,7 +176,7 @@ class RuntimeSpec(Strict):
         return actors, per_actor, batch, calls
 
 
-Policy = Literal["keep_all", "keep_correct"]
+Policy = Literal["keep_all", "keep_correct", "keep_first_correct", "keep_majority"]  # raydistill.annotate.selection
 
 
 class AnnotationSpec(Strict):
@@ -182,6 +190,8 @@ class AnnotationSpec(Strict):
     hybrid: HybridSpec | None = None
     pad: PaddingSpec | None = None
     policy: Policy = Field("keep_all", description="which successful rows go to examples.parquet")
+    samples: int = Field(1, ge=1, description="teacher samples per question, each its own request (temperature > 0)")
+    max_per_question: int | None = Field(None, ge=1, description="keep at most this many of a question's samples")
     show_gold: bool = Field(False, description="show the teacher the gold answer (prompts/gold_hint.md); the "
                             "released StrategyQA and OBQA annotations suggest the paper's teachers saw it")
     questions: QuestionsSpec = Field(default_factory=QuestionsSpec)
@@ -196,6 +206,7 @@ class AnnotationSpec(Strict):
             raise ValueError("pad needs a fixed level")
         if self.pad is not None and self.pad.to_level == self.level:
             raise ValueError("pad.to_level must differ from level")
+        check_samples(self.samples, self.teacher)
         return self
 
     def identity(self) -> dict[str, Any]:
@@ -214,6 +225,7 @@ class AnnotationSpec(Strict):
             "prompts": sorted({prompts.template_fingerprint(self.task, lv, self.format, self.prompt_dir, self.show_gold)
                                for lv in self.levels_used()}),
         }
+        ident.update(selection_identity(self.samples, self.max_per_question))
         if self.hybrid and self.hybrid.by == "answer_only":
             ident["probe_prompt"] = prompts.template_fingerprint(self.task, None, "cot", self.prompt_dir)
         return ident
@@ -235,7 +247,39 @@ class AnnotationSpec(Strict):
             lv = f"hybrid-{self.hybrid.by}-L{self.hybrid.easy_level}L{self.hybrid.hard_level}"
         else:
             lv = f"L{self.level}" + (f"-pad{self.pad.to_level}" if self.pad else "")
-        return f"{self.task}-{self.teacher.label}-{self.format}-{lv}" + ("-gold" if self.show_gold else "")
+        return (f"{self.task}-{self.teacher.label}-{self.format}-{lv}" + ("-gold" if self.show_gold else "")
+                + selection_suffix(self.samples, self.policy, self.max_per_question))
+
+
+NEW_POLICIES = ("keep_first_correct", "keep_majority")  # named in a cell's folder (the first two never were)
+
+
+def check_samples(samples: int, teacher: TeacherSpec) -> None:
+    """Several samples of one question differ only when the teacher samples."""
+    if samples > 1 and teacher.temperature <= 0:
+        raise ValueError(f"samples: {samples} needs teacher.temperature > 0 (at 0 every sample is the same reply)")
+
+
+def selection_identity(samples: int, max_per_question: int | None) -> dict[str, Any]:
+    """The sampling fields of a cell's identity, left out at their defaults so that the hashes of
+    cells with one sample per question stay as they were."""
+    ident: dict[str, Any] = {}
+    if samples != 1:
+        ident["samples"] = samples
+    if max_per_question is not None:
+        ident["max_per_question"] = max_per_question
+    return ident
+
+
+def selection_suffix(samples: int, policy: str, max_per_question: int | None) -> str:
+    """"-k4-keep_majority-max2" and the like: what sets a cell's samples apart in its name ("" at
+    one sample per question with keep_all or keep_correct)."""
+    parts = [f"k{samples}"] if samples != 1 else []
+    if samples != 1 or policy in NEW_POLICIES:
+        parts.append(policy)
+    if max_per_question is not None:
+        parts.append(f"max{max_per_question}")
+    return "".join(f"-{p}" for p in parts)
 
 
 class AnnotateGrid(Strict):
@@ -261,6 +305,8 @@ class CellOverride(Strict):
     hybrid: HybridSpec | None = None
     pad: PaddingSpec | None = None
     policy: Policy | None = None
+    samples: int | None = Field(None, ge=1)
+    max_per_question: int | None = Field(None, ge=1)
     show_gold: bool | None = None
     questions: QuestionsSpec | None = None
 
@@ -277,6 +323,8 @@ class AnnotateConfig(Strict):
     grid: AnnotateGrid | None = None
     cells: list[CellOverride] = Field(default_factory=list)
     policy: Policy = "keep_all"
+    samples: int = Field(1, ge=1)
+    max_per_question: int | None = Field(None, ge=1)
     show_gold: bool = False
     questions: QuestionsSpec = Field(default_factory=QuestionsSpec)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
@@ -286,6 +334,8 @@ class AnnotateConfig(Strict):
     def _some_cells(self) -> AnnotateConfig:
         if self.grid is None and not self.cells:
             raise ValueError("nothing to annotate: give a grid and/or cells")
+        for samples in {self.samples, *(c.samples for c in self.cells if c.samples)}:
+            check_samples(samples, self.teacher)
         return self
 
     def expand(self) -> list[tuple[AnnotationSpec, Path]]:
@@ -300,12 +350,15 @@ class AnnotateConfig(Strict):
                 for fmt in self.grid.formats:
                     for lv in self.grid.levels:
                         specs.append(AnnotationSpec(task=task, level=lv, format=fmt, policy=self.policy,
+                                                    samples=self.samples, max_per_question=self.max_per_question,
                                                     show_gold=self.show_gold, questions=self.questions, **common))
         for c in self.cells:
             specs.append(
                 AnnotationSpec(
                     task=c.task, level=c.level, format=c.format, hybrid=c.hybrid, pad=c.pad,
                     policy=c.policy or self.policy, questions=c.questions or self.questions,
+                    samples=c.samples or self.samples,
+                    max_per_question=c.max_per_question or self.max_per_question,
                     show_gold=self.show_gold if c.show_gold is None else c.show_gold, **common,
                 )
             )

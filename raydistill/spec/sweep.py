@@ -10,7 +10,7 @@ from pydantic import Field, ValidationError, field_validator, model_serializer, 
 
 from raydistill.answers import GraderOptions
 from raydistill import prompts
-from raydistill.spec.annotation import Policy, RuntimeSpec, TeacherSpec
+from raydistill.spec.annotation import Policy, RuntimeSpec, TeacherSpec, check_samples, selection_identity
 from raydistill.spec.base import (
     SpecError,
     Strict,
@@ -35,7 +35,9 @@ class CellSpec(Strict):
     """One annotation cell: the supervision a student is trained on.
 
     `generator` is None when the cell replays the paper's released annotations, else the
-    identity (model, sampling parameters, policy, gold hint) of the teacher that writes it.
+    identity (model, sampling parameters, policy, gold hint, samples per question) of the teacher
+    that writes it. `selection` names the samples and policy of a grid that sets them
+    ("k4-keep_majority"), so the report tells that cell from the same teacher's others.
     `inputs` holds content digests of what the cell is made from (the data files it reads, the
     annotation spec with its prompt and exemplar texts); the sweep fills it (`sweep.identify_cell`)
     before the cell hash names the cell's folder, so an edited file makes a new cell.
@@ -52,13 +54,16 @@ class CellSpec(Strict):
     # The length ablation: each rationale padded ("...") to the length of the same question's
     # rationale at this level, no content added (the paper's "Level 1 + padding" to level 5).
     pad_to_level: int | None = None
+    selection: str | None = None
 
     @model_serializer(mode="wrap")
     def _unpadded_as_before(self, handler) -> dict:
-        """An unpadded cell dumps (and so hashes) without `pad_to_level`."""
+        """An unpadded cell dumps (and so hashes) without `pad_to_level`, one without a grid's own
+        selection without `selection`."""
         data = handler(self)
-        if self.pad_to_level is None:
-            data.pop("pad_to_level", None)
+        for name in ("pad_to_level", "selection"):
+            if getattr(self, name) is None:
+                data.pop(name, None)
         return data
 
     def __hash__(self) -> int:  # `generator` is a dict, so hash the content
@@ -75,9 +80,14 @@ class CellSpec(Strict):
         return level + (f"+pad{self.pad_to_level}" if self.pad_to_level is not None else "")
 
     @property
+    def teacher_name(self) -> str:
+        """The teacher, with the grid's selection when it set one: "gpt-4o-mini[k4-keep_majority]"."""
+        return f"{self.teacher}[{self.selection}]" if self.selection else self.teacher
+
+    @property
     def label(self) -> str:
         level = f"L{self.level_name}" if self.level is not None else "-"
-        return f"{self.dataset}/{self.teacher}/{level}/{self.format}"
+        return f"{self.dataset}/{self.teacher_name}/{level}/{self.format}"
 
 
 class TrialSpec(Strict):
@@ -106,7 +116,7 @@ class TrialSpec(Strict):
         """The values that identify this trial in tables, MLflow params and tags."""
         return {
             "dataset": self.cell.dataset,
-            "teacher": self.cell.teacher,
+            "teacher": self.cell.teacher_name,
             "level": self.cell.level_name,
             "format": self.cell.format,
             "student": self.student,
@@ -123,6 +133,10 @@ class AnnotationStageSpec(Strict):
 
     teachers: dict[str, TeacherSpec] = Field(default_factory=dict)
     policy: Policy = "keep_all"
+    # Teacher samples per question (each its own request; needs temperature > 0) and at most how
+    # many of a question's samples the policy keeps (raydistill.annotate.selection). Part of the cell.
+    samples: int = Field(1, ge=1)
+    max_per_question: int | None = Field(None, ge=1)
     # Show the teacher the gold answer (raydistill/data/prompts/gold_hint.md). The released StrategyQA and
     # OBQA annotations agree with gold on 95-100 % of rows for every teacher, and the release ships
     # OBQA files "with_gt" and "without_gt": the paper's teachers probably saw it. Part of the cell.
@@ -157,6 +171,14 @@ class GridSpec(Strict):
     # Pad this grid's cells to the length of the same question's rationale at this level (the
     # length ablation); its levels are then the padded ones, e.g. levels [1], pad_to_level 5.
     pad_to_level: int | None = Field(None, ge=1, le=6)
+    # The generating teachers' samples per question, policy and cap for this grid's cells (left
+    # out: the annotation stage's); a grid that sets any of them names its cells' selection.
+    samples: int | None = Field(None, ge=1)
+    policy: Policy | None = None
+    max_per_question: int | None = Field(None, ge=1)
+
+
+SELECTION = ("samples", "policy", "max_per_question")  # per grid, else annotation's
 
 
 class SweepSpec(Strict):
@@ -218,15 +240,32 @@ class SweepSpec(Strict):
                     "nor defined under annotation.teachers (name: {model: <litellm model>, ...})"
                 )
             _check_padding(grid, where)
+            self._check_selection(grid, where)
         return self
 
+    def _check_selection(self, grid: dict, where: str) -> None:
+        """A grid's samples and policy choose among a generating teacher's samples."""
+        generating = [t for t in grid["teachers"] if t in self.annotation.teachers]
+        if grid["selection"] and not generating:
+            raise ValueError(f"{where}{'/'.join(grid['selection'])} choose among a generating teacher's samples; "
+                             "this grid has only released teachers")
+        for teacher in generating:
+            try:
+                check_samples(grid["samples"], self.annotation.teachers[teacher])
+            except ValueError as err:
+                raise ValueError(f"{where}teacher {teacher}: {err}") from None
+
     def expanded_grids(self) -> list[dict[str, list]]:
-        """Every grid with its axes filled from the top level."""
+        """Every grid with its axes filled from the top level, its samples, policy and cap from the
+        annotation stage; "selection" lists the ones the grid set itself."""
         top = {axis: getattr(self, axis) for axis in AXES}
+        stage = {name: getattr(self.annotation, name) for name in SELECTION}
         if not self.grids:
-            return [{**top, "pad_to_level": None}]
+            return [{**top, **stage, "pad_to_level": None, "selection": []}]
         return [{**{axis: getattr(g, axis) if getattr(g, axis) is not None else top[axis] for axis in AXES},
-                 "pad_to_level": g.pad_to_level} for g in self.grids]
+                 **{name: getattr(g, name) if getattr(g, name) is not None else stage[name] for name in SELECTION},
+                 "pad_to_level": g.pad_to_level, "selection": [n for n in SELECTION if getattr(g, n) is not None]}
+                for g in self.grids]
 
     def axis_values(self, axis: str) -> list:
         """The values an axis takes over all grids, in first-seen order."""
@@ -254,21 +293,23 @@ class SweepSpec(Strict):
         for dataset in grid["datasets"]:
             for teacher in grid["teachers"]:
                 levelless = teacher in LEVELLESS_TEACHERS
-                generator = self._generator(teacher)
+                generator = self._generator(teacher, grid)
                 for level in [None] if levelless else grid["levels"]:
                     for fmt in ["cot"] if levelless else grid["formats"]:
                         cells.append(CellSpec(dataset=dataset, teacher=teacher, level=level, format=fmt,
                                               train_limit=self.train_limit, generator=generator,
                                               repair_targets=self.repair_targets and generator is None,
-                                              pad_to_level=grid["pad_to_level"]))
+                                              pad_to_level=grid["pad_to_level"],
+                                              selection=_selection_name(grid) if generator else None))
         return cells
 
-    def _generator(self, teacher: str) -> dict | None:
+    def _generator(self, teacher: str, grid: dict) -> dict | None:
         spec = self.annotation.teachers.get(teacher)
         if spec is None:
             return None
-        return {"model": spec.model, **spec.sampling_params(), "policy": self.annotation.policy,
-                "show_gold": self.annotation.show_gold}
+        return {"model": spec.model, **spec.sampling_params(), "policy": grid["policy"],
+                "show_gold": self.annotation.show_gold,
+                **selection_identity(grid["samples"], grid["max_per_question"])}
 
     def trials(self) -> list[TrialSpec]:
         """One trial per (cell, student, seed) of every grid, the evaluation resolved per task."""
@@ -284,6 +325,14 @@ class SweepSpec(Strict):
                             grader=self.grader)
                         trials.setdefault(trial.trial_hash, trial)
         return list(trials.values())
+
+
+def _selection_name(grid: dict) -> str | None:
+    """"k4-keep_majority-max2" for a grid that sets its own samples, policy or cap, else None."""
+    if not grid["selection"]:
+        return None
+    cap = f"-max{grid['max_per_question']}" if grid["max_per_question"] is not None else ""
+    return f"k{grid['samples']}-{grid['policy']}{cap}"
 
 
 def _check_padding(grid: dict, where: str) -> None:

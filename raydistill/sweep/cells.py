@@ -31,8 +31,11 @@ def annotation_spec(cell: CellSpec, spec: SweepSpec):
     runtime = stage.runtime
     if runtime.cache_dir is None:
         runtime = runtime.model_copy(update={"cache_dir": str(spec.cells_dir.parent / "request-cache")})
+    generator = cell.generator or {}
     return AnnotationSpec(task=cell.dataset, teacher=stage.teachers[cell.teacher], level=cell.level,
-                          format=cell.format, policy=stage.policy, show_gold=stage.show_gold, runtime=runtime,
+                          format=cell.format, policy=generator.get("policy", stage.policy),
+                          samples=generator.get("samples", 1), max_per_question=generator.get("max_per_question"),
+                          show_gold=stage.show_gold, runtime=runtime,
                           questions=QuestionsSpec(limit=cell.train_limit), prompt_dir=stage.prompt_dir,
                           pad=PaddingSpec(to_level=cell.pad_to_level) if cell.pad_to_level is not None else None)
 

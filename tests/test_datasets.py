@@ -504,6 +504,8 @@ def test_export_hf_of_a_generated_cell_states_its_teacher_prompts_counts_and_cos
     assert (facts["rows"], facts["succeeded"], facts["failed"], facts["kept by the policy"]) == ("7", "10", "2", "7")
     assert facts["teacher requests (rows of annotations.parquet)"] == "12"
     assert facts["teacher accuracy"] == "70.0 %" and facts["target ceiling"] == "100.0 %"
+    assert (facts["samples per question"], facts["questions kept"]) == ("1", str(summary["result"]["questions_kept"]))
+    assert facts["teacher pass@k"] == f"{100 * summary['result']['teacher_pass_at_k']:.1f} %"
     assert facts["cost (USD, every request priced as if the cache were empty)"] == "2.5000"
     assert "| `distilling-cot/train/SVAMP_only_ans.json` | not recorded | EIT-NLP/" in card
     assert "s3cret" not in card and "127.0.0.1" not in card and "TINY_TEACHER_KEY" not in card

@@ -58,6 +58,34 @@ class Record(BaseModel):
         files.write_json(path, self.model_dump(mode="json"))
 
 
+# Where a trial's time goes (`TrialRecord.timings`, seconds), in the order the stages run. The stages
+# from train_start to other add up to `wall`, the trial's own time; `queued` (before it) is not part
+# of it. model_load_eval and generation are summed over evaluation actors (actor-seconds, inside
+# eval_first_batch and eval_generating). `useful` = optimizer_steps + generation.
+TIME_STAGES = {
+    "queued": "waiting for a trial slot and its resources (Tune), before the trial started",
+    "train_start": "Ray Train: controller, worker actors and process group start, until the loop runs",
+    "train_data": "tokenizer, reading and tokenising the cell",
+    "model_load": "loading the student's weights",
+    "deepspeed_init": "deepspeed.initialize (and restoring a checkpoint)",
+    "optimizer_steps": "forward, backward and optimizer steps",
+    "checkpoints": "resumable checkpoints",
+    "final_save": "the final HF folder (LoRA merged)",
+    "train_end": "the rest of training: reporting and uploading the final model, workers stopping",
+    "eval_prepare": "the evaluation task's start, weights digest, tokenizer, prompts, finished prediction parts",
+    "eval_first_batch": "until the first batch is generated: Ray Data and actor start, model load, its generation",
+    "eval_generating": "the other batches, as the trial waited for them",
+    "grading": "grading and writing prediction parts",
+    "eval_finish": "writing predictions.parquet and the metrics",
+    "record": "the target ceiling and the trial record",
+    "other": "the rest of the trial's time (stage reports to Tune, between stages)",
+    "model_load_eval": "evaluation actors loading the model (actor-seconds)",
+    "generation": "evaluation actors generating (actor-seconds)",
+    "wall": "the trial's own time, from its start to its record",
+    "useful": "optimizer steps + generation",
+}
+
+
 class TrialMetrics(Record):
     """What a trial measured; None where it does not apply (no predictions scored, no training)."""
 
@@ -100,6 +128,7 @@ class TrialRecord(Record):
     train_history: list[dict[str, Any]] = Field(default_factory=list)  # {step, loss, lr} per logged step
     train_setup: dict[str, Any] = Field(default_factory=dict)  # precision, checkpointing, attention, ...
     metrics: TrialMetrics
+    timings: dict[str, float] = Field(default_factory=dict)  # seconds per TIME_STAGES key (none in older records)
 
 
 class TrainState(Record):
@@ -121,3 +150,6 @@ class TrainState(Record):
     precision: str | None = None
     gradient_checkpointing: bool | None = None
     attn_implementation: str | None = None
+    # rank 0's time in this attempt (seconds per TIME_STAGES key) and when its loop started (epoch seconds)
+    timings: dict[str, float] = Field(default_factory=dict)
+    loop_started_at: float | None = None

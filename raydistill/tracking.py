@@ -114,6 +114,7 @@ def log_trial(sweep: SweepRun, record: TrialRecord) -> str:
     for key in ("cost_usd", "tokens_in", "tokens_out", "teacher_accuracy", "truncated_share"):
         if annotation.get(key) is not None:
             metrics[f"teacher_{key}"] = annotation[key]
+    metrics.update({f"time_{stage}_s": seconds for stage, seconds in record.timings.items()})
     now_ms = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), now_ms, 0) for k, v in metrics.items()
                                       if v is not None])

@@ -27,7 +27,8 @@ N_BOOT = 500
 
 def write_trial(run_dir: Path, correct, *, dataset="svamp", teacher="chatgpt", level="1", fmt="cot",
                 student="tiny-llama", seed="0", cell="absent", num_workers=1, num_actors=1,
-                train_seconds=10.0, eval_seconds=4.0, truncated=0, target_ceiling=0.99, extracted=None) -> dict:
+                train_seconds=10.0, eval_seconds=4.0, truncated=0, target_ceiling=0.99, extracted=None,
+                timings=None) -> dict:
     """A finished trial: predictions Parquet (one row per question and sample) + record.json.
 
     ``correct`` is (n_questions,) or (n_questions, n_samples) of bools; ``truncated`` is how many
@@ -65,6 +66,8 @@ def write_trial(run_dir: Path, correct, *, dataset="svamp", teacher="chatgpt", l
     }
     if cell != "absent":
         record["cell"] = cell
+    if timings is not None:
+        record["timings"] = timings
     (trial_dir / "record.json").write_text(json.dumps(record))
     return record
 
@@ -291,6 +294,27 @@ def test_truncated_padded_and_level_less_cells_carry_the_mark_in_the_plot(tmp_pa
     padded = next(c for c in cells if c.level == "1+pad5")
     assert marks == [("†", (1.15, pytest.approx(100 * padded.accuracy)))]  # the diamond only, not L1
     assert "† > 5 % truncated" in labels and "human/cot (no level) †" in labels
+
+
+def test_time_section_sums_stages_and_gives_the_useful_share(tmp_path):
+    first = {"queued": 5.0, "train_start": 10.0, "optimizer_steps": 60.0, "eval_first_batch": 20.0,
+             "generation": 25.0, "eval_generating": 10.0, "other": 0.0, "wall": 100.0, "useful": 85.0}
+    second = {"train_start": 30.0, "optimizer_steps": 20.0, "eval_first_batch": 40.0, "generation": 5.0,
+              "wall": 100.0, "useful": 25.0}
+    write_trial(tmp_path, draws(0.5, 40, 1), level="1", timings=first)
+    write_trial(tmp_path, draws(0.5, 40, 2), level="2", timings=second)
+    write_trial(tmp_path, draws(0.5, 40, 3), level="3")  # an older record: no breakdown
+    paths = run_report(tmp_path)
+    md = paths["markdown"].read_text()
+    section = md.split("## Where the time went")[1].split("\n## ")[0]
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in section.splitlines() if line.startswith("| ")}
+    assert rows["train_start"][1:4] == ["40.0", "20.0", "20.0 %"]  # 40 of the 200 s of trial time
+    assert rows["optimizer_steps"][1:4] == ["80.0", "40.0", "40.0 %"]
+    assert rows["queued"][1:4] == ["5.0", "5.0", ""]  # before the trials' start: no share of their time
+    assert "Useful share (optimizer steps + generation, of trial time): 55.0 % (110.0 of 200.0 s, 2 trials)" in section
+    assert "1 of 3 trials were recorded without a time breakdown" in section
+    by_level = {row["level"]: row for row in read_csv(paths["trials_csv"])}
+    assert float(by_level["1"]["time_generation_s"]) == 25.0 and by_level["3"]["time_generation_s"] == ""
 
 
 def test_seeds_are_aggregated(tmp_path):

@@ -74,6 +74,16 @@ def test_tiny_sweep_end_to_end(tmp_path, model_cache, s3_storage, ray_local, mon
         assert record["raydistill_version"] and len(record["inputs"]["student"]) == 64
         assert record["cell"]["spec"]["inputs"]["distilling-cot/train/SVAMP_only_ans.json"]
         assert 0.9 < m["target_ceiling"] <= 1.0
+        # Time breakdown: every stage measured, the trial's own stages add up to its wall time,
+        # the optimizer steps are the logged steps' time, and the useful share is theirs + generation.
+        t = record["timings"]
+        own = ["train_start", "train_data", "model_load", "deepspeed_init", "optimizer_steps", "final_save",
+               "train_end", "eval_prepare", "eval_first_batch", "grading", "eval_finish", "record"]
+        assert all(t[stage] > 0 for stage in [*own, "model_load_eval", "generation"]), t
+        assert sum(t[s] for s in [*own, "checkpoints", "eval_generating", "other"] if s in t) == pytest.approx(t["wall"])
+        assert t["optimizer_steps"] == pytest.approx(sum(p["step_seconds"] for p in record["train_history"]))
+        assert m["train_seconds"] == pytest.approx(sum(t[s] for s in own[:7] + ["checkpoints"] if s in t))
+        assert t["useful"] == pytest.approx(t["optimizer_steps"] + t["generation"]) and t["queued"] >= 0
 
     # MLflow: a parent run for the sweep (config + report), a nested run per trial with axes as
     # params and tags, accuracy as metric, predictions as artifact.
@@ -91,6 +101,7 @@ def test_tiny_sweep_end_to_end(tmp_path, model_cache, s3_storage, ray_local, mon
         assert run.data.params["student"] == "tiny-llama" and run.data.params["teacher"] == "chatgpt"
         assert run.data.metrics["accuracy"] == pytest.approx(record["metrics"]["accuracy"])
         assert len(client.get_metric_history(run.info.run_id, "train_loss")) == record["metrics"]["train_steps"]
+        assert run.data.metrics["time_useful_s"] == pytest.approx(record["timings"]["useful"])
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"predictions.parquet", "trial.json"} <= artifacts
 
@@ -114,6 +125,8 @@ def test_tiny_sweep_end_to_end(tmp_path, model_cache, s3_storage, ray_local, mon
     assert float(paired["p_holm"]) == pytest.approx(float(paired["p_value"]))  # one comparison
     assert float(paired["min_detectable_diff"]) == pytest.approx(6 / TEST_LIMIT)
     assert "## Weak numbers" in table_md
+    useful = sum(r["timings"]["useful"] for r in records) / sum(r["timings"]["wall"] for r in records)
+    assert f"Useful share (optimizer steps + generation, of trial time): {100 * useful:.1f} %" in table_md
 
     # A rerun reuses the finished trials: no training, same records, no duplicate MLflow runs.
     stamps = {p: p.stat().st_mtime_ns for p in (spec.run_dir / "trials").glob("*/record.json")}

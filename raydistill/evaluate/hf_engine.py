@@ -2,7 +2,8 @@
 
 An engine is a Ray Data callable class: built once per actor from a model folder, then called
 on batches ``{"prompt": [...], ...}``; it returns the batch with ``generation`` (text cut at the
-first stop string) and ``tokens_generated`` (new tokens before the first EOS/pad) added. With
+first stop string) and ``tokens_generated`` (new tokens before the first EOS/pad) added; the HF
+engine also adds its time, ``generate_seconds`` and (first batch) ``load_seconds``, spread over the rows. With
 ``n_samples > 1`` every input row comes back ``n_samples`` times, one generation each.
 
 `HFEngine` runs on CPU or one GPU per actor, in rounds of `ROUND_TOKENS` new tokens that drop the
@@ -13,6 +14,7 @@ with the vLLM engine (`raydistill.evaluate.vllm_engine`), so both count and cut 
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 
@@ -89,6 +91,7 @@ class HFEngine:
         import torch
         from transformers import AutoModelForCausalLM
 
+        started = time.perf_counter()
         self.spec = EvalSpec.model_validate(spec)
         if not self.spec.resolved:
             raise ValueError("HFEngine needs an EvalSpec resolved for its task (EvalSpec.for_task)")
@@ -100,6 +103,7 @@ class HFEngine:
         eos = self.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
         self.end_ids = {i for i in [*eos, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id] if i is not None}
+        self.load_seconds = time.perf_counter() - started  # goes out with the first batch
 
     def generate_ids(self, prompts: list[str], round_tokens: int = ROUND_TOKENS) -> list[list[int]]:
         """New token ids per generation (``n_samples`` consecutive entries per prompt).
@@ -153,8 +157,13 @@ class HFEngine:
         return ended
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        started = time.perf_counter()
         ids = self.generate_ids([str(p) for p in batch["prompt"]])
         out = {k: np.repeat(v, self.spec.n_samples, axis=0) for k, v in batch.items()}
+        # the actor's time spread over the batch's rows, so any re-batching keeps the sums
+        out["generate_seconds"] = np.full(len(ids), (time.perf_counter() - started) / len(ids))
+        out["load_seconds"] = np.full(len(ids), self.load_seconds / len(ids))
+        self.load_seconds = 0.0
         raw = [self.tokenizer.decode(i, skip_special_tokens=True) for i in ids]
         out["generation"] = np.array([cut_at_stop(text, self.stop_strings) for text in raw], dtype=object)
         out["tokens_generated"] = np.array([len(i) for i in ids], dtype=np.int64)

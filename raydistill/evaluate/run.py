@@ -11,8 +11,9 @@ question the metrics add pass@k and maj@k (`raydistill.samples`).
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -27,6 +28,7 @@ from raydistill.evaluate.vllm_engine import LoraPlan, model_max_len, vllm_lora, 
 from raydistill.samples import sample_scores
 from raydistill.schemas import PREDICTION_SCHEMA
 from raydistill.spec import EvalSpec, content_hash
+from raydistill.timing import Stopwatch
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class EvalResult:
     samples_per_question: int = 1
     pass_at_k: float | None = None  # with several samples: unbiased pass@k, k = samples_per_question
     maj_at_k: float | None = None  # with several samples: majority vote over the extracted answers
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (records.TIME_STAGES)
 
 
 # --------------------------------------------------------------------------- prompts and grading
@@ -98,6 +101,8 @@ def metrics(task: str, predictions: pa.Table, path: str, engine: str = "hf", eva
 
 # --------------------------------------------------------------------------- generation
 
+ENGINE_TIME_COLUMNS = {"generate_seconds": "generation", "load_seconds": "model_load_eval"}  # column -> stage
+
 
 def generate_batches(prompts: list[dict], model_path: str, template_name: str, spec: EvalSpec,
                      stop_strings: list[str], engine: str = "hf", lora: LoraPlan | None = None) -> Iterator[list[dict]]:
@@ -127,7 +132,8 @@ def generate_batches(prompts: list[dict], model_path: str, template_name: str, s
         )
     columns = ["question_id", "prompt", "gold", "generation", "tokens_generated", "truncated"]
     for batch in generated.iter_batches(batch_size=None, batch_format="pyarrow"):
-        yield batch.select(columns).to_pylist()
+        timed = [c for c in ENGINE_TIME_COLUMNS if c in batch.column_names]  # the HF engine's
+        yield batch.select(columns + timed).to_pylist()
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -169,24 +175,37 @@ def evaluate(model_path: str, student: str, task: str, test: pa.Table, spec: Eva
 
     from raydistill.students import get_student, get_template
 
-    spec = spec.for_task(task)
-    engine = choose_engine(spec)
-    template_name = get_student(student).template
-    key = eval_hash(model_digest(model_path), template_name, task, spec, engine, grader)
-    lora = vllm_lora(model_path) if engine == "vllm" and is_adapter(model_path) else None  # else merged
-    model_path = lora.base if lora else merged_model(model_path) if is_adapter(model_path) else str(model_path)
-    tokenizer = load_tokenizer(model_path, template_name)
-    template = get_template(template_name)
-    prompts = build_prompts(test, template, tokenizer)
-    parts = parts_dir(out_path)
-    done = set(_current(read_parts(parts, key), prompts)["question_id"].to_pylist())
-    todo = [p for p in prompts if p["question_id"] not in done]
-    stop_strings = list(dict.fromkeys([*spec.stop_strings, *template.stop_strings(tokenizer)]))
+    clock = Stopwatch()
+    with clock("eval_prepare"):
+        spec = spec.for_task(task)
+        engine = choose_engine(spec)
+        template_name = get_student(student).template
+        key = eval_hash(model_digest(model_path), template_name, task, spec, engine, grader)
+        lora = vllm_lora(model_path) if engine == "vllm" and is_adapter(model_path) else None  # else merged
+        model_path = lora.base if lora else merged_model(model_path) if is_adapter(model_path) else str(model_path)
+        tokenizer = load_tokenizer(model_path, template_name)
+        template = get_template(template_name)
+        prompts = build_prompts(test, template, tokenizer)
+        parts = parts_dir(out_path)
+        done = set(_current(read_parts(parts, key), prompts)["question_id"].to_pylist())
+        todo = [p for p in prompts if p["question_id"] not in done]
+        stop_strings = list(dict.fromkeys([*spec.stop_strings, *template.stop_strings(tokenizer)]))
     if todo:
         with tqdm(total=len(todo), desc=f"eval {task}", unit="q", disable=not progress) as bar:
+            waiting, stage = time.perf_counter(), "eval_first_batch"
             for rows in generate_batches(todo, model_path, template_name, spec, stop_strings, engine, lora):
-                write_part(parts, grade(task, rows, key, grader))
+                clock.add(stage, time.perf_counter() - waiting)
+                for column, engine_stage in ENGINE_TIME_COLUMNS.items():
+                    clock.add(engine_stage, sum(r.get(column) or 0.0 for r in rows))
+                with clock("grading"):
+                    write_part(parts, grade(task, rows, key, grader))
                 bar.update(len(rows) // spec.n_samples)
-    predictions = _current(read_parts(parts, key), prompts).sort_by("question_id")
-    files.write_parquet(predictions, out_path)
-    return metrics(task, predictions, str(out_path), engine, key, spec.max_new_tokens)
+                waiting, stage = time.perf_counter(), "eval_generating"
+    with clock("eval_finish"):
+        predictions = _current(read_parts(parts, key), prompts).sort_by("question_id")
+        files.write_parquet(predictions, out_path)
+        result = metrics(task, predictions, str(out_path), engine, key, spec.max_new_tokens)
+    timings = clock.as_dict()
+    if engine != "hf":  # the vLLM engine does not time its requests: no generation figure rather than 0
+        timings.pop("generation", None), timings.pop("model_load_eval", None)
+    return replace(result, timings=timings)

@@ -1,11 +1,12 @@
 """results.md: one Markdown section per table (accuracy by level, paired tests, weak numbers,
-published numbers, cost, the paper's ablation) and the text formatting they share."""
+published numbers, cost, where the time went, the paper's ablation) and the text formatting they share."""
 
 from __future__ import annotations
 
 import math
 
 from raydistill import stats
+from raydistill.records import TIME_STAGES
 from raydistill.report.cells import (
     LEVELS_FAMILY,
     SOURCES_FAMILY,
@@ -225,6 +226,37 @@ def ablation_section(published: list[dict]) -> list[str]:
     return ["## Paper: granularity vs length ablation (for reference)", "", *_md_table(headers, rows), ""]
 
 
+def time_section(cells: list[Cell]) -> list[str]:
+    """Where the trials' time went, stage by stage, and the useful share (optimizer steps and
+    generation) of the trials' own time; trials recorded without a breakdown are counted apart."""
+    trials = [t for c in cells for t in c.trials]
+    timed = [t.record.timings for t in trials if t.record is not None and t.record.timings.get("wall")]
+    if not timed:
+        return []
+    wall = sum(t["wall"] for t in timed)
+    rows = []
+    for stage, meaning in TIME_STAGES.items():
+        values = [t[stage] for t in timed if stage in t]
+        if stage in ("wall", "useful") or not values:
+            continue
+        share = "" if stage == "queued" else f"{100 * sum(values) / wall:.1f} %"
+        rows.append([stage, f"{sum(values):.1f}", f"{sum(values) / len(values):.1f}", share, meaning])
+    useful = [t for t in timed if "useful" in t]
+    lines = ["## Where the time went", "", *_md_table(["stage", "seconds (all trials)", "mean per trial",
+                                                       "share of trial time", "what"], rows), ""]
+    lines.append(f"Trial time (from each trial's start to its record, summed): {wall:.1f} s over {len(timed)} trials. "
+                 "Stages measured by evaluation actors (model_load_eval, generation) are actor-seconds, inside "
+                 "the evaluation stages; queued is before the trial's start.")
+    if useful:
+        work = sum(t["useful"] for t in useful)
+        span = sum(t["wall"] for t in useful)
+        lines.append(f"Useful share (optimizer steps + generation, of trial time): {100 * work / span:.1f} % "
+                     f"({work:.1f} of {span:.1f} s, {len(useful)} trials).")
+    if len(timed) < len(trials):
+        lines.append(f"{len(trials) - len(timed)} of {len(trials)} trials were recorded without a time breakdown.")
+    return [*lines, ""]
+
+
 def markdown_report(cells: list[Cell], comparisons: list[Comparison], published: list[dict],
                     n_boot: int, seed: int, notes: list[str]) -> str:
     lines = ["# Results", ""]
@@ -235,6 +267,7 @@ def markdown_report(cells: list[Cell], comparisons: list[Comparison], published:
     lines += quality_section(cells)
     lines += published_section(cells, published)
     lines += cost_section(cells)
+    lines += time_section(cells)
     lines += ablation_section(published)
     lines += [f"Bootstrap (where used): {n_boot} resamples, seed {seed}; see docs/report.md.", *notes]
     return "\n".join(lines).rstrip() + "\n"

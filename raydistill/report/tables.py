@@ -8,6 +8,7 @@ import statistics
 from pathlib import Path
 
 from raydistill import files
+from raydistill.records import TIME_STAGES
 from raydistill.report.cells import (
     Cell,
     Comparison,
@@ -24,7 +25,8 @@ from raydistill.report.records import CELL_AXES, ROW_AXES, Trial
 TRIAL_COLUMNS = ["trial_hash", "dataset", "teacher", "format", "student", "level", "seed", "accuracy", "n_test",
                  "extraction_failure_rate", "truncation_rate", "target_ceiling", "mean_generated_tokens",
                  "max_new_tokens", "train_steps", "final_train_loss", "train_seconds", "eval_seconds", "num_workers",
-                 "num_actors", "cell_source", "eval_protocol", "grader", "raydistill_version"]
+                 "num_actors", "cell_source", "eval_protocol", "grader", "raydistill_version",
+                 *(f"time_{stage}_s" for stage in TIME_STAGES)]
 CELL_COLUMNS = [*CELL_AXES, "accuracy", "ci_low", "ci_high", "ci_method", "n_seeds", "seeds", "n_test",
                 "n_questions_ci", "truncation_rate", "extraction_failure_rate", "target_ceiling",
                 "teacher_truncated_share", "flags", "mean_generated_tokens", "max_new_tokens", "published_accuracy",
@@ -40,7 +42,8 @@ PAIRED_COLUMNS = ["family", *ROW_AXES, "level_a", "teacher_b", "level_b", "accur
 def trial_rows(trials: list[Trial]) -> list[dict]:
     rows = [{**t.axes, **t.metrics, "trial_hash": t.trial_hash, "num_workers": t.num_workers,
              "num_actors": t.num_actors, "cell_source": (t.cell or {}).get("source", ""),
-             **{k: getattr(t.record, k, "") for k in ("eval_protocol", "grader", "raydistill_version")}}
+             **{k: getattr(t.record, k, "") for k in ("eval_protocol", "grader", "raydistill_version")},
+             **{f"time_{stage}_s": s for stage, s in (t.record.timings if t.record else {}).items()}}
             for t in trials]
     return sorted(rows, key=lambda r: (cell_sort_key(tuple(r[a] for a in CELL_AXES)), seed_key(r["seed"])))
 

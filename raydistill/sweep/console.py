@@ -3,9 +3,10 @@
     [2/9] svamp chatgpt L3 cot smollm2-135m seed 100: training
     [2/9] svamp chatgpt L3 cot smollm2-135m seed 100: step 15/44, loss 0.838
     [2/9] svamp chatgpt L3 cot smollm2-135m seed 100: evaluating
-    [3/9] svamp chatgpt L3 cot smollm2-135m seed 100: done, accuracy 17.3 % (train 32.2 min, eval 6.3 min)
+    [3/9] svamp chatgpt L3 cot smollm2-135m seed 100: done, accuracy 17.3 % (train 32.2 min, eval 6.3 min, useful 81 %)
 
-The counter is the trials finished so far out of the sweep's. Tune's own status table and the
+The counter is the trials finished so far out of the sweep's; "useful" is the share of the trial's
+time spent in optimizer steps and generation (`raydistill.records.TIME_STAGES`). Tune's own status table and the
 log lines of every Ray worker (DeepSpeed, weight loading, Ray Data progress) are left out unless
 the sweep runs with ``--verbose``.
 """
@@ -66,6 +67,8 @@ class SweepConsole(tune.Callback):
             return
         times = ", ".join(f"{name} {result[key] / 60:.1f} min" for name, key in
                           (("train", "train_seconds"), ("eval", "eval_seconds")) if result.get(key) is not None)
+        if result.get("time_wall_s") and result.get("time_useful_s") is not None:
+            times += f", useful {100 * result['time_useful_s'] / result['time_wall_s']:.0f} %"
         reused = "reused its record, " if result.get("reused") else ""
         self._say(trial, f"done, {reused}accuracy {100 * result['accuracy']:.1f} %" + (f" ({times})" if times else ""))
 

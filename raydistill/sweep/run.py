@@ -7,6 +7,7 @@ and runs the trials with `TRIAL_DRIVER_RESOURCES` each.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import yaml
@@ -77,6 +78,9 @@ def run_sweep(spec: SweepSpec, verbose: bool = False) -> list[TrialRecord]:
                        "test_path": str(test_paths[t.cell.dataset]), "model_path": model_paths[t.student]}
         for p, t in zip((t.cell for t in planned), trials)
     }
+    submitted_at = time.time()  # a trial's wait for a slot (timings["queued"]) counts from here
+    for payload in payloads.values():
+        payload["submitted_at"] = submitted_at
     names = {t.trial_hash: trial_name(t) for t in trials}
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(run_trial, payloads=payloads), TRIAL_DRIVER_RESOURCES),

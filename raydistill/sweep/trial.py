@@ -29,6 +29,7 @@ def run_trial(config: dict, payloads: dict[str, dict]) -> dict:
     from ray import tune
 
     payload = payloads[config["trial_hash"]]
+    started_at = time.time()
     trial = TrialSpec.model_validate(payload["trial"])
     trial_dir = Path(payload["run_dir"]) / "trials" / trial.trial_hash
     record_path = trial_dir / "record.json"
@@ -36,8 +37,10 @@ def run_trial(config: dict, payloads: dict[str, dict]) -> dict:
     reused = record is not None
     if not reused:
         record = _train_and_evaluate(trial, payload, trial_dir)
+        record.timings["queued"] = max(0.0, started_at - payload.get("submitted_at", started_at))
         record.write(record_path)
-    result = {**record.metrics.model_dump(), "record_path": str(record_path), "reused": reused}
+    result = {**record.metrics.model_dump(), "record_path": str(record_path), "reused": reused,
+              **{f"time_{stage}_s": record.timings[stage] for stage in ("wall", "useful") if stage in record.timings}}
     tune.report(result)
     return result
 
@@ -66,17 +69,21 @@ def _train_and_evaluate(trial: TrialSpec, payload: dict, trial_dir: Path) -> Tri
     job = TrainJob(student=trial.student, model_path=payload["model_path"], data_path=payload["cell"]["train_path"],
                    run_name=f"train-{trial.trial_hash}", storage_path=payload["checkpoint_storage"],
                    spec=trial.train)
+    started = time.perf_counter()
     report_stage("training")
     trained = fit(job, report_to_tune=True, download_to=trial_dir / "model")
     report_stage("evaluating")
     test = pq.read_table(payload["test_path"])
-    started = time.perf_counter()
+    eval_started = time.perf_counter()
     result = outside_trial_placement_group(
         evaluate, trained.model_path, trial.student, trial.cell.dataset, test, trial.eval,
         trial_dir / "predictions.parquet", trial.grader)
-    eval_seconds = time.perf_counter() - started
+    eval_seconds = time.perf_counter() - eval_started
+    record_started = time.perf_counter()
     state = TrainState.read(Path(trained.model_path) / TRAIN_STATE_FILE)
     ceiling = target_ceiling(trial.cell.dataset, pq.read_table(payload["cell"]["train_path"]), trial.grader)
+    timings = trial_timings(trained.timings, result.timings, eval_seconds, time.perf_counter() - record_started,
+                            time.perf_counter() - started)
     return TrialRecord.parse({
         "trial_hash": trial.trial_hash,
         "eval_hash": result.eval_hash,
@@ -115,7 +122,26 @@ def _train_and_evaluate(trial: TrialSpec, payload: dict, trial_dir: Path) -> Tri
             "pass_at_k": result.pass_at_k,
             "maj_at_k": result.maj_at_k,
         },
+        "timings": timings,
     }, f"trial {trial.trial_hash}")
+
+
+# measured by evaluation actors, not by the trial: summed over actors, inside the eval stages
+ACTOR_STAGES = ("model_load_eval", "generation")
+
+
+def trial_timings(train: dict[str, float], evaluation: dict[str, float], eval_seconds: float, record_seconds: float,
+                  wall: float) -> dict[str, float]:
+    """The trial's time by stage (`raydistill.records.TIME_STAGES`): training's and evaluation's
+    own, the start of the evaluation task (into eval_prepare), the record, and the rest (other)."""
+    timings = {**train, **evaluation, "record": record_seconds}
+    own_eval = sum(v for k, v in evaluation.items() if k not in ACTOR_STAGES)
+    timings["eval_prepare"] = timings.get("eval_prepare", 0.0) + max(0.0, eval_seconds - own_eval)
+    timings["other"] = max(0.0, wall - sum(v for k, v in timings.items() if k not in ACTOR_STAGES))
+    timings["wall"] = wall
+    if "generation" in timings or "eval_first_batch" not in timings:  # unknown when the engine did not time it
+        timings["useful"] = timings.get("optimizer_steps", 0.0) + timings.get("generation", 0.0)
+    return timings
 
 
 def outside_trial_placement_group(fn, *args, **kwargs):

@@ -8,6 +8,7 @@ import os
 import time
 from dataclasses import replace
 
+from raydistill.records import TrainState
 from raydistill.spec import redact_storage, storage_problem
 from raydistill.train.checkpoints import local_model_folder, read_train_state
 from raydistill.train.data import read_examples
@@ -58,7 +59,7 @@ def fit(job: TrainJob, report_to_tune: bool = False, download_to: str | os.PathL
                              failure_config=FailureConfig(max_failures=spec.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     try:
         result = trainer.fit()
     except TrainingFailedError as err:  # a worker's input error is the user's to fix: its own line
@@ -70,7 +71,20 @@ def fit(job: TrainJob, report_to_tune: bool = False, download_to: str | os.PathL
         raise RuntimeError(f"training run {job.run_name} finished without a checkpoint")
     model_path = local_model_folder(result.checkpoint, download_to)
     state = read_train_state(model_path)
+    train_seconds = time.perf_counter() - started
     return TrainResult(model_path=model_path, steps=state.steps, final_loss=state.history[-1]["loss"],
-                       train_seconds=time.perf_counter() - started, examples=state.examples,
+                       train_seconds=train_seconds, examples=state.examples,
                        truncated=state.truncated, over_cutoff=state.over_cutoff,
-                       padding_fraction=state.padding_fraction, resumed_at=tuple(state.resumed_at))
+                       padding_fraction=state.padding_fraction, resumed_at=tuple(state.resumed_at),
+                       timings=train_timings(state, started_at, train_seconds))
+
+
+def train_timings(state: TrainState, started_at: float, train_seconds: float) -> dict[str, float]:
+    """This run's time by stage (`raydistill.records.TIME_STAGES`): rank 0's own, the wait before its
+    loop started (`train_start`) and the rest of `train_seconds` (`train_end`). A model an earlier
+    run had finished (its loop started before this one) is all `train_end`."""
+    if state.loop_started_at is None or state.loop_started_at < started_at:
+        return {"train_end": train_seconds}
+    timings = {"train_start": state.loop_started_at - started_at, **state.timings}
+    timings["train_end"] = max(0.0, train_seconds - sum(timings.values()))
+    return timings

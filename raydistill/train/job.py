@@ -3,7 +3,7 @@ workers), `TrainResult`, and `TrainInputError` for inputs the user has to fix.""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from raydistill.spec import TrainSpec
 
@@ -35,6 +35,7 @@ class TrainResult:
     over_cutoff: int = 0
     padding_fraction: float = 0.0
     resumed_at: tuple[int, ...] = ()
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (records.TIME_STAGES)
 
 
 class TrainInputError(ValueError):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from raydistill.records import TrainState
 from raydistill.spec import TrainSpec
+from raydistill.timing import Stopwatch
 from raydistill.train.checkpoints import (
     TRAIN_STATE_FILE,
     checkpoint_steps,
@@ -38,45 +39,31 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import torch
     import torch.distributed as dist
-    from transformers import AutoTokenizer
-
-    from raydistill.students import get_student
 
     check_precision(spec)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.manual_seed(spec.seed)
+    loop_started_at, clock = time.time(), Stopwatch()  # rank 0's breakdown goes into the train state
 
-    tokenizer = AutoTokenizer.from_pretrained(job.model_path)
-    template = get_student(job.student).prompt_template
-    template.fix_tokenizer(tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows = read_examples(job.data_path)
-    examples, over = tokenize_examples(rows, tokenizer, template, spec.cutoff_len, spec.overlong)
-    lengths = [len(e["input_ids"]) for e in examples]
-    if spec.use_gpu:  # before any weight is loaded: the GPU this worker got
-        import ray.train.torch
-
-        capacity = torch.cuda.get_device_properties(ray.train.torch.get_device()).total_memory
-        problem = memory_problem(job, spec, max(lengths), capacity, world)
-        if problem:
-            raise TrainInputError(problem)
-    batches = micro_batches(lengths, spec, rank, world)
+    with clock("train_data"):
+        tokenizer, examples, over, batches = _prepare_data(job, spec, rank, world)
     total_steps = len(batches) // spec.grad_accum_steps
     save_at = checkpoint_steps(spec, total_steps)
 
     ds_config = deepspeed_config(spec)
-    model = load_student_model(job, spec)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=ds_config,
-        lr_scheduler=cosine_schedule(spec, total_steps),
-    )
-    if world == 1 and engine.zero_optimization_stage() == 0:
-        engine.enable_backward_allreduce = False  # one rank: averaging over ranks would only copy every gradient
-
-    state = restore(engine) or TrainState(step=0, history=[])
+    with clock("model_load"):
+        model = load_student_model(job, spec)
+    with clock("deepspeed_init"):
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=ds_config,
+            lr_scheduler=cosine_schedule(spec, total_steps),
+        )
+        if world == 1 and engine.zero_optimization_stage() == 0:
+            engine.enable_backward_allreduce = False  # one rank: averaging over ranks would only copy every gradient
+        state = restore(engine) or TrainState(step=0, history=[])
     if state.final:  # the run had finished; its model is already the latest checkpoint
         _shutdown(engine, dist)
         return
@@ -87,6 +74,7 @@ def train_loop_per_worker(config: dict) -> None:
               f"({spec.overlong}), {total_steps} steps, starting at step {state.step}", flush=True)
     write_worker_info(job, rank, state.step)
 
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     window_loss, window_tokens, started = 0.0, 0, time.perf_counter()
     for micro_step in range(state.step * spec.grad_accum_steps + 1, len(batches) + 1):
         batch = {k: v.to(engine.device) for k, v in collate(examples, batches[micro_step - 1], pad_id).items()}
@@ -98,23 +86,50 @@ def train_loop_per_worker(config: dict) -> None:
         if micro_step % spec.grad_accum_steps:
             continue
         step = micro_step // spec.grad_accum_steps
-        elapsed, started = time.perf_counter() - started, time.perf_counter()  # includes the last report
+        elapsed = time.perf_counter() - started
+        clock.add("optimizer_steps", elapsed)
         state.step = step
         state.history.append({"step": step, "loss": window_loss, "lr": engine.get_lr()[0],
                                  "tokens_per_s": window_tokens * world / max(elapsed, 1e-9),
                                  "step_seconds": elapsed})
         if step in save_at:  # metrics go out with checkpoints only: a report syncs all workers
-            save_resume_checkpoint(engine, state, rank, total_steps)
-        window_loss, window_tokens = 0.0, 0
+            with clock("checkpoints"):
+                save_resume_checkpoint(engine, state, rank, total_steps)
+        window_loss, window_tokens, started = 0.0, 0, time.perf_counter()
 
     state = state.model_copy(update=dict(final=True, examples=len(examples), over_cutoff=over, overlong=spec.overlong,
                  truncated=over if spec.overlong == "truncate" else 0,
-                 padding_fraction=padding_fraction(batches, lengths), steps=total_steps, world_size=world,
+                 padding_fraction=padding_fraction(batches, [len(e["input_ids"]) for e in examples]),
+                 steps=total_steps, world_size=world,
                  deepspeed=_deepspeed_setup(engine), precision=spec.precision,
                  gradient_checkpointing=bool(getattr(model, "is_gradient_checkpointing", False)),
-                 attn_implementation=model.config._attn_implementation))
-    _report_final_model(engine, tokenizer, spec, job, state, rank, ds_config["zero_optimization"]["stage"])
+                 attn_implementation=model.config._attn_implementation, loop_started_at=loop_started_at))
+    _report_final_model(engine, tokenizer, spec, job, state, rank, ds_config["zero_optimization"]["stage"], clock)
     _shutdown(engine, dist)
+
+
+def _prepare_data(job: TrainJob, spec: TrainSpec, rank: int, world: int):
+    """The student's tokenizer, the tokenised examples, how many were over cutoff_len, and this
+    rank's micro-batches; on a GPU, a model that cannot fit stops here, before any weight is loaded."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from raydistill.students import get_student
+
+    tokenizer = AutoTokenizer.from_pretrained(job.model_path)
+    template = get_student(job.student).prompt_template
+    template.fix_tokenizer(tokenizer)
+    rows = read_examples(job.data_path)
+    examples, over = tokenize_examples(rows, tokenizer, template, spec.cutoff_len, spec.overlong)
+    lengths = [len(e["input_ids"]) for e in examples]
+    if spec.use_gpu:  # before any weight is loaded: the GPU this worker got
+        import ray.train.torch
+
+        capacity = torch.cuda.get_device_properties(ray.train.torch.get_device()).total_memory
+        problem = memory_problem(job, spec, max(lengths), capacity, world)
+        if problem:
+            raise TrainInputError(problem)
+    return tokenizer, examples, over, micro_batches(lengths, spec, rank, world)
 
 
 def _deepspeed_setup(engine) -> dict:
@@ -136,16 +151,19 @@ def _deepspeed_setup(engine) -> dict:
 
 
 def _report_final_model(engine, tokenizer, spec: TrainSpec, job: TrainJob, state: TrainState, rank: int,
-                        zero_stage: int) -> None:
-    """Report the fine-tuned model as a plain HF folder (LoRA merged) with the train state."""
+                        zero_stage: int, clock: Stopwatch) -> None:
+    """Report the fine-tuned model as a plain HF folder (LoRA merged) with the train state, which
+    carries rank 0's time breakdown of this attempt."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "model"
-        save_hf_folder(engine, tokenizer, zero_stage, out, rank)
+        with clock("final_save"):
+            save_hf_folder(engine, tokenizer, zero_stage, out, rank)
+            model_dir = merge_lora_if_needed(out, spec, job.model_path) if rank == 0 else None
         checkpoint = None
         if rank == 0:
-            model_dir = merge_lora_if_needed(out, spec, job.model_path)
+            state.timings = clock.as_dict()
             state.write(model_dir / TRAIN_STATE_FILE)
             checkpoint = ray.train.Checkpoint.from_directory(str(model_dir))
         ray.train.report({"train_loss": state.history[-1]["loss"], "step": state.steps},

@@ -15,6 +15,11 @@ sweep driver use CPU beyond the trials' reservations, so a sequential run on a s
 keeps more than one core busy; `speedup_bound_from_idle_cpu` (1 / the sequential busy share,
 at most the concurrency) is the speed-up its idle CPU leaves room for, and
 `efficiency_vs_idle_cpu_bound` is how much of that the concurrent run got.
+
+Each run also sums its trials' time breakdowns (`breakdown`: seconds per stage of
+`raydistill.records.TIME_STAGES`) and gives the useful share: optimizer steps + generation, of
+the trials' own time (`useful_share_of_trial_time`) and of the sweep's wall time across its
+Ray CPUs (`useful_share_of_cpu_wall`: useful seconds / (wall x CPUs)).
 """
 
 from __future__ import annotations
@@ -63,7 +68,18 @@ def run_sweep(workdir: Path, concurrency: int, cpus: int) -> dict:
     return {"max_concurrent_trials": concurrency, "wall_s": round(wall, 1), "trials": len(records),
             "train_s_sum": round(sum(r["metrics"]["train_seconds"] for r in records), 1),
             "eval_s_sum": round(sum(r["metrics"]["eval_seconds"] for r in records), 1),
-            "cpu_busy_fraction": round(busy / (wall * psutil.cpu_count()), 3)}
+            "cpu_busy_fraction": round(busy / (wall * psutil.cpu_count()), 3),
+            **breakdown(records, wall, cpus)}
+
+
+def breakdown(records: list[dict], wall: float, cpus: int) -> dict:
+    """The trials' time by stage, summed, and the useful share of their time and of the wall time."""
+    from raydistill.records import TIME_STAGES
+
+    sums = {stage: round(sum(r["timings"].get(stage, 0.0) for r in records), 1) for stage in TIME_STAGES}
+    return {"breakdown": sums,
+            "useful_share_of_trial_time": round(sums["useful"] / max(sums["wall"], 1e-9), 3),
+            "useful_share_of_cpu_wall": round(sums["useful"] / (wall * cpus), 3)}
 
 
 def _busy_seconds(times) -> float:

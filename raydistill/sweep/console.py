@@ -1,9 +1,9 @@
 """What a sweep prints while it runs: one line per trial event, each trial named by its axes.
 
-    [2/9] svamp chatgpt L3 cot smollm2-135m seed 100: training
-    [2/9] svamp chatgpt L3 cot smollm2-135m seed 100: step 15/44, loss 0.838
-    [2/9] svamp chatgpt L3 cot smollm2-135m seed 100: evaluating
-    [3/9] svamp chatgpt L3 cot smollm2-135m seed 100: done, accuracy 17.3 % (train 32.2 min, eval 6.3 min, useful 81 %)
+    [0/6] svamp chatgpt L1 cot tiny-llama seed 100: training
+    [0/6] svamp chatgpt L1 cot tiny-llama seed 100: step 4, loss 6.470
+    [0/6] svamp chatgpt L1 cot tiny-llama seed 100: evaluating
+    [1/6] svamp chatgpt L1 cot tiny-llama seed 100: done, accuracy 0.0 % (train 0.6 min, eval 0.3 min, useful 1 %)
 
 The counter is the trials finished so far out of the sweep's; "useful" is the share of the trial's
 time spent in optimizer steps and generation (`raydistill.records.TIME_STAGES`). Tune's own status table and the

@@ -7,15 +7,17 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
 from raydistill.datasets import load_test
-from raydistill.evaluate import (EngineError, HFEngine, build_prompts, choose_engine, engine_nodes, evaluate, grade,
-                                 load_tokenizer, merged_model, metrics, parts_dir, vllm_available, vllm_engine_kwargs,
-                                 vllm_max_model_len, vllm_on_engine_nodes, vllm_processor)
+from raydistill.evaluate import (EngineError, EngineTimeout, HFEngine, build_prompts, choose_engine, engine_bundles,
+                                 engine_nodes, evaluate, grade, load_tokenizer, merged_model, metrics, parts_dir,
+                                 release_engine_placements, vllm_available, vllm_engine_kwargs, vllm_max_model_len,
+                                 vllm_on_engine_nodes, vllm_processor)
 from raydistill.spec import EvalSpec
 from raydistill.tasks import TASK_NAMES
 from raydistill.students import build_tiny_llama, get_template, resolve_student
@@ -56,6 +58,30 @@ def test_batched_ray_engine_matches_one_prompt_per_call(tiny, ray_module, tmp_pa
     assert result.n == 8 and 0 < result.mean_generated_tokens <= SPEC.max_new_tokens
 
 
+def test_a_hung_engine_fails_the_evaluation_after_timeout_s(tiny, ray_module, tmp_path):
+    """An evaluation that cannot finish in time (40 questions x 1,500 new tokens in batches of 2: the
+    tiny Llama's 8 x 1,500 took 15 s on one CPU here) fails soon after ``timeout_s`` with a message
+    naming the engine, the timeout and the field, and leaves no actor behind (Ray Data's detached
+    bookkeeping actors are the cluster's): every CPU is free again."""
+    from ray._private.state import actors
+
+    def alive() -> set[str]:
+        return {i for i, a in actors().items() if a["State"] == "ALIVE" and not a["IsDetached"]}
+
+    before = alive()
+    spec = EvalSpec(engine="hf", max_new_tokens=1500, batch_size=2, timeout_s=15)
+    started = time.monotonic()
+    with pytest.raises(EngineTimeout, match=r"hf engine did not finish .* 40 prompts within eval\.timeout_s = 15 s"):
+        evaluate(tiny, "tiny-llama", "svamp", load_test("svamp").slice(0, 40), spec, tmp_path / "p.parquet",
+                 progress=False)
+    assert 15 <= time.monotonic() - started < 45
+    total = ray_module.cluster_resources()["CPU"]
+    gone_by = time.monotonic() + 30
+    while alive() - before or ray_module.available_resources().get("CPU", 0) < total:
+        assert time.monotonic() < gone_by, (alive() - before, ray_module.available_resources())
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def smollm2_engine_inputs(model_cache):
     """SmolLM2-135M-Instruct (it writes text, unlike the random tiny Llama) and 6 GSM8K prompts.
@@ -92,7 +118,9 @@ def test_resume_generates_only_missing_questions(tiny, ray_module, tmp_path):
     evaluate(tiny, "tiny-llama", "gsm8k", test.slice(0, 4), SPEC, out, progress=False)
     first = {f: f.stat().st_mtime_ns for f in parts_dir(out).iterdir()}
 
-    result = evaluate(tiny, "tiny-llama", "gsm8k", test, SPEC, out, progress=False)
+    # With a timeout the generation streams from an actor of its own; the evaluation's identity is the same.
+    result = evaluate(tiny, "tiny-llama", "gsm8k", test, SPEC.model_copy(update={"timeout_s": 600}), out,
+                      progress=False)
     second = {f: f.stat().st_mtime_ns for f in parts_dir(out).iterdir()}
     assert all(second[f] == t for f, t in first.items())  # finished batches are kept as they were
     new_rows = sum(pq.read_metadata(f).num_rows for f in set(second) - set(first))
@@ -232,6 +260,38 @@ def test_vllm_settings_reach_the_engine_config(ray_module):
     assert eager["enforce_eager"] is True
     cpu = vllm_engine_kwargs(EvalSpec(engine="vllm").for_task("math"), context)
     assert (cpu["dtype"], cpu["enforce_eager"]) == ("float32", True)
+
+
+def test_vllm_engine_options_reach_the_engine_and_its_placement(ray_module):
+    """The throughput options in the engine arguments, and a tensor-parallel engine's placement group:
+    one bundle (CPUs, a GPU, the custom resources) per shard, the engine actor itself holding no GPU
+    (vLLM's Ray executor runs the shards). Built here without vLLM; the placement group is created as
+    Ray Data would for an engine actor (it stays pending on this GPU-less cluster), and the release
+    after the evaluation removes it."""
+    spec = EvalSpec(engine="vllm", use_gpu=True, cpus_per_actor=2, resources_per_actor={"gpu_node": 1},
+                    tensor_parallel_size=2, gpu_memory_utilization=0.7, enable_prefix_caching=False,
+                    max_num_seqs=32, timeout_s=600).for_task("gsm8k")
+    bundle = {"CPU": 2.0, "GPU": 1, "gpu_node": 1}
+    assert engine_bundles(spec) == [bundle, bundle]
+    processor = vllm_processor("/models/llama-3.2-3b", "llama3", spec, ["</s>"], 2048, placement_key="eval-1")
+    stage = processor.get_stage_by_name("vLLMEngineStage")
+    engine = stage.fn_constructor_kwargs["engine_kwargs"]
+    assert {k: engine[k] for k in ("tensor_parallel_size", "gpu_memory_utilization", "enable_prefix_caching",
+                                   "max_num_seqs", "distributed_executor_backend")} == \
+           {"tensor_parallel_size": 2, "gpu_memory_utilization": 0.7, "enable_prefix_caching": False,
+            "max_num_seqs": 32, "distributed_executor_backend": "ray"}
+    actor = stage.map_batches_kwargs
+    assert actor["num_gpus"] == 0
+    strategy = actor["ray_remote_args_fn"]()["scheduling_strategy"]
+    group = strategy.placement_group
+    assert group.bundle_specs == [bundle, bundle] and strategy.placement_group_capture_child_tasks
+    assert ray_module.util.placement_group_table(group)["strategy"] == "PACK"
+    release_engine_placements("eval-1")
+    assert ray_module.util.placement_group_table(group)["state"] == "REMOVED"
+
+    defaults = vllm_engine_kwargs(EvalSpec(engine="vllm").for_task("gsm8k"), 2048)  # vLLM's own defaults
+    assert (defaults["tensor_parallel_size"], defaults["gpu_memory_utilization"]) == (1, 0.9)
+    assert "enable_prefix_caching" not in defaults and "max_num_seqs" not in defaults
 
 
 def test_eval_cli_never_hands_one_models_predictions_to_another(tmp_path, model_cache):

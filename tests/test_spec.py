@@ -102,3 +102,47 @@ def test_overrides_leave_the_callers_config_as_it_was_and_name_a_scalar_in_the_p
     assert raw["train"] == {"epochs": 2}  # the caller's mapping is not changed
     with pytest.raises(SpecError, match="'train.epochs.x': 'epochs' holds int, not a mapping"):
         sweep_from_dict(raw, source="x.yaml", overrides={"train.epochs.x": 1})
+
+
+@pytest.mark.parametrize("eval_, words", [
+    ({"tensor_parallel_size": 0}, ["eval.tensor_parallel_size", "greater than or equal to 1"]),
+    ({"tensor_parallel_size": 2}, ["tensor_parallel_size 2", "2 GPUs", "use_gpu: true"]),
+    ({"gpu_memory_utilization": 1.5}, ["eval.gpu_memory_utilization", "less than or equal to 1"]),
+    ({"gpu_memory_utilization": 0}, ["eval.gpu_memory_utilization", "greater than 0"]),
+    ({"enable_prefix_caching": "sometimes"}, ["eval.enable_prefix_caching", "boolean"]),
+    ({"max_num_seqs": 0}, ["eval.max_num_seqs", "greater than or equal to 1"]),
+    ({"timeout_s": 0}, ["eval.timeout_s", "greater than 0"]),
+    ({"timeout_s": "soon"}, ["eval.timeout_s", "number"]),
+    ({"engine": "hf", "max_num_seqs": 64, "enable_prefix_caching": False},
+     ["engine: hf ignores", "max_num_seqs 64", "enable_prefix_caching False", "engine: auto or vllm"]),
+], ids=["tp-0", "tp-without-gpu", "gpu-memory-above-1", "gpu-memory-0", "prefix-caching-not-bool", "max-num-seqs-0",
+        "timeout-0", "timeout-not-a-number", "vllm-options-on-hf"])
+def test_a_bad_engine_option_is_rejected_in_one_line(tmp_path, capsys, eval_, words):
+    """`raydistill sweep` as a user runs it: exit 2, one line on stderr naming the file and the field."""
+    import yaml
+
+    from raydistill.sweep import main
+
+    config = tmp_path / "s.yaml"
+    config.write_text(yaml.safe_dump({**BASE, "eval": eval_}))
+    assert main(["--config", str(config), "--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {config}: eval"), err
+    for word in words:
+        assert word in err[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_engine_settings_are_dumped_when_set_and_never_change_a_trial_hash():
+    """Throughput settings and the timeout leave a trial's identity alone (a sweep written before
+    they existed keeps its hashes); set, they are kept in the dump the trial and its record carry."""
+    plain = sweep_from_dict(BASE).trials()[0]
+    settings = {"use_gpu": True, "tensor_parallel_size": 4, "gpu_memory_utilization": 0.8,
+                "enable_prefix_caching": False, "max_num_seqs": 64, "timeout_s": 900}
+    gpu = sweep_from_dict({**BASE, "eval": {"use_gpu": True}}).trials()[0]
+    tuned = sweep_from_dict({**BASE, "eval": settings}).trials()[0]
+    assert tuned.trial_hash == gpu.trial_hash != plain.trial_hash
+    assert not (set(settings) - {"use_gpu"}) & set(plain.eval.model_dump())  # at their defaults: left out
+    dumped = tuned.eval.model_dump(mode="json")
+    assert {k: dumped[k] for k in settings} == settings
+    assert type(tuned).model_validate(tuned.model_dump(mode="json")).eval == tuned.eval

@@ -122,6 +122,24 @@ def test_same_prediction_schema_and_metrics_fields(runs):
         assert r.n == QUESTIONS and 0 < r.mean_generated_tokens <= MAX_NEW_TOKENS
 
 
+def test_engine_options_and_a_timeout_run_on_vllm(runs, tmp_path):
+    """The throughput options reach a real vLLM engine (on CPU it sizes its KV cache from
+    VLLM_CPU_KVCACHE_SPACE, not gpu_memory_utilization) and a generation streamed through the
+    timeout's actor is the plain vLLM run's: the same evaluation identity, and the agreement with HF
+    asked for above."""
+    from raydistill.datasets import load_test
+    from raydistill.evaluate import evaluate
+
+    model, results, tables = runs
+    spec = EvalSpec(engine="vllm", max_new_tokens=MAX_NEW_TOKENS, batch_size=QUESTIONS, max_num_seqs=4,
+                    enable_prefix_caching=False, gpu_memory_utilization=0.5, timeout_s=900)
+    result = evaluate(model, STUDENT, TASK, load_test(TASK).slice(0, QUESTIONS), spec, tmp_path / "p.parquet",
+                      progress=False)
+    assert result.engine == "vllm" and result.eval_hash == results["vllm"].eval_hash
+    tuned = {"vllm": pq.read_table(result.predictions_path), "hf": tables["hf"]}
+    assert compare(load_tokenizer(model, "chat"), tuned) >= QUESTIONS - 1
+
+
 def test_stop_strings_and_eos_end_generations_on_both_engines(runs):
     """No generation contains a stop string or exceeds the token limit on either engine. That vLLM
     stops where HF stops (stop strings passed as `SamplingParams.stop`, EOS) is asserted by the

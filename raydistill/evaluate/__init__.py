@@ -30,6 +30,7 @@ from raydistill.evaluate.choose import (
     EngineError,
     choose_engine,
     engine_bundle,
+    engine_bundles,
     engine_nodes,
     vllm_available,
     vllm_on_engine_nodes,
@@ -48,6 +49,7 @@ from raydistill.evaluate.hf_engine import (
 from raydistill.evaluate.models import adapter_base, is_adapter, merged_model
 from raydistill.evaluate.parts import parts_dir, read_parts, write_part
 from raydistill.evaluate.run import (
+    EngineTimeout,
     EvalResult,
     build_prompts,
     eval_hash,
@@ -56,12 +58,15 @@ from raydistill.evaluate.run import (
     grade,
     metrics,
     model_digest,
+    within_timeout,
 )
 from raydistill.evaluate.vllm_engine import (
     VLLM_LORA_MODULES,
     VLLM_LORA_RANKS,
     LoraPlan,
+    engine_placement,
     model_max_len,
+    release_engine_placements,
     vllm_engine_kwargs,
     vllm_lora,
     vllm_lora_plan,
@@ -73,10 +78,11 @@ from raydistill.evaluate.vllm_engine import (
 
 __all__ = [
     "ENGINE_PROBE_TIMEOUT_S", "ROUND_TOKENS", "VLLM_INSTALL_HINT", "VLLM_LORA_MODULES", "VLLM_LORA_RANKS",
-    "VLLM_ONE_OUTPUT", "EngineError", "EvalResult", "HFEngine", "LoraPlan", "StopOnStrings", "adapter_base",
-    "build_prompts", "choose_engine", "cut_at_stop", "engine_bundle", "engine_nodes", "eval_hash", "evaluate",
-    "generate_batches", "generate_kwargs", "grade", "is_adapter", "is_truncated", "load_tokenizer", "main",
-    "merged_model", "metrics", "model_digest", "model_label", "model_max_len", "parts_dir", "read_parts",
-    "until_end", "vllm_available", "vllm_engine_kwargs", "vllm_lora", "vllm_lora_plan", "vllm_max_model_len",
-    "vllm_on_engine_nodes", "vllm_post", "vllm_pre", "vllm_processor", "write_part",
+    "VLLM_ONE_OUTPUT", "EngineError", "EngineTimeout", "EvalResult", "HFEngine", "LoraPlan", "StopOnStrings",
+    "adapter_base", "build_prompts", "choose_engine", "cut_at_stop", "engine_bundle", "engine_bundles",
+    "engine_nodes", "engine_placement", "eval_hash", "evaluate", "generate_batches", "generate_kwargs", "grade",
+    "is_adapter", "is_truncated", "load_tokenizer", "main", "merged_model", "metrics", "model_digest",
+    "model_label", "model_max_len", "parts_dir", "read_parts", "release_engine_placements", "until_end",
+    "vllm_available", "vllm_engine_kwargs", "vllm_lora", "vllm_lora_plan", "vllm_max_model_len",
+    "vllm_on_engine_nodes", "vllm_post", "vllm_pre", "vllm_processor", "within_timeout", "write_part",
 ]

@@ -113,3 +113,9 @@ def engine_bundle(spec: EvalSpec) -> dict[str, float]:
     """What one engine holds: ``cpus_per_actor`` CPUs, a GPU with ``use_gpu``, and the spec's
     custom resources (the same for the HF actors and the vLLM engines)."""
     return {"CPU": spec.cpus_per_actor, **({"GPU": 1} if spec.use_gpu else {}), **spec.resources_per_actor}
+
+
+def engine_bundles(spec: EvalSpec) -> list[dict[str, float]]:
+    """The placement group bundles of one vLLM engine: one `engine_bundle` per tensor-parallel shard
+    (``tensor_parallel_size`` GPUs; GPU node types advertise one ``gpu_node`` per GPU)."""
+    return [engine_bundle(spec) for _ in range(spec.tensor_parallel_size)]

@@ -25,7 +25,10 @@ def _spec_from_args(args: argparse.Namespace) -> EvalSpec:
                     num_actors=args.num_actors, cpus_per_actor=args.cpus_per_actor, use_gpu=args.gpu,
                     do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
                     n_samples=args.n_samples, seed=args.seed, max_model_len=args.max_model_len,
-                    enforce_eager=args.enforce_eager)
+                    enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size,
+                    gpu_memory_utilization=args.gpu_memory_utilization,
+                    enable_prefix_caching=args.enable_prefix_caching, max_num_seqs=args.max_num_seqs,
+                    timeout_s=args.timeout_s)
 
 
 def model_label(model: str) -> str:
@@ -66,6 +69,16 @@ def main(argv: list[str]) -> int:
                              "+ max new tokens, rounded up to 256)")
     parser.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=None,
                         help="vLLM: skip CUDA-graph capture at engine start (default: eager on CPU, graphs on GPU)")
+    parser.add_argument("--tensor-parallel-size", type=int, default=defaults.tensor_parallel_size,
+                        help="vLLM: GPUs each engine is sharded over (needs --gpu)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=defaults.gpu_memory_utilization,
+                        help="vLLM: the share of each GPU an engine may take for weights and KV cache")
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                        help="vLLM: reuse the KV cache of shared prompt prefixes (default: vLLM's)")
+    parser.add_argument("--max-num-seqs", type=int, help="vLLM: sequences an engine decodes at once (default: vLLM's)")
+    parser.add_argument("--timeout-s", type=float,
+                        help="fail a task's evaluation whose generation (engine start included) takes longer; "
+                             "its engines are stopped (default: no limit)")
     parser.add_argument("--do-sample", action="store_true")
     parser.add_argument("--temperature", type=float, default=defaults.temperature)
     parser.add_argument("--top-p", type=float, default=defaults.top_p)

@@ -10,8 +10,10 @@ question the metrics add pass@k and maj@k (`raydistill.samples`).
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -20,15 +22,18 @@ import pyarrow as pa
 
 from raydistill import answers, files
 from raydistill.answers import PAPER_GRADING, GraderOptions
-from raydistill.evaluate.choose import choose_engine
+from raydistill.evaluate.choose import EngineError, choose_engine
 from raydistill.evaluate.hf_engine import HFEngine, load_tokenizer
 from raydistill.evaluate.models import adapter_base, is_adapter, merged_model
 from raydistill.evaluate.parts import parts_dir, read_parts, write_part
-from raydistill.evaluate.vllm_engine import LoraPlan, model_max_len, vllm_lora, vllm_max_model_len, vllm_processor
+from raydistill.evaluate.vllm_engine import (LoraPlan, model_max_len, release_engine_placements, vllm_lora,
+                                             vllm_max_model_len, vllm_processor)
 from raydistill.samples import sample_scores
 from raydistill.schemas import PREDICTION_SCHEMA
 from raydistill.spec import EvalSpec, content_hash
 from raydistill.timing import Stopwatch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -109,16 +114,74 @@ def generate_batches(prompts: list[dict], model_path: str, template_name: str, s
     """Rows with generations, one list per finished batch, from an actor pool on Ray Data.
 
     ``lora`` (vLLM only): ``model_path`` is the adapter's base and every request applies the adapter.
+    With ``spec.timeout_s`` the generation runs in an actor of its own (`within_timeout`).
     """
+    run = _generate if spec.timeout_s is None else within_timeout
+    yield from run(prompts, model_path, template_name, spec, stop_strings, engine, lora)
+
+
+class EngineTimeout(EngineError):
+    """The engines did not finish an evaluation's generation within ``eval.timeout_s``."""
+
+
+RELEASE_TIMEOUT_S = 10  # how long a stopped generation's actor gets to remove its placement groups
+
+
+class _Generation:
+    """`_generate` in an actor: the Ray Data pipeline and the engine actors it starts are owned by
+    this actor and die with it; the placement groups of sharded vLLM engines do not, so `release`
+    (called while `batches` runs) removes them."""
+
+    def batches(self, *args) -> Iterator[list[dict]]:
+        yield from _generate(*args)
+
+    def release(self) -> None:
+        release_engine_placements()
+
+
+def within_timeout(prompts: list[dict], model_path: str, template_name: str, spec: EvalSpec,
+                   stop_strings: list[str], engine: str, lora: LoraPlan | None) -> Iterator[list[dict]]:
+    """`_generate` run by a zero-CPU actor, its batches streamed back; when the generation has not
+    finished ``spec.timeout_s`` seconds after the start, the actor is killed (and with it the engines)
+    and `EngineTimeout` raised. Batches yielded before that are the caller's to keep."""
     import ray
 
+    runner = ray.remote(num_cpus=0, max_restarts=0, max_concurrency=2)(_Generation).remote()
+    stream = runner.batches.options(num_returns="streaming").remote(
+        prompts, model_path, template_name, spec, stop_strings, engine, lora)
+    deadline = time.monotonic() + spec.timeout_s
+    try:
+        while True:
+            ready, _ = ray.wait([stream], timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise EngineTimeout(
+                    f"the {engine} engine did not finish generating for {len(prompts)} prompts within eval.timeout_s "
+                    f"= {spec.timeout_s:g} s (engine start included); its actors were stopped and the batches finished "
+                    "so far kept for a rerun: raise eval.timeout_s, or check that the engines got their resources "
+                    "(ray status) and are not stuck")
+            try:
+                ref = next(stream)
+            except StopIteration:
+                return
+            yield ray.get(ref)
+    finally:
+        ray.wait([runner.release.remote()], timeout=RELEASE_TIMEOUT_S)
+        ray.kill(runner)
+
+
+def _generate(prompts: list[dict], model_path: str, template_name: str, spec: EvalSpec, stop_strings: list[str],
+              engine: str, lora: LoraPlan | None) -> Iterator[list[dict]]:
+    """`generate_batches` in this process."""
+    import ray
+
+    key = uuid.uuid4().hex  # names this evaluation's placement groups of sharded vLLM engines
     # Similar lengths in one batch waste less compute on padding.
     dataset = ray.data.from_items(sorted(prompts, key=lambda r: len(r["prompt"])))
     if engine == "vllm":
         tokenizer = load_tokenizer(model_path, template_name)
         longest = max(len(tokenizer(p["prompt"], add_special_tokens=False)["input_ids"]) for p in prompts)
         context = vllm_max_model_len(spec, longest, model_max_len(model_path))
-        generated = vllm_processor(model_path, template_name, spec, stop_strings, context, lora)(dataset)
+        generated = vllm_processor(model_path, template_name, spec, stop_strings, context, lora, key)(dataset)
     else:
         generated = dataset.map_batches(
             HFEngine,
@@ -131,9 +194,12 @@ def generate_batches(prompts: list[dict], model_path: str, template_name: str, s
             resources=spec.resources_per_actor or None,
         )
     columns = ["question_id", "prompt", "gold", "generation", "tokens_generated", "truncated"]
-    for batch in generated.iter_batches(batch_size=None, batch_format="pyarrow"):
-        timed = [c for c in ENGINE_TIME_COLUMNS if c in batch.column_names]  # the HF engine's
-        yield batch.select(columns + timed).to_pylist()
+    try:
+        for batch in generated.iter_batches(batch_size=None, batch_format="pyarrow"):
+            timed = [c for c in ENGINE_TIME_COLUMNS if c in batch.column_names]  # the HF engine's
+            yield batch.select(columns + timed).to_pylist()
+    finally:
+        release_engine_placements(key)
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -179,6 +245,9 @@ def evaluate(model_path: str, student: str, task: str, test: pa.Table, spec: Eva
     with clock("eval_prepare"):
         spec = spec.for_task(task)
         engine = choose_engine(spec)
+        if engine == "hf" and spec.tensor_parallel_size > 1:
+            log.warning("eval.tensor_parallel_size %d applies to vLLM engines; HF generate takes one GPU per actor",
+                        spec.tensor_parallel_size)
         template_name = get_student(student).template
         key = eval_hash(model_digest(model_path), template_name, task, spec, engine, grader)
         lora = vllm_lora(model_path) if engine == "vllm" and is_adapter(model_path) else None  # else merged

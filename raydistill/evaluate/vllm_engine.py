@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from raydistill.evaluate.choose import VLLM_ONE_OUTPUT, EngineError, engine_bundle
+from raydistill.evaluate.choose import VLLM_ONE_OUTPUT, EngineError, engine_bundles
 from raydistill.evaluate.hf_engine import cut_at_stop, is_truncated, load_tokenizer, until_end
 from raydistill.spec import EvalSpec
 
@@ -137,18 +137,52 @@ def vllm_max_model_len(spec: EvalSpec, longest_prompt_tokens: int, model_max_len
 
 def vllm_engine_kwargs(spec: EvalSpec, max_model_len: int, lora: LoraPlan | None = None) -> dict:
     """vLLM engine arguments: dtype (bfloat16 on GPU, float32 on CPU), ``max_model_len``, eager mode
-    (``spec.enforce_eager``; default eager on CPU, CUDA graphs on GPU) and LoRA."""
+    (``spec.enforce_eager``; default eager on CPU, CUDA graphs on GPU), the spec's throughput settings
+    (tensor parallelism, GPU memory share, prefix caching and ``max_num_seqs`` where set) and LoRA."""
     eager = (not spec.use_gpu) if spec.enforce_eager is None else spec.enforce_eager
     kwargs = {"dtype": "bfloat16" if spec.use_gpu else "float32", "enforce_eager": eager,
-              "max_model_len": max_model_len}
+              "max_model_len": max_model_len, "tensor_parallel_size": spec.tensor_parallel_size,
+              "gpu_memory_utilization": spec.gpu_memory_utilization}
+    optional = {"enable_prefix_caching": spec.enable_prefix_caching, "max_num_seqs": spec.max_num_seqs}
+    kwargs.update({k: v for k, v in optional.items() if v is not None})
     if lora:
         kwargs.update(enable_lora=True, max_lora_rank=lora.max_lora_rank, max_loras=1)
     return kwargs
 
 
+# Placement groups of sharded engines created in this process, by evaluation (`engine_placement`).
+_ENGINE_GROUPS: dict[str, list] = {}
+
+
+def engine_placement(bundles: list[dict[str, float]], key: str) -> dict:
+    """Ray Data's ``ray_remote_args_fn`` for the actor of a sharded engine: a placement group of
+    ``bundles`` (PACK) that the actor and vLLM's shard workers run in, as ray.data.llm makes it, but
+    remembered under ``key`` so that `release_engine_placements` removes it (ray.data.llm leaves the
+    group, and the GPUs it holds, to the end of the job)."""
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    group = ray.util.placement_group(bundles, strategy="PACK")
+    _ENGINE_GROUPS.setdefault(key, []).append(group)
+    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(group, placement_group_capture_child_tasks=True)}
+
+
+def release_engine_placements(key: str | None = None) -> None:
+    """Remove the placement groups `engine_placement` made in this process under ``key`` (None: all)."""
+    import ray
+
+    for name in list(_ENGINE_GROUPS) if key is None else [key]:
+        for group in _ENGINE_GROUPS.pop(name, []):
+            ray.util.remove_placement_group(group)
+
+
 def vllm_processor(model_path: str, template_name: str, spec: EvalSpec, stop_strings: list[str],
-                   max_model_len: int, lora: LoraPlan | None = None):
-    """A `ray.data.llm` processor running vLLM engines on the prompts (`vllm_engine_kwargs`).
+                   max_model_len: int, lora: LoraPlan | None = None, placement_key: str = ""):
+    """A `ray.data.llm` processor running vLLM engines on the prompts (`vllm_engine_kwargs`), each
+    engine in a placement group of `engine_bundles` (one per tensor-parallel shard, packed on as few
+    nodes as fit them). ray.data.llm runs a sharded engine's workers with vLLM's Ray executor; its
+    placement groups come from `engine_placement` under ``placement_key``, to be released after the
+    evaluation (`release_engine_placements`).
 
     With ``lora`` the engines load ``model_path`` (the adapter's base) with LoRA enabled and every
     request names the adapter, which vLLM loads once per engine (`vllm_lora_plan`). Building it
@@ -164,14 +198,19 @@ def vllm_processor(model_path: str, template_name: str, spec: EvalSpec, stop_str
         batch_size=spec.batch_size, concurrency=spec.num_actors,
         chat_template_stage=False, tokenize_stage=False, detokenize_stage=False,
         log_engine_metrics=False,  # vLLM's Ray metrics export needs ray[serve]
-        placement_group_config={"bundles": [engine_bundle(spec)]},
+        placement_group_config={"bundles": engine_bundles(spec), "strategy": "PACK"},
     )
     kwargs = {"model_path": model_path, "template_name": template_name, "stop_strings": stop_strings}
     # Pre/post-processing are Ray tasks of 1 CPU each: the cluster needs a CPU beyond the engines'
     # (with every CPU held by engines they wait for ever; with num_cpus=0 Ray Data started one
     # worker process per block at once).
-    return build_processor(
+    processor = build_processor(
         config, preprocess=functools.partial(vllm_pre, **kwargs, spec=spec.model_dump(mode="json"),
                                              lora_path=lora.adapter if lora else None),
         postprocess=functools.partial(vllm_post, **kwargs, max_new_tokens=spec.max_new_tokens),
     )
+    if spec.tensor_parallel_size > 1:
+        stage = processor.get_stage_by_name("vLLMEngineStage")
+        stage.map_batches_kwargs["ray_remote_args_fn"] = functools.partial(
+            engine_placement, engine_bundles(spec), placement_key)
+    return processor

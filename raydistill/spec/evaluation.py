@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, model_serializer, model_validator
 
 from raydistill.spec.base import Strict
 from raydistill.tasks import get_task
 
 PROTOCOL_FIELDS = ("max_new_tokens", "num_beams", "stop_strings")
 NO_PROTOCOL = {"max_new_tokens": 640, "num_beams": 1, "stop_strings": []}  # protocol: none
+# How the engines run, not what they generate: dumped only when set, never part of an identity.
+ENGINE_SETTINGS = ("tensor_parallel_size", "gpu_memory_utilization", "enable_prefix_caching", "max_num_seqs",
+                   "timeout_s")
+VLLM_ONLY = ("max_model_len", "enforce_eager", "tensor_parallel_size", "gpu_memory_utilization",
+             "enable_prefix_caching", "max_num_seqs")
 
 
 class EvalSpec(Strict):
@@ -39,6 +44,18 @@ class EvalSpec(Strict):
     # start (None: eager on CPU, graphs on GPU; true saves the capture time of short evaluations).
     max_model_len: int | None = Field(None, ge=16)
     enforce_eager: bool | None = None
+    # vLLM only, throughput settings (`ENGINE_SETTINGS`). tensor_parallel_size: GPUs each engine is
+    # sharded over (each shard holds cpus_per_actor CPUs, a GPU and resources_per_actor).
+    # gpu_memory_utilization: the share of each GPU an engine may take for weights and KV cache
+    # (vLLM's default). enable_prefix_caching: reuse the KV cache of shared prompt prefixes (None:
+    # vLLM's default). max_num_seqs: sequences an engine decodes at once (None: vLLM's default).
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1.0)
+    enable_prefix_caching: bool | None = None
+    max_num_seqs: int | None = Field(None, ge=1)
+    # Both engines: seconds the generation of one evaluation (engine start included) may take before
+    # its engines are stopped and the evaluation fails (None: no limit).
+    timeout_s: float | None = Field(None, gt=0)
     do_sample: bool = False
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1.0)
@@ -51,6 +68,30 @@ class EvalSpec(Strict):
         if self.n_samples > 1 and not self.do_sample and beams < self.n_samples:
             raise ValueError(f"n_samples {self.n_samples} needs do_sample: true or num_beams >= n_samples")
         return self
+
+    @model_validator(mode="after")
+    def _vllm_options_need_vllm(self) -> EvalSpec:
+        ignored = [f"{name} {getattr(self, name)}" for name in VLLM_ONLY if not self._at_default(name)]
+        if self.engine == "hf" and ignored:
+            raise ValueError(f"engine: hf ignores the vLLM engine options {', '.join(ignored)}; remove them or set "
+                             "engine: auto or vllm")
+        if self.tensor_parallel_size > 1 and not self.use_gpu:
+            raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} shards each vLLM engine over "
+                             f"{self.tensor_parallel_size} GPUs: set use_gpu: true, or tensor_parallel_size: 1")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _engine_settings_when_set(self, handler) -> dict:
+        """Engine settings at their defaults are left out of the dump, so specs written before they
+        existed dump (and hash) as before."""
+        data = handler(self)
+        for name in ENGINE_SETTINGS:
+            if self._at_default(name):
+                data.pop(name, None)
+        return data
+
+    def _at_default(self, name: str) -> bool:
+        return getattr(self, name) == type(self).model_fields[name].default
 
     def overrides(self) -> list[str]:
         """The protocol fields this spec sets explicitly."""
@@ -81,6 +122,10 @@ class EvalSpec(Strict):
         else:
             source = f"paper ({get_task(task).protocol.source})"
         return source + (f"; overridden: {', '.join(overrides)}" if overrides else "")
+
+    def identity(self) -> dict:
+        """The dump that identifies a trial's evaluation: without the engine settings (`ENGINE_SETTINGS`)."""
+        return {k: v for k, v in self.model_dump(mode="json").items() if k not in ENGINE_SETTINGS}
 
     def result_fields(self) -> dict:
         """The fields that determine the generations (not how the work is spread over actors)."""

@@ -110,7 +110,8 @@ class TrialSpec(Strict):
 
     @property
     def trial_hash(self) -> str:
-        return content_hash(self.model_dump(mode="json"))
+        """The hash of the dump, with the evaluation's identity (`EvalSpec.identity`: no engine settings)."""
+        return content_hash({**self.model_dump(mode="json"), "eval": self.eval.identity()})
 
     def axes(self) -> dict[str, str]:
         """The values that identify this trial in tables, MLflow params and tags."""

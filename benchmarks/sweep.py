@@ -1,6 +1,12 @@
-"""Sweep scheduling benchmark: a 6-trial tiny granularity sweep, sequential vs concurrent trials.
+"""Sweep benchmark: a 6-trial tiny granularity sweep, sequential vs concurrent trials, or
+per-trial evaluation engines vs shared ones.
 
     python benchmarks/sweep.py [--out benchmarks/results/sweep.json] [--concurrency 2]
+    python benchmarks/sweep.py --engines [--out benchmarks/results/sweep-engines.json]
+
+`--engines` runs the sweep at `--concurrency` twice instead: with per-trial HF engines (fresh
+Ray Data actors for each trial's evaluation) and with `eval.shared_engines: true` (engines that
+outlive a trial, `raydistill.evaluate.shared`), and checks that both runs predicted the same.
 
 Runs the same sweep (tiny-llama on SVAMP levels 1-6, released GPT-4o annotations) twice in one
 run, each time as `sweeps/granularity.py` in a fresh process and local Ray cluster of
@@ -48,13 +54,14 @@ SWEEP = {
 }
 
 
-def run_sweep(workdir: Path, concurrency: int, cpus: int) -> dict:
+def run_sweep(workdir: Path, concurrency: int, cpus: int, shared: bool = False) -> dict:
     """Wall time of one sweep run in its own process and Ray cluster."""
-    config = workdir / f"sweep-c{concurrency}.yaml"
-    config.write_text(yaml.safe_dump({**SWEEP, "output_dir": str(workdir / f"c{concurrency}"),
-                                      "max_concurrent_trials": concurrency}))
+    tag = f"c{concurrency}" + ("-shared" if shared else "")
+    config = workdir / f"sweep-{tag}.yaml"
+    sweep = {**SWEEP, "eval": {**SWEEP["eval"], "shared_engines": True}} if shared else SWEEP
+    config.write_text(yaml.safe_dump({**sweep, "output_dir": str(workdir / tag), "max_concurrent_trials": concurrency}))
     env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rd-bench-"), "RAYDISTILL_RAY_NUM_CPUS": str(cpus)}
-    log = workdir / f"sweep-c{concurrency}.log"
+    log = workdir / f"sweep-{tag}.log"
     cpu_before = psutil.cpu_times()
     started = time.perf_counter()
     with log.open("wb") as out:
@@ -64,8 +71,9 @@ def run_sweep(workdir: Path, concurrency: int, cpus: int) -> dict:
     busy = _busy_seconds(psutil.cpu_times()) - _busy_seconds(cpu_before)
     if code:
         raise SystemExit(f"sweep with max_concurrent_trials={concurrency} failed (exit {code}); see {log}")
-    records = [json.loads(p.read_text()) for p in (workdir / f"c{concurrency}" / "bench" / "trials").glob("*/record.json")]
-    return {"max_concurrent_trials": concurrency, "wall_s": round(wall, 1), "trials": len(records),
+    records = [json.loads(p.read_text()) for p in (workdir / tag / "bench" / "trials").glob("*/record.json")]
+    return {"max_concurrent_trials": concurrency, "shared_engines": shared, "wall_s": round(wall, 1),
+            "trials": len(records), "predictions": _predictions(records),
             "train_s_sum": round(sum(r["metrics"]["train_seconds"] for r in records), 1),
             "eval_s_sum": round(sum(r["metrics"]["eval_seconds"] for r in records), 1),
             "cpu_busy_fraction": round(busy / (wall * psutil.cpu_count()), 3),
@@ -82,6 +90,24 @@ def breakdown(records: list[dict], wall: float, cpus: int) -> dict:
             "useful_share_of_cpu_wall": round(sums["useful"] / (wall * cpus), 3)}
 
 
+def _predictions(records: list[dict]) -> dict:
+    """Each trial's generations by question, keyed by its axes, for comparing two runs."""
+    import pyarrow.parquet as pq
+
+    return {json.dumps(r["axes"], sort_keys=True): sorted((p["question_id"], p["generation"]) for p in
+                                                           pq.read_table(r["predictions_path"]).to_pylist())
+            for r in records}
+
+
+def compare_engines(workdir: Path, concurrency: int, cpus: int) -> dict:
+    """The sweep with per-trial engines, then with shared ones: same predictions, time by stage."""
+    runs = {"per_trial": run_sweep(workdir, concurrency, cpus), "shared": run_sweep(workdir, concurrency, cpus, True)}
+    same = runs["per_trial"].pop("predictions") == runs["shared"].pop("predictions")
+    first = {k: round(r["breakdown"]["eval_first_batch"] / r["trials"], 1) for k, r in runs.items()}
+    return {**runs, "same_predictions": same, "eval_first_batch_s_per_trial": first,
+            "wall_ratio_shared_vs_per_trial": round(runs["shared"]["wall_s"] / runs["per_trial"]["wall_s"], 3)}
+
+
 def _busy_seconds(times) -> float:
     """CPU seconds the machine spent on anything but idling (all cores together)."""
     return sum(times) - times.idle - getattr(times, "iowait", 0.0)
@@ -93,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: concurrency)")
     parser.add_argument("--workdir", default=None, help="keep outputs here (default: a temporary folder)")
+    parser.add_argument("--engines", action="store_true",
+                        help="compare per-trial evaluation engines with shared ones (eval.shared_engines)")
     args = parser.parse_args(argv)
     cpus = args.cpus or args.concurrency
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="rd-bench-sweep-"))
@@ -102,8 +130,15 @@ def main(argv: list[str] | None = None) -> int:
 
     resolve_student("tiny-llama")  # built once, outside the timings
     load_before = os.getloadavg()
+    machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "loadavg_before": load_before}
+    if args.engines:
+        result = {"benchmark": "sweep-engines", "sweep": SWEEP, "ray_cpus": cpus,
+                  **compare_engines(workdir, args.concurrency, cpus),
+                  "machine": {**machine, "loadavg_after": os.getloadavg()}}
+        return _write(result, args.out)
     sequential = run_sweep(workdir, 1, cpus)
     concurrent = run_sweep(workdir, args.concurrency, cpus)
+    sequential.pop("predictions"), concurrent.pop("predictions")
     speedup = sequential["wall_s"] / concurrent["wall_s"]
     bound = min(args.concurrency, 1 / max(sequential["cpu_busy_fraction"], 1e-9))
     result = {
@@ -117,8 +152,12 @@ def main(argv: list[str] | None = None) -> int:
         "speedup_bound_from_idle_cpu": round(bound, 3),
         "efficiency_vs_idle_cpu_bound": round(speedup / bound, 3),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    return _write(result, args.out)
+
+
+def _write(result: dict, out: str) -> int:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     return 0
 

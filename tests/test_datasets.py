@@ -415,6 +415,15 @@ def _export_hf(*args: str | Path) -> subprocess.CompletedProcess:
                           env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
+def _exported(folder: Path, out: Path, parquet: str) -> tuple[str, dict[str, str]]:
+    """Export ``folder`` with the CLI, check it loads back equal to its ``parquet``; the card and its facts."""
+    proc = _export_hf(folder, out)
+    assert proc.returncode == 0, proc.stderr
+    _loaded_equals_parquet(out, folder / parquet)
+    card = (out / "README.md").read_text()
+    return card, _facts(card)
+
+
 def _loaded_equals_parquet(out: Path, parquet: Path) -> None:
     import datasets as hf
 
@@ -465,11 +474,7 @@ def test_export_hf_of_a_replayed_cell_loads_back_equal_to_its_parquet(tmp_path):
     cell = identify_cell(spec.cells()[0], spec)
     folder = Path(replay_cell(cell, cell_dir(tmp_path / "cells", cell))["dir"])
     out = tmp_path / "hf"
-    proc = _export_hf(folder, out)
-    assert proc.returncode == 0, proc.stderr
-    _loaded_equals_parquet(out, folder / "train.parquet")
-    card = (out / "README.md").read_text()
-    facts = _facts(card)
+    card, facts = _exported(folder, out, "train.parquet")
     assert card.startswith("---\nlicense: [\"apache-2.0\", \"mit\"]\n")
     assert facts["cell hash"] == cell.cell_hash == folder.name
     assert (facts["rows"], facts["questions"], facts["level"], facts["train limit"]) == ("40", "40", "3", "40")
@@ -491,12 +496,7 @@ def test_export_hf_of_a_replayed_cell_loads_back_equal_to_its_parquet(tmp_path):
 def test_export_hf_of_a_generated_cell_states_its_teacher_prompts_counts_and_cost(tmp_path):
     folder = _generated_cell(tmp_path / "cell")
     summary = json.loads((folder / "summary.json").read_text())
-    out = tmp_path / "hf"
-    proc = _export_hf(folder, out)
-    assert proc.returncode == 0, proc.stderr
-    _loaded_equals_parquet(out, folder / "examples.parquet")
-    card = (out / "README.md").read_text()
-    facts = _facts(card)
+    card, facts = _exported(folder, tmp_path / "hf", "examples.parquet")
     assert facts["model"] == "openai/tiny-teacher" and facts["temperature"] == "0.7" and facts["seed"] == "5"
     assert facts["prompt texts' sha256"] == summary["identity"]["prompts"][0] and len(facts["prompt texts' sha256"]) == 64
     assert facts["policy"] == "keep_correct" and facts["annotation hash"] == summary["cell_hash"]
@@ -515,12 +515,8 @@ def test_export_hf_of_a_trial_loads_back_its_predictions(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     proc = _export_hf(STUDY_TRIAL, tmp_path / "pushed", "--push-to-hub", "someone/predictions")
     assert proc.returncode == 1 and "HF_TOKEN" in proc.stderr and not (tmp_path / "pushed").exists()
-    out = tmp_path / "hf"
-    proc = _export_hf(STUDY_TRIAL, out)
-    assert proc.returncode == 0, proc.stderr
-    _loaded_equals_parquet(out, STUDY_TRIAL / "predictions.parquet")
+    _, facts = _exported(STUDY_TRIAL, tmp_path / "hf", "predictions.parquet")
     record = json.loads((STUDY_TRIAL / "record.json").read_text())
-    facts = _facts((out / "README.md").read_text())
     assert facts["trial hash"] == record["trial_hash"] and facts["cell hash"] == record["cell"]["hash"]
     assert facts["rows"] == str(record["metrics"]["n_test"])
     correct = sum(pq.read_table(STUDY_TRIAL / "predictions.parquet").column("correct").to_pylist())

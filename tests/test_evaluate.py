@@ -58,6 +58,33 @@ def test_batched_ray_engine_matches_one_prompt_per_call(tiny, ray_module, tmp_pa
     assert result.n == 8 and 0 < result.mean_generated_tokens <= SPEC.max_new_tokens
 
 
+def test_shared_engines_outlive_an_evaluation_and_give_the_same_predictions(tiny, ray_module, tmp_path):
+    """Two models evaluated one after the other by a sweep's shared HF engine: one process serves
+    both (it loads the second model's weights), and each model's predictions are those of its own
+    per-evaluation actors."""
+    from raydistill.evaluate.shared import NAMESPACE, host_names, stop_engine_hosts
+
+    test = load_test("svamp").slice(0, 6)
+    alpaca = str(resolve_student("tiny-llama-alpaca"))
+    shared = SPEC.model_copy(update={"shared_engines": True})
+    own, on_host, pids = {}, {}, []
+    for student, model in (("tiny-llama", tiny), ("tiny-llama-alpaca", alpaca)):
+        result = evaluate(model, student, "svamp", test, SPEC, tmp_path / f"{student}-own.parquet", progress=False)
+        own[student] = pq.read_table(result.predictions_path).to_pylist()
+        result = evaluate(model, student, "svamp", test, shared, tmp_path / f"{student}-shared.parquet",
+                          progress=False, engine_group="g")
+        on_host[student] = pq.read_table(result.predictions_path).to_pylist()
+        [name] = host_names(shared, "g")
+        pids.append(ray_module.get(ray_module.get_actor(name, namespace=NAMESPACE).pid.remote()))
+        assert result.timings["generation"] > 0 and result.timings["model_load_eval"] > 0
+    assert pids[0] == pids[1]  # the same process, the second model loaded into it
+    assert own["tiny-llama"] != own["tiny-llama-alpaca"]  # two models, two sets of generations
+    for student in own:
+        assert [r["generation"] for r in on_host[student]] == [r["generation"] for r in own[student]]
+        assert on_host[student] == own[student]
+    assert stop_engine_hosts("g", [shared]) == 1 and stop_engine_hosts("g", [shared]) == 0
+
+
 def test_a_hung_engine_fails_the_evaluation_after_timeout_s(tiny, ray_module, tmp_path):
     """An evaluation that cannot finish in time (40 questions x 1,500 new tokens in batches of 2: the
     tiny Llama's 8 x 1,500 took 15 s on one CPU here) fails soon after ``timeout_s`` with a message

@@ -113,10 +113,12 @@ def test_overrides_leave_the_callers_config_as_it_was_and_name_a_scalar_in_the_p
     ({"max_num_seqs": 0}, ["eval.max_num_seqs", "greater than or equal to 1"]),
     ({"timeout_s": 0}, ["eval.timeout_s", "greater than 0"]),
     ({"timeout_s": "soon"}, ["eval.timeout_s", "number"]),
+    ({"shared_engines": True, "engine": "vllm"}, ["shared_engines", "engine: vllm", "remove it"]),
+    ({"shared_engines": True, "use_gpu": True}, ["shared_engines", "use_gpu: true", "hold its GPU"]),
     ({"engine": "hf", "max_num_seqs": 64, "enable_prefix_caching": False},
      ["engine: hf ignores", "max_num_seqs 64", "enable_prefix_caching False", "engine: auto or vllm"]),
 ], ids=["tp-0", "tp-without-gpu", "gpu-memory-above-1", "gpu-memory-0", "prefix-caching-not-bool", "max-num-seqs-0",
-        "timeout-0", "timeout-not-a-number", "vllm-options-on-hf"])
+        "timeout-0", "timeout-not-a-number", "shared-engines-on-vllm", "shared-engines-on-gpu", "vllm-options-on-hf"])
 def test_a_bad_engine_option_is_rejected_in_one_line(tmp_path, capsys, eval_, words):
     """`raydistill sweep` as a user runs it: exit 2, one line on stderr naming the file and the field."""
     import yaml
@@ -137,6 +139,8 @@ def test_engine_settings_are_dumped_when_set_and_never_change_a_trial_hash():
     """Throughput settings and the timeout leave a trial's identity alone (a sweep written before
     they existed keeps its hashes); set, they are kept in the dump the trial and its record carry."""
     plain = sweep_from_dict(BASE).trials()[0]
+    shared = sweep_from_dict({**BASE, "eval": {"shared_engines": True}}).trials()[0]
+    assert shared.trial_hash == plain.trial_hash and shared.eval.model_dump()["shared_engines"] is True
     settings = {"use_gpu": True, "tensor_parallel_size": 4, "gpu_memory_utilization": 0.8,
                 "enable_prefix_caching": False, "max_num_seqs": 64, "timeout_s": 900}
     gpu = sweep_from_dict({**BASE, "eval": {"use_gpu": True}}).trials()[0]

@@ -26,6 +26,7 @@ from raydistill.evaluate.choose import EngineError, choose_engine
 from raydistill.evaluate.hf_engine import HFEngine, load_tokenizer
 from raydistill.evaluate.models import adapter_base, is_adapter, merged_model
 from raydistill.evaluate.parts import parts_dir, read_parts, write_part
+from raydistill.evaluate.shared import generate_on_hosts, stop_engine_hosts
 from raydistill.evaluate.vllm_engine import (LoraPlan, model_max_len, release_engine_placements, vllm_lora,
                                              vllm_max_model_len, vllm_processor)
 from raydistill.samples import sample_scores
@@ -110,14 +111,16 @@ ENGINE_TIME_COLUMNS = {"generate_seconds": "generation", "load_seconds": "model_
 
 
 def generate_batches(prompts: list[dict], model_path: str, template_name: str, spec: EvalSpec,
-                     stop_strings: list[str], engine: str = "hf", lora: LoraPlan | None = None) -> Iterator[list[dict]]:
-    """Rows with generations, one list per finished batch, from an actor pool on Ray Data.
+                     stop_strings: list[str], engine: str = "hf", lora: LoraPlan | None = None,
+                     group: str | None = None) -> Iterator[list[dict]]:
+    """Rows with generations, one list per finished batch, from an actor pool on Ray Data, or with
+    ``group`` from that group's shared HF engines (`raydistill.evaluate.shared`).
 
     ``lora`` (vLLM only): ``model_path`` is the adapter's base and every request applies the adapter.
     With ``spec.timeout_s`` the generation runs in an actor of its own (`within_timeout`).
     """
     run = _generate if spec.timeout_s is None else within_timeout
-    yield from run(prompts, model_path, template_name, spec, stop_strings, engine, lora)
+    yield from run(prompts, model_path, template_name, spec, stop_strings, engine, lora, group)
 
 
 class EngineTimeout(EngineError):
@@ -140,7 +143,8 @@ class _Generation:
 
 
 def within_timeout(prompts: list[dict], model_path: str, template_name: str, spec: EvalSpec,
-                   stop_strings: list[str], engine: str, lora: LoraPlan | None) -> Iterator[list[dict]]:
+                   stop_strings: list[str], engine: str, lora: LoraPlan | None,
+                   group: str | None = None) -> Iterator[list[dict]]:
     """`_generate` run by a zero-CPU actor, its batches streamed back; when the generation has not
     finished ``spec.timeout_s`` seconds after the start, the actor is killed (and with it the engines)
     and `EngineTimeout` raised. Batches yielded before that are the caller's to keep."""
@@ -148,12 +152,14 @@ def within_timeout(prompts: list[dict], model_path: str, template_name: str, spe
 
     runner = ray.remote(num_cpus=0, max_restarts=0, max_concurrency=2)(_Generation).remote()
     stream = runner.batches.options(num_returns="streaming").remote(
-        prompts, model_path, template_name, spec, stop_strings, engine, lora)
+        prompts, model_path, template_name, spec, stop_strings, engine, lora, group)
     deadline = time.monotonic() + spec.timeout_s
     try:
         while True:
             ready, _ = ray.wait([stream], timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
+                if group:  # the shared engines may be the ones stuck
+                    stop_engine_hosts(group, [spec])
                 raise EngineTimeout(
                     f"the {engine} engine did not finish generating for {len(prompts)} prompts within eval.timeout_s "
                     f"= {spec.timeout_s:g} s (engine start included); its actors were stopped and the batches finished "
@@ -170,9 +176,13 @@ def within_timeout(prompts: list[dict], model_path: str, template_name: str, spe
 
 
 def _generate(prompts: list[dict], model_path: str, template_name: str, spec: EvalSpec, stop_strings: list[str],
-              engine: str, lora: LoraPlan | None) -> Iterator[list[dict]]:
+              engine: str, lora: LoraPlan | None, group: str | None = None) -> Iterator[list[dict]]:
     """`generate_batches` in this process."""
     import ray
+
+    if group:
+        yield from generate_on_hosts(prompts, model_path, template_name, spec, stop_strings, group)
+        return
 
     key = uuid.uuid4().hex  # names this evaluation's placement groups of sharded vLLM engines
     # Similar lengths in one batch waste less compute on padding.
@@ -232,10 +242,13 @@ def _current(table: pa.Table, prompts: list[dict]) -> pa.Table:
 
 
 def evaluate(model_path: str, student: str, task: str, test: pa.Table, spec: EvalSpec,
-             out_path: str | Path, grader: GraderOptions = PAPER_GRADING, progress: bool = True) -> EvalResult:
+             out_path: str | Path, grader: GraderOptions = PAPER_GRADING, progress: bool = True,
+             engine_group: str | None = None) -> EvalResult:
     """Generate, grade and write predictions for one model on one test table (resumable).
 
     ``spec`` is resolved for ``task`` first (the task's protocol fills the fields it leaves open).
+    ``engine_group`` (a sweep's): with ``spec.shared_engines``, the HF engines of that group that
+    outlive this evaluation generate (`raydistill.evaluate.shared`).
     """
     from tqdm.auto import tqdm
 
@@ -245,6 +258,10 @@ def evaluate(model_path: str, student: str, task: str, test: pa.Table, spec: Eva
     with clock("eval_prepare"):
         spec = spec.for_task(task)
         engine = choose_engine(spec)
+        group = engine_group if spec.shared_engines and engine == "hf" else None
+        if spec.shared_engines and not group:
+            log.warning("eval.shared_engines: this evaluation starts its own engines (%s)",
+                        "no sweep to share them with" if engine == "hf" else f"the {engine} engine")
         if engine == "hf" and spec.tensor_parallel_size > 1:
             log.warning("eval.tensor_parallel_size %d applies to vLLM engines; HF generate takes one GPU per actor",
                         spec.tensor_parallel_size)
@@ -262,7 +279,7 @@ def evaluate(model_path: str, student: str, task: str, test: pa.Table, spec: Eva
     if todo:
         with tqdm(total=len(todo), desc=f"eval {task}", unit="q", disable=not progress) as bar:
             waiting, stage = time.perf_counter(), "eval_first_batch"
-            for rows in generate_batches(todo, model_path, template_name, spec, stop_strings, engine, lora):
+            for rows in generate_batches(todo, model_path, template_name, spec, stop_strings, engine, lora, group):
                 clock.add(stage, time.perf_counter() - waiting)
                 for column, engine_stage in ENGINE_TIME_COLUMNS.items():
                     clock.add(engine_stage, sum(r.get(column) or 0.0 for r in rows))

@@ -13,7 +13,7 @@ PROTOCOL_FIELDS = ("max_new_tokens", "num_beams", "stop_strings")
 NO_PROTOCOL = {"max_new_tokens": 640, "num_beams": 1, "stop_strings": []}  # protocol: none
 # How the engines run, not what they generate: dumped only when set, never part of an identity.
 ENGINE_SETTINGS = ("tensor_parallel_size", "gpu_memory_utilization", "enable_prefix_caching", "max_num_seqs",
-                   "timeout_s")
+                   "timeout_s", "shared_engines")
 VLLM_ONLY = ("max_model_len", "enforce_eager", "tensor_parallel_size", "gpu_memory_utilization",
              "enable_prefix_caching", "max_num_seqs")
 
@@ -56,6 +56,9 @@ class EvalSpec(Strict):
     # Both engines: seconds the generation of one evaluation (engine start included) may take before
     # its engines are stopped and the evaluation fails (None: no limit).
     timeout_s: float | None = Field(None, gt=0)
+    # HF engine on CPU: evaluation actors that outlive a trial and load the next trial's weights
+    # (`raydistill.evaluate.shared`) instead of starting anew; same predictions.
+    shared_engines: bool = False
     do_sample: bool = False
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1.0)
@@ -75,6 +78,9 @@ class EvalSpec(Strict):
         if self.engine == "hf" and ignored:
             raise ValueError(f"engine: hf ignores the vLLM engine options {', '.join(ignored)}; remove them or set "
                              "engine: auto or vllm")
+        if self.shared_engines and (self.engine == "vllm" or self.use_gpu):
+            raise ValueError("shared_engines keeps HF engines on CPU up for the whole sweep; it does not apply to "
+                             "engine: vllm or use_gpu: true (an idle engine would hold its GPU): remove it")
         if self.tensor_parallel_size > 1 and not self.use_gpu:
             raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} shards each vLLM engine over "
                              f"{self.tensor_parallel_size} GPUs: set use_gpu: true, or tensor_parallel_size: 1")

@@ -14,7 +14,8 @@ import yaml
 
 from raydistill import files
 from raydistill.records import TrialRecord
-from raydistill.spec import CellSpec, SpecError, SweepSpec, TrialSpec, storage_problem
+from raydistill.evaluate.shared import stop_engine_hosts
+from raydistill.spec import CellSpec, SpecError, SweepSpec, TrialSpec, content_hash, storage_problem
 from raydistill.sweep.cells import digests_of_test_set, identify_trial, prepare_cells, prepare_test
 from raydistill.sweep.cluster import init_ray
 from raydistill.sweep.console import SweepConsole, trial_label, trial_name
@@ -79,8 +80,9 @@ def run_sweep(spec: SweepSpec, verbose: bool = False) -> list[TrialRecord]:
         for p, t in zip((t.cell for t in planned), trials)
     }
     submitted_at = time.time()  # a trial's wait for a slot (timings["queued"]) counts from here
+    group = engine_group(run_dir)
     for payload in payloads.values():
-        payload["submitted_at"] = submitted_at
+        payload.update(submitted_at=submitted_at, engine_group=group)
     names = {t.trial_hash: trial_name(t) for t in trials}
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(run_trial, payloads=payloads), TRIAL_DRIVER_RESOURCES),
@@ -98,7 +100,10 @@ def run_sweep(spec: SweepSpec, verbose: bool = False) -> list[TrialRecord]:
             verbose=None if verbose else 0,  # Tune's status table only with --verbose
         ),
     )
-    results = tuner.fit()
+    try:
+        results = tuner.fit()
+    finally:
+        stop_engine_hosts(group, [t.eval for t in trials])
     errors = [r.error for r in results if r.error]
     if errors:
         raise RuntimeError(f"{len(errors)} of {len(trials)} trials failed; first error: {errors[0]}")
@@ -106,6 +111,11 @@ def run_sweep(spec: SweepSpec, verbose: bool = False) -> list[TrialRecord]:
     report = write_report(records, run_dir)
     finish_sweep_run(parent, records, report)
     return records
+
+
+def engine_group(run_dir: Path) -> str:
+    """The name of a sweep's shared evaluation engines (eval.shared_engines): one per run folder."""
+    return "sweep-" + content_hash(str(run_dir.resolve()))[:12]
 
 
 def check_engines(trials: list[TrialSpec]) -> None:

@@ -16,6 +16,7 @@ import raydistill
 from raydistill.datasets import target_ceiling
 from raydistill.records import RecordError, TrainState, TrialRecord
 from raydistill.spec import TrialSpec
+from raydistill.evaluate.shared import host_cpus
 from raydistill.sweep.console import report_stage
 
 log = logging.getLogger("raydistill.sweep")
@@ -77,7 +78,8 @@ def _train_and_evaluate(trial: TrialSpec, payload: dict, trial_dir: Path) -> Tri
     eval_started = time.perf_counter()
     result = outside_trial_placement_group(
         evaluate, trained.model_path, trial.student, trial.cell.dataset, test, trial.eval,
-        trial_dir / "predictions.parquet", trial.grader)
+        trial_dir / "predictions.parquet", trial.grader, engine_group=payload["engine_group"],
+        num_cpus=host_cpus(trial.eval))
     eval_seconds = time.perf_counter() - eval_started
     record_started = time.perf_counter()
     state = TrainState.read(Path(trained.model_path) / TRAIN_STATE_FILE)
@@ -144,8 +146,9 @@ def trial_timings(train: dict[str, float], evaluation: dict[str, float], eval_se
     return timings
 
 
-def outside_trial_placement_group(fn, *args, **kwargs):
-    """Call `fn` in a zero-CPU Ray task that is not captured by the trial's placement group.
+def outside_trial_placement_group(fn, *args, num_cpus: float = 0, **kwargs):
+    """Call `fn` in a Ray task (of ``num_cpus`` CPUs, default none) that is not captured by the
+    trial's placement group.
 
     Tune runs each trial in a placement group that holds only what the trial driver asked for;
     Ray Data tasks and actors started from inside it would be confined to it and never scheduled.
@@ -153,6 +156,6 @@ def outside_trial_placement_group(fn, *args, **kwargs):
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    escaped = ray.remote(num_cpus=0, max_retries=0,
+    escaped = ray.remote(num_cpus=num_cpus, max_retries=0,
                          scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None))(fn)
     return ray.get(escaped.remote(*args, **kwargs))

@@ -191,13 +191,14 @@ def test_sweep_killed_in_training_then_in_evaluation_resumes_both(tmp_path, mode
     #    and at each epoch's end, every 2).
     _kill_sweep_when(config, tmp_path / "first.log", lambda: _latest_checkpoint(run_dir) is not None)
     saved = _latest_checkpoint(run_dir)
-    assert re.search(r"svamp chatgpt L1 cot tiny-llama seed 100: step \d+/20, loss \d", (tmp_path / "first.log").read_text())
     assert not saved.endswith("_final"), "training finished before the kill"
     assert not list(run_dir.glob("trials/*/predictions.parquet.parts"))
 
     # 2. Rerun, killed once evaluation has written its first batch of predictions.
     _kill_sweep_when(config, tmp_path / "second.log", lambda: _prediction_parts(run_dir))
     assert not _records(run_dir), "the trial finished before the kill"
+    # the resumed run's checkpointed steps reached the console, with the run's step count
+    assert re.search(r"svamp chatgpt L1 cot tiny-llama seed 100: step \d+/20, loss \d", (tmp_path / "second.log").read_text())
     first_parts = {p: p.stat().st_mtime_ns for p in _prediction_parts(run_dir)}
     answered = sum(pq.read_metadata(p).num_rows for p in first_parts)
     assert _latest_checkpoint(run_dir).endswith("_final")

@@ -84,6 +84,7 @@ TIME_STAGES = {
     "wall": "the trial's own time, from its start to its record",
     "useful": "optimizer steps + generation",
 }
+ACTOR_STAGES = ("model_load_eval", "generation")  # timed by the evaluation actors (HF engine), not the trial
 
 
 class TrialMetrics(Record):

@@ -29,6 +29,7 @@ from raydistill.evaluate.parts import parts_dir, read_parts, write_part
 from raydistill.evaluate.shared import generate_on_hosts, stop_engine_hosts
 from raydistill.evaluate.vllm_engine import (LoraPlan, model_max_len, release_engine_placements, vllm_lora,
                                              vllm_max_model_len, vllm_processor)
+from raydistill.records import ACTOR_STAGES
 from raydistill.samples import sample_scores
 from raydistill.schemas import PREDICTION_SCHEMA
 from raydistill.spec import EvalSpec, content_hash
@@ -107,7 +108,7 @@ def metrics(task: str, predictions: pa.Table, path: str, engine: str = "hf", eva
 
 # --------------------------------------------------------------------------- generation
 
-ENGINE_TIME_COLUMNS = {"generate_seconds": "generation", "load_seconds": "model_load_eval"}  # column -> stage
+ENGINE_TIME_COLUMNS = {"load_seconds": "model_load_eval", "generate_seconds": "generation"}  # column -> ACTOR_STAGES
 
 
 def generate_batches(prompts: list[dict], model_path: str, template_name: str, spec: EvalSpec,
@@ -120,7 +121,8 @@ def generate_batches(prompts: list[dict], model_path: str, template_name: str, s
     With ``spec.timeout_s`` the generation runs in an actor of its own (`within_timeout`).
     """
     run = _generate if spec.timeout_s is None else within_timeout
-    yield from run(prompts, model_path, template_name, spec, stop_strings, engine, lora, group)
+    ordered = sorted(prompts, key=lambda r: len(r["prompt"]))  # similar lengths in one batch: less padding
+    yield from run(ordered, model_path, template_name, spec, stop_strings, engine, lora, group)
 
 
 class EngineTimeout(EngineError):
@@ -177,7 +179,7 @@ def within_timeout(prompts: list[dict], model_path: str, template_name: str, spe
 
 def _generate(prompts: list[dict], model_path: str, template_name: str, spec: EvalSpec, stop_strings: list[str],
               engine: str, lora: LoraPlan | None, group: str | None = None) -> Iterator[list[dict]]:
-    """`generate_batches` in this process."""
+    """`generate_batches` in this process (``prompts`` sorted by length)."""
     import ray
 
     if group:
@@ -185,8 +187,7 @@ def _generate(prompts: list[dict], model_path: str, template_name: str, spec: Ev
         return
 
     key = uuid.uuid4().hex  # names this evaluation's placement groups of sharded vLLM engines
-    # Similar lengths in one batch waste less compute on padding.
-    dataset = ray.data.from_items(sorted(prompts, key=lambda r: len(r["prompt"])))
+    dataset = ray.data.from_items(prompts)
     if engine == "vllm":
         tokenizer = load_tokenizer(model_path, template_name)
         longest = max(len(tokenizer(p["prompt"], add_special_tokens=False)["input_ids"]) for p in prompts)
@@ -293,5 +294,6 @@ def evaluate(model_path: str, student: str, task: str, test: pa.Table, spec: Eva
         result = metrics(task, predictions, str(out_path), engine, key, spec.max_new_tokens)
     timings = clock.as_dict()
     if engine != "hf":  # the vLLM engine does not time its requests: no generation figure rather than 0
-        timings.pop("generation", None), timings.pop("model_load_eval", None)
+        for stage in ACTOR_STAGES:
+            timings.pop(stage, None)
     return replace(result, timings=timings)

@@ -42,7 +42,7 @@ class EngineHost:
         if wanted != self.loaded:  # another trial's model: load it into this process
             import torch
 
-            self.engine, self.loaded = None, None
+            self.engine, self.loaded = None, None  # the last model goes before the next one loads
             # the threads a per-trial actor of cpus_per_actor CPUs gets from Ray (OMP_NUM_THREADS)
             torch.set_num_threads(max(1, math.floor(spec["cpus_per_actor"])))
             self.engine, self.loaded = HFEngine(model_path, template_name, spec, stop_strings), wanted
@@ -77,11 +77,11 @@ def engine_hosts(spec: EvalSpec, group: str) -> list:
 
 def generate_on_hosts(prompts: list[dict], model_path: str, template_name: str, spec: EvalSpec,
                       stop_strings: list[str], group: str):
-    """Rows with generations, one list per finished batch of ``spec.batch_size`` prompts."""
+    """Rows with generations, one list per finished batch of ``spec.batch_size`` prompts (in the
+    order given: `generate_batches` sorts them by length)."""
     from ray.util import ActorPool
 
-    ordered = sorted(prompts, key=lambda r: len(r["prompt"]))  # similar lengths in one batch, as on Ray Data
-    batches = [ordered[i:i + spec.batch_size] for i in range(0, len(ordered), spec.batch_size)]
+    batches = [prompts[i:i + spec.batch_size] for i in range(0, len(prompts), spec.batch_size)]
     dumped = spec.model_dump(mode="json")
     pool = ActorPool(engine_hosts(spec, group))
     yield from pool.map_unordered(

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 import raydistill
 from raydistill.datasets import target_ceiling
-from raydistill.records import RecordError, TrainState, TrialRecord
+from raydistill.records import ACTOR_STAGES, RecordError, TrainState, TrialRecord
 from raydistill.spec import TrialSpec
 from raydistill.evaluate.shared import host_cpus
 from raydistill.sweep.console import report_stage
@@ -126,10 +126,6 @@ def _train_and_evaluate(trial: TrialSpec, payload: dict, trial_dir: Path) -> Tri
         },
         "timings": timings,
     }, f"trial {trial.trial_hash}")
-
-
-# measured by evaluation actors, not by the trial: summed over actors, inside the eval stages
-ACTOR_STAGES = ("model_load_eval", "generation")
 
 
 def trial_timings(train: dict[str, float], evaluation: dict[str, float], eval_seconds: float, record_seconds: float,

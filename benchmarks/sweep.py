@@ -3,10 +3,15 @@ per-trial evaluation engines vs shared ones.
 
     python benchmarks/sweep.py [--out benchmarks/results/sweep.json] [--concurrency 2]
     python benchmarks/sweep.py --engines [--out benchmarks/results/sweep-engines.json]
+    .venv-vllm/bin/python benchmarks/sweep.py --engines --engine vllm --concurrency 1 --cpus 2 \
+        --out benchmarks/results/sweep-engines-vllm.json
 
-`--engines` runs the sweep at `--concurrency` twice instead: with per-trial HF engines (fresh
-Ray Data actors for each trial's evaluation) and with `eval.shared_engines: true` (engines that
-outlive a trial, `raydistill.evaluate.shared`), and checks that both runs predicted the same.
+`--engines` runs the sweep at `--concurrency` twice instead: with per-trial engines (fresh Ray
+Data actors or ray.data.llm engines for each trial's evaluation) and with `eval.shared_engines:
+true` (engines that outlive a trial, `raydistill.evaluate.shared`), and compares both runs'
+predictions. `--engine vllm` (in the vLLM environment, `make install-vllm`) runs it on vLLM with
+SmolLM2-135M as the student (vLLM's CPU attention rejects the tiny Llama's head size 16) and counts
+the vLLM engine starts and in-place weight reloads in each run's Ray logs.
 
 Runs the same sweep (tiny-llama on SVAMP levels 1-6, released GPT-4o annotations) twice in one
 run, each time as `sweeps/granularity.py` in a fresh process and local Ray cluster of
@@ -54,13 +59,24 @@ SWEEP = {
 }
 
 
-def run_sweep(workdir: Path, concurrency: int, cpus: int, shared: bool = False) -> dict:
+# `--engine vllm`: the same sweep with SmolLM2-135M (2 optimizer steps a trial) evaluated on vLLM.
+VLLM_SWEEP = {
+    **SWEEP, "students": ["smollm2-135m"], "train_limit": 16, "test_limit": 12,
+    "train": {**SWEEP["train"], "zero_stage": 0, "cutoff_len": 512, "learning_rate": 5e-5},
+    "eval": {"engine": "vllm", "max_new_tokens": 32, "batch_size": 12, "num_actors": 1, "cpus_per_actor": 1},
+}
+ENGINE_START = "Initializing a V1 LLM engine"  # vLLM's log line at each engine start
+WEIGHT_RELOAD = "Reloading weights inplace"
+
+
+def run_sweep(workdir: Path, concurrency: int, cpus: int, shared: bool = False, sweep: dict = SWEEP) -> dict:
     """Wall time of one sweep run in its own process and Ray cluster."""
     tag = f"c{concurrency}" + ("-shared" if shared else "")
     config = workdir / f"sweep-{tag}.yaml"
-    sweep = {**SWEEP, "eval": {**SWEEP["eval"], "shared_engines": True}} if shared else SWEEP
+    sweep = {**sweep, "eval": {**sweep["eval"], "shared_engines": True}} if shared else sweep
     config.write_text(yaml.safe_dump({**sweep, "output_dir": str(workdir / tag), "max_concurrent_trials": concurrency}))
-    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rd-bench-"), "RAYDISTILL_RAY_NUM_CPUS": str(cpus)}
+    ray_tmp = tempfile.mkdtemp(prefix="rd-bench-")
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "RAYDISTILL_RAY_NUM_CPUS": str(cpus)}
     log = workdir / f"sweep-{tag}.log"
     cpu_before = psutil.cpu_times()
     started = time.perf_counter()
@@ -77,7 +93,20 @@ def run_sweep(workdir: Path, concurrency: int, cpus: int, shared: bool = False) 
             "train_s_sum": round(sum(r["metrics"]["train_seconds"] for r in records), 1),
             "eval_s_sum": round(sum(r["metrics"]["eval_seconds"] for r in records), 1),
             "cpu_busy_fraction": round(busy / (wall * psutil.cpu_count()), 3),
+            **(_vllm_counts(ray_tmp) if sweep["eval"]["engine"] == "vllm" else {}),
             **breakdown(records, wall, cpus)}
+
+
+def _vllm_counts(ray_tmp: str) -> dict:
+    return {"vllm_engine_starts": _log_count(ray_tmp, ENGINE_START),
+            "vllm_weight_reloads": _log_count(ray_tmp, WEIGHT_RELOAD)}
+
+
+def _log_count(ray_tmp: str, line: str) -> int:
+    """How often ``line`` occurs in the Ray session's worker logs."""
+    logs = [f for f in Path(ray_tmp).rglob("*") if "session_latest" not in f.parts and "logs" in f.parts
+            and f.suffix in (".out", ".err", ".log") and f.is_file()]
+    return sum(f.read_text(errors="replace").count(line) for f in logs)
 
 
 def breakdown(records: list[dict], wall: float, cpus: int) -> dict:
@@ -99,12 +128,16 @@ def _predictions(records: list[dict]) -> dict:
             for r in records}
 
 
-def compare_engines(workdir: Path, concurrency: int, cpus: int) -> dict:
+def compare_engines(workdir: Path, concurrency: int, cpus: int, sweep: dict = SWEEP) -> dict:
     """The sweep with per-trial engines, then with shared ones: same predictions, time by stage."""
-    runs = {"per_trial": run_sweep(workdir, concurrency, cpus), "shared": run_sweep(workdir, concurrency, cpus, True)}
-    same = runs["per_trial"].pop("predictions") == runs["shared"].pop("predictions")
+    runs = {"per_trial": run_sweep(workdir, concurrency, cpus, sweep=sweep),
+            "shared": run_sweep(workdir, concurrency, cpus, True, sweep=sweep)}
+    before, after = runs["per_trial"].pop("predictions"), runs["shared"].pop("predictions")
+    pairs = [(a, b) for trial in before for a, b in zip(before[trial], after.get(trial, []))]
     first = {k: round(r["breakdown"]["eval_first_batch"] / r["trials"], 1) for k, r in runs.items()}
-    return {**runs, "same_predictions": same, "eval_first_batch_s_per_trial": first,
+    return {**runs, "same_predictions": before == after,
+            "identical_generations": f"{sum(a == b for a, b in pairs)}/{sum(len(v) for v in before.values())}",
+            "eval_first_batch_s_per_trial": first,
             "wall_ratio_shared_vs_per_trial": round(runs["shared"]["wall_s"] / runs["per_trial"]["wall_s"], 3)}
 
 
@@ -121,19 +154,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=None, help="keep outputs here (default: a temporary folder)")
     parser.add_argument("--engines", action="store_true",
                         help="compare per-trial evaluation engines with shared ones (eval.shared_engines)")
+    parser.add_argument("--engine", choices=["hf", "vllm"], default="hf",
+                        help="with --engines: the engine (vllm: SmolLM2-135M, in the vLLM environment)")
     args = parser.parse_args(argv)
+    if args.engine != "hf" and not args.engines:
+        parser.error("--engine applies to --engines")
     cpus = args.cpus or args.concurrency
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="rd-bench-sweep-"))
     workdir.mkdir(parents=True, exist_ok=True)
 
     from raydistill.students import resolve_student
 
-    resolve_student("tiny-llama")  # built once, outside the timings
+    sweep = VLLM_SWEEP if args.engine == "vllm" else SWEEP
+    resolve_student(sweep["students"][0])  # built or found once, outside the timings
     load_before = os.getloadavg()
     machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "loadavg_before": load_before}
     if args.engines:
-        result = {"benchmark": "sweep-engines", "sweep": SWEEP, "ray_cpus": cpus,
-                  **compare_engines(workdir, args.concurrency, cpus),
+        result = {"benchmark": "sweep-engines", "sweep": sweep, "ray_cpus": cpus,
+                  **compare_engines(workdir, args.concurrency, cpus, sweep),
                   "machine": {**machine, "loadavg_after": os.getloadavg()}}
         return _write(result, args.out)
     sequential = run_sweep(workdir, 1, cpus)

@@ -85,6 +85,33 @@ def test_shared_engines_outlive_an_evaluation_and_give_the_same_predictions(tiny
     assert stop_engine_hosts("g", [shared]) == 1 and stop_engine_hosts("g", [shared]) == 0
 
 
+def test_a_shared_engine_tells_new_weights_from_a_new_model_shape(tiny, tmp_path):
+    """What a shared vLLM host compares (`raydistill.evaluate.shared`): two folders with the same
+    config and tokenizer are one engine shape whatever their weights (reloaded in place); another
+    architecture or tokenizer is another shape (a new engine). A folder whose weights are written
+    again is a new weights version, so a host that had it loaded loads it again."""
+    import json
+    import shutil
+
+    from raydistill.evaluate.shared import engine_shape, weights_version
+
+    other = Path(shutil.copytree(tiny, tmp_path / "other"))
+    weights = next(other.glob("*.safetensors"))
+    before = weights_version(str(other))
+    assert engine_shape(str(other)) == engine_shape(tiny) and before[1:] == weights_version(tiny)[1:]
+    time.sleep(0.01)
+    weights.write_bytes(weights.read_bytes())  # the same folder written again (a trial trained again)
+    assert weights_version(str(other)) != before and engine_shape(str(other)) == engine_shape(tiny)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "num_hidden_layers": config["num_hidden_layers"] + 1}))
+    assert engine_shape(str(other)) != engine_shape(tiny)
+    (other / "config.json").write_text(json.dumps(config))
+    tokenizer = json.loads((other / "tokenizer.json").read_text())
+    tokenizer["added_tokens"].append({**tokenizer["added_tokens"][-1], "id": 10 ** 6, "content": "<extra>"})
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+    assert engine_shape(str(other)) != engine_shape(tiny)
+
+
 def test_a_hung_engine_fails_the_evaluation_after_timeout_s(tiny, ray_module, tmp_path):
     """An evaluation that cannot finish in time (40 questions x 1,500 new tokens in batches of 2: the
     tiny Llama's 8 x 1,500 took 15 s on one CPU here) fails soon after ``timeout_s`` with a message
@@ -258,6 +285,34 @@ def test_engine_choice_follows_the_engine_nodes_not_this_process():
         choose_engine(EvalSpec(engine="vllm").for_task("gsm8k"), vllm_nodes={"10.0.0.2": True, "10.0.0.3": False})
     with pytest.raises(EngineError, match="beam search"):
         choose_engine(EvalSpec(engine="vllm").for_task("csqa"), vllm_nodes={"10.0.0.2": True})
+    sampled = EvalSpec(engine="auto", do_sample=True, n_samples=4).for_task("gsm8k")
+    assert choose_engine(sampled, vllm_nodes={"10.0.0.2": True}) == "vllm"  # n samples: n requests
+
+
+def test_vllm_requests_are_one_row_per_sample_seeded_apart_and_come_back_as_whole_questions(tiny):
+    """ray.data.llm keeps one output per request, so n samples are n request rows, sample i seeded
+    seed + i (sample 0 is the one-sample request); however the engines' output is cut into batches,
+    what reaches a prediction part is whole questions in sample order, and a question left short is an
+    error, never a part with fewer samples (which a resumed evaluation would count as done)."""
+    from raydistill.evaluate.vllm_engine import replicate_samples, vllm_pre, whole_questions
+
+    spec = EvalSpec(engine="vllm", do_sample=True, n_samples=3, seed=7).for_task("svamp")
+    rows = replicate_samples([{"question_id": "a", "prompt": "1 + 1 =", "gold": "2"},
+                              {"question_id": "b", "prompt": "2 + 2 =", "gold": "4"}], 3)
+    assert [(r["question_id"], r["sample"]) for r in rows] == [(q, i) for q in "ab" for i in range(3)]
+    requests = [vllm_pre(r, tiny, "chat", spec.model_dump(mode="json"), ["\n\n"]) for r in rows]
+    assert [r["sampling_params"]["seed"] for r in requests] == [7, 8, 9, 7, 8, 9]
+    assert {r["sampling_params"]["temperature"] for r in requests} == {spec.temperature}
+    one = EvalSpec(engine="vllm").for_task("svamp").model_dump(mode="json")
+    assert vllm_pre({**rows[0], "sample": 0}, tiny, "chat", one, [])["sampling_params"]["seed"] == 0
+
+    out = [{**r, "generation": f"{r['question_id']}{r['sample']}"} for r in rows]
+    scattered = [[out[5], out[0]], [out[2]], [out[4], out[1], out[3]]]  # engines finish out of order
+    regrouped = list(whole_questions(iter(scattered), 3))
+    assert [[r["generation"] for r in batch] for batch in regrouped] == [["a0", "a1", "a2", "b0", "b1", "b2"]]
+    assert all("sample" not in r for batch in regrouped for r in batch)
+    with pytest.raises(RuntimeError, match="fewer than 3 samples for 1 question"):
+        list(whole_questions(iter([out[:3], out[3:5]]), 3))
 
 
 def test_engine_probe_gives_up_when_no_node_can_hold_an_engine(ray_module):

@@ -113,12 +113,15 @@ def test_overrides_leave_the_callers_config_as_it_was_and_name_a_scalar_in_the_p
     ({"max_num_seqs": 0}, ["eval.max_num_seqs", "greater than or equal to 1"]),
     ({"timeout_s": 0}, ["eval.timeout_s", "greater than 0"]),
     ({"timeout_s": "soon"}, ["eval.timeout_s", "number"]),
-    ({"shared_engines": True, "engine": "vllm"}, ["shared_engines", "engine: vllm", "remove it"]),
-    ({"shared_engines": True, "use_gpu": True}, ["shared_engines", "use_gpu: true", "hold its GPU"]),
+    ({"shared_engines": True, "engine": "hf", "use_gpu": True}, ["shared_engines", "HF engines on GPU", "engine: vllm"]),
+    ({"shared_engines": True, "engine": "vllm", "use_gpu": True, "tensor_parallel_size": 2},
+     ["shared_engines", "tensor_parallel_size 2", "per trial"]),
+    ({"max_loras": 0}, ["eval.max_loras", "greater than or equal to 1"]),
     ({"engine": "hf", "max_num_seqs": 64, "enable_prefix_caching": False},
      ["engine: hf ignores", "max_num_seqs 64", "enable_prefix_caching False", "engine: auto or vllm"]),
 ], ids=["tp-0", "tp-without-gpu", "gpu-memory-above-1", "gpu-memory-0", "prefix-caching-not-bool", "max-num-seqs-0",
-        "timeout-0", "timeout-not-a-number", "shared-engines-on-vllm", "shared-engines-on-gpu", "vllm-options-on-hf"])
+        "timeout-0", "timeout-not-a-number", "shared-hf-engines-on-gpu", "shared-sharded-engines", "max-loras-0",
+        "vllm-options-on-hf"])
 def test_a_bad_engine_option_is_rejected_in_one_line(tmp_path, capsys, eval_, words):
     """`raydistill sweep` as a user runs it: exit 2, one line on stderr naming the file and the field."""
     import yaml

@@ -9,6 +9,7 @@ GSM8K test questions in the student's chat template.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -182,6 +183,126 @@ def test_lora_adapter_runs_unmerged_on_vllm(model, runs, ray_cluster, model_cach
     assert results["vllm"].engine == "vllm"
     base = {r["question_id"]: r["generation"] for r in runs[2]["hf"].to_pylist()}  # same questions, no adapter
     assert any(not base[r["question_id"]].startswith(r["generation"]) for r in tables["vllm"].to_pylist())
+
+
+def test_n_samples_on_vllm_match_hf_where_sampling_is_greedy_and_resume_by_whole_questions(runs, tmp_path):
+    """n samples per question on vLLM: one request per sample, sample i seeded seed + i, written back
+    as whole questions. With a top_p so small that only the most likely token survives, sampling is
+    greedy on both engines: every vLLM sample agrees with HF's greedy generations as asked above, HF's
+    samples too, and so pass@k and maj@k equal the accuracy. At temperature 1 the samples of a question
+    differ, and an evaluation that lost a written part generates those questions again, the same."""
+    from raydistill.datasets import load_test
+    from raydistill.evaluate import evaluate, parts_dir
+
+    model, _, tables = runs
+    tokenizer = load_tokenizer(model, "chat")
+    test = load_test(TASK).slice(0, QUESTIONS)
+    greedy_sampling = {"do_sample": True, "top_p": 1e-6, "n_samples": 3, "max_new_tokens": MAX_NEW_TOKENS,
+                       "batch_size": QUESTIONS}
+    for engine in ("vllm", "hf"):
+        result = evaluate(model, STUDENT, TASK, test, EvalSpec(engine=engine, **greedy_sampling),
+                          tmp_path / f"{engine}.parquet", progress=False)
+        sampled = pq.read_table(result.predictions_path)
+        assert (result.engine, result.samples_per_question, len(sampled)) == (engine, 3, 3 * QUESTIONS)
+        for i in range(3):  # rows are sorted by question, each question's samples in order
+            sample = sampled.take(list(range(i, 3 * QUESTIONS, 3)))
+            assert compare(tokenizer, {"vllm": sample, "hf": tables["hf"]}) >= QUESTIONS - 1, (engine, i)
+        generations = sampled["generation"].to_pylist()
+        alike = sum(len(set(generations[q:q + 3])) == 1 for q in range(0, 3 * QUESTIONS, 3))
+        assert alike >= QUESTIONS - 1, engine
+        if alike == QUESTIONS:
+            assert result.pass_at_k == pytest.approx(result.accuracy) == pytest.approx(result.maj_at_k)
+
+    spec = EvalSpec(engine="vllm", do_sample=True, temperature=1.0, n_samples=3, seed=5, max_new_tokens=32,
+                    batch_size=2)
+    out = tmp_path / "t1.parquet"
+    first = evaluate(model, STUDENT, TASK, test.slice(0, 4), spec, out, progress=False)
+    rows = pq.read_table(out).to_pylist()
+    assert len(rows) == 12 and first.pass_at_k is not None and first.maj_at_k is not None
+    assert any(len({r["generation"] for r in rows[q:q + 3]}) > 1 for q in range(0, 12, 3))  # seeds apart
+    parts = sorted(parts_dir(out).glob("part-*.parquet"))
+    lost = pq.read_table(parts[-1])
+    assert len(lost) % 3 == 0  # a part holds whole questions
+    parts[-1].unlink()
+    again = evaluate(model, STUDENT, TASK, test.slice(0, 4), spec, out, progress=False)
+    assert again.eval_hash == first.eval_hash
+    assert pq.read_table(out).to_pylist() == rows  # the lost questions again, sample for sample
+
+
+def save_variant(model: str, out, seed: int, merge: bool) -> str:
+    """A model of ``model``'s shape with other weights: a random rank-8 LoRA adapter, or that adapter
+    merged and saved with the base's config and tokenizer files (a full fine-tune's folder)."""
+    import shutil
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    tuned = get_peft_model(AutoModelForCausalLM.from_pretrained(model), config)
+    if not merge:
+        tuned.save_pretrained(out)
+        return str(out)
+    tuned.merge_and_unload().save_pretrained(out)
+    for f in Path(model).iterdir():
+        if f.is_file() and f.suffix != ".safetensors":
+            shutil.copy(f, out)
+    return str(out)
+
+
+def test_one_shared_vllm_engine_serves_a_sweeps_fine_tunes_and_adapters_of_one_base(model, runs, tmp_path):
+    """eval.shared_engines on vLLM. Full fine-tunes: the base, a model of the same shape with other
+    weights, then the base again go to one host; its engine starts once and reloads the weights in
+    place: each model's predictions agree with its own per-evaluation engine's (as two vLLM runs do),
+    with the same evaluation identity; the second model's differ from the base's (the reload took)
+    and the base's second run is its first. LoRA adapters of the base: two adapters, then the first
+    again, start one more engine (LoRA enabled) and no other, with the same agreements. Stopping the
+    hosts ends their engine processes."""
+    import psutil
+    import ray
+
+    from raydistill.datasets import load_test
+    from raydistill.evaluate import evaluate
+    from raydistill.evaluate.shared import NAMESPACE, host_names, stop_engine_hosts
+
+    _, results, tables = runs
+    test = load_test(TASK).slice(0, QUESTIONS)
+    own_spec = EvalSpec(engine="vllm", max_new_tokens=MAX_NEW_TOKENS, batch_size=QUESTIONS)
+    shared = own_spec.model_copy(update={"shared_engines": True})
+
+    def generations(path) -> list[str]:
+        return pq.read_table(path)["generation"].to_pylist()
+
+    def agree(a: list[str], b: list[str]) -> bool:
+        return sum(x == y for x, y in zip(a, b)) >= QUESTIONS - 1
+
+    def run(path: str, name: str, spec: EvalSpec, group: str | None = None):
+        return evaluate(path, STUDENT, TASK, test, spec, tmp_path / f"{name}.parquet", progress=False,
+                        engine_group=group)
+
+    [host_name] = host_names(shared, "g", "vllm")
+    for kind, merge in (("full", True), ("lora", False)):
+        first, second = (save_variant(model, tmp_path / f"{kind}-{seed}", seed, merge) for seed in (0, 1))
+        if kind == "full":
+            first, own_first = model, (results["vllm"], generations(results["vllm"].predictions_path))
+        else:
+            own = run(first, f"{kind}-own", own_spec)
+            own_first = (own, generations(own.predictions_path))
+        served = [run(path, f"{kind}-shared-{i}", shared, "g") for i, path in enumerate((first, second, first))]
+        host = ray.get_actor(host_name, namespace=NAMESPACE)
+        assert ray.get(host.engine_starts.remote()) == (1 if kind == "full" else 2), kind
+        on_host = [generations(r.predictions_path) for r in served]
+        assert served[0].eval_hash == own_first[0].eval_hash and agree(on_host[0], own_first[1]), kind
+        assert on_host[2] == on_host[0], kind  # back to the first weights, bit for bit
+        assert on_host[1] != on_host[0], kind  # the second model's weights were used
+        if kind == "full":
+            own_second = generations(run(second, "full-own-1", own_spec).predictions_path)
+            assert agree(on_host[1], own_second)
+    engine_processes = psutil.Process(ray.get(host.pid.remote())).children(recursive=True)
+    assert engine_processes and stop_engine_hosts("g", [shared]) == 1
+    gone, alive = psutil.wait_procs(engine_processes, timeout=60)
+    assert not alive, alive
 
 
 DRIVER = """

@@ -22,7 +22,7 @@ VLLM_INSTALL_HINT = (
 
 
 VLLM_ONE_OUTPUT = (
-    "beam search and n_samples > 1 run on the hf engine only (ray.data.llm returns one output per row); "
+    "beam search runs on the hf engine only (ray.data.llm returns one output per request); "
     "the paper's commonsense protocol uses beam search with 5 beams: set eval.engine: auto (HF for those "
     "tasks) or hf, or eval.num_beams: 1 to leave the protocol"
 )
@@ -92,9 +92,9 @@ def choose_engine(spec: EvalSpec, vllm_nodes: dict[str, bool] | None = None) -> 
     """``hf`` or ``vllm`` for a spec resolved for its task (`EvalSpec.for_task`), decided for the
     nodes the engines run on (``vllm_nodes``, default `vllm_on_engine_nodes`), never from this
     process's packages: ``vllm`` needs vLLM on every such node; ``auto`` takes vLLM where every
-    such node has it and the decoding gives one output per prompt (no beam search, one sample),
-    else HF generate. Needs a running Ray cluster unless ``vllm_nodes`` is given or the engine is ``hf``."""
-    one_output = (spec.num_beams or 1) == 1 and spec.n_samples == 1
+    such node has it and the decoding is no beam search (n samples are n requests), else HF
+    generate. Needs a running Ray cluster unless ``vllm_nodes`` is given or the engine is ``hf``."""
+    one_output = (spec.num_beams or 1) == 1
     if spec.engine == "hf" or (spec.engine == "auto" and not one_output):
         return "hf"
     if not one_output:

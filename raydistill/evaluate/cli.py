@@ -82,7 +82,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--do-sample", action="store_true")
     parser.add_argument("--temperature", type=float, default=defaults.temperature)
     parser.add_argument("--top-p", type=float, default=defaults.top_p)
-    parser.add_argument("--n-samples", type=int, default=defaults.n_samples)
+    parser.add_argument("--n-samples", type=int, default=defaults.n_samples,
+                        help="generations per question, with --do-sample (or beams on HF); the metrics add pass@k "
+                             "and maj@k; on vLLM sample i is a request seeded --seed + i")
     parser.add_argument("--seed", type=int, default=defaults.seed)
     args = parser.parse_args(argv)
 

@@ -26,9 +26,10 @@ from raydistill.evaluate.choose import EngineError, choose_engine
 from raydistill.evaluate.hf_engine import HFEngine, load_tokenizer
 from raydistill.evaluate.models import adapter_base, is_adapter, merged_model
 from raydistill.evaluate.parts import parts_dir, read_parts, write_part
-from raydistill.evaluate.shared import generate_on_hosts, stop_engine_hosts
-from raydistill.evaluate.vllm_engine import (LoraPlan, model_max_len, release_engine_placements, vllm_lora,
-                                             vllm_max_model_len, vllm_processor)
+from raydistill.evaluate.shared import generate_on_hosts, generate_on_vllm_hosts, stop_engine_hosts
+from raydistill.evaluate.vllm_engine import (LoraPlan, model_max_len, release_engine_placements,
+                                             replicate_samples, vllm_lora, vllm_max_model_len, vllm_processor,
+                                             whole_questions)
 from raydistill.records import ACTOR_STAGES
 from raydistill.samples import sample_scores
 from raydistill.schemas import PREDICTION_SCHEMA
@@ -108,6 +109,7 @@ def metrics(task: str, predictions: pa.Table, path: str, engine: str = "hf", eva
 
 # --------------------------------------------------------------------------- generation
 
+GENERATED_COLUMNS = ["question_id", "prompt", "gold", "generation", "tokens_generated", "truncated"]
 ENGINE_TIME_COLUMNS = {"load_seconds": "model_load_eval", "generate_seconds": "generation"}  # column -> ACTOR_STAGES
 
 
@@ -182,33 +184,46 @@ def _generate(prompts: list[dict], model_path: str, template_name: str, spec: Ev
     """`generate_batches` in this process (``prompts`` sorted by length)."""
     import ray
 
+    if engine == "vllm":
+        yield from _generate_vllm(prompts, model_path, template_name, spec, stop_strings, lora, group)
+        return
     if group:
         yield from generate_on_hosts(prompts, model_path, template_name, spec, stop_strings, group)
         return
+    generated = ray.data.from_items(prompts).map_batches(
+        HFEngine,
+        fn_constructor_kwargs={"model_path": model_path, "template_name": template_name,
+                               "spec": spec.model_dump(mode="json"), "stop_strings": stop_strings},
+        batch_size=spec.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=spec.num_actors),
+        num_cpus=spec.cpus_per_actor,
+        num_gpus=1 if spec.use_gpu else 0,
+        resources=spec.resources_per_actor or None,
+    )
+    for batch in generated.iter_batches(batch_size=None, batch_format="pyarrow"):
+        yield batch.select(GENERATED_COLUMNS + list(ENGINE_TIME_COLUMNS)).to_pylist()
 
+
+def _generate_vllm(prompts: list[dict], model_path: str, template_name: str, spec: EvalSpec,
+                   stop_strings: list[str], lora: LoraPlan | None, group: str | None) -> Iterator[list[dict]]:
+    """`_generate` on vLLM: the group's shared hosts (`generate_on_vllm_hosts`), or ray.data.llm's
+    engines started for this evaluation, one request per sample (`replicate_samples`) regrouped into
+    whole questions (`whole_questions`), the engines' placement groups released at the end."""
+    import ray
+
+    tokenizer = load_tokenizer(model_path, template_name)
+    longest = max(len(tokenizer(p["prompt"], add_special_tokens=False)["input_ids"]) for p in prompts)
+    context = vllm_max_model_len(spec, longest, model_max_len(model_path))
+    if group:
+        yield from generate_on_vllm_hosts(prompts, model_path, template_name, spec, stop_strings, context, lora, group)
+        return
     key = uuid.uuid4().hex  # names this evaluation's placement groups of sharded vLLM engines
-    dataset = ray.data.from_items(prompts)
-    if engine == "vllm":
-        tokenizer = load_tokenizer(model_path, template_name)
-        longest = max(len(tokenizer(p["prompt"], add_special_tokens=False)["input_ids"]) for p in prompts)
-        context = vllm_max_model_len(spec, longest, model_max_len(model_path))
-        generated = vllm_processor(model_path, template_name, spec, stop_strings, context, lora, key)(dataset)
-    else:
-        generated = dataset.map_batches(
-            HFEngine,
-            fn_constructor_kwargs={"model_path": model_path, "template_name": template_name,
-                                   "spec": spec.model_dump(mode="json"), "stop_strings": stop_strings},
-            batch_size=spec.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=spec.num_actors),
-            num_cpus=spec.cpus_per_actor,
-            num_gpus=1 if spec.use_gpu else 0,
-            resources=spec.resources_per_actor or None,
-        )
-    columns = ["question_id", "prompt", "gold", "generation", "tokens_generated", "truncated"]
+    dataset = ray.data.from_items(replicate_samples(prompts, spec.n_samples))
+    generated = vllm_processor(model_path, template_name, spec, stop_strings, context, lora, key)(dataset)
+    batches = (batch.select(["sample", *GENERATED_COLUMNS]).to_pylist()
+               for batch in generated.iter_batches(batch_size=None, batch_format="pyarrow"))
     try:
-        for batch in generated.iter_batches(batch_size=None, batch_format="pyarrow"):
-            timed = [c for c in ENGINE_TIME_COLUMNS if c in batch.column_names]  # the HF engine's
-            yield batch.select(columns + timed).to_pylist()
+        yield from whole_questions(batches, spec.n_samples)
     finally:
         release_engine_placements(key)
 
@@ -248,7 +263,7 @@ def evaluate(model_path: str, student: str, task: str, test: pa.Table, spec: Eva
     """Generate, grade and write predictions for one model on one test table (resumable).
 
     ``spec`` is resolved for ``task`` first (the task's protocol fills the fields it leaves open).
-    ``engine_group`` (a sweep's): with ``spec.shared_engines``, the HF engines of that group that
+    ``engine_group`` (a sweep's): with ``spec.shared_engines``, the engines of that group that
     outlive this evaluation generate (`raydistill.evaluate.shared`).
     """
     from tqdm.auto import tqdm
@@ -259,10 +274,10 @@ def evaluate(model_path: str, student: str, task: str, test: pa.Table, spec: Eva
     with clock("eval_prepare"):
         spec = spec.for_task(task)
         engine = choose_engine(spec)
-        group = engine_group if spec.shared_engines and engine == "hf" else None
+        group = engine_group if spec.shared_engines and (engine == "vllm" or not spec.use_gpu) else None
         if spec.shared_engines and not group:
             log.warning("eval.shared_engines: this evaluation starts its own engines (%s)",
-                        "no sweep to share them with" if engine == "hf" else f"the {engine} engine")
+                        "HF engines on GPU start per trial" if engine_group else "no sweep to share them with")
         if engine == "hf" and spec.tensor_parallel_size > 1:
             log.warning("eval.tensor_parallel_size %d applies to vLLM engines; HF generate takes one GPU per actor",
                         spec.tensor_parallel_size)

@@ -1,20 +1,34 @@
-"""HF engines that outlive a trial (``eval.shared_engines: true``).
+"""Evaluation engines that outlive a trial (``eval.shared_engines: true``).
 
-Per trial, the HF engine (on CPU) otherwise runs in fresh Ray Data actors: a process starts, imports torch
-and transformers and loads the model before the first batch (`eval_first_batch` in a trial's time
-breakdown). Shared engines are named, detached actors (`EngineHost`), one per actor slot of an
-actor shape, that the sweep's trials find by name: each keeps its process and imports, and loads
-the weights a call names only when they differ from the last call's (the next trial's model).
-Predictions are the same as with per-trial actors: the same `HFEngine` generates them.
+Per trial, the engines otherwise start anew: HF in fresh Ray Data actors (a process starts, imports
+torch and transformers and loads the model before the first batch, `eval_first_batch` in a trial's
+time breakdown), vLLM in fresh ray.data.llm engines (and on GPU a CUDA graph capture each). Shared
+engines are named, detached actors, one per actor slot of an actor shape, that the sweep's trials
+find by name:
 
-The hosts reserve no CPU of their own; the trial's evaluation task holds the CPUs they work with
-(`host_cpus`), so an idle host does not keep a training worker from starting. The sweep stops
-them when it ends (`stop_engine_hosts`), or when an evaluation runs past ``eval.timeout_s``.
+- `EngineHost` (HF) keeps its process and imports and loads the weights a call names only when
+  they differ from the last call's (the next trial's model); the same `HFEngine` generates, so the
+  predictions are those of per-trial actors.
+- `VLLMHost` starts a vLLM engine once per engine shape (architecture, tokenizer, engine arguments):
+  the next full fine-tune of the same base is reloaded into it in place (vLLM's ``reload_weights``,
+  prefix cache reset), and LoRA adapters of the same base are applied per request, ``max_loras`` of
+  them kept loaded side by side. Requests and outputs are mapped as on per-trial engines
+  (`vllm_pre`, `vllm_post`), so the predictions agree as two vLLM runs do.
+
+On CPU the hosts reserve no CPU of their own; the trial's evaluation task holds the CPUs they work
+with (`host_cpus`), so an idle host does not keep a training worker from starting. A vLLM host on
+GPU holds its GPU (and ``cpus_per_actor`` CPUs) for the whole sweep: size the cluster for it. The
+sweep stops the hosts when it ends (`stop_engine_hosts`), or when an evaluation runs past
+``eval.timeout_s``.
 """
 
 from __future__ import annotations
 
+import gc
+import hashlib
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -24,8 +38,9 @@ NAMESPACE = "raydistill-engines"
 
 
 def host_cpus(spec: EvalSpec) -> float:
-    """The CPUs a trial's evaluation holds while shared hosts generate for it."""
-    return spec.cpus_per_actor * spec.num_actors if spec.shared_engines else 0
+    """The CPUs a trial's evaluation holds while shared hosts generate for it (none for hosts on GPU,
+    which hold their own)."""
+    return spec.cpus_per_actor * spec.num_actors if spec.shared_engines and not spec.use_gpu else 0
 
 
 class EngineHost:
@@ -38,7 +53,7 @@ class EngineHost:
                  rows: list[dict]) -> list[dict]:
         from raydistill.evaluate.hf_engine import HFEngine
 
-        wanted = (model_path, template_name, repr(sorted(spec.items())), tuple(stop_strings))
+        wanted = (weights_version(model_path), template_name, repr(sorted(spec.items())), tuple(stop_strings))
         if wanted != self.loaded:  # another trial's model: load it into this process
             import torch
 
@@ -55,24 +70,127 @@ class EngineHost:
 
         return os.getpid()
 
+    def close(self) -> None:
+        self.engine, self.loaded = None, None
+
 
 def _plain(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
-def host_names(spec: EvalSpec, group: str) -> list[str]:
-    """The names of the hosts a sweep (``group``) evaluates with under ``spec``."""
-    return [f"{group}-hf-{i}" for i in range(spec.num_actors)]
+def weights_version(model_path: str) -> tuple:
+    """A model folder and the size and modification time of its weight files: a folder written
+    again (a trial trained again after a crash) is loaded again by a host that had it loaded."""
+    folder = Path(model_path)
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.glob("*.safetensors"))
+    return (str(folder), *files)
 
 
-def engine_hosts(spec: EvalSpec, group: str) -> list:
-    """The sweep's shared hosts for ``spec`` (``num_actors`` of them), started on first use."""
+# Config fields that do not shape a vLLM engine (the engine arguments set the dtype), and the
+# tokenizer files that do (vLLM detokenizes with the tokenizer it started with).
+NOT_SHAPE = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def engine_shape(model_path: str) -> str:
+    """What a vLLM engine started from ``model_path`` is fixed to: the architecture (the model's
+    config as transformers reads it, but for the fields in `NOT_SHAPE`) and the tokenizer files. Two
+    folders of the same shape differ in their weights only, which `VLLMHost` reloads in place."""
+    from transformers import AutoConfig
+
+    folder = Path(model_path)
+    config = {k: v for k, v in AutoConfig.from_pretrained(folder).to_dict().items() if k not in NOT_SHAPE}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for name in TOKENIZER_FILES:
+        if (folder / name).is_file():
+            digest.update(name.encode() + (folder / name).read_bytes())
+    return digest.hexdigest()
+
+
+class VLLMHost:
+    """One long-lived vLLM engine (a Ray actor): started once per engine shape, the weights of the
+    model a call names reloaded in place, LoRA adapters applied per request."""
+
+    def __init__(self):
+        self.llm, self.shape, self.weights, self.starts, self.adapters = None, None, None, 0, {}
+
+    def generate(self, model_path: str, template_name: str, spec: dict, stop_strings: list[str], context: int,
+                 lora: dict | None, rows: list[dict]) -> list[dict]:
+        """`vllm_post` rows for the `replicate_samples` rows ``rows`` on ``model_path`` (with ``lora``,
+        the adapter's base, each request applying the adapter)."""
+        from vllm import SamplingParams
+
+        from raydistill.evaluate.vllm_engine import LoraPlan, vllm_post, vllm_pre
+
+        plan = LoraPlan(**lora) if lora else None
+        self._load(model_path, EvalSpec.model_validate(spec), context, plan)
+        requests = [vllm_pre(r, model_path, template_name, spec, stop_strings) for r in rows]
+        outputs = self.llm.generate([{"prompt_token_ids": list(r["tokenized_prompt"])} for r in requests],
+                                    [SamplingParams(**r["sampling_params"]) for r in requests],
+                                    lora_request=self._adapter(plan.adapter) if plan else None, use_tqdm=False)
+        return [vllm_post({**r, "generated_tokens": list(o.outputs[0].token_ids), "generated_text": o.outputs[0].text},
+                          model_path, template_name, stop_strings, EvalSpec.model_validate(spec).max_new_tokens)
+                for r, o in zip(requests, outputs)]
+
+    def _load(self, model_path: str, spec: EvalSpec, context: int, lora) -> None:
+        """Start the engine for this shape, or reload ``model_path``'s weights into the running one."""
+        from raydistill.evaluate.vllm_engine import vllm_engine_kwargs
+
+        kwargs = vllm_engine_kwargs(spec, context, lora)
+        if lora:
+            kwargs["max_loras"] = spec.max_loras
+        shape = (engine_shape(model_path), json.dumps(kwargs, sort_keys=True))
+        if shape != self.shape:
+            from vllm import LLM
+
+            self.close()
+            self.llm = LLM(model=model_path, **kwargs)
+            self.shape, self.weights, self.starts = shape, weights_version(model_path), self.starts + 1
+        elif weights_version(model_path) != self.weights:  # another trial of the base: no stale KV cache
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": model_path})
+            self.llm.reset_prefix_cache()
+            self.weights = weights_version(model_path)
+
+    def _adapter(self, path: str):
+        from vllm.lora.request import LoRARequest
+
+        version = weights_version(path)  # vLLM keeps max_loras adapters loaded, the least recently used goes
+        if version not in self.adapters:
+            number = len(self.adapters) + 1
+            self.adapters[version] = LoRARequest(lora_name=f"adapter-{number}", lora_int_id=number, lora_path=path)
+        return self.adapters[version]
+
+    def close(self) -> None:
+        """Shut the engine down (its engine-core process included)."""
+        if self.llm is not None:
+            self.llm.llm_engine.engine_core.shutdown()
+        self.llm, self.shape, self.weights, self.adapters = None, None, None, {}
+        gc.collect()
+
+    def engine_starts(self) -> int:
+        return self.starts
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
+
+def host_names(spec: EvalSpec, group: str, engine: str = "hf") -> list[str]:
+    """The names of the hosts a sweep (``group``) evaluates with under ``spec`` on ``engine``."""
+    return [f"{group}-{engine}-{i}" for i in range(spec.num_actors)]
+
+
+def engine_hosts(spec: EvalSpec, group: str, engine: str = "hf") -> list:
+    """The sweep's shared hosts for ``spec`` (``num_actors`` of them), started on first use. On
+    CPU they reserve nothing (`host_cpus`); a vLLM host on GPU holds its GPU and CPUs."""
     import ray
 
-    host = ray.remote(EngineHost)
-    return [host.options(name=name, namespace=NAMESPACE, get_if_exists=True, lifetime="detached", num_cpus=0,
+    host = ray.remote(VLLMHost if engine == "vllm" else EngineHost)
+    holds = {"num_cpus": spec.cpus_per_actor, "num_gpus": 1} if spec.use_gpu else {"num_cpus": 0}
+    return [host.options(name=name, namespace=NAMESPACE, get_if_exists=True, lifetime="detached", **holds,
                          resources=spec.resources_per_actor or None).remote()
-            for name in host_names(spec, group)]
+            for name in host_names(spec, group, engine)]
 
 
 def generate_on_hosts(prompts: list[dict], model_path: str, template_name: str, spec: EvalSpec,
@@ -88,15 +206,37 @@ def generate_on_hosts(prompts: list[dict], model_path: str, template_name: str, 
         lambda host, rows: host.generate.remote(model_path, template_name, dumped, stop_strings, rows), batches)
 
 
+def generate_on_vllm_hosts(prompts: list[dict], model_path: str, template_name: str, spec: EvalSpec,
+                           stop_strings: list[str], context: int, lora, group: str):
+    """`generate_on_hosts` on the group's `VLLMHost` engines: each batch is ``spec.batch_size``
+    questions with all their samples (`replicate_samples`), so every list comes back whole."""
+    from ray.util import ActorPool
+
+    from raydistill.evaluate.vllm_engine import replicate_samples
+
+    batches = [replicate_samples(prompts[i:i + spec.batch_size], spec.n_samples)
+               for i in range(0, len(prompts), spec.batch_size)]
+    dumped, plan = spec.model_dump(mode="json"), (vars(lora) if lora else None)
+    pool = ActorPool(engine_hosts(spec, group, "vllm"))
+    for rows in pool.map_unordered(lambda host, rows: host.generate.remote(
+            model_path, template_name, dumped, stop_strings, context, plan, rows), batches):
+        yield [{k: v for k, v in r.items() if k != "sample"} for r in rows]
+
+
+CLOSE_TIMEOUT_S = 30  # how long a host gets to shut its engine down before it is killed
+
+
 def stop_engine_hosts(group: str, specs: list[EvalSpec]) -> int:
     """Kill the sweep's shared hosts; returns how many were running."""
     import ray
 
     stopped = 0
-    for name in {n for spec in specs for n in host_names(spec, group)}:
+    for name in {n for spec in specs for engine in ("hf", "vllm") for n in host_names(spec, group, engine)}:
         try:
-            ray.kill(ray.get_actor(name, namespace=NAMESPACE))
-            stopped += 1
+            host = ray.get_actor(name, namespace=NAMESPACE)
         except ValueError:  # never started, or already gone
-            pass
+            continue
+        ray.wait([host.close.remote()], timeout=CLOSE_TIMEOUT_S)  # a stuck host is killed all the same
+        ray.kill(host)
+        stopped += 1
     return stopped

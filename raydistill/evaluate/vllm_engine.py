@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,14 +30,43 @@ def _tokenizer(model_path: str, template_name: str):
 
 def vllm_pre(row: dict, model_path: str, template_name: str, spec: dict, stop_strings: list[str],
              lora_path: str | None = None) -> dict:
-    """Row -> vLLM request: our own token ids (no BOS added twice), sampling params, LoRA adapter."""
+    """Row -> vLLM request: our own token ids (no BOS added twice), sampling params, LoRA adapter.
+    Sample i of a question (``row["sample"]``, `replicate_samples`) is seeded ``spec.seed + i``."""
     spec = EvalSpec.model_validate(spec)
     ids = _tokenizer(model_path, template_name)(row["prompt"], add_special_tokens=False)["input_ids"]
-    params = {"max_tokens": spec.max_new_tokens, "stop": list(stop_strings), "seed": spec.seed, "temperature": 0.0}
+    params = {"max_tokens": spec.max_new_tokens, "stop": list(stop_strings), "seed": spec.seed + int(row["sample"]),
+              "temperature": 0.0}
     if spec.do_sample:
         params.update(temperature=spec.temperature, top_p=spec.top_p)
     lora = {"model": lora_path} if lora_path else {}  # ray.data.llm: a row's `model` other than the base = LoRA
     return {**row, **lora, "prompt_text": row["prompt"], "tokenized_prompt": ids, "sampling_params": params}
+
+
+def replicate_samples(prompts: list[dict], n_samples: int) -> list[dict]:
+    """One request row per sample: ray.data.llm keeps one output per row (vLLM's ``n`` would be
+    dropped), so sample i of a question is a row of its own with ``sample`` = i (its seed, `vllm_pre`)."""
+    return [{**p, "sample": i} for p in prompts for i in range(n_samples)]
+
+
+def whole_questions(batches: Iterator[list[dict]], n_samples: int) -> Iterator[list[dict]]:
+    """Rows of `replicate_samples` requests regrouped so that each list holds only questions with all
+    ``n_samples`` samples, in sample order (``sample`` dropped): a written part never holds part of a
+    question, so a resumed evaluation counts a question done only when every sample of it is."""
+    waiting: dict[str, list[dict]] = {}
+    for batch in batches:
+        complete = []
+        for row in batch:
+            samples = waiting.setdefault(row["question_id"], [])
+            samples.append(row)
+            if len(samples) == n_samples:
+                del waiting[row["question_id"]]
+                complete += [{k: v for k, v in r.items() if k != "sample"}
+                             for r in sorted(samples, key=lambda r: r["sample"])]
+        if complete:
+            yield complete
+    if waiting:
+        raise RuntimeError(f"vLLM returned fewer than {n_samples} samples for {len(waiting)} question(s), "
+                           f"e.g. {next(iter(waiting))}")
 
 
 def vllm_post(row: dict, model_path: str, template_name: str, stop_strings: list[str], max_new_tokens: int) -> dict:
@@ -47,9 +77,9 @@ def vllm_post(row: dict, model_path: str, template_name: str, stop_strings: list
     # vLLM ends a generation at a stop string and leaves the string out of the text, so only a
     # generation that used the whole budget without an EOS counts as cut short.
     truncated = is_truncated(len(tokens), max_new_tokens, stopped=False)
-    return {"question_id": row["question_id"], "prompt": row["prompt_text"], "gold": row["gold"],
-            "generation": cut_at_stop(row["generated_text"], stop_strings), "tokens_generated": len(tokens),
-            "truncated": truncated}
+    return {"question_id": row["question_id"], "sample": row["sample"], "prompt": row["prompt_text"],
+            "gold": row["gold"], "generation": cut_at_stop(row["generated_text"], stop_strings),
+            "tokens_generated": len(tokens), "truncated": truncated}
 
 
 # LoRA ranks vLLM accepts (`max_lora_rank`) and the modules its Llama-family LoRA layers cover.
@@ -188,7 +218,7 @@ def vllm_processor(model_path: str, template_name: str, spec: EvalSpec, stop_str
     request names the adapter, which vLLM loads once per engine (`vllm_lora_plan`). Building it
     needs no vLLM in this process; the engines import it where they run.
     """
-    if spec.num_beams > 1 or spec.n_samples > 1:
+    if spec.num_beams > 1:
         raise EngineError(VLLM_ONE_OUTPUT)
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 

@@ -13,9 +13,9 @@ PROTOCOL_FIELDS = ("max_new_tokens", "num_beams", "stop_strings")
 NO_PROTOCOL = {"max_new_tokens": 640, "num_beams": 1, "stop_strings": []}  # protocol: none
 # How the engines run, not what they generate: dumped only when set, never part of an identity.
 ENGINE_SETTINGS = ("tensor_parallel_size", "gpu_memory_utilization", "enable_prefix_caching", "max_num_seqs",
-                   "timeout_s", "shared_engines")
+                   "timeout_s", "shared_engines", "max_loras")
 VLLM_ONLY = ("max_model_len", "enforce_eager", "tensor_parallel_size", "gpu_memory_utilization",
-             "enable_prefix_caching", "max_num_seqs")
+             "enable_prefix_caching", "max_num_seqs", "max_loras")
 
 
 class EvalSpec(Strict):
@@ -56,9 +56,11 @@ class EvalSpec(Strict):
     # Both engines: seconds the generation of one evaluation (engine start included) may take before
     # its engines are stopped and the evaluation fails (None: no limit).
     timeout_s: float | None = Field(None, gt=0)
-    # HF engine on CPU: evaluation actors that outlive a trial and load the next trial's weights
-    # (`raydistill.evaluate.shared`) instead of starting anew; same predictions.
+    # Evaluation engines that outlive a trial and load the next trial's weights (`raydistill.evaluate.shared`)
+    # instead of starting anew: HF on CPU, vLLM on CPU or one GPU each (held for the whole sweep).
     shared_engines: bool = False
+    # vLLM shared engines: LoRA adapters of one base kept loaded side by side.
+    max_loras: int = Field(4, ge=1)
     do_sample: bool = False
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1.0)
@@ -78,9 +80,13 @@ class EvalSpec(Strict):
         if self.engine == "hf" and ignored:
             raise ValueError(f"engine: hf ignores the vLLM engine options {', '.join(ignored)}; remove them or set "
                              "engine: auto or vllm")
-        if self.shared_engines and (self.engine == "vllm" or self.use_gpu):
-            raise ValueError("shared_engines keeps HF engines on CPU up for the whole sweep; it does not apply to "
-                             "engine: vllm or use_gpu: true (an idle engine would hold its GPU): remove it")
+        if self.shared_engines and self.use_gpu and self.engine == "hf":
+            raise ValueError("shared_engines on GPU applies to the vLLM engine (each host holds its GPU for the "
+                             "whole sweep); HF engines on GPU start per trial: remove shared_engines, or set "
+                             "engine: vllm")
+        if self.shared_engines and self.tensor_parallel_size > 1:
+            raise ValueError(f"shared_engines runs one-GPU vLLM engines; with tensor_parallel_size "
+                             f"{self.tensor_parallel_size} the engines start per trial: remove one of the two")
         if self.tensor_parallel_size > 1 and not self.use_gpu:
             raise ValueError(f"tensor_parallel_size {self.tensor_parallel_size} shards each vLLM engine over "
                              f"{self.tensor_parallel_size} GPUs: set use_gpu: true, or tensor_parallel_size: 1")

@@ -11,7 +11,7 @@ Data actors or ray.data.llm engines for each trial's evaluation) and with `eval.
 true` (engines that outlive a trial, `raydistill.evaluate.shared`), and compares both runs'
 predictions. `--engine vllm` (in the vLLM environment, `make install-vllm`) runs it on vLLM with
 SmolLM2-135M as the student (vLLM's CPU attention rejects the tiny Llama's head size 16) and counts
-the vLLM engine starts and in-place weight reloads in each run's Ray logs.
+the vLLM engine starts in each run's Ray logs.
 
 Runs the same sweep (tiny-llama on SVAMP levels 1-6, released GPT-4o annotations) twice in one
 run, each time as `sweeps/granularity.py` in a fresh process and local Ray cluster of
@@ -66,7 +66,6 @@ VLLM_SWEEP = {
     "eval": {"engine": "vllm", "max_new_tokens": 32, "batch_size": 12, "num_actors": 1, "cpus_per_actor": 1},
 }
 ENGINE_START = "Initializing a V1 LLM engine"  # vLLM's log line at each engine start
-WEIGHT_RELOAD = "Reloading weights inplace"
 
 
 def run_sweep(workdir: Path, concurrency: int, cpus: int, shared: bool = False, sweep: dict = SWEEP) -> dict:
@@ -98,8 +97,7 @@ def run_sweep(workdir: Path, concurrency: int, cpus: int, shared: bool = False, 
 
 
 def _vllm_counts(ray_tmp: str) -> dict:
-    return {"vllm_engine_starts": _log_count(ray_tmp, ENGINE_START),
-            "vllm_weight_reloads": _log_count(ray_tmp, WEIGHT_RELOAD)}
+    return {"vllm_engine_starts": _log_count(ray_tmp, ENGINE_START)}
 
 
 def _log_count(ray_tmp: str, line: str) -> int:

@@ -112,6 +112,9 @@ def breakdown(records: list[dict], wall: float, cpus: int) -> dict:
     from raydistill.records import TIME_STAGES
 
     sums = {stage: round(sum(r["timings"].get(stage, 0.0) for r in records), 1) for stage in TIME_STAGES}
+    if not all("useful" in r["timings"] for r in records):  # an engine that does not time generation (vLLM)
+        sums["useful"] = None
+        return {"breakdown": sums, "useful_share_of_trial_time": None, "useful_share_of_cpu_wall": None}
     return {"breakdown": sums,
             "useful_share_of_trial_time": round(sums["useful"] / max(sums["wall"], 1e-9), 3),
             "useful_share_of_cpu_wall": round(sums["useful"] / (wall * cpus), 3)}

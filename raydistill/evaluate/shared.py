@@ -9,11 +9,12 @@ find by name:
 - `EngineHost` (HF) keeps its process and imports and loads the weights a call names only when
   they differ from the last call's (the next trial's model); the same `HFEngine` generates, so the
   predictions are those of per-trial actors.
-- `VLLMHost` starts a vLLM engine once per engine shape (architecture, tokenizer, engine arguments):
-  the next full fine-tune of the same base is reloaded into it in place (vLLM's ``reload_weights``,
-  prefix cache reset), and LoRA adapters of the same base are applied per request, ``max_loras`` of
-  them kept loaded side by side. Requests and outputs are mapped as on per-trial engines
-  (`vllm_pre`, `vllm_post`), so the predictions agree as two vLLM runs do.
+- `VLLMHost` keeps a vLLM engine per base model: LoRA adapters of that base are applied per
+  request, ``max_loras`` of them kept loaded side by side, so a LoRA sweep starts one engine. A full
+  fine-tune has weights of its own, so its trial starts an engine (vLLM's in-place
+  ``reload_weights`` did not reproduce a fresh engine's generations when the embeddings changed).
+  Requests and outputs are mapped as on per-trial engines (`vllm_pre`, `vllm_post`), so the
+  predictions agree as two vLLM runs do.
 
 On CPU the hosts reserve no CPU of their own; the trial's evaluation task holds the CPUs they work
 with (`host_cpus`), so an idle host does not keep a training worker from starting. A vLLM host on
@@ -93,9 +94,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def engine_shape(model_path: str) -> str:
-    """What a vLLM engine started from ``model_path`` is fixed to: the architecture (the model's
-    config as transformers reads it, but for the fields in `NOT_SHAPE`) and the tokenizer files. Two
-    folders of the same shape differ in their weights only, which `VLLMHost` reloads in place."""
+    """What a vLLM engine started from ``model_path`` is fixed to besides the weights: the
+    architecture (the model's config as transformers reads it, but for the fields in `NOT_SHAPE`)
+    and the tokenizer files."""
     from transformers import AutoConfig
 
     folder = Path(model_path)
@@ -108,11 +109,11 @@ def engine_shape(model_path: str) -> str:
 
 
 class VLLMHost:
-    """One long-lived vLLM engine (a Ray actor): started once per engine shape, the weights of the
-    model a call names reloaded in place, LoRA adapters applied per request."""
+    """One long-lived vLLM engine (a Ray actor): started again only when a call names other weights
+    or engine arguments; LoRA adapters of its base applied per request."""
 
     def __init__(self):
-        self.llm, self.shape, self.weights, self.starts, self.adapters = None, None, None, 0, {}
+        self.llm, self.shape, self.starts, self.adapters = None, None, 0, {}
 
     def generate(self, model_path: str, template_name: str, spec: dict, stop_strings: list[str], context: int,
                  lora: dict | None, rows: list[dict]) -> list[dict]:
@@ -133,23 +134,23 @@ class VLLMHost:
                 for r, o in zip(requests, outputs)]
 
     def _load(self, model_path: str, spec: EvalSpec, context: int, lora) -> None:
-        """Start the engine for this shape, or reload ``model_path``'s weights into the running one."""
+        """Start an engine unless the running one has this shape and these weights.
+
+        A full fine-tune's weights are not reloaded into a running engine: vLLM's ``reload_weights``
+        (0.32) left generations different from a fresh engine's when the tied embeddings changed.
+        """
         from raydistill.evaluate.vllm_engine import vllm_engine_kwargs
 
         kwargs = vllm_engine_kwargs(spec, context, lora)
         if lora:
             kwargs["max_loras"] = spec.max_loras
-        shape = (engine_shape(model_path), json.dumps(kwargs, sort_keys=True))
+        shape = (engine_shape(model_path), weights_version(model_path), json.dumps(kwargs, sort_keys=True))
         if shape != self.shape:
             from vllm import LLM
 
             self.close()
             self.llm = LLM(model=model_path, **kwargs)
-            self.shape, self.weights, self.starts = shape, weights_version(model_path), self.starts + 1
-        elif weights_version(model_path) != self.weights:  # another trial of the base: no stale KV cache
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": model_path})
-            self.llm.reset_prefix_cache()
-            self.weights = weights_version(model_path)
+            self.shape, self.starts = shape, self.starts + 1
 
     def _adapter(self, path: str):
         from vllm.lora.request import LoRARequest
@@ -164,7 +165,7 @@ class VLLMHost:
         """Shut the engine down (its engine-core process included)."""
         if self.llm is not None:
             self.llm.llm_engine.engine_core.shutdown()
-        self.llm, self.shape, self.weights, self.adapters = None, None, None, {}
+        self.llm, self.shape, self.adapters = None, None, {}
         gc.collect()
 
     def engine_starts(self) -> int:

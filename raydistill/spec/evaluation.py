@@ -56,8 +56,9 @@ class EvalSpec(Strict):
     # Both engines: seconds the generation of one evaluation (engine start included) may take before
     # its engines are stopped and the evaluation fails (None: no limit).
     timeout_s: float | None = Field(None, gt=0)
-    # Evaluation engines that outlive a trial and load the next trial's weights (`raydistill.evaluate.shared`)
-    # instead of starting anew: HF on CPU, vLLM on CPU or one GPU each (held for the whole sweep).
+    # Evaluation engines that outlive a trial (`raydistill.evaluate.shared`): HF on CPU loads the next
+    # trial's weights into the same process; vLLM (CPU, or one GPU each held for the whole sweep) keeps
+    # one engine for the LoRA trials of a base.
     shared_engines: bool = False
     # vLLM shared engines: LoRA adapters of one base kept loaded side by side.
     max_loras: int = Field(4, ge=1)

@@ -3,15 +3,19 @@ per-trial evaluation engines vs shared ones.
 
     python benchmarks/sweep.py [--out benchmarks/results/sweep.json] [--concurrency 2]
     python benchmarks/sweep.py --engines [--out benchmarks/results/sweep-engines.json]
-    .venv-vllm/bin/python benchmarks/sweep.py --engines --engine vllm --concurrency 1 --cpus 2 \
+    .venv-vllm/bin/python benchmarks/sweep.py --engines --engine vllm --concurrency 1 --cpus 3 \
         --out benchmarks/results/sweep-engines-vllm.json
+    .venv-vllm/bin/python benchmarks/sweep.py --engines --engine vllm --lora --concurrency 1 --cpus 3 \
+        --out benchmarks/results/sweep-engines-vllm-lora.json
 
 `--engines` runs the sweep at `--concurrency` twice instead: with per-trial engines (fresh Ray
 Data actors or ray.data.llm engines for each trial's evaluation) and with `eval.shared_engines:
 true` (engines that outlive a trial, `raydistill.evaluate.shared`), and compares both runs'
 predictions. `--engine vllm` (in the vLLM environment, `make install-vllm`) runs it on vLLM with
 SmolLM2-135M as the student (vLLM's CPU attention rejects the tiny Llama's head size 16) and counts
-the vLLM engine starts in each run's Ray logs.
+the vLLM engine starts in each run's Ray logs. `--lora` trains each trial a LoRA adapter instead of
+the whole model (`train.lora`, kept unmerged: `merge_on_save: false`), so that shared vLLM engines
+serve the six adapters of one base per request.
 
 Runs the same sweep (tiny-llama on SVAMP levels 1-6, released GPT-4o annotations) twice in one
 run, each time as `sweeps/granularity.py` in a fresh process and local Ray cluster of
@@ -65,6 +69,8 @@ VLLM_SWEEP = {
     "train": {**SWEEP["train"], "zero_stage": 0, "cutoff_len": 512, "learning_rate": 5e-5},
     "eval": {"engine": "vllm", "max_new_tokens": 32, "batch_size": 12, "num_actors": 1, "cpus_per_actor": 1},
 }
+# `--lora`: rank-8 adapters kept unmerged, at a learning rate at which 2 steps change the generations.
+LORA_TRAIN = {"lora": {"r": 8, "alpha": 16, "merge_on_save": False}, "learning_rate": 2e-3}
 ENGINE_START = "Initializing a V1 LLM engine"  # vLLM's log line at each engine start
 
 
@@ -157,9 +163,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="compare per-trial evaluation engines with shared ones (eval.shared_engines)")
     parser.add_argument("--engine", choices=["hf", "vllm"], default="hf",
                         help="with --engines: the engine (vllm: SmolLM2-135M, in the vLLM environment)")
+    parser.add_argument("--lora", action="store_true",
+                        help="with --engines: train LoRA adapters (unmerged) instead of full fine-tunes")
     args = parser.parse_args(argv)
-    if args.engine != "hf" and not args.engines:
-        parser.error("--engine applies to --engines")
+    if (args.engine != "hf" or args.lora) and not args.engines:
+        parser.error("--engine and --lora apply to --engines")
     cpus = args.cpus or args.concurrency
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="rd-bench-sweep-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -167,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     from raydistill.students import resolve_student
 
     sweep = VLLM_SWEEP if args.engine == "vllm" else SWEEP
+    if args.lora:
+        sweep = {**sweep, "train": {**sweep["train"], **LORA_TRAIN}}
     resolve_student(sweep["students"][0])  # built or found once, outside the timings
     load_before = os.getloadavg()
     machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "loadavg_before": load_before}

@@ -85,31 +85,32 @@ def test_shared_engines_outlive_an_evaluation_and_give_the_same_predictions(tiny
     assert stop_engine_hosts("g", [shared]) == 1 and stop_engine_hosts("g", [shared]) == 0
 
 
-def test_a_shared_engine_tells_new_weights_from_a_new_model_shape(tiny, tmp_path):
-    """What a shared vLLM host compares (`raydistill.evaluate.shared`): two folders with the same
-    config and tokenizer are one engine shape whatever their weights (reloaded in place); another
-    architecture or tokenizer is another shape (a new engine). A folder whose weights are written
-    again is a new weights version, so a host that had it loaded loads it again."""
+def test_a_shared_engine_loads_a_model_folder_again_when_its_files_are_written_again(tiny, tmp_path):
+    """What a shared host compares (`raydistill.evaluate.shared.weights_version`): a copy of a model
+    is another folder with the same files; rewriting that folder's weights, its config or its
+    tokenizer (a trial trained again) makes it a new version, which a host that had it loaded loads
+    again (vLLM: a new engine, since the config and tokenizer fix an engine too)."""
     import json
     import shutil
 
-    from raydistill.evaluate.shared import engine_shape, weights_version
+    from raydistill.evaluate.shared import weights_version
 
     other = Path(shutil.copytree(tiny, tmp_path / "other"))
-    weights = next(other.glob("*.safetensors"))
     before = weights_version(str(other))
-    assert engine_shape(str(other)) == engine_shape(tiny) and before[1:] == weights_version(tiny)[1:]
-    time.sleep(0.01)
-    weights.write_bytes(weights.read_bytes())  # the same folder written again (a trial trained again)
-    assert weights_version(str(other)) != before and engine_shape(str(other)) == engine_shape(tiny)
+    assert before[0] != weights_version(tiny)[0] and before[1:] == weights_version(tiny)[1:]
+    assert {name for name, *_ in before[1:]} >= {"config.json", "tokenizer.json", next(other.glob("*.safetensors")).name}
+    seen = {before}
+    weights = next(other.glob("*.safetensors"))
     config = json.loads((other / "config.json").read_text())
-    (other / "config.json").write_text(json.dumps({**config, "num_hidden_layers": config["num_hidden_layers"] + 1}))
-    assert engine_shape(str(other)) != engine_shape(tiny)
-    (other / "config.json").write_text(json.dumps(config))
     tokenizer = json.loads((other / "tokenizer.json").read_text())
     tokenizer["added_tokens"].append({**tokenizer["added_tokens"][-1], "id": 10 ** 6, "content": "<extra>"})
-    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
-    assert engine_shape(str(other)) != engine_shape(tiny)
+    for rewrite in (lambda: weights.write_bytes(weights.read_bytes()),  # the same bytes, written again
+                    lambda: (other / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 9})),
+                    lambda: (other / "tokenizer.json").write_text(json.dumps(tokenizer))):
+        time.sleep(0.01)
+        rewrite()
+        assert weights_version(str(other)) not in seen
+        seen.add(weights_version(str(other)))
 
 
 def test_a_hung_engine_fails_the_evaluation_after_timeout_s(tiny, ray_module, tmp_path):

@@ -26,7 +26,6 @@ sweep stops the hosts when it ends (`stop_engine_hosts`), or when an evaluation 
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -79,62 +78,48 @@ def _plain(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
+# The files a loaded model is made of: weights, config, tokenizer (vLLM detokenizes with the
+# tokenizer it started with), an adapter's config.
+MODEL_FILES = ("*.safetensors", "*.bin", "config.json", "adapter_config.json", "generation_config.json",
+               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
 def weights_version(model_path: str) -> tuple:
-    """A model folder and the size and modification time of its weight files: a folder written
-    again (a trial trained again after a crash) is loaded again by a host that had it loaded."""
+    """A model folder and the size and modification time of the files it is made of (`MODEL_FILES`):
+    a folder written again (a trial trained again after a crash) is loaded again by a host that had
+    it loaded. Only file metadata is read, so a host can compare it on every batch."""
     folder = Path(model_path)
-    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in folder.glob("*.safetensors"))
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns)
+                   for pattern in MODEL_FILES for f in folder.glob(pattern))
     return (str(folder), *files)
 
 
-# Config fields that do not shape a vLLM engine (the engine arguments set the dtype), and the
-# tokenizer files that do (vLLM detokenizes with the tokenizer it started with).
-NOT_SHAPE = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-
-
-def engine_shape(model_path: str) -> str:
-    """What a vLLM engine started from ``model_path`` is fixed to besides the weights: the
-    architecture (the model's config as transformers reads it, but for the fields in `NOT_SHAPE`)
-    and the tokenizer files."""
-    from transformers import AutoConfig
-
-    folder = Path(model_path)
-    config = {k: v for k, v in AutoConfig.from_pretrained(folder).to_dict().items() if k not in NOT_SHAPE}
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
-    for name in TOKENIZER_FILES:
-        if (folder / name).is_file():
-            digest.update(name.encode() + (folder / name).read_bytes())
-    return digest.hexdigest()
-
-
 class VLLMHost:
-    """One long-lived vLLM engine (a Ray actor): started again only when a call names other weights
-    or engine arguments; LoRA adapters of its base applied per request."""
+    """One long-lived vLLM engine (a Ray actor): started again only when a call names other model
+    files (`weights_version`) or engine arguments; LoRA adapters of its base applied per request."""
 
     def __init__(self):
         self.llm, self.shape, self.starts, self.adapters = None, None, 0, {}
 
-    def generate(self, model_path: str, template_name: str, spec: dict, stop_strings: list[str], context: int,
-                 lora: dict | None, rows: list[dict]) -> list[dict]:
+    def generate(self, model_path: str, template_name: str, spec: EvalSpec, stop_strings: list[str], context: int,
+                 lora, rows: list[dict]) -> list[dict]:
         """`vllm_post` rows for the `replicate_samples` rows ``rows`` on ``model_path`` (with ``lora``,
-        the adapter's base, each request applying the adapter)."""
+        a `LoraPlan`, the adapter's base, each request applying the adapter)."""
         from vllm import SamplingParams
 
-        from raydistill.evaluate.vllm_engine import LoraPlan, vllm_post, vllm_pre
+        from raydistill.evaluate.vllm_engine import vllm_post, vllm_pre
 
-        plan = LoraPlan(**lora) if lora else None
-        self._load(model_path, EvalSpec.model_validate(spec), context, plan)
+        self._load(model_path, spec, context, lora)
         requests = [vllm_pre(r, model_path, template_name, spec, stop_strings) for r in rows]
         outputs = self.llm.generate([{"prompt_token_ids": list(r["tokenized_prompt"])} for r in requests],
                                     [SamplingParams(**r["sampling_params"]) for r in requests],
-                                    lora_request=self._adapter(plan.adapter) if plan else None, use_tqdm=False)
+                                    lora_request=self._adapter(lora.adapter) if lora else None, use_tqdm=False)
         return [vllm_post({**r, "generated_tokens": list(o.outputs[0].token_ids), "generated_text": o.outputs[0].text},
-                          model_path, template_name, stop_strings, EvalSpec.model_validate(spec).max_new_tokens)
+                          model_path, template_name, stop_strings, spec.max_new_tokens)
                 for r, o in zip(requests, outputs)]
 
     def _load(self, model_path: str, spec: EvalSpec, context: int, lora) -> None:
-        """Start an engine unless the running one has this shape and these weights.
+        """Start an engine unless the running one has these model files and engine arguments.
 
         A full fine-tune's weights are not reloaded into a running engine: vLLM's ``reload_weights``
         (0.32) left generations different from a fresh engine's when the tied embeddings changed.
@@ -144,7 +129,7 @@ class VLLMHost:
         kwargs = vllm_engine_kwargs(spec, context, lora)
         if lora:
             kwargs["max_loras"] = spec.max_loras
-        shape = (engine_shape(model_path), weights_version(model_path), json.dumps(kwargs, sort_keys=True))
+        shape = (weights_version(model_path), json.dumps(kwargs, sort_keys=True))
         if shape != self.shape:
             from vllm import LLM
 
@@ -213,15 +198,13 @@ def generate_on_vllm_hosts(prompts: list[dict], model_path: str, template_name: 
     questions with all their samples (`replicate_samples`), so every list comes back whole."""
     from ray.util import ActorPool
 
-    from raydistill.evaluate.vllm_engine import replicate_samples
+    from raydistill.evaluate.vllm_engine import replicate_samples, whole_questions
 
     batches = [replicate_samples(prompts[i:i + spec.batch_size], spec.n_samples)
                for i in range(0, len(prompts), spec.batch_size)]
-    dumped, plan = spec.model_dump(mode="json"), (vars(lora) if lora else None)
     pool = ActorPool(engine_hosts(spec, group, "vllm"))
-    for rows in pool.map_unordered(lambda host, rows: host.generate.remote(
-            model_path, template_name, dumped, stop_strings, context, plan, rows), batches):
-        yield [{k: v for k, v in r.items() if k != "sample"} for r in rows]
+    yield from whole_questions(pool.map_unordered(lambda host, rows: host.generate.remote(
+        model_path, template_name, spec, stop_strings, context, lora, rows), batches), spec.n_samples)
 
 
 CLOSE_TIMEOUT_S = 30  # how long a host gets to shut its engine down before it is killed

@@ -28,7 +28,7 @@ def _tokenizer(model_path: str, template_name: str):
     return load_tokenizer(model_path, template_name)
 
 
-def vllm_pre(row: dict, model_path: str, template_name: str, spec: dict, stop_strings: list[str],
+def vllm_pre(row: dict, model_path: str, template_name: str, spec: EvalSpec | dict, stop_strings: list[str],
              lora_path: str | None = None) -> dict:
     """Row -> vLLM request: our own token ids (no BOS added twice), sampling params, LoRA adapter.
     Sample i of a question (``row["sample"]``, `replicate_samples`) is seeded ``spec.seed + i``."""

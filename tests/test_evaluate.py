@@ -85,6 +85,45 @@ def test_shared_engines_outlive_an_evaluation_and_give_the_same_predictions(tiny
     assert stop_engine_hosts("g", [shared]) == 1 and stop_engine_hosts("g", [shared]) == 0
 
 
+def test_a_shared_hf_engine_merges_lora_adapters_into_the_base_it_keeps(tiny, ray_module, tmp_path):
+    """LoRA trials on a sweep's shared HF engine: the host loads the base once and merges each
+    adapter into a copy of it in memory (no merged folder written), and each adapter's predictions
+    are those of per-evaluation actors on the adapter merged on disk (`merged_model`)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from raydistill.evaluate.shared import NAMESPACE, host_names, stop_engine_hosts
+    from raydistill.students import default_cache_dir
+
+    test = load_test("svamp").slice(0, 6)
+    adapters = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny),
+                                    LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj"],
+                                               init_lora_weights=False))
+        peft_model.save_pretrained(tmp_path / f"adapter-{seed}")
+        adapters.append(str(tmp_path / f"adapter-{seed}"))
+    merged_dir = default_cache_dir() / "merged"
+    merged_before = set(merged_dir.iterdir()) if merged_dir.is_dir() else set()
+    shared = SPEC.model_copy(update={"shared_engines": True})
+    on_host = [pq.read_table(evaluate(a, "tiny-llama", "svamp", test, shared, tmp_path / f"{i}-shared.parquet",
+                                      progress=False, engine_group="lora").predictions_path).to_pylist()
+               for i, a in enumerate(adapters)]
+    assert (set(merged_dir.iterdir()) if merged_dir.is_dir() else set()) == merged_before  # merged in memory
+    [name] = host_names(shared, "lora")
+    assert ray_module.get(ray_module.get_actor(name, namespace=NAMESPACE).bases_loaded.remote()) == 1
+    own = [pq.read_table(evaluate(a, "tiny-llama", "svamp", test, SPEC, tmp_path / f"{i}-own.parquet",
+                                  progress=False).predictions_path).to_pylist() for i, a in enumerate(adapters)]
+    base = pq.read_table(evaluate(tiny, "tiny-llama", "svamp", test, SPEC, tmp_path / "base.parquet",
+                                  progress=False).predictions_path).to_pylist()
+    generations = [[r["generation"] for r in rows] for rows in (base, *own)]
+    assert len({tuple(g) for g in generations}) == 3  # each adapter changes the generations
+    assert on_host == own
+    assert stop_engine_hosts("lora", [shared]) == 1
+
+
 def test_a_shared_engine_loads_a_model_folder_again_when_its_files_are_written_again(tiny, tmp_path):
     """What a shared host compares (`raydistill.evaluate.shared.weights_version`): a copy of a model
     is another folder with the same files; rewriting that folder's weights, its config or its

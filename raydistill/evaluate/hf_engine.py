@@ -35,12 +35,15 @@ def generate_kwargs(spec: EvalSpec) -> dict:
 
 
 def load_tokenizer(model_path: str, template_name: str):
-    """The model's tokenizer, left-padded, with EOS/pad fixed as the student's template trains it."""
+    """The model's tokenizer (a LoRA adapter's, else its base's), left-padded, with EOS/pad fixed as
+    the student's template trains it."""
     from transformers import AutoTokenizer
 
     from raydistill.students import get_template
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")
+    from raydistill.evaluate.models import tokenizer_folder
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(model_path), padding_side="left")
     get_template(template_name).fix_tokenizer(tokenizer)
     return tokenizer
 
@@ -87,7 +90,9 @@ class StopOnStrings:
 class HFEngine:
     """Batched `generate` with a left-padded HF causal LM; one instance per Ray Data actor."""
 
-    def __init__(self, model_path: str, template_name: str, spec: dict, stop_strings: list[str]):
+    def __init__(self, model_path: str, template_name: str, spec: dict, stop_strings: list[str], model=None):
+        """``model``: the model of ``model_path`` already in memory (a shared host's LoRA merge,
+        `raydistill.evaluate.shared.EngineHost`), cast as loading it would cast it."""
         import torch
         from transformers import AutoModelForCausalLM
 
@@ -98,7 +103,9 @@ class HFEngine:
         self.device = "cuda" if self.spec.use_gpu else "cpu"
         self.tokenizer = load_tokenizer(model_path, template_name)
         dtype = torch.bfloat16 if self.spec.use_gpu else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(self.device).eval()
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        self.model = model.to(self.device, dtype).eval()
         self.stop_strings = list(stop_strings)
         eos = self.model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]

@@ -32,6 +32,24 @@ def adapter_base(adapter_path: str | Path) -> str:
     return base
 
 
+def tokenizer_folder(model_path: str | Path) -> str:
+    """Where a model's tokenizer is: its folder, or for an adapter saved without one its base's."""
+    folder = Path(model_path)
+    return str(folder) if not is_adapter(folder) or (folder / "tokenizer_config.json").is_file() else adapter_base(folder)
+
+
+def adds_tokens(adapter_path: str | Path) -> bool:
+    """Whether a LoRA adapter's tokenizer has more tokens than its base model has embeddings (peft
+    then grows the embeddings before applying it, which `merged_model` does and a shared HF host's
+    in-memory merge does not: such adapters are merged on disk)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    if tokenizer_folder(adapter_path) != str(Path(adapter_path)):
+        return False
+    return len(AutoTokenizer.from_pretrained(str(adapter_path))) > AutoConfig.from_pretrained(
+        adapter_base(adapter_path)).vocab_size
+
+
 def merged_model(adapter_path: str | Path) -> str:
     """An HF folder with the LoRA adapter merged into its base model (built once, then cached)."""
     from raydistill.students import STUDENT_INFO_FILE, default_cache_dir, merge_lora
@@ -41,10 +59,8 @@ def merged_model(adapter_path: str | Path) -> str:
     target = default_cache_dir() / "merged" / content_hash(stamp)
     if (target / "config.json").is_file():
         return str(target)
-    base = adapter_base(adapter)
-    tokenizer_source = adapter if (adapter / "tokenizer_config.json").is_file() else base
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
-    merge_lora(adapter, tmp, tokenizer_source)
+    merge_lora(adapter, tmp, tokenizer_folder(adapter))
     if (adapter / STUDENT_INFO_FILE).is_file():
         shutil.copy(adapter / STUDENT_INFO_FILE, tmp / STUDENT_INFO_FILE)
     try:

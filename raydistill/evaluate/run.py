@@ -24,7 +24,7 @@ from raydistill import answers, files
 from raydistill.answers import PAPER_GRADING, GraderOptions
 from raydistill.evaluate.choose import EngineError, choose_engine
 from raydistill.evaluate.hf_engine import HFEngine, load_tokenizer
-from raydistill.evaluate.models import adapter_base, is_adapter, merged_model
+from raydistill.evaluate.models import adapter_base, adds_tokens, is_adapter, merged_model
 from raydistill.evaluate.parts import parts_dir, read_parts, write_part
 from raydistill.evaluate.shared import generate_on_hosts, generate_on_vllm_hosts, stop_engine_hosts
 from raydistill.evaluate.vllm_engine import (LoraPlan, model_max_len, release_engine_placements,
@@ -257,6 +257,14 @@ def _current(table: pa.Table, prompts: list[dict]) -> pa.Table:
     return table.filter(pa.array([wanted.get(q) == (p, g) for q, p, g in rows], pa.bool_()))
 
 
+def _hf_model(model_path: str, shared: bool) -> str:
+    """The folder HF engines load: a LoRA adapter merged on disk (`merged_model`), or for shared
+    hosts the adapter itself, which they merge into the base they keep loaded (`EngineHost`)."""
+    if not is_adapter(model_path) or (shared and not adds_tokens(model_path)):
+        return model_path
+    return merged_model(model_path)
+
+
 def evaluate(model_path: str, student: str, task: str, test: pa.Table, spec: EvalSpec,
              out_path: str | Path, grader: GraderOptions = PAPER_GRADING, progress: bool = True,
              engine_group: str | None = None) -> EvalResult:
@@ -283,8 +291,8 @@ def evaluate(model_path: str, student: str, task: str, test: pa.Table, spec: Eva
                         spec.tensor_parallel_size)
         template_name = get_student(student).template
         key = eval_hash(model_digest(model_path), template_name, task, spec, engine, grader)
-        lora = vllm_lora(model_path) if engine == "vllm" and is_adapter(model_path) else None  # else merged
-        model_path = lora.base if lora else merged_model(model_path) if is_adapter(model_path) else str(model_path)
+        lora = vllm_lora(model_path) if engine == "vllm" and is_adapter(model_path) else None
+        model_path = lora.base if lora else _hf_model(str(model_path), shared=bool(group) and engine == "hf")
         tokenizer = load_tokenizer(model_path, template_name)
         template = get_template(template_name)
         prompts = build_prompts(test, template, tokenizer)

@@ -8,7 +8,8 @@ find by name:
 
 - `EngineHost` (HF) keeps its process and imports and loads the weights a call names only when
   they differ from the last call's (the next trial's model); the same `HFEngine` generates, so the
-  predictions are those of per-trial actors.
+  predictions are those of per-trial actors. LoRA adapters are merged in memory into a copy of
+  their base, which stays loaded, instead of on disk (`merged_model`).
 - `VLLMHost` keeps a vLLM engine per base model: LoRA adapters of that base are applied per
   request, ``max_loras`` of them kept loaded side by side, so a LoRA sweep starts one engine. A full
   fine-tune has weights of its own, so its trial starts an engine (vLLM's in-place
@@ -28,6 +29,7 @@ from __future__ import annotations
 import gc
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -44,14 +46,16 @@ def host_cpus(spec: EvalSpec) -> float:
 
 
 class EngineHost:
-    """One long-lived HF engine (a Ray actor): generates a batch with the weights the call names."""
+    """One long-lived HF engine (a Ray actor): generates a batch with the weights the call names.
+    A LoRA adapter is merged into its base in memory, the base loaded once for all its adapters."""
 
     def __init__(self):
-        self.engine, self.loaded = None, None
+        self.engine, self.loaded, self.base, self.base_loads = None, None, None, 0
 
     def generate(self, model_path: str, template_name: str, spec: dict, stop_strings: list[str],
                  rows: list[dict]) -> list[dict]:
         from raydistill.evaluate.hf_engine import HFEngine
+        from raydistill.evaluate.models import is_adapter
 
         wanted = (weights_version(model_path), template_name, repr(sorted(spec.items())), tuple(stop_strings))
         if wanted != self.loaded:  # another trial's model: load it into this process
@@ -60,18 +64,43 @@ class EngineHost:
             self.engine, self.loaded = None, None  # the last model goes before the next one loads
             # the threads a per-trial actor of cpus_per_actor CPUs gets from Ray (OMP_NUM_THREADS)
             torch.set_num_threads(max(1, math.floor(spec["cpus_per_actor"])))
-            self.engine, self.loaded = HFEngine(model_path, template_name, spec, stop_strings), wanted
+            started = time.perf_counter()
+            merged = self._merged(model_path) if is_adapter(model_path) else None
+            self.engine, self.loaded = HFEngine(model_path, template_name, spec, stop_strings, merged), wanted
+            self.engine.load_seconds = time.perf_counter() - started  # with the merge
         batch = {key: np.array([r[key] for r in rows], dtype=object) for key in rows[0]}
         out = self.engine(batch)
         return [{key: _plain(values[i]) for key, values in out.items()} for i in range(len(out["prompt"]))]
+
+    def _merged(self, adapter: str):
+        """The LoRA ``adapter`` merged into a copy of its base, the weights `merged_model` writes
+        (peft's AutoPeftModelForCausalLM on the base as transformers loads it by default); the base
+        stays loaded for the next adapter of it."""
+        import copy
+
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        from raydistill.evaluate.models import adapter_base
+
+        base = adapter_base(adapter)
+        if self.base is None or self.base[0] != weights_version(base):
+            self.base = None
+            self.base = (weights_version(base), AutoModelForCausalLM.from_pretrained(base))
+            self.base_loads += 1
+        return PeftModel.from_pretrained(copy.deepcopy(self.base[1]), adapter).merge_and_unload()
 
     def pid(self) -> int:
         import os
 
         return os.getpid()
 
+    def bases_loaded(self) -> int:
+        """How often a LoRA base was loaded (once per base while its adapters come in turn)."""
+        return self.base_loads
+
     def close(self) -> None:
-        self.engine, self.loaded = None, None
+        self.engine, self.loaded, self.base = None, None, None
 
 
 def _plain(value):

@@ -152,6 +152,36 @@ def test_a_shared_engine_loads_a_model_folder_again_when_its_files_are_written_a
         seen.add(weights_version(str(other)))
 
 
+def test_a_shared_vllm_engine_tells_new_weights_from_a_new_model_shape(tiny, tmp_path):
+    """What a shared vLLM host reloads in place and what needs a new engine
+    (`raydistill.evaluate.shared.engine_shape`): two folders with the same config and tokenizer are
+    one shape whatever their weights; another architecture, tokenizer or generation config (its EOS
+    ids end requests) is another shape."""
+    import json
+    import shutil
+
+    from raydistill.evaluate.shared import engine_shape
+
+    other = Path(shutil.copytree(tiny, tmp_path / "other"))
+    weights = next(other.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-4] + bytes(4))  # other weights
+    assert engine_shape(str(other)) == engine_shape(tiny)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "num_hidden_layers": config["num_hidden_layers"] + 1}))
+    assert engine_shape(str(other)) != engine_shape(tiny)
+    (other / "config.json").write_text(json.dumps(config))
+    assert engine_shape(str(other)) == engine_shape(tiny)
+    generation = (other / "generation_config.json").read_text()
+    (other / "generation_config.json").write_text(json.dumps({**json.loads(generation), "eos_token_id": 7}))
+    assert engine_shape(str(other)) != engine_shape(tiny)
+    (other / "generation_config.json").write_text(generation)
+    assert engine_shape(str(other)) == engine_shape(tiny)
+    tokenizer = json.loads((other / "tokenizer.json").read_text())
+    tokenizer["added_tokens"].append({**tokenizer["added_tokens"][-1], "id": 10 ** 6, "content": "<extra>"})
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+    assert engine_shape(str(other)) != engine_shape(tiny)
+
+
 def test_a_hung_engine_fails_the_evaluation_after_timeout_s(tiny, ray_module, tmp_path):
     """An evaluation that cannot finish in time (40 questions x 1,500 new tokens in batches of 2: the
     tiny Llama's 8 x 1,500 took 15 s on one CPU here) fails soon after ``timeout_s`` with a message

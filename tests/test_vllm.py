@@ -232,7 +232,8 @@ def test_n_samples_on_vllm_match_hf_where_sampling_is_greedy_and_resume_by_whole
 def save_variant(model: str, out, seed: int, merge: bool) -> str:
     """A model of ``model``'s shape with other weights: a random rank-8 LoRA adapter, or that adapter
     merged, the (tied) embeddings moved too, and saved with the base's config and tokenizer files (a
-    full fine-tune's folder; vLLM's in-place reload failed on changed embeddings)."""
+    full fine-tune's folder; vLLM's in-place reload on CPU left a tied lm_head at the old embeddings
+    until `WeightsReload` packed it again)."""
     import shutil
 
     import torch
@@ -258,12 +259,12 @@ def save_variant(model: str, out, seed: int, merge: bool) -> str:
 
 def test_a_shared_vllm_host_serves_a_sweeps_fine_tunes_and_one_engine_its_adapters(model, runs, tmp_path):
     """eval.shared_engines on vLLM. Full fine-tunes: the base, a model of the same shape with other
-    weights (embeddings included), then the base again go to one host, which starts an engine for
-    each change of weights: each model's predictions agree with its own per-evaluation engine's (as
-    two vLLM runs do), with the same evaluation identity; the second model's differ from the base's
-    and the base's second run is its first. LoRA adapters of the base: two adapters, then the first
-    again, start one engine (LoRA enabled) and no other, with the same agreements. Stopping the
-    hosts ends their engine processes."""
+    weights (embeddings included), then the base again go to one host, which starts one engine and
+    reloads the weights into it twice: each model's predictions agree with its own per-evaluation
+    engine's (as two vLLM runs do), with the same evaluation identity; the second model's differ
+    from the base's and the base's second run is its first. LoRA adapters of the base: two
+    adapters, then the first again, start one more engine (LoRA enabled) and reload nothing, with
+    the same agreements. Stopping the hosts ends their engine processes."""
     import psutil
     import ray
 
@@ -296,7 +297,8 @@ def test_a_shared_vllm_host_serves_a_sweeps_fine_tunes_and_one_engine_its_adapte
             own_first = (own, generations(own.predictions_path))
         served = [run(path, f"{kind}-shared-{i}", shared, "g") for i, path in enumerate((first, second, first))]
         host = ray.get_actor(host_name, namespace=NAMESPACE)
-        assert ray.get(host.engine_starts.remote()) == (3 if kind == "full" else 4), kind
+        assert ray.get(host.engine_starts.remote()) == (1 if kind == "full" else 2), kind
+        assert ray.get(host.weight_reloads.remote()) == 2, kind
         on_host = [generations(r.predictions_path) for r in served]
         assert served[0].eval_hash == own_first[0].eval_hash and agree(on_host[0], own_first[1]), kind
         assert on_host[2] == on_host[0], kind  # back to the first weights

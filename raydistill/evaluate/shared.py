@@ -10,12 +10,13 @@ find by name:
   they differ from the last call's (the next trial's model); the same `HFEngine` generates, so the
   predictions are those of per-trial actors. LoRA adapters are merged in memory into a copy of
   their base, which stays loaded, instead of on disk (`merged_model`).
-- `VLLMHost` keeps a vLLM engine per base model: LoRA adapters of that base are applied per
-  request, ``max_loras`` of them kept loaded side by side, so a LoRA sweep starts one engine. A full
-  fine-tune has weights of its own, so its trial starts an engine (vLLM's in-place
-  ``reload_weights`` did not reproduce a fresh engine's generations when the embeddings changed).
-  Requests and outputs are mapped as on per-trial engines (`vllm_pre`, `vllm_post`), so the
-  predictions agree as two vLLM runs do.
+- `VLLMHost` keeps a vLLM engine per engine shape (architecture, tokenizer, engine arguments): a
+  full fine-tune's weights are reloaded into it in place (vLLM's ``reload_weights``, with the CPU
+  backend's packed embedding GEMMs refreshed, `WeightsReload`); LoRA adapters of its base are
+  applied per request, ``max_loras`` of them kept loaded side by side. A sweep of one student
+  starts one engine per host for its full fine-tunes and one for its LoRA trials. Requests and
+  outputs are mapped as on per-trial engines (`vllm_pre`, `vllm_post`), so the predictions agree
+  as two vLLM runs do.
 
 On CPU the hosts reserve no CPU of their own; the trial's evaluation task holds the CPUs they work
 with (`host_cpus`), so an idle host does not keep a training worker from starting. A vLLM host on
@@ -27,6 +28,7 @@ sweep stops the hosts when it ends (`stop_engine_hosts`), or when an evaluation 
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import math
 import time
@@ -123,12 +125,58 @@ def weights_version(model_path: str) -> tuple:
     return (str(folder), *files)
 
 
+# Config fields that do not shape a vLLM engine (the engine arguments set the dtype), and the
+# files besides the config that do: the tokenizer (vLLM detokenizes with the one it started with)
+# and the generation config (its EOS ids end requests).
+NOT_SHAPE = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"}
+SHAPE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+               "generation_config.json")
+
+
+def engine_shape(model_path: str) -> str:
+    """What a vLLM engine started from ``model_path`` is fixed to besides the weights: the
+    architecture (the model's config as transformers reads it, but for the fields in `NOT_SHAPE`)
+    and the files in `SHAPE_FILES`. Models of one shape are reloaded into a running engine."""
+    from transformers import AutoConfig
+
+    folder = Path(model_path)
+    config = {k: v for k, v in AutoConfig.from_pretrained(folder).to_dict().items() if k not in NOT_SHAPE}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for name in SHAPE_FILES:
+        if (folder / name).is_file():
+            digest.update(name.encode() + (folder / name).read_bytes())
+    return digest.hexdigest()
+
+
+class WeightsReload:
+    """Methods a shared host's vLLM workers gain (``worker_extension_cls``), called by name through
+    ``collective_rpc`` after vLLM's own ``reload_weights``."""
+
+    def refresh_cpu_embedding_gemms(self) -> int:
+        """Pack the embedding-shaped layers' CPU GEMMs again from their current weights; returns how
+        many. vLLM's CPU backend packs them at load (``dispatch_cpu_unquantized_gemm``, weights
+        kept) and its in-place reload (0.32) does not pack them again when the checkpoint names
+        no weight of theirs: a tied ``lm_head`` kept projecting with the old embeddings, so
+        generations after a reload differed from a fresh engine's. Nothing to do on GPU."""
+        from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            return 0
+        layers = [m for m in self.model_runner.get_model().modules()
+                  if isinstance(m, VocabParallelEmbedding) and hasattr(m, "cpu_linear")]
+        for layer in layers:
+            layer.quant_method.process_weights_after_loading(layer)
+        return len(layers)
+
+
 class VLLMHost:
-    """One long-lived vLLM engine (a Ray actor): started again only when a call names other model
-    files (`weights_version`) or engine arguments; LoRA adapters of its base applied per request."""
+    """One long-lived vLLM engine (a Ray actor): the weights of another model of the same shape
+    (`engine_shape`) are reloaded into it in place; another shape or other engine arguments start
+    an engine anew. LoRA adapters of its base are applied per request."""
 
     def __init__(self):
-        self.llm, self.shape, self.starts, self.adapters = None, None, 0, {}
+        self.llm, self.engine, self.weights, self.starts, self.reloads, self.adapters = None, None, None, 0, 0, {}
 
     def generate(self, model_path: str, template_name: str, spec: EvalSpec, stop_strings: list[str], context: int,
                  lora, rows: list[dict]) -> list[dict]:
@@ -148,23 +196,37 @@ class VLLMHost:
                 for r, o in zip(requests, outputs)]
 
     def _load(self, model_path: str, spec: EvalSpec, context: int, lora) -> None:
-        """Start an engine unless the running one has these model files and engine arguments.
-
-        A full fine-tune's weights are not reloaded into a running engine: vLLM's ``reload_weights``
-        (0.32) left generations different from a fresh engine's when the tied embeddings changed.
-        """
+        """Keep the engine for the same model files (`weights_version`, file metadata only); reload
+        the weights of another model of the engine's shape and arguments in place; else start one."""
         from raydistill.evaluate.vllm_engine import vllm_engine_kwargs
 
         kwargs = vllm_engine_kwargs(spec, context, lora)
         if lora:
             kwargs["max_loras"] = spec.max_loras
-        shape = (weights_version(model_path), json.dumps(kwargs, sort_keys=True))
-        if shape != self.shape:
+        kwargs["worker_extension_cls"] = f"{__name__}.{WeightsReload.__qualname__}"
+        weights = weights_version(model_path)
+        if self.llm is not None and weights == self.weights and kwargs == self.engine[0]:
+            return
+        engine = (kwargs, engine_shape(model_path))
+        if self.llm is not None and engine == self.engine:
+            self._reload(model_path)
+        else:
             from vllm import LLM
 
             self.close()
-            self.llm = LLM(model=model_path, **kwargs)
-            self.shape, self.starts = shape, self.starts + 1
+            self.llm, self.engine = LLM(model=model_path, **kwargs), engine
+            self.starts += 1
+        self.weights = weights
+
+    def _reload(self, model_path: str) -> None:
+        """Load another model's weights into the running engine: vLLM's in-place reload, the CPU
+        GEMMs of the embeddings packed again (`WeightsReload`), and no prefix cached for the last
+        weights; adapters are loaded again on their next request."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": model_path, "is_checkpoint_format": True})
+        self.llm.collective_rpc("refresh_cpu_embedding_gemms")
+        self.llm.reset_prefix_cache()
+        self.adapters = {}
+        self.reloads += 1
 
     def _adapter(self, path: str):
         from vllm.lora.request import LoRARequest
@@ -179,11 +241,14 @@ class VLLMHost:
         """Shut the engine down (its engine-core process included)."""
         if self.llm is not None:
             self.llm.llm_engine.engine_core.shutdown()
-        self.llm, self.shape, self.adapters = None, None, {}
+        self.llm, self.engine, self.weights, self.adapters = None, None, None, {}
         gc.collect()
 
     def engine_starts(self) -> int:
         return self.starts
+
+    def weight_reloads(self) -> int:
+        return self.reloads
 
     def pid(self) -> int:
         import os

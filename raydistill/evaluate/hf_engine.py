@@ -39,9 +39,8 @@ def load_tokenizer(model_path: str, template_name: str):
     the student's template trains it."""
     from transformers import AutoTokenizer
 
-    from raydistill.students import get_template
-
     from raydistill.evaluate.models import tokenizer_folder
+    from raydistill.students import get_template
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder(model_path), padding_side="left")
     get_template(template_name).fix_tokenizer(tokenizer)

@@ -44,7 +44,7 @@ def adds_tokens(adapter_path: str | Path) -> bool:
     in-memory merge does not: such adapters are merged on disk)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    if tokenizer_folder(adapter_path) != str(Path(adapter_path)):
+    if not (Path(adapter_path) / "tokenizer_config.json").is_file():  # the base's tokenizer
         return False
     return len(AutoTokenizer.from_pretrained(str(adapter_path))) > AutoConfig.from_pretrained(
         adapter_base(adapter_path)).vocab_size

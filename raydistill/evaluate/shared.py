@@ -86,9 +86,10 @@ class EngineHost:
         from raydistill.evaluate.models import adapter_base
 
         base = adapter_base(adapter)
-        if self.base is None or self.base[0] != weights_version(base):
-            self.base = None
-            self.base = (weights_version(base), AutoModelForCausalLM.from_pretrained(base))
+        version = weights_version(base)
+        if self.base is None or self.base[0] != version:
+            self.base = None  # the last base goes before the next one loads
+            self.base = (version, AutoModelForCausalLM.from_pretrained(base))
             self.base_loads += 1
         return PeftModel.from_pretrained(copy.deepcopy(self.base[1]), adapter).merge_and_unload()
 

@@ -124,6 +124,46 @@ def test_a_shared_hf_engine_merges_lora_adapters_into_the_base_it_keeps(tiny, ra
     assert stop_engine_hosts("lora", [shared]) == 1
 
 
+def test_a_lora_adapter_is_merged_again_when_its_base_is_written_again(tiny, tmp_path):
+    """An adapter whose base folder is written again (the base trained again) is another model: a
+    shared HF host merges it into the new base instead of keeping the old merge, and `merged_model`
+    builds a new merged folder instead of returning the old one."""
+    import shutil
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from raydistill.evaluate.shared import EngineHost
+
+    base = Path(shutil.copytree(tiny, tmp_path / "base"))
+    torch.manual_seed(1)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                                LoraConfig(r=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    adapter = str(tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
+    rows = [{"prompt": p, "question_id": str(i)} for i, p in enumerate(["1 + 1 =", "Tom has 3 apples and"])]
+    spec = SPEC.model_dump(mode="json")
+
+    def generations(host):
+        return [r["generation"] for r in host.generate(adapter, "chat", spec, [], rows)]
+
+    host = EngineHost()
+    before, merged_before = generations(host), merged_model(adapter)
+    retrained = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        for param in retrained.parameters():
+            param.add_(torch.randn_like(param) * 0.5)
+    time.sleep(0.01)
+    retrained.save_pretrained(base)  # the base written again, the adapter's files untouched
+
+    assert merged_model(adapter) != merged_before
+    after = generations(host)
+    assert host.bases_loaded() == 2  # merged into the new base
+    assert after == generations(EngineHost()) and after != before
+
+
 def test_a_shared_engine_loads_a_model_folder_again_when_its_files_are_written_again(tiny, tmp_path):
     """What a shared host compares (`raydistill.evaluate.shared.weights_version`): a copy of a model
     is another folder with the same files; rewriting that folder's weights, its config or its

@@ -50,12 +50,36 @@ def adds_tokens(adapter_path: str | Path) -> bool:
         adapter_base(adapter_path)).vocab_size
 
 
+# The files a loaded model is made of: weights, config, tokenizer (vLLM detokenizes with the
+# tokenizer it started with), an adapter's config.
+MODEL_FILES = ("*.safetensors", "*.bin", "config.json", "adapter_config.json", "generation_config.json",
+               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def weights_version(model_path: str) -> tuple:
+    """A model folder and the size and modification time of the files it is made of (`MODEL_FILES`):
+    a folder written again (a trial trained again after a crash) is loaded again by a host that had
+    it loaded. Only file metadata is read, so a host can compare it on every batch."""
+    folder = Path(model_path)
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns)
+                   for pattern in MODEL_FILES for f in folder.glob(pattern))
+    return (str(folder), *files)
+
+
+def model_version(model_path: str | Path) -> tuple:
+    """`weights_version` of a model folder; for a LoRA adapter, with its base's (an adapter on a
+    base written again is another model)."""
+    version = weights_version(model_path)
+    return (*version, weights_version(adapter_base(model_path))) if is_adapter(model_path) else version
+
+
 def merged_model(adapter_path: str | Path) -> str:
     """An HF folder with the LoRA adapter merged into its base model (built once, then cached)."""
     from raydistill.students import STUDENT_INFO_FILE, default_cache_dir, merge_lora
 
     adapter = Path(adapter_path).resolve()
-    stamp = [str(adapter)] + [(f.name, f.stat().st_mtime_ns) for f in sorted(adapter.iterdir()) if f.is_file()]
+    stamp = ([str(adapter)] + [(f.name, f.stat().st_mtime_ns) for f in sorted(adapter.iterdir()) if f.is_file()]
+             + [weights_version(adapter_base(adapter))])  # the base written again: merged again
     target = default_cache_dir() / "merged" / content_hash(stamp)
     if (target / "config.json").is_file():
         return str(target)

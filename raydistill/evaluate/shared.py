@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from raydistill.evaluate.models import model_version, weights_version
 from raydistill.spec import EvalSpec
 
 NAMESPACE = "raydistill-engines"
@@ -59,7 +60,7 @@ class EngineHost:
         from raydistill.evaluate.hf_engine import HFEngine
         from raydistill.evaluate.models import is_adapter
 
-        wanted = (weights_version(model_path), template_name, repr(sorted(spec.items())), tuple(stop_strings))
+        wanted = (model_version(model_path), template_name, repr(sorted(spec.items())), tuple(stop_strings))
         if wanted != self.loaded:  # another trial's model: load it into this process
             import torch
 
@@ -108,22 +109,6 @@ class EngineHost:
 
 def _plain(value):
     return value.item() if isinstance(value, np.generic) else value
-
-
-# The files a loaded model is made of: weights, config, tokenizer (vLLM detokenizes with the
-# tokenizer it started with), an adapter's config.
-MODEL_FILES = ("*.safetensors", "*.bin", "config.json", "adapter_config.json", "generation_config.json",
-               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-
-
-def weights_version(model_path: str) -> tuple:
-    """A model folder and the size and modification time of the files it is made of (`MODEL_FILES`):
-    a folder written again (a trial trained again after a crash) is loaded again by a host that had
-    it loaded. Only file metadata is read, so a host can compare it on every batch."""
-    folder = Path(model_path)
-    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns)
-                   for pattern in MODEL_FILES for f in folder.glob(pattern))
-    return (str(folder), *files)
 
 
 # Config fields that do not shape a vLLM engine (the engine arguments set the dtype), and the

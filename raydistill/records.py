@@ -61,7 +61,9 @@ class Record(BaseModel):
 # Where a trial's time goes (`TrialRecord.timings`, seconds), in the order the stages run. The stages
 # from train_start to other add up to `wall`, the trial's own time; `queued` (before it) is not part
 # of it. model_load_eval and generation are summed over evaluation actors (actor-seconds, inside
-# eval_first_batch and eval_generating). `useful` = optimizer_steps + generation.
+# eval_first_batch and eval_generating). `useful` = optimizer_steps + generation. The `CPU_STAGES`
+# are CPU seconds, not wall time: trials that share cores stretch each other's stages (and so their
+# wall-time useful share) but not the CPU time their work takes.
 TIME_STAGES = {
     "queued": "waiting for a trial slot and its resources (Tune), before the trial started",
     "train_start": "Ray Train: controller, worker actors and process group start, until the loop runs",
@@ -83,8 +85,13 @@ TIME_STAGES = {
     "generation": "evaluation actors generating (actor-seconds)",
     "wall": "the trial's own time, from its start to its record",
     "useful": "optimizer steps + generation",
+    "optimizer_cpu": "CPU seconds the training workers' processes used in optimizer steps (all workers)",
+    "generation_cpu": "CPU seconds the evaluation actors' processes used generating (HF engine)",
+    "useful_cpu": "optimizer_cpu + generation_cpu",
 }
-ACTOR_STAGES = ("model_load_eval", "generation")  # timed by the evaluation actors (HF engine), not the trial
+# timed by the evaluation actors (HF engine), not the trial
+ACTOR_STAGES = ("model_load_eval", "generation", "generation_cpu")
+CPU_STAGES = ("optimizer_cpu", "generation_cpu", "useful_cpu")  # CPU seconds: not part of a trial's wall time
 
 
 class TrialMetrics(Record):

@@ -298,7 +298,8 @@ def test_truncated_padded_and_level_less_cells_carry_the_mark_in_the_plot(tmp_pa
 
 def test_time_section_sums_stages_and_gives_the_useful_share(tmp_path):
     first = {"queued": 5.0, "train_start": 10.0, "optimizer_steps": 60.0, "eval_first_batch": 20.0,
-             "generation": 25.0, "eval_generating": 10.0, "other": 0.0, "wall": 100.0, "useful": 85.0}
+             "generation": 25.0, "eval_generating": 10.0, "other": 0.0, "wall": 100.0, "useful": 85.0,
+             "optimizer_cpu": 45.0, "generation_cpu": 24.5, "useful_cpu": 69.5}
     second = {"train_start": 30.0, "optimizer_steps": 20.0, "eval_first_batch": 40.0, "generation": 5.0,
               "wall": 100.0, "useful": 25.0}
     write_trial(tmp_path, draws(0.5, 40, 1), level="1", timings=first)
@@ -313,6 +314,9 @@ def test_time_section_sums_stages_and_gives_the_useful_share(tmp_path):
     assert rows["queued"][1:4] == ["5.0", "5.0", ""]  # before the trials' start: no share of their time
     assert "Useful share (optimizer steps + generation, of trial time): 55.0 % (110.0 of 200.0 s, 2 trials)" in section
     assert "1 of 3 trials were recorded without a time breakdown" in section
+    # CPU seconds are not stages of the trials' time: no row, a line of their own (the trial that has them)
+    assert not {"optimizer_cpu", "generation_cpu", "useful_cpu"} & set(rows)
+    assert "Useful CPU time: 69.5 CPU-seconds (45.0 in optimizer steps, 24.5 generating; 1 of 2 timed trials)" in section
     by_level = {row["level"]: row for row in read_csv(paths["trials_csv"])}
     assert float(by_level["1"]["time_generation_s"]) == 25.0 and by_level["3"]["time_generation_s"] == ""
 

@@ -84,6 +84,10 @@ def test_tiny_sweep_end_to_end(tmp_path, model_cache, s3_storage, ray_local, mon
         assert t["optimizer_steps"] == pytest.approx(sum(p["step_seconds"] for p in record["train_history"]))
         assert m["train_seconds"] == pytest.approx(sum(t[s] for s in own[:7] + ["checkpoints"] if s in t))
         assert t["useful"] == pytest.approx(t["optimizer_steps"] + t["generation"]) and t["queued"] >= 0
+        # CPU seconds of the same work: measured, at most what the workers' threads could use in that time
+        assert 0 < t["optimizer_cpu"] <= t["optimizer_steps"] * os.cpu_count() + 0.05
+        assert 0 < t["generation_cpu"] <= t["generation"] * os.cpu_count() + 0.05
+        assert t["useful_cpu"] == pytest.approx(t["optimizer_cpu"] + t["generation_cpu"])
 
     # MLflow: a parent run for the sweep (config + report), a nested run per trial with axes as
     # params and tags, accuracy as metric, predictions as artifact.

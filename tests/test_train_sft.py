@@ -111,6 +111,8 @@ def test_loss_decreases_and_model_is_a_plain_hf_folder(tmp_path, model_cache, ra
     before, after = _set_loss(job.model_path, svamp_small), _set_loss(result.model_path, svamp_small)
     assert after < drop * before, (before, after)
     assert result.resumed_at == ()
+    # the optimizer steps' CPU seconds, every worker's (summed over ranks when there are several)
+    assert 0 < state.timings["optimizer_cpu"] <= state.timings["optimizer_steps"] * workers * os.cpu_count()
     _assert_plain_hf_folder(result.model_path)
 
 

@@ -163,11 +163,12 @@ class HFEngine:
         return ended
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         ids = self.generate_ids([str(p) for p in batch["prompt"]])
         out = {k: np.repeat(v, self.spec.n_samples, axis=0) for k, v in batch.items()}
         # the actor's time spread over the batch's rows, so any re-batching keeps the sums
         out["generate_seconds"] = np.full(len(ids), (time.perf_counter() - started) / len(ids))
+        out["generate_cpu_seconds"] = np.full(len(ids), (time.process_time() - cpu_started) / len(ids))
         out["load_seconds"] = np.full(len(ids), self.load_seconds / len(ids))
         self.load_seconds = 0.0
         raw = [self.tokenizer.decode(i, skip_special_tokens=True) for i in ids]

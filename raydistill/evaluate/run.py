@@ -110,7 +110,8 @@ def metrics(task: str, predictions: pa.Table, path: str, engine: str = "hf", eva
 # --------------------------------------------------------------------------- generation
 
 GENERATED_COLUMNS = ["question_id", "prompt", "gold", "generation", "tokens_generated", "truncated"]
-ENGINE_TIME_COLUMNS = {"load_seconds": "model_load_eval", "generate_seconds": "generation"}  # column -> ACTOR_STAGES
+ENGINE_TIME_COLUMNS = {"load_seconds": "model_load_eval", "generate_seconds": "generation",
+                       "generate_cpu_seconds": "generation_cpu"}  # column -> ACTOR_STAGES
 
 
 def generate_batches(prompts: list[dict], model_path: str, template_name: str, spec: EvalSpec,

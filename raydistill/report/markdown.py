@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 from raydistill import stats
-from raydistill.records import TIME_STAGES
+from raydistill.records import CPU_STAGES, TIME_STAGES
 from raydistill.report.cells import (
     LEVELS_FAMILY,
     SOURCES_FAMILY,
@@ -237,7 +237,7 @@ def time_section(cells: list[Cell]) -> list[str]:
     rows = []
     for stage, meaning in TIME_STAGES.items():
         values = [t[stage] for t in timed if stage in t]
-        if stage in ("wall", "useful") or not values:
+        if stage in ("wall", "useful", *CPU_STAGES) or not values:
             continue
         share = "" if stage == "queued" else f"{100 * sum(values) / wall:.1f} %"
         rows.append([stage, f"{sum(values):.1f}", f"{sum(values) / len(values):.1f}", share, meaning])
@@ -252,6 +252,13 @@ def time_section(cells: list[Cell]) -> list[str]:
         span = sum(t["wall"] for t in useful)
         lines.append(f"Useful share (optimizer steps + generation, of trial time): {100 * work / span:.1f} % "
                      f"({work:.1f} of {span:.1f} s, {len(useful)} trials).")
+    with_cpu = [t for t in timed if "useful_cpu" in t]
+    if with_cpu:
+        optimizer, generation = (sum(t.get(stage, 0.0) for t in with_cpu) for stage in ("optimizer_cpu", "generation_cpu"))
+        lines.append(f"Useful CPU time: {optimizer + generation:.1f} CPU-seconds ({optimizer:.1f} in optimizer steps, "
+                     f"{generation:.1f} generating; {len(with_cpu)} of {len(timed)} timed trials). Trials that share cores "
+                     "stretch each other's stages, the useful ones included, so set this against the sweep's wall time x its "
+                     "CPUs for the share of the machine that did useful work.")
     if len(timed) < len(trials):
         lines.append(f"{len(trials) - len(timed)} of {len(trials)} trials were recorded without a time breakdown.")
     return [*lines, ""]

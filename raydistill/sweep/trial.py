@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 import raydistill
 from raydistill.datasets import target_ceiling
-from raydistill.records import ACTOR_STAGES, RecordError, TrainState, TrialRecord
+from raydistill.records import ACTOR_STAGES, CPU_STAGES, RecordError, TrainState, TrialRecord
 from raydistill.spec import TrialSpec
 from raydistill.evaluate.shared import host_cpus
 from raydistill.sweep.console import report_stage
@@ -135,10 +135,11 @@ def trial_timings(train: dict[str, float], evaluation: dict[str, float], eval_se
     timings = {**train, **evaluation, "record": record_seconds}
     own_eval = sum(v for k, v in evaluation.items() if k not in ACTOR_STAGES)
     timings["eval_prepare"] = timings.get("eval_prepare", 0.0) + max(0.0, eval_seconds - own_eval)
-    timings["other"] = max(0.0, wall - sum(v for k, v in timings.items() if k not in ACTOR_STAGES))
+    timings["other"] = max(0.0, wall - sum(v for k, v in timings.items() if k not in (*ACTOR_STAGES, *CPU_STAGES)))
     timings["wall"] = wall
     if "generation" in timings or "eval_first_batch" not in timings:  # unknown when the engine did not time it
         timings["useful"] = timings.get("optimizer_steps", 0.0) + timings.get("generation", 0.0)
+        timings["useful_cpu"] = timings.get("optimizer_cpu", 0.0) + timings.get("generation_cpu", 0.0)
     return timings
 
 

@@ -8,7 +8,7 @@ import os
 import time
 from dataclasses import replace
 
-from raydistill.records import TrainState
+from raydistill.records import CPU_STAGES, TrainState
 from raydistill.spec import redact_storage, storage_problem
 from raydistill.train.checkpoints import local_model_folder, read_train_state
 from raydistill.train.data import read_examples
@@ -86,5 +86,5 @@ def train_timings(state: TrainState, started_at: float, train_seconds: float) ->
     if state.loop_started_at is None or state.loop_started_at < started_at:
         return {"train_end": train_seconds}
     timings = {"train_start": state.loop_started_at - started_at, **state.timings}
-    timings["train_end"] = max(0.0, train_seconds - sum(timings.values()))
+    timings["train_end"] = max(0.0, train_seconds - sum(v for k, v in timings.items() if k not in CPU_STAGES))
     return timings

@@ -75,7 +75,7 @@ def train_loop_per_worker(config: dict) -> None:
     write_worker_info(job, rank, state.step)
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    window_loss, window_tokens, started = 0.0, 0, time.perf_counter()
+    window_loss, window_tokens, started, cpu_started = 0.0, 0, time.perf_counter(), time.process_time()
     for micro_step in range(state.step * spec.grad_accum_steps + 1, len(batches) + 1):
         batch = {k: v.to(engine.device) for k, v in collate(examples, batches[micro_step - 1], pad_id).items()}
         loss = engine(**batch).loss
@@ -88,6 +88,7 @@ def train_loop_per_worker(config: dict) -> None:
         step = micro_step // spec.grad_accum_steps
         elapsed = time.perf_counter() - started
         clock.add("optimizer_steps", elapsed)
+        clock.add("optimizer_cpu", time.process_time() - cpu_started)  # this process, all its threads
         state.step = step
         state.history.append({"step": step, "loss": window_loss, "lr": engine.get_lr()[0],
                                  "tokens_per_s": window_tokens * world / max(elapsed, 1e-9),
@@ -95,8 +96,10 @@ def train_loop_per_worker(config: dict) -> None:
         if step in save_at:  # metrics go out with checkpoints only: a report syncs all workers
             with clock("checkpoints"):
                 save_resume_checkpoint(engine, state, rank, total_steps)
-        window_loss, window_tokens, started = 0.0, 0, time.perf_counter()
+        window_loss, window_tokens, started, cpu_started = 0.0, 0, time.perf_counter(), time.process_time()
 
+    if world > 1:  # every worker's CPU seconds in the record rank 0 writes
+        clock.seconds["optimizer_cpu"] = _sum_over_workers(clock.seconds["optimizer_cpu"], engine.device, dist)
     state = state.model_copy(update=dict(final=True, examples=len(examples), over_cutoff=over, overlong=spec.overlong,
                  truncated=over if spec.overlong == "truncate" else 0,
                  padding_fraction=padding_fraction(batches, [len(e["input_ids"]) for e in examples]),
@@ -130,6 +133,14 @@ def _prepare_data(job: TrainJob, spec: TrainSpec, rank: int, world: int):
         if problem:
             raise TrainInputError(problem)
     return tokenizer, examples, over, micro_batches(lengths, spec, rank, world)
+
+
+def _sum_over_workers(value: float, device, dist) -> float:
+    import torch
+
+    total = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return float(total.item())
 
 
 def _deepspeed_setup(engine) -> dict:

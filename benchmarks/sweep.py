@@ -7,6 +7,8 @@ per-trial evaluation engines vs shared ones.
         --out benchmarks/results/sweep-engines-vllm.json
     .venv-vllm/bin/python benchmarks/sweep.py --engines --engine vllm --lora --concurrency 1 --cpus 3 \
         --out benchmarks/results/sweep-engines-vllm-lora.json
+    python benchmarks/sweep.py --engines --demo --concurrency 3 --cpus 2 \
+        --out benchmarks/results/sweep-engines-demo.json
 
 `--engines` runs the sweep at `--concurrency` twice instead: with per-trial engines (fresh Ray
 Data actors or ray.data.llm engines for each trial's evaluation) and with `eval.shared_engines:
@@ -15,7 +17,10 @@ predictions. `--engine vllm` (in the vLLM environment, `make install-vllm`) runs
 SmolLM2-135M as the student (vLLM's CPU attention rejects the tiny Llama's head size 16) and counts
 the vLLM engine starts in each run's Ray logs. `--lora` trains each trial a LoRA adapter instead of
 the whole model (`train.lora`, kept unmerged: `merge_on_save: false`), so that shared vLLM engines
-serve the six adapters of one base per request.
+serve the six adapters of one base per request. `--demo` runs the comparison at the demo's own
+size instead (sweeps/granularity.yaml as `make demo` runs it, at all six levels): SmolLM2-135M,
+8 optimizer steps and 40 questions of up to 384 new tokens a trial, where the useful share is
+measured against its goal.
 
 Runs the same sweep (tiny-llama on SVAMP levels 1-6, released GPT-4o annotations) twice in one
 run, each time as `sweeps/granularity.py` in a fresh process and local Ray cluster of
@@ -34,7 +39,12 @@ at most the concurrency) is the speed-up its idle CPU leaves room for, and
 Each run also sums its trials' time breakdowns (`breakdown`: seconds per stage of
 `raydistill.records.TIME_STAGES`) and gives the useful share: optimizer steps + generation, of
 the trials' own time (`useful_share_of_trial_time`) and of the sweep's wall time across its
-Ray CPUs (`useful_share_of_cpu_wall`: useful seconds / (wall x CPUs)).
+Ray CPUs, in CPU seconds (`useful_cpu_share_of_cpu_wall`: useful CPU seconds / (wall x CPUs)) and,
+where every trial had a CPU of its own (concurrency <= CPUs), in wall seconds
+(`useful_share_of_cpu_wall`). With more trials than CPUs the wall-time shares count the time
+trials wait for each other's cores as useful; the CPU-time share does not.
+`useful_cpu_share_of_busy_cpu` is the useful CPU seconds' share of all the CPU seconds the machine
+used during the run (`cpu_busy_s`: Ray, the driver and every trial's start-up included).
 """
 
 from __future__ import annotations
@@ -71,6 +81,16 @@ VLLM_SWEEP = {
 }
 # `--lora`: rank-8 adapters kept unmerged, at a learning rate at which 2 steps change the generations.
 LORA_TRAIN = {"lora": {"r": 8, "alpha": 16, "merge_on_save": False}, "learning_rate": 2e-3}
+
+
+def demo_sweep() -> dict:
+    """`--demo`: the demo's own settings (sweeps/granularity.yaml: SmolLM2-135M, 64 training rows,
+    40 test questions, 384 new tokens) at all six levels, the size the useful-share goal is set for."""
+    demo = yaml.safe_load((REPO / "sweeps" / "granularity.yaml").read_text())
+    return {**{k: v for k, v in demo.items() if k not in ("output_dir", "max_concurrent_trials")},
+            "name": "bench", "levels": [1, 2, 3, 4, 5, 6]}
+
+
 ENGINE_START = "Initializing a V1 LLM engine"  # vLLM's log line at each engine start
 
 
@@ -97,9 +117,9 @@ def run_sweep(workdir: Path, concurrency: int, cpus: int, shared: bool = False, 
             "trials": len(records), "predictions": _predictions(records),
             "train_s_sum": round(sum(r["metrics"]["train_seconds"] for r in records), 1),
             "eval_s_sum": round(sum(r["metrics"]["eval_seconds"] for r in records), 1),
-            "cpu_busy_fraction": round(busy / (wall * psutil.cpu_count()), 3),
+            "cpu_busy_fraction": round(busy / (wall * psutil.cpu_count()), 3), "cpu_busy_s": round(busy, 1),
             **(_vllm_counts(ray_tmp) if sweep["eval"]["engine"] == "vllm" else {}),
-            **breakdown(records, wall, cpus)}
+            **breakdown(records, wall, cpus, concurrency, busy)}
 
 
 def _vllm_counts(ray_tmp: str) -> dict:
@@ -113,17 +133,27 @@ def _log_count(ray_tmp: str, line: str) -> int:
     return sum(f.read_text(errors="replace").count(line) for f in logs)
 
 
-def breakdown(records: list[dict], wall: float, cpus: int) -> dict:
-    """The trials' time by stage, summed, and the useful share of their time and of the wall time."""
-    from raydistill.records import TIME_STAGES
+def breakdown(records: list[dict], wall: float, cpus: int, concurrency: int, busy: float) -> dict:
+    """The trials' time by stage, summed, and the useful share: of the trials' own time, and of the
+    sweep's wall time x its CPUs, counted in CPU seconds (`useful_cpu`). Counted in wall seconds the
+    latter would be wrong with more trials than CPUs: trials sharing a core stretch each other's
+    optimizer steps, so it is given only where each trial had a CPU of its own. ``busy``: the CPU
+    seconds the whole machine used, of which `useful_cpu_share_of_busy_cpu` went into useful work."""
+    from raydistill.records import CPU_STAGES, TIME_STAGES
 
     sums = {stage: round(sum(r["timings"].get(stage, 0.0) for r in records), 1) for stage in TIME_STAGES}
     if not all("useful" in r["timings"] for r in records):  # an engine that does not time generation (vLLM)
-        sums["useful"] = None
-        return {"breakdown": sums, "useful_share_of_trial_time": None, "useful_share_of_cpu_wall": None}
+        sums["useful"] = sums["useful_cpu"] = None
+        return {"breakdown": sums, "useful_share_of_trial_time": None, "useful_share_of_cpu_wall": None,
+                "useful_cpu_share_of_cpu_wall": None, "useful_cpu_share_of_busy_cpu": None}
+    with_cpu = all("useful_cpu" in r["timings"] for r in records)
+    if not with_cpu:  # records from before the CPU timings: not measured rather than 0
+        sums.update(dict.fromkeys(CPU_STAGES))
     return {"breakdown": sums,
             "useful_share_of_trial_time": round(sums["useful"] / max(sums["wall"], 1e-9), 3),
-            "useful_share_of_cpu_wall": round(sums["useful"] / (wall * cpus), 3)}
+            "useful_share_of_cpu_wall": round(sums["useful"] / (wall * cpus), 3) if concurrency <= cpus else None,
+            "useful_cpu_share_of_cpu_wall": round(sums["useful_cpu"] / (wall * cpus), 3) if with_cpu else None,
+            "useful_cpu_share_of_busy_cpu": round(sums["useful_cpu"] / max(busy, 1e-9), 3) if with_cpu else None}
 
 
 def _predictions(records: list[dict]) -> dict:
@@ -165,16 +195,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --engines: the engine (vllm: SmolLM2-135M, in the vLLM environment)")
     parser.add_argument("--lora", action="store_true",
                         help="with --engines: train LoRA adapters (unmerged) instead of full fine-tunes")
+    parser.add_argument("--demo", action="store_true",
+                        help="with --engines: the demo's settings (sweeps/granularity.yaml) at levels 1-6 on HF")
     args = parser.parse_args(argv)
-    if (args.engine != "hf" or args.lora) and not args.engines:
-        parser.error("--engine and --lora apply to --engines")
+    if (args.engine != "hf" or args.lora or args.demo) and not args.engines:
+        parser.error("--engine, --lora and --demo apply to --engines")
+    if args.demo and (args.engine != "hf" or args.lora):
+        parser.error("--demo runs the demo's settings as they are: HF engines, full fine-tunes")
     cpus = args.cpus or args.concurrency
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="rd-bench-sweep-"))
     workdir.mkdir(parents=True, exist_ok=True)
 
     from raydistill.students import resolve_student
 
-    sweep = VLLM_SWEEP if args.engine == "vllm" else SWEEP
+    sweep = demo_sweep() if args.demo else VLLM_SWEEP if args.engine == "vllm" else SWEEP
     if args.lora:
         sweep = {**sweep, "train": {**sweep["train"], **LORA_TRAIN}}
     resolve_student(sweep["students"][0])  # built or found once, outside the timings

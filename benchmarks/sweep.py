@@ -97,6 +97,8 @@ ENGINE_START = "Initializing a V1 LLM engine"  # vLLM's log line at each engine 
 def run_sweep(workdir: Path, concurrency: int, cpus: int, shared: bool = False, sweep: dict = SWEEP) -> dict:
     """Wall time of one sweep run in its own process and Ray cluster."""
     tag = f"c{concurrency}" + ("-shared" if shared else "")
+    if (workdir / tag).exists():  # its trials would be reused: no training, and shares against another wall time
+        raise SystemExit(f"{workdir / tag} holds an earlier run of this sweep; pass an empty --workdir")
     config = workdir / f"sweep-{tag}.yaml"
     sweep = {**sweep, "eval": {**sweep["eval"], "shared_engines": True}} if shared else sweep
     config.write_text(yaml.safe_dump({**sweep, "output_dir": str(workdir / tag), "max_concurrent_trials": concurrency}))
@@ -188,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "sweep.json"))
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--cpus", type=int, default=None, help="CPUs of the local Ray cluster (default: concurrency)")
-    parser.add_argument("--workdir", default=None, help="keep outputs here (default: a temporary folder)")
+    parser.add_argument("--workdir", default=None, help="keep outputs here: a folder without an earlier run (default: a temporary folder)")
     parser.add_argument("--engines", action="store_true",
                         help="compare per-trial evaluation engines with shared ones (eval.shared_engines)")
     parser.add_argument("--engine", choices=["hf", "vllm"], default="hf",

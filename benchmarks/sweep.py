@@ -9,6 +9,7 @@ per-trial evaluation engines vs shared ones.
         --out benchmarks/results/sweep-engines-vllm-lora.json
     python benchmarks/sweep.py --engines --demo --concurrency 3 --cpus 2 \
         --out benchmarks/results/sweep-engines-demo.json
+    python benchmarks/sweep.py --engines --demo --shared-only --concurrency 3 --cpus 2 --out after.json
 
 `--engines` runs the sweep at `--concurrency` twice instead: with per-trial engines (fresh Ray
 Data actors or ray.data.llm engines for each trial's evaluation) and with `eval.shared_engines:
@@ -20,7 +21,8 @@ the whole model (`train.lora`, kept unmerged: `merge_on_save: false`), so that s
 serve the six adapters of one base per request. `--demo` runs the comparison at the demo's own
 size instead (sweeps/granularity.yaml as `make demo` runs it, at all six levels): SmolLM2-135M,
 8 optimizer steps and 40 questions of up to 384 new tokens a trial, where the useful share is
-measured against its goal.
+measured against its goal. `--shared-only` runs the shared-engines sweep alone, to compare the
+same sweep under two versions of the code (run it in each checkout).
 
 Runs the same sweep (tiny-llama on SVAMP levels 1-6, released GPT-4o annotations) twice in one
 run, each time as `sweeps/granularity.py` in a fresh process and local Ray cluster of
@@ -44,7 +46,10 @@ where every trial had a CPU of its own (concurrency <= CPUs), in wall seconds
 (`useful_share_of_cpu_wall`). With more trials than CPUs the wall-time shares count the time
 trials wait for each other's cores as useful; the CPU-time share does not.
 `useful_cpu_share_of_busy_cpu` is the useful CPU seconds' share of all the CPU seconds the machine
-used during the run (`cpu_busy_s`: Ray, the driver and every trial's start-up included).
+used during the run (`cpu_busy_s`: Ray, the driver and every trial's start-up included), and
+`cpu_s_by_process` splits those CPU seconds by process kind (Ray's daemons, the sweep driver, and
+each actor class: `ray::RayTrainWorker`, `ray::EngineHost`, `ray::TrainController`, ...; see
+`ProcessCpu`).
 """
 
 from __future__ import annotations
@@ -56,7 +61,9 @@ import platform
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import psutil
@@ -107,7 +114,7 @@ def run_sweep(workdir: Path, concurrency: int, cpus: int, shared: bool = False, 
     log = workdir / f"sweep-{tag}.log"
     cpu_before = psutil.cpu_times()
     started = time.perf_counter()
-    with log.open("wb") as out:
+    with log.open("wb") as out, ProcessCpu() as by_process:
         code = subprocess.call([sys.executable, str(REPO / "sweeps" / "granularity.py"), "--config", str(config)],
                                cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - started
@@ -121,7 +128,68 @@ def run_sweep(workdir: Path, concurrency: int, cpus: int, shared: bool = False, 
             "eval_s_sum": round(sum(r["metrics"]["eval_seconds"] for r in records), 1),
             "cpu_busy_fraction": round(busy / (wall * psutil.cpu_count()), 3), "cpu_busy_s": round(busy, 1),
             **(_vllm_counts(ray_tmp) if sweep["eval"]["engine"] == "vllm" else {}),
-            **breakdown(records, wall, cpus, concurrency, busy)}
+            **breakdown(records, wall, cpus, concurrency, busy),
+            "cpu_s_by_process": by_process.summary(busy)}
+
+
+class ProcessCpu:
+    """The machine's CPU seconds by process kind while a sweep runs, sampled every ``interval``
+    seconds: each process's CPU time since the last sample goes to the kind its title names then
+    (Ray sets a worker's title to the actor class or task it runs: ``ray::RayTrainWorker``). A
+    process that ends between samples loses its last interval; `unattributed` is that and the
+    CPU time of processes shorter than one interval."""
+
+    def __init__(self, interval: float = 1.0):
+        self.interval, self.seconds, self.last = interval, defaultdict(float), {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "ProcessCpu":
+        self._sample(count=False)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.interval):
+            self._sample()
+        self._sample()
+
+    def _sample(self, count: bool = True) -> None:
+        for proc in psutil.process_iter(["cmdline", "cpu_times"]):
+            times = proc.info["cpu_times"]
+            if times is None:
+                continue
+            try:
+                key, total = (proc.pid, proc.create_time()), times.user + times.system
+            except psutil.Error:
+                continue
+            if count:
+                kind = "benchmark" if proc.pid == os.getpid() else process_kind(proc.info["cmdline"] or [])
+                self.seconds[kind] += total - self.last.get(key, 0.0)
+            self.last[key] = total
+
+    def summary(self, busy: float) -> dict:
+        kinds = {k: round(v, 1) for k, v in sorted(self.seconds.items(), key=lambda kv: -kv[1]) if v >= 0.5}
+        return {**kinds, "unattributed": round(busy - sum(self.seconds.values()), 1)}
+
+
+def process_kind(cmdline: list[str]) -> str:
+    """A process's kind from its command line: Ray's title for its workers (`ray::TrainController`),
+    the daemon's name for Ray's own processes, `driver` for the sweep itself."""
+    head = " ".join(cmdline)
+    if head.startswith("ray::"):
+        return head.split()[0].split(".")[0]
+    if head.startswith("ray-dashboard"):
+        return "dashboard"
+    for name in ("gcs_server", "raylet", "dashboard_agent", "runtime_env_agent", "log_monitor", "monitor.py",
+                 "dashboard.py", "granularity.py"):
+        if name in head:
+            return {"granularity.py": "driver"}.get(name, name.removesuffix(".py"))
+    return "default_worker" if "default_worker.py" in head else "other"
 
 
 def _vllm_counts(ray_tmp: str) -> dict:
@@ -199,9 +267,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --engines: train LoRA adapters (unmerged) instead of full fine-tunes")
     parser.add_argument("--demo", action="store_true",
                         help="with --engines: the demo's settings (sweeps/granularity.yaml) at levels 1-6 on HF")
+    parser.add_argument("--shared-only", action="store_true",
+                        help="with --engines: run the shared-engines sweep alone (to compare two versions of the code)")
     args = parser.parse_args(argv)
-    if (args.engine != "hf" or args.lora or args.demo) and not args.engines:
-        parser.error("--engine, --lora and --demo apply to --engines")
+    if (args.engine != "hf" or args.lora or args.demo or args.shared_only) and not args.engines:
+        parser.error("--engine, --lora, --demo and --shared-only apply to --engines")
     if args.demo and (args.engine != "hf" or args.lora):
         parser.error("--demo runs the demo's settings as they are: HF engines, full fine-tunes")
     cpus = args.cpus or args.concurrency
@@ -216,6 +286,12 @@ def main(argv: list[str] | None = None) -> int:
     resolve_student(sweep["students"][0])  # built or found once, outside the timings
     load_before = os.getloadavg()
     machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "loadavg_before": load_before}
+    if args.shared_only:
+        shared = run_sweep(workdir, args.concurrency, cpus, True, sweep=sweep)
+        shared.pop("predictions")
+        result = {"benchmark": "sweep-shared", "sweep": sweep, "ray_cpus": cpus, "shared": shared,
+                  "machine": {**machine, "loadavg_after": os.getloadavg()}}
+        return _write(result, args.out)
     if args.engines:
         result = {"benchmark": "sweep-engines", "sweep": sweep, "ray_cpus": cpus,
                   **compare_engines(workdir, args.concurrency, cpus, sweep),

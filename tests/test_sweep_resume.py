@@ -86,6 +86,19 @@ def _group_alive(pgid: int) -> bool:
         return False
 
 
+def _actors_started(ray_tmpdir: Path) -> dict[str, int]:
+    """How many processes of each actor class the latest Ray session started (Ray names the class
+    on a worker log's first `:actor_name:` line)."""
+    session = max(ray_tmpdir.glob("ray/session_2*"))
+    counts: dict[str, int] = {}
+    for log in (session / "logs").glob("worker-*.out"):
+        names = [line.split(":", 2)[2] for line in log.read_text(errors="replace").splitlines()
+                 if line.startswith(":actor_name:")]
+        if names:
+            counts[names[0]] = counts.get(names[0], 0) + 1
+    return counts
+
+
 def _records(run_dir: Path) -> dict[Path, int]:
     return {p: p.stat().st_mtime_ns for p in (run_dir / "trials").glob("*/record.json")}
 
@@ -130,6 +143,13 @@ def test_killed_driver_rerun_skips_finished_trials(tmp_path, model_cache):
         assert f"] svamp chatgpt L{other} cot tiny-llama seed 100: {stage}" in console
     assert "Trial status:" not in console and "(RayTrainWorker" not in console
     assert "Setting accelerator to CPU" not in console  # DeepSpeed's warning in every worker
+
+    # The local cluster runs what the sweep needs only: both trials of the rerun (one at a time)
+    # went through one Tune trial process (reuse_actors), and no Train run started a preemption
+    # watcher.
+    started = _actors_started(_ray_tmpdir(tmp_path))
+    assert started.get("ImplicitFunc") == 1, started
+    assert started.get("TrainController") == 1 and "PreemptionWatcher" not in started, started
 
 
 def test_generated_cell_shared_by_students_and_secrets_stay_out(tmp_path, model_cache):

@@ -56,7 +56,8 @@ def main(argv: list[str], prog: str = "raydistill sweep", default_config: str | 
                         help="parent folder of the sweep's outputs (default: $RAYDISTILL_OUTPUT_DIR, "
                              "else the config's output_dir)")
     parser.add_argument("--verbose", action="store_true",
-                        help="also print Tune's status table and every Ray worker's log lines")
+                        help="also print Tune's status table and every Ray worker's log lines, and start Ray's "
+                             "dashboard with a local cluster")
     args = parser.parse_args(argv)
     try:
         overrides = parse_overrides(args.set)

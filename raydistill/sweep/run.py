@@ -89,6 +89,9 @@ def run_sweep(spec: SweepSpec, verbose: bool = False) -> list[TrialRecord]:
         param_space={"trial_hash": tune.grid_search(list(payloads))},
         tune_config=tune.TuneConfig(
             max_concurrent_trials=spec.max_concurrent_trials,
+            # A finished trial's driver process runs the next trial: its imports (torch,
+            # transformers, Ray Train) and process start are paid once per slot, not per trial.
+            reuse_actors=True,
             trial_name_creator=lambda trial: names[trial.config["trial_hash"]],
             trial_dirname_creator=lambda trial: names[trial.config["trial_hash"]],
         ),

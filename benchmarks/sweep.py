@@ -177,19 +177,20 @@ class ProcessCpu:
         return {**kinds, "unattributed": round(busy - sum(self.seconds.values()), 1)}
 
 
+# A word in a process's command line -> its kind, first match wins (`dashboard_agent` before `dashboard`).
+PROCESS_KINDS = {"ray-dashboard": "dashboard", "gcs_server": "gcs_server", "raylet": "raylet",
+                 "dashboard_agent": "dashboard_agent", "runtime_env_agent": "runtime_env_agent",
+                 "log_monitor": "log_monitor", "monitor.py": "monitor", "dashboard.py": "dashboard",
+                 "granularity.py": "driver", "default_worker.py": "default_worker"}
+
+
 def process_kind(cmdline: list[str]) -> str:
     """A process's kind from its command line: Ray's title for its workers (`ray::TrainController`),
     the daemon's name for Ray's own processes, `driver` for the sweep itself."""
     head = " ".join(cmdline)
     if head.startswith("ray::"):
         return head.split()[0].split(".")[0]
-    if head.startswith("ray-dashboard"):
-        return "dashboard"
-    for name in ("gcs_server", "raylet", "dashboard_agent", "runtime_env_agent", "log_monitor", "monitor.py",
-                 "dashboard.py", "granularity.py"):
-        if name in head:
-            return {"granularity.py": "driver"}.get(name, name.removesuffix(".py"))
-    return "default_worker" if "default_worker.py" in head else "other"
+    return next((kind for word, kind in PROCESS_KINDS.items() if word in head), "other")
 
 
 def _vllm_counts(ray_tmp: str) -> dict:

@@ -21,11 +21,10 @@ def init_ray(verbose: bool = True) -> None:
 
     if ray.is_initialized():
         return
-    # A local cluster has RAYDISTILL_RAY_NUM_CPUS CPUs (default: all of this machine's).
     if not starts_local_cluster():  # RAY_ADDRESS (`ray job submit`) or a `ray start` cluster here
         ray.init(log_to_driver=verbose)
         return
-    cpus = os.environ.get("RAYDISTILL_RAY_NUM_CPUS")
+    cpus = os.environ.get("RAYDISTILL_RAY_NUM_CPUS")  # default: all of this machine's
     os.environ.setdefault(PREEMPTION_WATCHER, "0")  # read by each trial's Train controller
     ray.init(num_cpus=int(cpus) if cpus else None, log_to_driver=verbose, include_dashboard=verbose)
 

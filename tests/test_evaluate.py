@@ -59,30 +59,41 @@ def test_batched_ray_engine_matches_one_prompt_per_call(tiny, ray_module, tmp_pa
 
 
 def test_shared_engines_outlive_an_evaluation_and_give_the_same_predictions(tiny, ray_module, tmp_path):
-    """Two models evaluated one after the other by a sweep's shared HF engine: one process serves
-    both (it loads the second model's weights), and each model's predictions are those of its own
-    per-evaluation actors."""
+    """Two models evaluated one after the other in one trial slot of a sweep's shared HF engines:
+    one process serves both (it loads the second model's weights), and each model's predictions are
+    those of its own per-evaluation actors. Another slot's evaluation gets a host of its own, so
+    trials evaluating at the same time are not queued behind one host."""
     from raydistill.evaluate.shared import NAMESPACE, host_names, stop_engine_hosts
 
     test = load_test("svamp").slice(0, 6)
     alpaca = str(resolve_student("tiny-llama-alpaca"))
     shared = SPEC.model_copy(update={"shared_engines": True})
+
+    def host_pid(group: str) -> int:
+        [name] = host_names(shared, group)
+        return ray_module.get(ray_module.get_actor(name, namespace=NAMESPACE).pid.remote())
+
     own, on_host, pids = {}, {}, []
     for student, model in (("tiny-llama", tiny), ("tiny-llama-alpaca", alpaca)):
         result = evaluate(model, student, "svamp", test, SPEC, tmp_path / f"{student}-own.parquet", progress=False)
         own[student] = pq.read_table(result.predictions_path).to_pylist()
         result = evaluate(model, student, "svamp", test, shared, tmp_path / f"{student}-shared.parquet",
-                          progress=False, engine_group="g")
+                          progress=False, engine_group="g", engine_slot="s1")
         on_host[student] = pq.read_table(result.predictions_path).to_pylist()
-        [name] = host_names(shared, "g")
-        pids.append(ray_module.get(ray_module.get_actor(name, namespace=NAMESPACE).pid.remote()))
+        pids.append(host_pid("g-s1"))
         assert result.timings["generation"] > 0 and result.timings["model_load_eval"] > 0
     assert pids[0] == pids[1]  # the same process, the second model loaded into it
     assert own["tiny-llama"] != own["tiny-llama-alpaca"]  # two models, two sets of generations
     for student in own:
         assert [r["generation"] for r in on_host[student]] == [r["generation"] for r in own[student]]
         assert on_host[student] == own[student]
-    assert stop_engine_hosts("g", [shared]) == 1 and stop_engine_hosts("g", [shared]) == 0
+
+    other_slot = evaluate(tiny, "tiny-llama", "svamp", test, shared, tmp_path / "other-slot.parquet", progress=False,
+                          engine_group="g", engine_slot="s2")
+    assert host_pid("g-s2") not in pids
+    assert pq.read_table(other_slot.predictions_path).to_pylist() == own["tiny-llama"]
+    # a slot's hosts stop alone (an evaluation past its timeout), the sweep's all at its end
+    assert stop_engine_hosts("g-s1") == 1 and stop_engine_hosts("g") == 1 and stop_engine_hosts("g") == 0
 
 
 def test_a_shared_hf_engine_merges_lora_adapters_into_the_base_it_keeps(tiny, ray_module, tmp_path):
@@ -121,7 +132,7 @@ def test_a_shared_hf_engine_merges_lora_adapters_into_the_base_it_keeps(tiny, ra
     generations = [[r["generation"] for r in rows] for rows in (base, *own)]
     assert len({tuple(g) for g in generations}) == 3  # each adapter changes the generations
     assert on_host == own
-    assert stop_engine_hosts("lora", [shared]) == 1
+    assert stop_engine_hosts("lora") == 1
 
 
 def test_a_lora_adapter_is_merged_again_when_its_base_is_written_again(tiny, tmp_path):

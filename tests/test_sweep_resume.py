@@ -111,7 +111,8 @@ def _trial_runs(tracking_uri: str, sweep: str) -> list:
 
 
 def test_killed_driver_rerun_skips_finished_trials(tmp_path, model_cache):
-    config = _config(tmp_path, "resume", teachers=["chatgpt"], levels=[1, 6])
+    config = _config(tmp_path, "resume", teachers=["chatgpt"], levels=[1, 6],
+                     eval={**TINY["eval"], "shared_engines": True})
     run_dir = tmp_path / "outputs" / "resume"
 
     # First attempt: SIGKILL the driver as soon as the first trial has finished.
@@ -145,11 +146,13 @@ def test_killed_driver_rerun_skips_finished_trials(tmp_path, model_cache):
     assert "Setting accelerator to CPU" not in console  # DeepSpeed's warning in every worker
 
     # The local cluster runs what the sweep needs only: both trials of the rerun (one at a time)
-    # went through one Tune trial process (reuse_actors), and no Train run started a preemption
-    # watcher.
+    # went through one Tune trial process (reuse_actors), the one it evaluated went to the shared
+    # HF engine of that slot, and no Train run started a preemption watcher or a queue actor to
+    # relay its reports to Tune.
     started = _actors_started(_ray_tmpdir(tmp_path))
-    assert started.get("ImplicitFunc") == 1, started
-    assert started.get("TrainController") == 1 and "PreemptionWatcher" not in started, started
+    assert started.get("ImplicitFunc") == 1 and started.get("EngineHost") == 1, started
+    assert started.get("TrainController") == 1, started
+    assert "PreemptionWatcher" not in started and "_QueueActor" not in started, started
 
 
 def test_generated_cell_shared_by_students_and_secrets_stay_out(tmp_path, model_cache):

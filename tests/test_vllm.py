@@ -307,7 +307,7 @@ def test_a_shared_vllm_host_serves_a_sweeps_fine_tunes_and_one_engine_its_adapte
             own_second = generations(run(second, "full-own-1", own_spec).predictions_path)
             assert agree(on_host[1], own_second)
     engine_processes = psutil.Process(ray.get(host.pid.remote())).children(recursive=True)
-    assert engine_processes and stop_engine_hosts("g", [shared]) == 1
+    assert engine_processes and stop_engine_hosts("g") == 1
     gone, alive = psutil.wait_procs(engine_processes, timeout=60)
     assert not alive, alive
 

@@ -26,7 +26,7 @@ from raydistill.evaluate.choose import EngineError, choose_engine
 from raydistill.evaluate.hf_engine import HFEngine, load_tokenizer
 from raydistill.evaluate.models import adapter_base, adds_tokens, is_adapter, merged_model
 from raydistill.evaluate.parts import parts_dir, read_parts, write_part
-from raydistill.evaluate.shared import generate_on_hosts, generate_on_vllm_hosts, stop_engine_hosts
+from raydistill.evaluate.shared import generate_on_hosts, generate_on_vllm_hosts, hosts_group, stop_engine_hosts
 from raydistill.evaluate.vllm_engine import (LoraPlan, model_max_len, release_engine_placements,
                                              replicate_samples, vllm_lora, vllm_max_model_len, vllm_processor,
                                              whole_questions)
@@ -164,7 +164,7 @@ def within_timeout(prompts: list[dict], model_path: str, template_name: str, spe
             ready, _ = ray.wait([stream], timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
                 if group:  # the shared engines may be the ones stuck
-                    stop_engine_hosts(group, [spec])
+                    stop_engine_hosts(group)
                 raise EngineTimeout(
                     f"the {engine} engine did not finish generating for {len(prompts)} prompts within eval.timeout_s "
                     f"= {spec.timeout_s:g} s (engine start included); its actors were stopped and the batches finished "
@@ -268,12 +268,13 @@ def _hf_model(model_path: str, shared: bool) -> str:
 
 def evaluate(model_path: str, student: str, task: str, test: pa.Table, spec: EvalSpec,
              out_path: str | Path, grader: GraderOptions = PAPER_GRADING, progress: bool = True,
-             engine_group: str | None = None) -> EvalResult:
+             engine_group: str | None = None, engine_slot: str | None = None) -> EvalResult:
     """Generate, grade and write predictions for one model on one test table (resumable).
 
     ``spec`` is resolved for ``task`` first (the task's protocol fills the fields it leaves open).
     ``engine_group`` (a sweep's): with ``spec.shared_engines``, the engines of that group that
-    outlive this evaluation generate (`raydistill.evaluate.shared`).
+    outlive this evaluation generate (`raydistill.evaluate.shared`); HF hosts are those of
+    ``engine_slot`` (the caller's trial slot), so evaluations of other slots run beside it.
     """
     from tqdm.auto import tqdm
 
@@ -283,7 +284,8 @@ def evaluate(model_path: str, student: str, task: str, test: pa.Table, spec: Eva
     with clock("eval_prepare"):
         spec = spec.for_task(task)
         engine = choose_engine(spec)
-        group = engine_group if spec.shared_engines and (engine == "vllm" or not spec.use_gpu) else None
+        shares = spec.shared_engines and (engine == "vllm" or not spec.use_gpu)
+        group = hosts_group(engine_group, engine_slot, engine) if shares and engine_group else None
         if spec.shared_engines and not group:
             log.warning("eval.shared_engines: this evaluation starts its own engines (%s)",
                         "HF engines on GPU start per trial" if engine_group else "no sweep to share them with")

@@ -3,26 +3,28 @@
 Per trial, the engines otherwise start anew: HF in fresh Ray Data actors (a process starts, imports
 torch and transformers and loads the model before the first batch, `eval_first_batch` in a trial's
 time breakdown), vLLM in fresh ray.data.llm engines (and on GPU a CUDA graph capture each). Shared
-engines are named, detached actors, one per actor slot of an actor shape, that the sweep's trials
-find by name:
+engines are named, detached actors, ``num_actors`` of them, that the sweep's trials find by name
+(`host_names`):
 
 - `EngineHost` (HF) keeps its process and imports and loads the weights a call names only when
   they differ from the last call's (the next trial's model); the same `HFEngine` generates, so the
   predictions are those of per-trial actors. LoRA adapters are merged in memory into a copy of
-  their base, which stays loaded, instead of on disk (`merged_model`).
+  their base, which stays loaded, instead of on disk (`merged_model`). Each trial slot (a trial
+  driver process that Tune hands from trial to trial) has hosts of its own (`hosts_group`), so
+  trials that evaluate at the same time do not queue behind one host.
 - `VLLMHost` keeps a vLLM engine per engine shape (architecture, tokenizer, engine arguments): a
   full fine-tune's weights are reloaded into it in place (vLLM's ``reload_weights``, with the CPU
   backend's packed embedding GEMMs refreshed, `WeightsReload`); LoRA adapters of its base are
   applied per request, ``max_loras`` of them kept loaded side by side. A sweep of one student
-  starts one engine per host for its full fine-tunes and one for its LoRA trials. Requests and
-  outputs are mapped as on per-trial engines (`vllm_pre`, `vllm_post`), so the predictions agree
-  as two vLLM runs do.
+  starts one engine per host for its full fine-tunes and one for its LoRA trials; all the sweep's
+  trials share the hosts. Requests and outputs are mapped as on per-trial engines (`vllm_pre`,
+  `vllm_post`), so the predictions agree as two vLLM runs do.
 
 On CPU the hosts reserve no CPU of their own; the trial's evaluation task holds the CPUs they work
 with (`host_cpus`), so an idle host does not keep a training worker from starting. A vLLM host on
 GPU holds its GPU (and ``cpus_per_actor`` CPUs) for the whole sweep: size the cluster for it. The
-sweep stops the hosts when it ends (`stop_engine_hosts`), or when an evaluation runs past
-``eval.timeout_s``.
+sweep stops the hosts when it ends (`stop_engine_hosts`); an evaluation that runs past
+``eval.timeout_s`` stops those it used.
 """
 
 from __future__ import annotations
@@ -242,6 +244,17 @@ class VLLMHost:
         return os.getpid()
 
 
+def hosts_group(group: str, slot: str | None, engine: str) -> str:
+    """The group whose hosts an evaluation of trial slot ``slot`` uses in sweep ``group``.
+
+    HF hosts generate with the CPUs of the evaluation that calls them, so each slot (a trial driver
+    process, which Tune hands from a finished trial to the next) has its own: evaluations that
+    per-trial actors ran side by side still do, and each host serves its slot's trials in turn. A
+    vLLM engine batches what it is sent and on GPU holds a GPU of its own: the sweep shares it.
+    """
+    return f"{group}-{slot}" if engine == "hf" and slot else group
+
+
 def host_names(spec: EvalSpec, group: str, engine: str = "hf") -> list[str]:
     """The names of the hosts a sweep (``group``) evaluates with under ``spec`` on ``engine``."""
     return [f"{group}-{engine}-{i}" for i in range(spec.num_actors)]
@@ -290,15 +303,18 @@ def generate_on_vllm_hosts(prompts: list[dict], model_path: str, template_name: 
 CLOSE_TIMEOUT_S = 30  # how long a host gets to shut its engine down before it is killed
 
 
-def stop_engine_hosts(group: str, specs: list[EvalSpec]) -> int:
-    """Kill the sweep's shared hosts; returns how many were running."""
+def stop_engine_hosts(group: str) -> int:
+    """Kill the hosts of ``group`` (a sweep's, or one trial slot's of it: `hosts_group`); returns how
+    many were running."""
     import ray
 
     stopped = 0
-    for name in {n for spec in specs for engine in ("hf", "vllm") for n in host_names(spec, group, engine)}:
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if actor["namespace"] != NAMESPACE or not actor["name"].startswith(f"{group}-"):
+            continue
         try:
-            host = ray.get_actor(name, namespace=NAMESPACE)
-        except ValueError:  # never started, or already gone
+            host = ray.get_actor(actor["name"], namespace=NAMESPACE)
+        except ValueError:  # already gone
             continue
         ray.wait([host.close.remote()], timeout=CLOSE_TIMEOUT_S)  # a stuck host is killed all the same
         ray.kill(host)

@@ -106,7 +106,7 @@ def run_sweep(spec: SweepSpec, verbose: bool = False) -> list[TrialRecord]:
     try:
         results = tuner.fit()
     finally:
-        stop_engine_hosts(group, [t.eval for t in trials])
+        stop_engine_hosts(group)
     errors = [r.error for r in results if r.error]
     if errors:
         raise RuntimeError(f"{len(errors)} of {len(trials)} trials failed; first error: {errors[0]}")

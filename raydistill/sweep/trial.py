@@ -65,21 +65,21 @@ def read_record(path: Path) -> TrialRecord | None:
 
 def _train_and_evaluate(trial: TrialSpec, payload: dict, trial_dir: Path) -> TrialRecord:
     from raydistill.evaluate import evaluate
-    from raydistill.train import TRAIN_STATE_FILE, TrainJob, fit
+    from raydistill.train import TRAIN_STATE_FILE, TrainJob
 
     job = TrainJob(student=trial.student, model_path=payload["model_path"], data_path=payload["cell"]["train_path"],
                    run_name=f"train-{trial.trial_hash}", storage_path=payload["checkpoint_storage"],
                    spec=trial.train)
     started = time.perf_counter()
     report_stage("training")
-    trained = fit(job, report_to_tune=True, download_to=trial_dir / "model")
+    trained = fit_reporting_steps(job, trial_dir)
     report_stage("evaluating")
     test = pq.read_table(payload["test_path"])
     eval_started = time.perf_counter()
     result = outside_trial_placement_group(
         evaluate, trained.model_path, trial.student, trial.cell.dataset, test, trial.eval,
         trial_dir / "predictions.parquet", trial.grader, engine_group=payload["engine_group"],
-        num_cpus=host_cpus(trial.eval))
+        engine_slot=trial_slot(), num_cpus=host_cpus(trial.eval))
     eval_seconds = time.perf_counter() - eval_started
     record_started = time.perf_counter()
     state = TrainState.read(Path(trained.model_path) / TRAIN_STATE_FILE)
@@ -128,6 +128,44 @@ def _train_and_evaluate(trial: TrialSpec, payload: dict, trial_dir: Path) -> Tri
     }, f"trial {trial.trial_hash}")
 
 
+PROGRESS_POLL_S = 2.0  # how often a training trial looks for new checkpoint steps to report
+
+
+def fit_reporting_steps(job, trial_dir: Path):
+    """`fit` the job, telling the console each checkpoint's step and loss as the run reports it.
+
+    The run appends them to a file in the trial folder (`progress_callback`; its controller runs on
+    this node) and this thread reports the new lines to Tune while `fit` runs in another. Ray's own
+    relay (`TuneReportCallback`) starts a queue actor per trial that Tune polls five times a second.
+    """
+    import json
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    from ray import tune
+
+    from raydistill.train import fit
+
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    progress = trial_dir / "train_progress.jsonl"
+    progress.unlink(missing_ok=True)
+    reported = 0
+
+    def report_new_lines() -> None:
+        nonlocal reported
+        text = progress.read_text() if progress.exists() else ""
+        lines = text[:text.rfind("\n") + 1].splitlines()  # whole lines: one may be being written
+        for line in lines[reported:]:
+            tune.report(json.loads(line))
+        reported = max(reported, len(lines))
+
+    with ThreadPoolExecutor(1, thread_name_prefix="fit") as pool:
+        running = pool.submit(fit, job, progress_file=progress, download_to=trial_dir / "model")
+        while not wait([running], timeout=PROGRESS_POLL_S).done:
+            report_new_lines()
+        report_new_lines()
+        return running.result()
+
+
 def trial_timings(train: dict[str, float], evaluation: dict[str, float], eval_seconds: float, record_seconds: float,
                   wall: float) -> dict[str, float]:
     """The trial's time by stage (`raydistill.records.TIME_STAGES`): training's and evaluation's
@@ -141,6 +179,14 @@ def trial_timings(train: dict[str, float], evaluation: dict[str, float], eval_se
         timings["useful"] = timings.get("optimizer_steps", 0.0) + timings.get("generation", 0.0)
         timings["useful_cpu"] = timings.get("optimizer_cpu", 0.0) + timings.get("generation_cpu", 0.0)
     return timings
+
+
+def trial_slot() -> str:
+    """The trial driver process this trial runs in (a Ray actor), which Tune hands to the next trial
+    when this one ends (`reuse_actors`): one of the sweep's ``max_concurrent_trials`` slots."""
+    import ray
+
+    return "slot-" + ray.get_runtime_context().get_actor_id()[:12]
 
 
 def outside_trial_placement_group(fn, *args, num_cpus: float = 0, **kwargs):

@@ -27,9 +27,13 @@ def check_storage(storage_path: str) -> None:
         raise TrainInputError(f"checkpoint storage {redact_storage(storage_path)!r}: {problem}")
 
 
-def fit(job: TrainJob, report_to_tune: bool = False, download_to: str | os.PathLike | None = None) -> TrainResult:
+def fit(job: TrainJob, progress_file: str | os.PathLike | None = None,
+        download_to: str | os.PathLike | None = None) -> TrainResult:
     """Run one fine-tuning job on the current Ray cluster and return where the model landed: a local
-    HF folder (the final checkpoint, or with URI storage its copy under `download_to`)."""
+    HF folder (the final checkpoint, or with URI storage its copy under `download_to`).
+
+    ``progress_file``: a file on this node that each checkpoint's step and loss are appended to as
+    they are reported (`ProgressFile`), for a caller that follows the run while `fit` waits."""
     read_examples(job.data_path)  # a bad file fails here, in one line, before any worker starts
     if "://" not in job.storage_path:  # workers resolve paths from their own working directory
         job = replace(job, storage_path=os.path.abspath(job.storage_path))
@@ -41,11 +45,7 @@ def fit(job: TrainJob, report_to_tune: bool = False, download_to: str | os.PathL
     check_memory_on_driver(job, spec)
     if precision_warning(spec):
         log.warning(precision_warning(spec))
-    callbacks = []
-    if report_to_tune:
-        from ray.tune.integration.ray_train import TuneReportCallback
-
-        callbacks.append(TuneReportCallback())
+    callbacks = [progress_callback(progress_file)] if progress_file else []
     resources = {"CPU": spec.cpus_per_worker, **spec.resources_per_worker}
     if spec.use_gpu:
         resources["GPU"] = spec.gpus_per_worker
@@ -77,6 +77,22 @@ def fit(job: TrainJob, report_to_tune: bool = False, download_to: str | os.PathL
                        truncated=state.truncated, over_cutoff=state.over_cutoff,
                        padding_fraction=state.padding_fraction, resumed_at=tuple(state.resumed_at),
                        timings=train_timings(state, started_at, train_seconds))
+
+
+def progress_callback(path: str | os.PathLike):
+    """A Ray Train callback (it runs in the run's controller, which Ray Train places on the node of
+    the process that called `fit`) appending rank 0's metrics of each report (step, steps_total,
+    train_loss) to ``path`` as a JSON line."""
+    import json
+
+    from ray.train import UserCallback
+
+    class ProgressFile(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            with open(path, "a") as out:
+                out.write(json.dumps(metrics[0]) + "\n")
+
+    return ProgressFile()
 
 
 def train_timings(state: TrainState, started_at: float, train_seconds: float) -> dict[str, float]:

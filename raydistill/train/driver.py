@@ -33,7 +33,7 @@ def fit(job: TrainJob, progress_file: str | os.PathLike | None = None,
     HF folder (the final checkpoint, or with URI storage its copy under `download_to`).
 
     ``progress_file``: a file on this node that each checkpoint's step and loss are appended to as
-    they are reported (`ProgressFile`), for a caller that follows the run while `fit` waits."""
+    they are reported (`progress_callback`), for a caller that follows the run while `fit` waits."""
     read_examples(job.data_path)  # a bad file fails here, in one line, before any worker starts
     if "://" not in job.storage_path:  # workers resolve paths from their own working directory
         job = replace(job, storage_path=os.path.abspath(job.storage_path))

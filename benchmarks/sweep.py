@@ -46,7 +46,8 @@ where every trial had a CPU of its own (concurrency <= CPUs), in wall seconds
 (`useful_share_of_cpu_wall`). With more trials than CPUs the wall-time shares count the time
 trials wait for each other's cores as useful; the CPU-time share does not.
 `useful_cpu_share_of_busy_cpu` is the useful CPU seconds' share of all the CPU seconds the machine
-used during the run (`cpu_busy_s`: Ray, the driver and every trial's start-up included), and
+used during the run (`cpu_busy_s`: Ray, the driver and every trial's start-up included; the rest
+is `non_useful_cpu_s`, and `idle_cpu_s` is wall x the machine's CPUs less `cpu_busy_s`), and
 `cpu_s_by_process` splits those CPU seconds by process kind (Ray's daemons, the sweep driver, and
 each actor class: `ray::RayTrainWorker`, `ray::EngineHost`, `ray::TrainController`, ...; see
 `ProcessCpu`).
@@ -127,6 +128,7 @@ def run_sweep(workdir: Path, concurrency: int, cpus: int, shared: bool = False, 
             "train_s_sum": round(sum(r["metrics"]["train_seconds"] for r in records), 1),
             "eval_s_sum": round(sum(r["metrics"]["eval_seconds"] for r in records), 1),
             "cpu_busy_fraction": round(busy / (wall * psutil.cpu_count()), 3), "cpu_busy_s": round(busy, 1),
+            "idle_cpu_s": round(wall * psutil.cpu_count() - busy, 1),
             **(_vllm_counts(ray_tmp) if sweep["eval"]["engine"] == "vllm" else {}),
             **breakdown(records, wall, cpus, concurrency, busy),
             "cpu_s_by_process": by_process.summary(busy)}
@@ -209,14 +211,15 @@ def breakdown(records: list[dict], wall: float, cpus: int, concurrency: int, bus
     sweep's wall time x its CPUs, counted in CPU seconds (`useful_cpu`). Counted in wall seconds the
     latter would be wrong with more trials than CPUs: trials sharing a core stretch each other's
     optimizer steps, so it is given only where each trial had a CPU of its own. ``busy``: the CPU
-    seconds the whole machine used, of which `useful_cpu_share_of_busy_cpu` went into useful work."""
+    seconds the whole machine used, of which `useful_cpu_share_of_busy_cpu` went into useful work and
+    `non_useful_cpu_s` did not."""
     from raydistill.records import CPU_STAGES, TIME_STAGES
 
     sums = {stage: round(sum(r["timings"].get(stage, 0.0) for r in records), 1) for stage in TIME_STAGES}
     if not all("useful" in r["timings"] for r in records):  # an engine that does not time generation (vLLM)
         sums["useful"] = sums["useful_cpu"] = None
         return {"breakdown": sums, "useful_share_of_trial_time": None, "useful_share_of_cpu_wall": None,
-                "useful_cpu_share_of_cpu_wall": None, "useful_cpu_share_of_busy_cpu": None}
+                "useful_cpu_share_of_cpu_wall": None, "useful_cpu_share_of_busy_cpu": None, "non_useful_cpu_s": None}
     with_cpu = all("useful_cpu" in r["timings"] for r in records)
     if not with_cpu:  # records from before the CPU timings: not measured rather than 0
         sums.update(dict.fromkeys(CPU_STAGES))
@@ -224,7 +227,8 @@ def breakdown(records: list[dict], wall: float, cpus: int, concurrency: int, bus
             "useful_share_of_trial_time": round(sums["useful"] / max(sums["wall"], 1e-9), 3),
             "useful_share_of_cpu_wall": round(sums["useful"] / (wall * cpus), 3) if concurrency <= cpus else None,
             "useful_cpu_share_of_cpu_wall": round(sums["useful_cpu"] / (wall * cpus), 3) if with_cpu else None,
-            "useful_cpu_share_of_busy_cpu": round(sums["useful_cpu"] / max(busy, 1e-9), 3) if with_cpu else None}
+            "useful_cpu_share_of_busy_cpu": round(sums["useful_cpu"] / max(busy, 1e-9), 3) if with_cpu else None,
+            "non_useful_cpu_s": round(busy - sums["useful_cpu"], 1) if with_cpu else None}
 
 
 def _predictions(records: list[dict]) -> dict:

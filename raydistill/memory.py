@@ -200,3 +200,88 @@ def fits_message(estimate: MemoryEstimate, capacity_bytes: int, suggestion: int 
 
 def _dtype_bytes(precision: str) -> int:
     return 4 if precision == "fp32" else 2
+
+
+# --------------------------------------------------------------------------- generation (evaluation)
+
+
+@dataclass(frozen=True)
+class GenerationEstimate:
+    """Bytes one evaluation engine holds on its GPU at its peak, by kind."""
+
+    weights: int  # all weights in the compute dtype
+    kv_cache: int  # keys and values of every layer for every sequence at its full length
+    activations: int  # one layer's temporaries of the prefill forward over every sequence's prompt
+    logits: int  # a decoding step's last-token logits through the fp32 log-softmax (beam search: + beam scores)
+    overhead: int  # CUDA context and allocator fragmentation; 0 on CPU
+
+    def total(self) -> int:
+        return sum(astuple(self))
+
+
+def kv_cache_bytes(shape: Shape, *, sequences: int, tokens: int, precision: str) -> int:
+    """Keys and values of every layer: 2 x layers x kv_heads x head_dim x c bytes per token."""
+    return 2 * shape.layers * shape.kv_heads * shape.head_dim * _dtype_bytes(precision) * sequences * tokens
+
+
+def estimate_generation_memory(config, *, batch_size: int, num_beams: int = 1, num_return_sequences: int = 1,
+                               prompt_len: int, max_new_tokens: int, precision: str, attn_implementation: str,
+                               parameters: int | None = None, device: str = "cuda") -> GenerationEstimate:
+    """Peak memory of one transformers ``generate`` call over `batch_size` left-padded prompts of
+    `prompt_len` tokens (the longest) with up to `max_new_tokens` new ones.
+
+    Sequences: batch x num_beams under beam search (``generate`` expands the input before the first
+    forward), else batch x num_return_sequences. KV cache: every sequence at prompt_len +
+    max_new_tokens, plus one layer's copy (the cache's concatenation and beam search's reordering
+    build a layer's new tensor before freeing the old one). Activations: one layer of the prefill
+    forward under inference mode: the residual stream, the norm and the q/k/v and output projections
+    (5 hidden-sized tensors a token), the MLP's intermediates (gated: 3, else 2), and under eager
+    attention the scores with their fp32 softmax and its cast back (c + 4 + c bytes a score). Logits:
+    the model returns the last position's only (``logits_to_keep=1``), which a decoding step copies
+    to fp32, log-softmaxes and (beam search) adds the beam scores to: (c + 12) bytes a logit. The
+    pieces peak at different moments and are added, so the total errs high.
+    """
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    if attn_implementation not in ("eager", "sdpa", "flash_attention_2"):
+        raise ValueError(f"attn_implementation must be eager, sdpa or flash_attention_2, got {attn_implementation!r}")
+    shape, c = Shape.of(config), _dtype_bytes(precision)
+    sequences = batch_size * (num_beams if num_beams > 1 else num_return_sequences)
+    weights = (parameters if parameters is not None else shape.parameters()) * c
+    tokens = prompt_len + max_new_tokens
+    kv = kv_cache_bytes(shape, sequences=sequences, tokens=tokens, precision=precision)
+    kv += kv // shape.layers  # one layer's copy while it is concatenated or reordered
+    prompt_tokens = sequences * prompt_len
+    layer = prompt_tokens * (5 * shape.hidden + (3 if shape.gated else 2) * shape.intermediate) * c
+    if attn_implementation == "eager":
+        layer += sequences * shape.heads * prompt_len**2 * (2 * c + 4)
+    logits = sequences * shape.vocab * (c + 12)
+    overhead = 0 if device == "cpu" else CUDA_CONTEXT_BYTES + int(FRAGMENTATION * (kv + layer + logits))
+    return GenerationEstimate(weights=weights, kv_cache=kv, activations=layer, logits=logits, overhead=overhead)
+
+
+def largest_generation_batch(config, *, capacity_bytes: int, batch_size: int, **estimate_args) -> int | None:
+    """The largest number of prompts up to `batch_size` whose ``generate`` call fits `capacity_bytes`
+    (`estimate_generation_memory`); None when not even one prompt does."""
+    fits = [b for b in range(batch_size, 0, -1)
+            if estimate_generation_memory(config, batch_size=b, **estimate_args).total() <= capacity_bytes]
+    return fits[0] if fits else None
+
+
+def vllm_minimum_bytes(config, *, max_model_len: int, precision: str, parameters: int | None = None) -> int:
+    """What a vLLM engine must fit within ``gpu_memory_utilization`` of its GPU at the least: the
+    weights in the compute dtype and the KV cache of one sequence of `max_model_len` tokens (vLLM
+    refuses to start otherwise); its activation profile and CUDA graphs come on top."""
+    shape = Shape.of(config)
+    weights = (parameters if parameters is not None else shape.parameters()) * _dtype_bytes(precision)
+    return weights + kv_cache_bytes(shape, sequences=1, tokens=max_model_len, precision=precision)
+
+
+def gib(n: int) -> str:
+    """Bytes as GiB with one decimal."""
+    return f"{n / GIB:.1f}"
+
+
+def by_kind(estimate) -> str:
+    """"weights 5.6, kv_cache 20.1, ..." (GiB) of a `MemoryEstimate` or `GenerationEstimate`."""
+    return ", ".join(f"{name} {gib(value)}" for name, value in vars(estimate).items())

@@ -67,6 +67,23 @@ def until_end(ids: list[int], end_ids: set[int]) -> list[int]:
     return ids
 
 
+def generate_in_sub_batches(generate, prompts: list[str], size: int, round_tokens: int) -> list[list[int]]:
+    """`generate` (`HFEngine.generate_ids`) over consecutive sub-batches of `size` prompts, its
+    generations concatenated in prompt order: a batch whose generate call would not fit the GPU
+    (``eval.generate_batch_size``, set by the sweep from ``eval.gpu_memory_gb``).
+
+    Greedy and beam search give the same tokens as one call up to padding: the batch is left-padded
+    to its longest prompt and the attention mask and position ids skip the padding, so a row's
+    generation does not depend on its neighbours; a sub-batch pads less, which changes the shapes of
+    the matrix products, not what they compute (float rounding aside). Sampling draws from one
+    random stream per call (seeded with ``eval.seed``), so its samples change with the split.
+    """
+    ids: list[list[int]] = []
+    for start in range(0, len(prompts), size):
+        ids.extend(generate(prompts[start:start + size], round_tokens))
+    return ids
+
+
 class StopOnStrings:
     """Per-sequence stopping criterion: the generated text contains a stop string.
 
@@ -117,10 +134,14 @@ class HFEngine:
         Greedy and sampling decode in rounds of ``round_tokens``: after each round the finished
         rows leave the batch and the others continue from their KV cache, so a batch whose
         generations differ in length does less work (greedy: the same tokens as one call). Beam
-        search runs in one call.
+        search runs in one call. With ``generate_batch_size`` the prompts are generated that many at
+        a time (`generate_in_sub_batches`).
         """
         import torch
 
+        size = self.spec.generate_batch_size
+        if size and len(prompts) > size:
+            return generate_in_sub_batches(self.generate_ids, prompts, size, round_tokens)
         encoded = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         ids, mask = encoded["input_ids"].to(self.device), encoded["attention_mask"].to(self.device)
         start = ids.shape[1]

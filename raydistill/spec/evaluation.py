@@ -13,7 +13,7 @@ PROTOCOL_FIELDS = ("max_new_tokens", "num_beams", "stop_strings")
 NO_PROTOCOL = {"max_new_tokens": 640, "num_beams": 1, "stop_strings": []}  # protocol: none
 # How the engines run, not what they generate: dumped only when set, never part of an identity.
 ENGINE_SETTINGS = ("tensor_parallel_size", "gpu_memory_utilization", "enable_prefix_caching", "max_num_seqs",
-                   "timeout_s", "shared_engines", "max_loras")
+                   "timeout_s", "shared_engines", "max_loras", "gpu_memory_gb", "generate_batch_size")
 VLLM_ONLY = ("max_model_len", "enforce_eager", "tensor_parallel_size", "gpu_memory_utilization",
              "enable_prefix_caching", "max_num_seqs", "max_loras")
 
@@ -62,6 +62,15 @@ class EvalSpec(Strict):
     shared_engines: bool = False
     # vLLM shared engines: LoRA adapters of one base kept loaded side by side.
     max_loras: int = Field(4, ge=1)
+    # Memory of each evaluation GPU in GiB, as torch reports it: a sweep checks every trial's
+    # evaluation against it at its start (raydistill.memory.estimate_generation_memory): the HF
+    # engine's generate calls are split into sub-batches that fit (generate_batch_size), a vLLM
+    # engine must fit its weights and one max_model_len sequence within gpu_memory_utilization.
+    # Checked whenever it is set, also for an evaluation on CPU.
+    gpu_memory_gb: float | None = Field(None, gt=0)
+    # HF engine: prompts per `generate` call; a batch of batch_size rows is generated in sub-batches
+    # of this many (None: the whole batch in one call). The sweep sets it from gpu_memory_gb.
+    generate_batch_size: int | None = Field(None, ge=1)
     do_sample: bool = False
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1.0)

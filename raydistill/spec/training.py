@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_serializer, model_validator
 
 from raydistill.spec.base import SpecError, Strict, apply_overrides, describe_validation, read_config
 
@@ -40,9 +40,16 @@ class TrainSpec(Strict):
     # auto: the student family's choice (students.FAMILY_ATTENTION: eager for BLOOM, which has no
     # SDPA path; sdpa for Llama and Gemma), else transformers' default.
     attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
-    # Memory of each training GPU, to refuse before any worker starts a config that cannot fit
-    # (raydistill.memory). None: checked on the worker against the GPU it got.
+    # Memory of each training GPU in GiB, as torch reports it (an L40S 48 GB: about 44.4; an A100
+    # 40 GB: about 39.4): a sweep checks every trial against it at its start, before any GPU node is
+    # asked for, and `raydistill train` on the driver (raydistill.memory, docs/cluster.md "Does every
+    # trial fit?"). Checked whenever it is set, also for a run on CPU. None: checked only on each GPU
+    # worker, against the GPU it got, once the node is up.
     gpu_memory_gb: float | None = Field(None, gt=0)
+    # A sweep trial whose estimate exceeds gpu_memory_gb: refuse it at sweep start (one line naming the
+    # trial), or adjust: the largest micro_batch_size that fits, with more gradient accumulation (the
+    # same global batch); the trial is identified, and runs, with the adjusted micro-batch.
+    fit: Literal["refuse", "adjust"] = "refuse"
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -80,6 +87,15 @@ class TrainSpec(Strict):
                 f"micro_batch_size x num_workers = {per_step}"
             )
         return self
+
+    @model_serializer(mode="wrap")
+    def _fit_when_set(self, handler) -> dict:
+        """`fit` at its default is left out of the dump, so specs written before it existed dump
+        (and hash) as before."""
+        data = handler(self)
+        if self.fit == "refuse":
+            data.pop("fit", None)
+        return data
 
     @property
     def grad_accum_steps(self) -> int:

@@ -1,7 +1,8 @@
 """Running a sweep: prepare cells and test sets, run every trial under Ray Tune, track in MLflow, report.
 
-`run_sweep` writes the plan (`PLAN_FILE`), checks the evaluation engines before any training,
-and runs the trials with `TRIAL_DRIVER_RESOURCES` each.
+`run_sweep` decides whether every trial fits its GPUs (`raydistill.sweep.fit`) before Ray starts,
+writes the plan (`PLAN_FILE`), checks the evaluation engines before any training, and runs the
+trials with `TRIAL_DRIVER_RESOURCES` each.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from raydistill.spec import CellSpec, SpecError, SweepSpec, TrialSpec, content_h
 from raydistill.sweep.cells import digests_of_test_set, identify_trial, prepare_cells, prepare_test
 from raydistill.sweep.cluster import init_ray
 from raydistill.sweep.console import SweepConsole, trial_label, trial_name
+from raydistill.sweep.fit import Sizes, check_fit
 from raydistill.sweep.trial import run_trial
 
 log = logging.getLogger("raydistill.sweep")
@@ -65,6 +67,9 @@ def run_sweep(spec: SweepSpec, verbose: bool = False) -> list[TrialRecord]:
     test_paths = {task: prepare_test(task, spec.test_limit, run_dir) for task in datasets}
     tests = {task: digests_of_test_set(task) for task in datasets}
     model_paths = {student: str(resolve_student(student)) for student in spec.axis_values("students")}
+    # before any trial (and any GPU node): refuse what cannot fit, or adjust it (docs/cluster.md)
+    planned, fits = check_fit(planned, [trial_label(t) for t in planned], Sizes(model_paths, cells, test_paths),
+                              run_dir)
     students = {student: weights_digest(path) for student, path in model_paths.items()}
     trials = [identify_trial(t, CellSpec.model_validate(cells[t.cell]["spec"]), students[t.student],
                              tests[t.cell.dataset]) for t in planned]
@@ -76,8 +81,9 @@ def run_sweep(spec: SweepSpec, verbose: bool = False) -> list[TrialRecord]:
     payloads = {
         t.trial_hash: {"trial": t.model_dump(mode="json"), "run_dir": str(run_dir), "cell": cells[p],
                        "checkpoint_storage": spec.checkpoint_storage or str(run_dir / "ray"),
-                       "test_path": str(test_paths[t.cell.dataset]), "model_path": model_paths[t.student]}
-        for p, t in zip((t.cell for t in planned), trials)
+                       "test_path": str(test_paths[t.cell.dataset]), "model_path": model_paths[t.student],
+                       "fit": fit}
+        for p, t, fit in zip((t.cell for t in planned), trials, fits)
     }
     submitted_at = time.time()  # a trial's wait for a slot (timings["queued"]) counts from here
     group = engine_group(run_dir)

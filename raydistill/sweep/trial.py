@@ -96,6 +96,8 @@ def _train_and_evaluate(trial: TrialSpec, payload: dict, trial_dir: Path) -> Tri
         "train_spec": trial.train.model_dump(mode="json"),
         "eval_spec": trial.eval.model_dump(mode="json"),
         "eval_protocol": trial.eval.protocol_note(trial.cell.dataset, trial.eval_overrides),
+        # the sweep's memory decision (raydistill.sweep.fit): estimates, adjusted micro-batch, generate sub-batch
+        "fit": payload.get("fit"),
         "grader": trial.grader.label(),
         "engine": result.engine,
         "model_path": trained.model_path,

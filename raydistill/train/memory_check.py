@@ -22,30 +22,42 @@ def lora_parameters(config, lora) -> int:
     return lora.r * shape.layers * (attention + mlp)
 
 
-def memory_problem(job: TrainJob, spec: TrainSpec, longest: int, capacity_bytes: int, world: int) -> str | None:
-    """One line saying why the run cannot fit ``capacity_bytes`` per GPU and which micro-batch would
-    (`raydistill.memory`), for micro_batch_size x the cell's ``longest`` sequence; None if it fits."""
+def estimate_args(job: TrainJob, spec: TrainSpec, longest: int, config=None) -> tuple[object, dict]:
+    """The student's config and the `raydistill.memory.estimate_training_memory` arguments of the run
+    at the cell's ``longest`` sequence, all but micro_batch_size and world_size: its ZeRO stage (and
+    offload) from its DeepSpeed config, precision, checkpointing, attention, LoRA."""
     from transformers import AutoConfig
 
-    from raydistill import memory
-
-    config = AutoConfig.from_pretrained(job.model_path)
+    config = config if config is not None else AutoConfig.from_pretrained(job.model_path)
     zero = deepspeed_config(spec)["zero_optimization"]
     offloaded = {k: (zero.get(k) or {}).get("device", "none") not in ("none", None)
                  for k in ("offload_optimizer", "offload_param")}
-    args = dict(seq_len=longest, precision=spec.precision, zero_stage=zero["stage"], world_size=world,
-                gradient_checkpointing=bool(spec.gradient_checkpointing),
-                attn_implementation=attention_of(job, spec) or "sdpa",
-                trainable_parameters=lora_parameters(config, spec.lora) if spec.lora else None, **offloaded)
-    estimate = memory.estimate_training_memory(config, micro_batch_size=spec.micro_batch_size, **args)
+    return config, dict(seq_len=longest, precision=spec.precision, zero_stage=zero["stage"],
+                        gradient_checkpointing=bool(spec.gradient_checkpointing),
+                        attn_implementation=attention_of(job, spec) or "sdpa",
+                        trainable_parameters=lora_parameters(config, spec.lora) if spec.lora else None, **offloaded)
+
+
+def describe_run(job: TrainJob, spec: TrainSpec, longest: int) -> str:
+    """"train bloom-3b: micro_batch_size 4 x 1834 tokens, ZeRO-3, bf16, gradient_checkpointing True"."""
+    stage = deepspeed_config(spec)["zero_optimization"]["stage"]
+    return (f"train {job.student}: micro_batch_size {spec.micro_batch_size} x {longest} tokens, ZeRO-{stage}, "
+            f"{spec.precision}, gradient_checkpointing {bool(spec.gradient_checkpointing)}")
+
+
+def memory_problem(job: TrainJob, spec: TrainSpec, longest: int, capacity_bytes: int, world: int) -> str | None:
+    """One line saying why the run cannot fit ``capacity_bytes`` per GPU and which micro-batch would
+    (`raydistill.memory`), for micro_batch_size x the cell's ``longest`` sequence; None if it fits."""
+    from raydistill import memory
+
+    config, args = estimate_args(job, spec, longest)
+    estimate = memory.estimate_training_memory(config, micro_batch_size=spec.micro_batch_size, world_size=world,
+                                               **args)
     if estimate.total() <= capacity_bytes:
         return None
-    args.pop("world_size")
     suggestion = memory.largest_micro_batch(config, capacity_bytes=capacity_bytes,
                                             global_batch_size=spec.global_batch_size, world_size=world, **args)
-    what = (f"train {job.student}: micro_batch_size {spec.micro_batch_size} x {longest} tokens, ZeRO-{zero['stage']}, "
-            f"{spec.precision}, gradient_checkpointing {bool(spec.gradient_checkpointing)}")
-    return memory.fits_message(estimate, capacity_bytes, suggestion, what)
+    return memory.fits_message(estimate, capacity_bytes, suggestion, describe_run(job, spec, longest))
 
 
 def longest_sequence(job: TrainJob, spec: TrainSpec) -> int:

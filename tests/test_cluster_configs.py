@@ -763,3 +763,65 @@ def test_rayjob_runs_the_cluster_sweep_from_the_image():
     dockerfile = (CLUSTER / "kuberay" / "Dockerfile").read_text()
     assert "COPY --chown=ray:users cluster ./cluster" in dockerfile and "[gpu]" in dockerfile
     assert "FROM rayproject/ray:2.60.0-" in dockerfile
+
+
+# --------------------------------------------------------------------------- GPU memory the sweep declares
+# cluster/sweep-cluster.yaml declares the memory of a GPU (train.gpu_memory_gb, eval.gpu_memory_gb: GiB
+# as torch reports it) that every trial is checked against at sweep start (raydistill.sweep.fit). It
+# serves every config here, so it must be the smallest GPU they name.
+
+GPU_MEMORY_GIB = {  # instance type -> (its GPUs, GiB of one as torch reports it)
+    "g6e.12xlarge": ("4 x NVIDIA L40S 48 GB", 44.4),
+    "a2-highgpu-4g": ("4 x NVIDIA A100 40 GB", 39.4),
+}
+GPU_MEMORY_LABEL = "raydistill.io/gpu-memory-gib"
+
+
+def _gpu_instance_types(config: dict) -> list[str]:
+    """The instance (machine) type of each GPU node type of a launcher config."""
+    return [t["node_config"].get("InstanceType") or t["node_config"].get("machineType")
+            for t in _node_types(config).values() if GPU_RESOURCE in t["resources"]]
+
+
+def gpu_memory_problems(spec, launchers: list[dict], kuberay: list[dict]) -> list[str]:
+    """Why the sweep's declared GPU memory does not match the node types the configs name."""
+    problems = []
+    types = [name for config in launchers for name in _gpu_instance_types(config)]
+    unknown = sorted({name for name in types if name not in GPU_MEMORY_GIB})
+    if unknown:
+        problems.append(f"GPU node types {unknown}: add their GPU memory to GPU_MEMORY_GIB")
+    smallest = min(GPU_MEMORY_GIB[name][1] for name in types if name in GPU_MEMORY_GIB)
+    for field, value in (("train.gpu_memory_gb", spec.train.gpu_memory_gb),
+                         ("eval.gpu_memory_gb", spec.eval.gpu_memory_gb)):
+        if value != smallest:
+            problems.append(f"{field} is {value}, the smallest GPU of the launcher configs has {smallest} GiB")
+    for manifest in kuberay:
+        for group in _cluster_spec(manifest)["workerGroupSpecs"]:
+            if GPU_RESOURCE in _group_resources(group):
+                labels = (group["template"].get("metadata") or {}).get("labels") or {}
+                if labels.get(GPU_MEMORY_LABEL) != str(smallest):
+                    problems.append(f"KubeRay group {group['groupName']}: label {GPU_MEMORY_LABEL} is "
+                                    f"{labels.get(GPU_MEMORY_LABEL)!r}, not {str(smallest)!r}")
+    return problems
+
+
+def test_cluster_sweep_declares_the_smallest_gpu_memory_of_its_node_types():
+    spec = load_sweep(SWEEP)
+    launchers, kuberay = [_yaml(p) for p in LAUNCHER], [_yaml(p) for p in KUBERAY]
+    assert sorted(name for config in launchers for name in _gpu_instance_types(config)) == [
+        "a2-highgpu-4g", "g6e.12xlarge"]
+    assert gpu_memory_problems(spec, launchers, kuberay) == []
+    assert spec.train.gpu_memory_gb == spec.eval.gpu_memory_gb == 39.4  # the A100 40 GB of cluster/gcp.yaml
+    assert spec.train.fit == "adjust"
+    # the check catches a declaration of the larger GPU, and an unknown node type
+    larger = load_sweep(SWEEP, {"train.gpu_memory_gb": 44.4})
+    assert gpu_memory_problems(larger, launchers, kuberay) == [
+        "train.gpu_memory_gb is 44.4, the smallest GPU of the launcher configs has 39.4 GiB"]
+    other = copy.deepcopy(launchers)
+    other[0]["available_node_types"]["gpu.train"]["node_config"]["InstanceType"] = "g5.12xlarge"
+    assert "GPU node types ['g5.12xlarge']" in gpu_memory_problems(spec, other, kuberay)[0]
+    relabeled = copy.deepcopy(kuberay)
+    for group in _cluster_spec(relabeled[0])["workerGroupSpecs"]:
+        if "metadata" in group["template"]:
+            group["template"]["metadata"]["labels"][GPU_MEMORY_LABEL] = "44.4"
+    assert "label raydistill.io/gpu-memory-gib is '44.4'" in gpu_memory_problems(spec, launchers, relabeled)[0]

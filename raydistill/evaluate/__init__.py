@@ -33,6 +33,8 @@ from raydistill.evaluate.choose import (
     engine_bundles,
     engine_nodes,
     vllm_available,
+    vllm_import_error,
+    vllm_import_errors_on_engine_nodes,
     vllm_on_engine_nodes,
 )
 from raydistill.evaluate.cli import main, model_label
@@ -83,6 +85,7 @@ __all__ = [
     "engine_nodes", "engine_placement", "eval_hash", "evaluate", "generate_batches", "generate_kwargs", "grade",
     "is_adapter", "is_truncated", "load_tokenizer", "main", "merged_model", "metrics", "model_digest",
     "model_label", "model_max_len", "parts_dir", "read_parts", "release_engine_placements", "until_end",
-    "vllm_available", "vllm_engine_kwargs", "vllm_lora", "vllm_lora_plan", "vllm_max_model_len",
-    "vllm_on_engine_nodes", "vllm_post", "vllm_pre", "vllm_processor", "within_timeout", "write_part",
+    "vllm_available", "vllm_engine_kwargs", "vllm_import_error", "vllm_import_errors_on_engine_nodes", "vllm_lora",
+    "vllm_lora_plan", "vllm_max_model_len", "vllm_on_engine_nodes", "vllm_post", "vllm_pre", "vllm_processor",
+    "within_timeout", "write_part",
 ]

@@ -2,12 +2,13 @@
 
 vLLM is picked by ``auto`` where it imports on every node that can hold an engine (`engine_bundle`)
 and the decoding gives one output per prompt; the question is asked on those nodes
-(`vllm_on_engine_nodes`), never answered from this process's packages.
+(`vllm_on_engine_nodes`), never answered from this process's packages. "Imports" means ``import
+vllm`` runs there: an installed vLLM that fails to import (a missing shared library, a dependency
+of the wrong version) counts as absent, and its reason travels back to name it.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 
@@ -32,9 +33,31 @@ class EngineError(RuntimeError):
     """The requested engine cannot run here; the message says what to install or change."""
 
 
+_VLLM_IMPORT: dict[str, str | None] = {}  # this process's answer, once asked: {"error": reason or None}
+
+
+def vllm_import_error() -> str | None:
+    """None where ``import vllm`` succeeds in this process, else why not in one line (the exception's
+    type and message). Asked once per process (importing vLLM takes seconds) and kept."""
+    if "error" not in _VLLM_IMPORT:
+        try:
+            import vllm  # noqa: F401
+        except Exception as e:  # noqa: BLE001 - any failure to import means: no vLLM engine here
+            message = " ".join(str(e).split())
+            reason = f"{type(e).__name__}: {message}" if message else type(e).__name__
+            _VLLM_IMPORT["error"] = reason if len(reason) <= 300 else reason[:297] + "..."
+        else:
+            _VLLM_IMPORT["error"] = None
+    return _VLLM_IMPORT["error"]
+
+
 def vllm_available() -> bool:
-    """Whether vLLM imports in this process's environment."""
-    return importlib.util.find_spec("vllm") is not None
+    """Whether vLLM imports in this process's environment (`vllm_import_error`)."""
+    return vllm_import_error() is None
+
+
+def _not_installed(reason: str | None) -> bool:
+    return reason is not None and reason.startswith("ModuleNotFoundError: No module named 'vllm'")
 
 
 # How long `vllm_on_engine_nodes` waits for a node that can hold an engine (an autoscaling cluster
@@ -42,10 +65,10 @@ def vllm_available() -> bool:
 ENGINE_PROBE_TIMEOUT_S = float(os.environ.get("RAYDISTILL_ENGINE_PROBE_TIMEOUT_S", "1200"))
 
 
-def _probe_vllm() -> tuple[str, bool]:
+def _probe_vllm() -> tuple[str, str | None]:
     import ray
 
-    return ray.util.get_node_ip_address(), vllm_available()
+    return ray.util.get_node_ip_address(), vllm_import_error()
 
 
 def engine_nodes(spec: EvalSpec) -> list[dict]:
@@ -58,7 +81,14 @@ def engine_nodes(spec: EvalSpec) -> list[dict]:
 
 
 def vllm_on_engine_nodes(spec: EvalSpec, timeout_s: float | None = None) -> dict[str, bool]:
-    """Node IP -> whether vLLM imports there, for every node an engine of ``spec`` can run on.
+    """Node IP -> whether vLLM imports there, for every node an engine of ``spec`` can run on
+    (`vllm_import_errors_on_engine_nodes`, without the reasons)."""
+    return {ip: error is None for ip, error in vllm_import_errors_on_engine_nodes(spec, timeout_s).items()}
+
+
+def vllm_import_errors_on_engine_nodes(spec: EvalSpec, timeout_s: float | None = None) -> dict[str, str | None]:
+    """Node IP -> None where vLLM imports there, else the one-line reason (`vllm_import_error`), for
+    every node an engine of ``spec`` can run on.
 
     The question is asked where the engines run, not in the calling process: a zero-CPU task
     pinned to each such node, or, where none is up yet (an autoscaling cluster), one task that
@@ -90,23 +120,35 @@ def vllm_on_engine_nodes(spec: EvalSpec, timeout_s: float | None = None) -> dict
 
 def choose_engine(spec: EvalSpec, vllm_nodes: dict[str, bool] | None = None) -> str:
     """``hf`` or ``vllm`` for a spec resolved for its task (`EvalSpec.for_task`), decided for the
-    nodes the engines run on (``vllm_nodes``, default `vllm_on_engine_nodes`), never from this
-    process's packages: ``vllm`` needs vLLM on every such node; ``auto`` takes vLLM where every
-    such node has it and the decoding is no beam search (n samples are n requests), else HF
-    generate. Needs a running Ray cluster unless ``vllm_nodes`` is given or the engine is ``hf``."""
+    nodes the engines run on (``vllm_nodes``: node IP -> whether vLLM imports there; default: asked
+    there, `vllm_import_errors_on_engine_nodes`), never from this process's packages: ``vllm``
+    needs vLLM to import on every such node and otherwise refuses naming the nodes and why it does
+    not import; ``auto`` takes vLLM where it imports on every such node and the decoding is no beam
+    search (n samples are n requests), else HF generate. Needs a running Ray cluster unless
+    ``vllm_nodes`` is given or the engine is ``hf``."""
     one_output = (spec.num_beams or 1) == 1
     if spec.engine == "hf" or (spec.engine == "auto" and not one_output):
         return "hf"
     if not one_output:
         raise EngineError(VLLM_ONE_OUTPUT)
-    found = vllm_on_engine_nodes(spec) if vllm_nodes is None else vllm_nodes
-    missing = sorted(ip for ip, ok in found.items() if not ok)
-    if spec.engine == "vllm" and (missing or not found):
+    if vllm_nodes is None:
+        errors = vllm_import_errors_on_engine_nodes(spec)
+    else:
+        errors = {ip: None if ok else "" for ip, ok in vllm_nodes.items()}
+    missing = sorted(ip for ip, error in errors.items() if error is not None)
+    reasons = "; ".join(f"{ip}: {errors[ip]}" for ip in missing if errors[ip])
+    if spec.engine == "vllm" and (missing or not errors):
         raise EngineError(f"vLLM does not import on the node(s) {', '.join(missing)} an engine would run on "
-                          f"(resources {engine_bundle(spec)}): {VLLM_INSTALL_HINT}")
-    if spec.engine == "auto" and missing and len(missing) < len(found):
-        log.warning("vLLM imports on some engine nodes but not on %s; evaluating with HF generate", missing)
-    return "vllm" if found and not missing else "hf"
+                          f"(resources {engine_bundle(spec)})" + (f" ({reasons})" if reasons else "")
+                          + f": {VLLM_INSTALL_HINT}")
+    if spec.engine == "auto" and missing:
+        broken = [ip for ip in missing if errors[ip] and not _not_installed(errors[ip])]
+        if broken:
+            log.warning("vLLM is installed but does not import on %s (%s); evaluating with HF generate",
+                        ", ".join(broken), "; ".join(f"{ip}: {errors[ip]}" for ip in broken))
+        elif len(missing) < len(errors):
+            log.warning("vLLM imports on some engine nodes but not on %s; evaluating with HF generate", missing)
+    return "vllm" if errors and not missing else "hf"
 
 
 def engine_bundle(spec: EvalSpec) -> dict[str, float]:

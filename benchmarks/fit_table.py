@@ -8,8 +8,9 @@ longest training sequence and evaluation per GPU at the longest test prompt, wit
 Offline, without the students' tokenizers, sequence lengths come from stand-in tokenizers (the
 sweep itself counts with each student's own): Llama-3.2 with tiktoken's cl100k_base (Llama 3's
 tokenizer is cl100k_base's 100k tokens and pre-tokenizer plus 28k tokens for other languages), Gemma
-with cl100k_base and every digit a token of its own (Gemma's SentencePiece splits digits), BLOOM with
-p50k_base (GPT-2's byte-level BPE); the template's special strings count one token each. Where the
+with cl100k_base and every digit a token of its own (Gemma's SentencePiece splits digits), BLOOM the
+same (the most tokens of the stand-ins: its 250k byte-level BPE was not available to measure); the
+template's special strings count one token each. Where the
 offline data mirror lacks the sweep's cells (GPT-4o on GSM8K, AQuA and CSQA), the longest sequence of
 the task's released cells of other teachers stands in (`train_source` says which). Model shapes are
 the students' hub configs (tests/test_memory.py, PAPER_STUDENTS).
@@ -25,7 +26,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 NODES = {"L40S 48GB": 44.4, "A100 40GB": 39.4}  # GiB as torch reports the GPU's memory
-STAND_INS = {"bloom": ("p50k_base", False), "gemma": ("cl100k_base", True), "llama3": ("cl100k_base", False)}
+# family -> (tiktoken encoding, every digit its own token). BLOOM's own count is not known here: of the
+# stand-ins, cl100k_base with digits split gives the most tokens on MATH (1,850 against 1,379 for
+# GPT-2's p50k_base), so BLOOM's figures are that upper side.
+STAND_INS = {"bloom": ("cl100k_base", True), "gemma": ("cl100k_base", True), "llama3": ("cl100k_base", False)}
 TASKS = ["svamp", "gsm8k", "aqua", "math", "csqa", "obqa", "strategyqa"]
 SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<bos>", "<eos>",
             "<start_of_turn>", "<end_of_turn>", "</s>"]

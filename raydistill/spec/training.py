@@ -42,9 +42,9 @@ class TrainSpec(Strict):
     attn_implementation: Literal["auto", "eager", "sdpa", "flash_attention_2"] = "auto"
     # Memory of each training GPU in GiB, as torch reports it (an L40S 48 GB: about 44.4; an A100
     # 40 GB: about 39.4): a sweep checks every trial against it at its start, before any GPU node is
-    # asked for, and `raydistill train` on the driver (raydistill.memory, docs/cluster.md "Does every
-    # trial fit?"). Checked whenever it is set, also for a run on CPU. None: checked only on each GPU
-    # worker, against the GPU it got, once the node is up.
+    # asked for, whenever it is set (also for a run on CPU); `raydistill train` checks it on the
+    # driver with use_gpu (raydistill.memory, docs/cluster.md "Does every trial fit?"). None: checked
+    # only on each GPU worker, against the GPU it got, once the node is up.
     gpu_memory_gb: float | None = Field(None, gt=0)
     # A sweep trial whose estimate exceeds gpu_memory_gb: refuse it at sweep start (one line naming the
     # trial), or adjust: the largest micro_batch_size that fits, with more gradient accumulation (the

@@ -15,6 +15,7 @@ from pathlib import Path
 from raydistill.answers import GraderOptions
 from raydistill.evaluate.models import is_adapter
 from raydistill.evaluate.run import evaluate
+from raydistill.files import write_json
 from raydistill.spec import EvalSpec
 from raydistill.tasks import TASK_NAMES
 
@@ -86,6 +87,9 @@ def main(argv: list[str]) -> int:
                         help="generations per question, with --do-sample (or beams on HF); the metrics add pass@k "
                              "and maj@k; on vLLM sample i is a request seeded --seed + i")
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--json", metavar="PATH",
+                        help="also write the metrics here, apart from Ray's log lines: a JSON list of the objects "
+                             "printed, one per task, rewritten as each task ends")
     args = parser.parse_args(argv)
 
     import ray
@@ -104,14 +108,17 @@ def main(argv: list[str]) -> int:
     out_dir = Path(args.out_dir) / model_label(args.model)
     tasks = TASK_NAMES if "all" in args.task else list(dict.fromkeys(args.task))
     ray.init(ignore_reinit_error=True)
+    records = []
     try:
         for task in tasks:
             test = load_test(task)
             test = test.slice(0, args.limit) if args.limit else test
             result = evaluate(model_path, args.student or args.model, task, test, spec,
                               out_dir / f"{task}.parquet", grader)
-            print(json.dumps({**asdict(result), "protocol": spec.protocol_note(task),
-                              "grader": grader.label()}), flush=True)
+            records.append({**asdict(result), "protocol": spec.protocol_note(task), "grader": grader.label()})
+            if args.json:
+                write_json(args.json, records)
+            print(json.dumps(records[-1]), flush=True)
     finally:
         ray.shutdown()
     return 0

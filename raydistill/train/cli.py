@@ -13,6 +13,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from raydistill.files import write_json
 from raydistill.spec import SpecError, load_train_spec, parse_overrides
 from raydistill.train.data import read_examples
 from raydistill.train.driver import check_storage, fit
@@ -34,6 +35,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--config", help="YAML of TrainSpec fields (e.g. zero_stage, lora, deepspeed_config)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a TrainSpec field, e.g. --set epochs=1 --set zero_stage=2")
+    parser.add_argument("--json", metavar="PATH",
+                        help="also write the result (the JSON printed at the end) here, apart from Ray's log lines")
     args = parser.parse_args(argv)
 
     import ray
@@ -53,6 +56,8 @@ def main(argv: list[str]) -> int:
     except (TrainInputError, StudentError, SpecError) as err:
         parser.error(str(err))
     ray.init(ignore_reinit_error=True)
-    result = fit(job, download_to=args.download_to)
-    print(json.dumps(asdict(result), indent=2))
+    result = asdict(fit(job, download_to=args.download_to))
+    if args.json:
+        write_json(args.json, result)
+    print(json.dumps(result, indent=2))
     return 0

@@ -75,34 +75,42 @@ class LocalHead:
                  node_ip: str = "127.0.0.1"):
         # short path: Ray's Unix sockets live under it (108-byte limit)
         self.temp_dir = tempfile.mkdtemp(prefix="rdc-", dir="/tmp")
-        self.port = _free_port()
-        self.dashboard_port = _free_port()
         self.node_ip = node_ip  # a driver joining with ray.init(address) needs a non-loopback one
-        self.gcs = f"{node_ip}:{self.port}"
-        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         self.env = env or _env()
-        args = ["start", "--head", "--node-ip-address", node_ip, "--port", str(self.port),
-                "--num-cpus", str(num_cpus), "--temp-dir", self.temp_dir, "--disable-usage-stats",
-                "--object-store-memory", str(object_store_mb * 1024 * 1024),
-                "--min-worker-port", "0", "--max-worker-port", "0"]
-        # Ports of their own for the node's agents too: the defaults (52365 and others) may be held
-        # by another Ray instance of this machine, and the job agent would not start.
-        for option in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
-                       "--metrics-export-port"):
-            args += [option, str(_free_port())]
-        if dashboard:
-            args += ["--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-                     "--dashboard-port", str(self.dashboard_port)]
-        else:
-            args += ["--include-dashboard", "false"]
-        if autoscaling_config is not None:
-            args += [f"--autoscaling-config={autoscaling_config}"]
-        args += list(extra_args)
-        try:
-            _ray(*args, env=self.env)
-        except BaseException:
-            self.stop()
-            raise
+        # Ports are free when chosen but may be taken before Ray binds them ("address already in
+        # use"): a head that fails to start is stopped and started again on new ports.
+        for attempt in range(3):
+            self.port, self.dashboard_port = _free_port(), _free_port()
+            self.gcs = f"{node_ip}:{self.port}"
+            self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+            args = ["start", "--head", "--node-ip-address", node_ip, "--port", str(self.port),
+                    "--num-cpus", str(num_cpus), "--temp-dir", self.temp_dir, "--disable-usage-stats",
+                    "--object-store-memory", str(object_store_mb * 1024 * 1024),
+                    "--min-worker-port", "0", "--max-worker-port", "0"]
+            # Ports of their own for the node's agents too: the defaults (52365 and others) may be held
+            # by another Ray instance of this machine, and the job agent would not start.
+            for option in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                           "--runtime-env-agent-port", "--metrics-export-port"):
+                args += [option, str(_free_port())]
+            if dashboard:
+                args += ["--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+                         "--dashboard-port", str(self.dashboard_port)]
+            else:
+                args += ["--include-dashboard", "false"]
+            if autoscaling_config is not None:
+                args += [f"--autoscaling-config={autoscaling_config}"]
+            args += list(extra_args)
+            try:
+                _ray(*args, env=self.env)
+                return
+            except AssertionError:
+                _stop_processes(self.processes())
+                if attempt == 2:
+                    shutil.rmtree(self.temp_dir, ignore_errors=True)
+                    raise
+            except BaseException:
+                self.stop()
+                raise
 
     def processes(self) -> list[psutil.Process]:
         """This head's processes: those naming its temp dir, and everything they started."""
@@ -318,47 +326,6 @@ def test_readme_job_submit_lines_work_from_a_fresh_shell(tmp_path):
     hashes = {r.data.tags.get("raydistill.trial_hash") for r in client.search_runs([experiment.experiment_id])}
     assert {r["trial_hash"] for r in records} <= hashes
     assert "wall time" in proc.stdout
-
-
-def test_a_teacher_key_in_the_nodes_environment_reaches_the_teacher_and_is_written_nowhere(model_cache, tmp_path):
-    """docs/cluster.md's one rule for secrets: the key is in the nodes' environment (here the
-    head's, where a node setup puts it), not in the YAML, `runtime_env` or the submit command. A
-    job with a generating teacher then authenticates every request, and the key is in no output
-    file, Ray log or job record, MLflow field or job log."""
-    import hashlib
-
-    import mlflow
-
-    from openai_server import ServerProcess
-
-    key_env, sentinel = "RAYDISTILL_SENTINEL_TEACHER_KEY", "sk-sentinel-" + uuid.uuid4().hex
-    out = tmp_path / "out"
-    with ServerProcess(tmp_path / "server", policy="fixed", fixed_answer="7",
-                       expect_key_sha256=hashlib.sha256(sentinel.encode()).hexdigest()) as server:
-        config = {**yaml.safe_load((REPO / TINY).read_text()), "name": "secret", "teachers": ["local"], "levels": [2],
-                  "annotation": {"teachers": {"local": {"model": "openai/local-teacher", "api_base": server.base_url,
-                                                        "api_key_env": key_env, "max_tokens": 256}},
-                                 "runtime": {"concurrency": 4, "num_actors": 1}}}
-        path = tmp_path / "secret.yaml"
-        path.write_text(yaml.safe_dump(config))
-        head = LocalHead(num_cpus=2, env=_env(**{key_env: sentinel}))
-        try:
-            _submit(head, "rd-secret", model_cache, out, config=str(path))
-            status = _wait_job(head, "rd-secret", timeout=900)
-            job_log = _ray("job", "logs", "--address", head.dashboard, "rd-secret", check=False).stdout
-            job_list = _ray("job", "list", "--address", head.dashboard, check=False).stdout
-            written = [p for p in [*out.rglob("*"), *Path(head.temp_dir).rglob("*")] if p.is_file()]
-            leaks = [p for p in written if sentinel.encode() in p.read_bytes()]
-        finally:
-            head.stop()
-        sent = server.log_entries()
-    assert status == "SUCCEEDED", job_log[-6000:]
-    assert len(sent) == config["train_limit"] and all(entry["auth"] for entry in sent)
-    assert len(written) > 100 and not leaks, leaks
-    assert "rd-secret" in job_list and sentinel not in job_log + job_list
-    client = mlflow.MlflowClient(f"sqlite:///{out / 'secret' / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("secret").experiment_id])
-    assert runs and sentinel not in json.dumps([[r.data.params, r.data.tags, r.data.metrics] for r in runs])
 
 
 def test_job_stop_then_resume(head, model_cache, tmp_path):

@@ -508,11 +508,14 @@ def test_eval_cli_never_hands_one_models_predictions_to_another(tmp_path, model_
     cli = Path(sys.executable).parent / "raydistill"
 
     def run(model: Path) -> dict:
+        json_file = model.parent / "eval.json"  # --json: what it prints, also in a file (benchmarks/gpu_smoke.sh)
         done = subprocess.run([str(cli), "eval", "--model", str(model), "--task", "svamp", "--limit", "4",
-                               "--max-new-tokens", "8", "--out-dir", str(out)],
+                               "--max-new-tokens", "8", "--out-dir", str(out), "--json", str(json_file)],
                               capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-2000:]
-        return json.loads(done.stdout.strip().splitlines()[-1])
+        printed = json.loads(done.stdout.strip().splitlines()[-1])
+        assert json.loads(json_file.read_text()) == [printed]
+        return printed
 
     a, b = run(first), run(second)
     assert a["predictions_path"] == b["predictions_path"] == str(out / "model" / "svamp.parquet")

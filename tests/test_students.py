@@ -382,3 +382,56 @@ def test_local_folder_template(tmp_path, tiny_dir):
     assert get_student(tiny_dir).name == "tiny-llama"  # from raydistill_student.json
     with pytest.raises(StudentError, match="unknown template"):
         get_student(tmp_path / "my-model", template="nope")
+
+
+HUB_FETCH = """
+import json, sys
+from raydistill.students import StudentError, resolve_student
+try:
+    print(json.dumps({"path": str(resolve_student("bloom-560m", cache_dir=sys.argv[1]))}))
+except StudentError as err:
+    print(json.dumps({"error": str(err)}))
+"""
+
+
+def test_hub_students_are_fetched_into_the_cache_dir_with_the_token(tiny_dir, tmp_path):
+    """A hub student lands under the cache dir (shared storage on a cluster), never in the machine's
+    own Hugging Face cache; a gated repository without the token is one line naming the student.
+    The stand-in hub (tests/hub_server.py) runs huggingface_hub's real download code."""
+    import hashlib
+    import shutil
+
+    from hub_server import HubProcess
+
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_dir, repo, ignore=shutil.ignore_patterns(".*", "raydistill_student.json"))
+    token = "hf_test_" + os.urandom(8).hex()
+    with HubProcess(tmp_path / "hub", {"bigscience/bloom-560m": repo}, hashlib.sha256(token.encode()).hexdigest()) as hub:
+        env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HOME": str(tmp_path / "hf-home")}
+        env.pop("HF_TOKEN", None)
+
+        def fetch(**extra: str) -> dict:
+            proc = subprocess.run([sys.executable, "-c", HUB_FETCH, str(tmp_path / "cache")], env={**env, **extra},
+                                  capture_output=True, text=True, timeout=120)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            return json.loads(proc.stdout.strip().splitlines()[-1])
+
+        refused = fetch()
+        fetched = fetch(HF_TOKEN=token)
+        downloads = [r for r in hub.requests() if r["method"] == "GET" and "/resolve/" in r["path"]]
+        again = fetch(HF_TOKEN=token)
+    assert refused["error"].startswith("cannot fetch bloom-560m (bigscience/bloom-560m) from the Hugging Face hub")
+    path = Path(fetched["path"])
+    assert path.is_relative_to(tmp_path / "cache" / "hub" / "models--bigscience--bloom-560m" / "snapshots")
+    assert students.weights_digest(path) == students.weights_digest(repo)
+    assert not list((tmp_path / "hf-home").rglob("models--*")), "fetched into the machine's own cache"
+    assert again["path"] == fetched["path"] and len(downloads) == sum(not p.name.startswith(".") for p in repo.iterdir())
+    later = [r for r in hub.requests() if r["method"] == "GET" and "/resolve/" in r["path"]]
+    assert later == downloads, "a cached student was downloaded again"
+
+
+def test_a_model_folder_this_node_cannot_see_is_named_in_one_line(tmp_path):
+    with pytest.raises(StudentError, match=r"^train bloom-3b: the model folder .*/head-only does not exist on this "
+                                           r"node \(.*\).*RAYDISTILL_CACHE_DIR.*docs/cluster.md"):
+        students.require_model_folder(tmp_path / "head-only", "train bloom-3b")
+    assert students.require_model_folder(tmp_path, "train bloom-3b") == tmp_path

@@ -30,7 +30,8 @@ from raydistill.students.registry import (
 )
 from raydistill.students.smollm2 import convert_smollm2, find_smollm2_gguf
 from raydistill.students.templates import TEMPLATES, ChatTemplate, SlotTemplate, Template, get_template
-from raydistill.students.weights import default_cache_dir, merge_lora, resolve_student, weights_digest
+from raydistill.students.weights import (default_cache_dir, merge_lora, require_model_folder, resolve_student,
+                                         weights_digest)
 from raydistill.tiny_llama import build_tiny_llama
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "get_template",
     "get_student",
     "resolve_student",
+    "require_model_folder",
     "default_cache_dir",
     "merge_lora",
     "save_student_info",

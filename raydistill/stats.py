@@ -10,6 +10,9 @@ What each function is for in a report:
         for 0/1 scores of one seed it is the exact McNemar test.
     holm_adjust
         Holm-Bonferroni adjusted p-values over a table's family of comparisons.
+    newcombe_paired_interval
+        a confidence interval for the difference of two paired proportions (Newcombe's
+        method 10): the interval of an accuracy difference between two cells on the same questions.
     min_discordant_for_significance, min_detectable_difference
         the smallest paired accuracy difference a test set of n questions can show at all.
     pass_at_k
@@ -123,6 +126,64 @@ def holm_adjust(p_values: Sequence[float]) -> list[float]:
         running = max(running, min(1.0, (m - j) * p_values[i]))
         adjusted[i] = running
     return adjusted
+
+
+def _wilson_real(successes: float, n: float, z: float) -> tuple[float, float]:
+    """Wilson score limits for successes/n (successes may be fractional), clipped to [0, 1]."""
+    p, z2 = successes / n, z * z
+    center = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * math.sqrt(max(p * (1 - p), 0.0) / n + z2 / (4 * n * n))
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def newcombe_paired_interval(n11: float, n10: float, n01: float, n00: float,
+                             alpha: float = 0.05) -> tuple[float, float]:
+    """Two-sided interval for the difference of paired proportions p1 - p2, where p1 = (n11 + n10)/n
+    and p2 = (n11 + n01)/n, so p1 - p2 = (n10 - n01)/n: Newcombe's hybrid score interval for paired
+    data, method 10 of R. G. Newcombe, "Improved confidence intervals for the difference between
+    binomial proportions based on paired data", Statistics in Medicine 17:2635-2650 (1998); the
+    "Newcombe square-and-add interval" of Fagerland, Lydersen & Laake, *Statistical Analysis of
+    Contingency Tables* (2017), section 8.5.
+
+    ``n11`` counts the pairs where both measurements succeed, ``n10`` first only, ``n01`` second
+    only, ``n00`` neither. With Wilson score limits (l1, u1) for p1 and (l2, u2) for p2:
+
+        L = (p1 - p2) - sqrt((p1 - l1)^2 - 2 phi (p1 - l1)(u2 - p2) + (u2 - p2)^2)
+        U = (p1 - p2) + sqrt((p2 - l2)^2 - 2 phi (p2 - l2)(u1 - p1) + (u1 - p1)^2)
+
+    where phi estimates the correlation of the two measurements, with Newcombe's correction:
+    A = n11 n00 - n10 n01; phi = (A - n/2)/sqrt(margins) when A > n/2, 0 when 0 <= A <= n/2,
+    A/sqrt(margins) when A < 0, and 0 when a margin is empty (margins = the product of the four
+    marginal totals). The interval lies in [-1, 1], contains the estimate, and never has zero
+    width unless n10 = n01 = 0 with all n pairs on one diagonal cell.
+
+    Counts may be fractional (e.g. question scores averaged over seeds, n11 = sum of x_i y_i):
+    the same formula then applies to that expected table; Newcombe defined it for 0/1 pairs.
+    """
+    counts = (n11, n10, n01, n00)
+    if any(not c >= 0 for c in counts):  # also rejects NaN
+        raise ValueError(f"counts must be >= 0, got {counts}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    n = math.fsum(counts)
+    if n <= 0:
+        raise ValueError("no pairs: the counts sum to 0")
+    z = NormalDist().inv_cdf(1 - alpha / 2)
+    s1, s2 = n11 + n10, n11 + n01
+    p1, p2 = s1 / n, s2 / n
+    l1, u1 = _wilson_real(s1, n, z)
+    l2, u2 = _wilson_real(s2, n, z)
+    margins = s1 * (n - s1) * s2 * (n - s2)
+    a = n11 * n00 - n10 * n01
+    if margins <= 0 or 0 <= a <= n / 2:
+        phi = 0.0
+    else:
+        phi = (a - n / 2 if a > n / 2 else a) / math.sqrt(margins)
+    d1, e1, d2, e2 = p1 - l1, u1 - p1, p2 - l2, u2 - p2
+    estimate = (n10 - n01) / n
+    low = estimate - math.sqrt(max(0.0, d1 * d1 - 2 * phi * d1 * e2 + e2 * e2))
+    high = estimate + math.sqrt(max(0.0, d2 * d2 - 2 * phi * d2 * e1 + e1 * e1))
+    return max(-1.0, low), min(1.0, high)
 
 
 def min_discordant_for_significance(alpha: float = 0.05) -> int:

@@ -28,13 +28,15 @@ N_BOOT = 500
 def write_trial(run_dir: Path, correct, *, dataset="svamp", teacher="chatgpt", level="1", fmt="cot",
                 student="tiny-llama", seed="0", cell="absent", num_workers=1, num_actors=1,
                 train_seconds=10.0, eval_seconds=4.0, truncated=0, target_ceiling=0.99, extracted=None,
-                timings=None) -> dict:
+                timings=None, gold=None, ids=None) -> dict:
     """A finished trial: predictions Parquet (one row per question and sample) + record.json.
 
     ``correct`` is (n_questions,) or (n_questions, n_samples) of bools; ``truncated`` is how many
     of the rows hit max_new_tokens (the first ones); ``cell`` is a record's "cell" value, or
-    "absent" for an older record without the key; ``extracted`` (the shape of ``correct``) gives each
-    row's extracted answer (default "1", the gold, on a correct row and "0" on a wrong one).
+    "absent" for an older record without the key; ``gold`` gives each question's gold answer (default
+    q % 10 + 1 for question q: ten answers, each 10 % of the questions) and ``ids`` the question ids
+    (default q0, q1, ...); ``extracted`` (the shape of
+    ``correct``) gives each row's extracted answer (default the gold on a correct row and "0" on a wrong one).
     """
     correct = np.asarray(correct, dtype=bool).reshape(len(correct), -1)
     axes = {"dataset": dataset, "teacher": teacher, "level": level, "format": fmt, "student": student,
@@ -42,10 +44,12 @@ def write_trial(run_dir: Path, correct, *, dataset="svamp", teacher="chatgpt", l
     trial_hash = hashlib.sha256(json.dumps(axes, sort_keys=True).encode()).hexdigest()[:16]
     trial_dir = run_dir / "trials" / trial_hash
     trial_dir.mkdir(parents=True)
-    answers = np.where(correct, "1", "0") if extracted is None else np.asarray(extracted, dtype=object).reshape(
-        correct.shape)
-    rows = [{"eval_hash": trial_hash, "question_id": f"q{q}", "prompt": "p", "generation": "g",
-             "extracted": answers[q][s], "gold": "1", "correct": bool(ok), "tokens_generated": 5, "truncated": False}
+    golds = [str(q % 10 + 1) for q in range(correct.shape[0])] if gold is None else [str(g) for g in gold]
+    answers = np.where(correct, np.array(golds, dtype=object)[:, None], "0") if extracted is None else np.asarray(
+        extracted, dtype=object).reshape(correct.shape)
+    ids = [f"q{q}" for q in range(correct.shape[0])] if ids is None else list(ids)
+    rows = [{"eval_hash": trial_hash, "question_id": ids[q], "prompt": "p", "generation": "g",
+             "extracted": answers[q][s], "gold": golds[q], "correct": bool(ok), "tokens_generated": 5, "truncated": False}
             for q in range(correct.shape[0]) for s, ok in enumerate(correct[q])]
     for row in rows[:truncated]:
         row.update(truncated=True, tokens_generated=64)
@@ -208,7 +212,7 @@ def test_a_padded_cell_is_compared_with_both_of_its_levels(tmp_path):
     write_trial(tmp_path, padded, level="1+pad5")
     paths = run_report(tmp_path)
 
-    tests = {(t["level_a"], t["level_b"]): t for t in read_csv(paths["paired_csv"])}
+    tests = {(t["level_a"], t["level_b"]): t for t in read_csv(paths["paired_csv"]) if t["family"] == "levels"}
     assert set(tests) == {("1", "5"), ("1", "1+pad5"), ("5", "1+pad5")}
     to_l1 = tests[("1", "1+pad5")]
     assert int(to_l1["n_a_better"]) + int(to_l1["n_b_better"]) == 12
@@ -393,7 +397,7 @@ def test_truncated_cells_are_marked_in_table_csv_and_flags(tmp_path):
 def test_unpaired_seeds_pair_on_questions_only(tmp_path):
     write_trial(tmp_path, draws(0.2, 100, 1), level="1", seed="0")
     write_trial(tmp_path, draws(0.9, 100, 2), level="2", seed="1")
-    (test,) = read_csv(run_report(tmp_path)["paired_csv"])
+    (test,) = [t for t in read_csv(run_report(tmp_path)["paired_csv"]) if t["family"] == "levels"]
     assert test["paired_on"] == "question_id" and test["n_seeds_paired"] == "0"
 
 
@@ -494,3 +498,155 @@ def test_cli_without_trials_fails_with_one_line(tmp_path):
     assert done.stdout == ""
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and str(tmp_path) in lines[0] and "no finished trials" in lines[0]
+
+
+# --------------------------------------------------------------------------- baselines and Δ intervals
+
+
+def _counts(a: np.ndarray, b: np.ndarray) -> tuple[int, int, int, int]:
+    """(both right, only b, only a, neither) of two 0/1 vectors: b is the first measurement."""
+    a, b = a.astype(bool), b.astype(bool)
+    return int((a & b).sum()), int((b & ~a).sum()), int((a & ~b).sum()), int((~a & ~b).sum())
+
+
+def test_svamp_constant_answer_is_1_and_scores_25_of_300():
+    """The project's SVAMP test set: always answering the most frequent gold answer, "1", is right on
+    25 of the 300 questions (8.33 %). Counted here from the test set itself."""
+    from collections import Counter
+
+    from raydistill.datasets import load_test
+
+    test = load_test("svamp")
+    golds = Counter(test.column("answer").to_pylist())
+    (top, count), (_, second) = golds.most_common(2)
+    assert test.num_rows == 300 and (top, count) == ("1", 25) and second < count
+    assert round(100 * count / test.num_rows, 2) == 8.33
+
+
+def test_report_baseline_rows_and_tests_on_the_svamp_test_set(tmp_path):
+    """A report on the real SVAMP questions: the constant-answer row reads 8.3 (25/300), chance is left
+    out (free-form numbers), and each cell's test against the constant answer counts its discordant
+    questions against the questions whose gold is "1"."""
+    from raydistill.datasets import load_test
+
+    test = load_test("svamp")
+    ids, golds = test.column("question_id").to_pylist(), test.column("answer").to_pylist()
+    is_one = np.array([g == "1" for g in golds])
+    weak, strong = is_one.copy(), draws(0.35, 300, 7)
+    weak[:40] = draws(0.1, 40, 8)  # about as good as always answering "1"
+    write_trial(tmp_path, weak, level="1", ids=ids, gold=golds)
+    write_trial(tmp_path, strong, level="2", ids=ids, gold=golds)
+    paths = run_report(tmp_path)
+
+    (constant, chance) = read_csv(paths["baselines_csv"])
+    assert constant["answer"] == "1" and float(constant["accuracy"]) == pytest.approx(25 / 300)
+    assert (constant["n_correct"], constant["n_questions"]) == ("25", "300")
+    assert chance["baseline"] == "chance" and chance["accuracy"] == ""
+    md = paths["markdown"].read_text()
+    row = next(line for line in md.splitlines() if "**baseline**: constant answer" in line)
+    assert row.startswith("| svamp |") and row.count("_8.3 (25/300)_") == 2  # under L1 and L2
+    assert "**baseline**: chance" not in md and "undefined for free-form answers (svamp)" in md
+
+    tests = {t["level_b"]: t for t in read_csv(paths["paired_csv"]) if t["family"] == "baseline"}
+    assert set(tests) == {"1", "2"}
+    for level, correct in (("1", weak), ("2", strong)):
+        t = tests[level]
+        n11, n10, n01, n00 = _counts(is_one, correct)
+        assert (int(t["n_b_better"]), int(t["n_a_better"])) == (n10, n01)
+        assert float(t["p_value"]) == stats.sign_test(correct.astype(float) - is_one).p_value
+        assert float(t["diff"]) == pytest.approx(correct.mean() - 25 / 300)
+        assert (float(t["diff_ci_low"]), float(t["diff_ci_high"])) == pytest.approx(
+            stats.newcombe_paired_interval(n11, n10, n01, n00))
+        assert t["teacher"] == 'constant "1"' and t["teacher_b"] == "chatgpt"
+    assert float(tests["2"]["p_holm"]) <= 0.05 < float(tests["1"]["p_holm"])
+    flags = {c["level"]: c["flags"] for c in read_csv(paths["csv"])}
+    assert flags["2"] == ""
+    n11, n10, n01, n00 = _counts(is_one, weak)
+    expected = (f'not significantly above the constant answer "1": {100 * weak.mean():.1f} % vs 8.3 % on 300 '
+                f"questions, {n10} better / {n01} worse, p = ")
+    assert flags["1"].startswith(expected)
+    assert f"- svamp/chatgpt/cot/tiny-llama L1: {expected}" in md
+
+
+def test_chance_per_task_and_the_most_frequent_label(tmp_path):
+    """Multiple choice: 1 / the registry's option count (OBQA 4, CSQA 5, AQuA 5); True/False: 1/2 (also
+    for a task outside the registry); free-form numbers: undefined. The constant answer is the most
+    frequent label, ties to the first in sorted order."""
+    assert report.chance_level("obqa", ["A"]) == (0.25, "4 options")
+    assert report.chance_level("csqa", ["A"]) == (0.2, "5 options")
+    assert report.chance_level("aqua", ["A"]) == (0.2, "5 options")
+    assert report.chance_level("strategyqa", ["True"]) == (0.5, "True/False")
+    assert report.chance_level("my_task", ["True", "False"]) == (0.5, "True/False")
+    assert report.chance_level("gsm8k", ["True", "False"])[0] is None
+    assert report.chance_level("my_task", ["3", "4"])[0] is None
+
+    labels = ["B", "C", "C", "A", "B", "D", "A", "B", "C", "D"] * 6  # B and C tie at 18: B wins
+    write_trial(tmp_path, draws(0.6, 60, 1), dataset="obqa", level="1", gold=labels)
+    paths = run_report(tmp_path)
+    constant, chance = read_csv(paths["baselines_csv"])
+    assert constant["answer"] == "B" and float(constant["accuracy"]) == pytest.approx(18 / 60)
+    assert float(chance["accuracy"]) == 0.25 and chance["basis"] == "4 options"
+    md = paths["markdown"].read_text()
+    assert '| obqa | **baseline**: constant answer "B" | — | (not a trial) | _30.0 (18/60)_ |' in md
+    assert "| obqa | **baseline**: chance (4 options) | — | (not a trial) | _25.0_ |" in md
+
+
+def test_every_comparison_has_a_newcombe_interval_and_is_never_read_as_no_difference(tmp_path):
+    n = 120
+    levels = {"1": draws(0.3, n, 1), "2": draws(0.33, n, 2), "3": draws(0.7, n, 3), "4": draws(0.72, n, 4)}
+    for level, correct in levels.items():
+        write_trial(tmp_path, correct, level=level)
+    write_trial(tmp_path, draws(0.5, n, 5), teacher="human", level="")
+    paths = run_report(tmp_path)
+    rows = read_csv(paths["paired_csv"])
+    assert {t["family"] for t in rows} == {"levels", "all_levels", "sources", "baseline"}
+    for t in rows:
+        low, high, diff = float(t["diff_ci_low"]), float(t["diff_ci_high"]), float(t["diff"])
+        assert low <= diff <= high
+        verdict = "significant" if float(t["p_holm"]) <= 0.05 else "not significant"
+        assert t["reading"] == f"{verdict}, Δ in [{100 * low:+.1f}, {100 * high:+.1f}]"
+    for t in (t for t in rows if t["family"] in ("levels", "all_levels")):
+        a, b = levels[t["level_a"]], levels[t["level_b"]]
+        assert (float(t["diff_ci_low"]), float(t["diff_ci_high"])) == pytest.approx(
+            stats.newcombe_paired_interval(*_counts(a, b)))
+    # all pairs of levels: 6 comparisons, Holm over those 6 (not over the 3 neighbouring ones)
+    all_pairs = {(t["level_a"], t["level_b"]): t for t in rows if t["family"] == "all_levels"}
+    assert set(all_pairs) == {("1", "2"), ("1", "3"), ("1", "4"), ("2", "3"), ("2", "4"), ("3", "4")}
+    assert [float(t["p_holm"]) for t in all_pairs.values()] == pytest.approx(
+        stats.holm_adjust([float(t["p_value"]) for t in all_pairs.values()]))
+    neighbours = {(t["level_a"], t["level_b"]): t for t in rows if t["family"] == "levels"}
+    assert set(neighbours) == {("1", "2"), ("2", "3"), ("3", "4")}
+    assert float(all_pairs[("1", "2")]["p_holm"]) >= float(neighbours[("1", "2")]["p_holm"])
+
+    md = paths["markdown"].read_text()
+    assert "## All pairs of levels: exact paired tests" in md and "L1 → L4" in md
+    t12 = neighbours[("1", "2")]
+    assert float(t12["p_holm"]) > 0.05  # 30 % vs 33 %: the reading gives the interval, not a verdict of equality
+    assert (f"not significant, Δ in [{100 * float(t12['diff_ci_low']):+.1f}, "
+            f"{100 * float(t12['diff_ci_high']):+.1f}]") in md
+    lowered = md.lower()
+    assert "no difference" not in lowered and "equivalent" not in lowered and "as good as" not in lowered
+
+
+def test_all_pairs_section_is_left_out_when_it_repeats_the_neighbours(tmp_path):
+    write_trial(tmp_path, draws(0.3, 100, 1), level="1")
+    write_trial(tmp_path, draws(0.6, 100, 2), level="2")
+    paths = run_report(tmp_path)
+    assert "## All pairs of levels" not in paths["markdown"].read_text()
+    assert [t["family"] for t in read_csv(paths["paired_csv"])].count("all_levels") == 1
+
+
+def test_difference_interval_over_several_seeds_uses_the_summed_products(tmp_path):
+    n = 80
+    a = [draws(0.3, n, 1), draws(0.35, n, 2)]
+    b = [draws(0.5, n, 3), draws(0.45, n, 4)]
+    for seed in (0, 1):
+        write_trial(tmp_path, a[seed], level="1", seed=str(seed))
+        write_trial(tmp_path, b[seed], level="2", seed=str(seed))
+    (t,) = [t for t in read_csv(run_report(tmp_path)["paired_csv"]) if t["family"] == "levels"]
+    x, y = np.mean(a, axis=0), np.mean(b, axis=0)  # question scores averaged over the paired seeds
+    expected = stats.newcombe_paired_interval((y * x).sum(), (y * (1 - x)).sum(), ((1 - y) * x).sum(),
+                                              ((1 - y) * (1 - x)).sum())
+    assert (float(t["diff_ci_low"]), float(t["diff_ci_high"])) == pytest.approx(expected)
+    assert float(t["diff"]) == pytest.approx(y.mean() - x.mean())
+    assert float(t["diff_ci_low"]) < float(t["diff"]) < float(t["diff_ci_high"])

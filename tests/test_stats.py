@@ -13,6 +13,7 @@ from raydistill.stats import (
     holm_adjust,
     min_detectable_difference,
     min_discordant_for_significance,
+    newcombe_paired_interval,
     pass_at_k,
     sign_test,
     wilson_interval,
@@ -222,3 +223,108 @@ def test_pass_at_k_by_hand_and_bad_counts():
     for bad in [(5, 6, 1), (5, -1, 1), (5, 2, 0), (5, 2, 6)]:
         with pytest.raises(ValueError, match="pass@k"):
             pass_at_k(*bad)
+
+
+# --- Newcombe's interval for a paired difference ----------------------------------------------
+
+def _wilson_by_root_finding(x: float, n: float, z: float = Z975) -> tuple[float, float]:
+    """Wilson's limits found numerically: the two pi solving (x/n - pi)^2 = z^2 pi (1 - pi) / n."""
+    p = x / n
+
+    def score(pi):  # > 0 outside the interval, < 0 inside
+        return (p - pi) ** 2 - z * z * pi * (1 - pi) / n
+
+    def root(lo, hi):  # score changes sign once between lo and hi
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            if (score(mid) > 0) == (score(lo) > 0):
+                lo = mid
+            else:
+                hi = mid
+        return (lo + hi) / 2
+
+    low = 0.0 if x == 0 else root(0.0, p)
+    high = 1.0 if x == n else root(p, 1.0)
+    return low, high
+
+
+def _newcombe_reference(n11, n10, n01, n00):
+    """Method 10 written out from Newcombe (1998) a second way: Wilson limits by root finding, the
+    correlation's numerator from the expanded 0/1 pairs (n * sum(xy) - sum(x) * sum(y) = n11 n00 - n10 n01)."""
+    x = np.repeat([1, 1, 0, 0], [n11, n10, n01, n00])  # first measurement
+    y = np.repeat([1, 0, 1, 0], [n11, n10, n01, n00])  # second
+    n = x.size
+    p1, p2 = x.mean(), y.mean()
+    l1, u1 = _wilson_by_root_finding(x.sum(), n)
+    l2, u2 = _wilson_by_root_finding(y.sum(), n)
+    numerator = n * float((x * y).sum()) - float(x.sum()) * float(y.sum())
+    denominator = math.sqrt(x.sum() * (n - x.sum()) * y.sum() * (n - y.sum()))
+    if denominator == 0 or 0 <= numerator <= n / 2:
+        phi = 0.0
+    else:
+        phi = (numerator - n / 2 if numerator > 0 else numerator) / denominator
+    low = p1 - p2 - math.sqrt((p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2)
+    high = p1 - p2 + math.sqrt((p2 - l2) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1) + (u1 - p1) ** 2)
+    return low, high
+
+
+def test_newcombe_paired_published_example_cavo():
+    """Fagerland, Lydersen & Laake, Statistical Analysis of Contingency Tables (2017), chapter 8:
+    complete response before / after consolidation therapy (Cavo et al., 2012), table 59, 6 / 16, 80.
+    The book's Newcombe square-and-add interval: estimate -0.0621, 95 % CI -0.1186 to -0.0046."""
+    low, high = newcombe_paired_interval(59, 6, 16, 80)
+    assert (round(low, 4), round(high, 4)) == (-0.1186, -0.0046)
+    assert (6 - 16) / 161 == pytest.approx(-0.0621, abs=5e-5)
+    assert (low, high) == pytest.approx(_newcombe_reference(59, 6, 16, 80), abs=1e-9)
+
+
+@pytest.mark.parametrize("table", [(59, 6, 16, 80), (1, 1, 7, 12), (14, 5, 0, 22), (36, 12, 2, 0), (0, 0, 0, 40),
+                                   (40, 0, 0, 0), (20, 0, 0, 20), (0, 3, 0, 0), (0, 0, 5, 0), (10, 10, 10, 10),
+                                   (3, 17, 1, 279), (250, 4, 30, 16), (0, 15, 15, 0), (5, 0, 9, 286)])
+def test_newcombe_paired_equals_an_independent_implementation(table):
+    low, high = newcombe_paired_interval(*table)
+    ref_low, ref_high = _newcombe_reference(*table)
+    assert (low, high) == (pytest.approx(max(-1.0, ref_low), abs=1e-9), pytest.approx(min(1.0, ref_high), abs=1e-9))
+    estimate = (table[1] - table[2]) / sum(table)
+    assert -1.0 <= low <= estimate <= high <= 1.0
+    assert high > low  # never degenerate, even with no discordant pair
+    # swapping the two measurements mirrors the interval
+    assert newcombe_paired_interval(table[0], table[2], table[1], table[3]) == (
+        pytest.approx(-high, abs=1e-12), pytest.approx(-low, abs=1e-12))
+
+
+@pytest.mark.parametrize("probs", [(0.4, 0.1, 0.1, 0.4), (0.3, 0.2, 0.05, 0.45), (0.1, 0.05, 0.15, 0.7),
+                                   (0.25, 0.25, 0.25, 0.25)])
+def test_newcombe_paired_exact_coverage_near_95_percent(probs):
+    """Exact coverage by enumerating every table of n = 20 pairs under a multinomial: Newcombe reports
+    method 10 close to nominal; the Wald interval (p1 - p2 ± z·se) falls short on the same tables."""
+    n, true = 20, probs[1] - probs[2]
+    covered = wald = total = 0.0
+    for n11 in range(n + 1):
+        for n10 in range(n + 1 - n11):
+            for n01 in range(n + 1 - n11 - n10):
+                n00 = n - n11 - n10 - n01
+                pr = (math.factorial(n) / math.prod(math.factorial(k) for k in (n11, n10, n01, n00))
+                      * math.prod(p**k for p, k in zip(probs, (n11, n10, n01, n00))))
+                low, high = newcombe_paired_interval(n11, n10, n01, n00)
+                covered += pr * (low <= true <= high)
+                d = (n10 - n01) / n
+                se = math.sqrt(max((n10 + n01) / n - d * d, 0.0) / n)
+                wald += pr * (d - Z975 * se <= true <= d + Z975 * se)
+                total += pr
+    assert total == pytest.approx(1.0)
+    assert 0.94 <= covered <= 0.985
+    assert wald < covered
+
+
+def test_newcombe_paired_fractional_counts_and_bad_input():
+    # question scores averaged over seeds: the table of summed products is fractional
+    low, high = newcombe_paired_interval(10.5, 4.25, 2.75, 22.5)
+    assert low < (4.25 - 2.75) / 40 < high
+    assert newcombe_paired_interval(10, 4, 3, 23) != (low, high)
+    for bad in [(-1, 0, 0, 5), (0, 0, 0, 0), (1, float("nan"), 0, 3)]:
+        with pytest.raises(ValueError):
+            newcombe_paired_interval(*bad)
+    with pytest.raises(ValueError):
+        newcombe_paired_interval(5, 1, 1, 5, alpha=0)
+    assert newcombe_paired_interval(10, 4, 3, 23, alpha=0.01)[0] < newcombe_paired_interval(10, 4, 3, 23)[0]

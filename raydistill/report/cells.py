@@ -48,6 +48,7 @@ class Cell:
     samples_k: int | None = None  # samples per question, when every seed drew the same k > 1
     pass_interval: Interval | None = None  # pass@k over the questions, with its 95 % interval
     maj_interval: Interval | None = None  # maj@k likewise
+    baseline_flag: str | None = None  # set by the test against the constant answer when not significantly above it
 
     @property
     def accuracy(self) -> float:
@@ -96,6 +97,8 @@ class Cell:
             out.append(f"target ceiling {100 * ceiling:.1f} %")
         if teacher is not None and teacher > TRUNCATION_FLAG:
             out.append(f"{100 * teacher:.1f} % of teacher replies cut at max_tokens")
+        if self.baseline_flag:
+            out.append(self.baseline_flag)
         return out
 
 
@@ -210,6 +213,8 @@ def cell_sort_key(key: tuple) -> tuple:
 
 LEVELS_FAMILY = "levels"  # neighbouring levels of a row, and each padded cell against its two levels
 SOURCES_FAMILY = "sources"  # each source without levels (human, answer-only) against every level
+ALL_LEVELS_FAMILY = "all_levels"  # every pair of numbered levels of a row
+BASELINE_FAMILY = "baseline"  # every cell against its dataset's constant answer
 
 
 @dataclass
@@ -281,6 +286,16 @@ def neighbour_tests(cells: list[Cell]) -> list[Comparison]:
             pairs += [(row, rows[row][plain], padded) for plain in (match.groups() if match else ())
                       if plain in rows[row]]
     return _tested(pairs, LEVELS_FAMILY)
+
+
+def all_level_tests(cells: list[Cell]) -> list[Comparison]:
+    """Exact paired tests between every pair of numbered levels of each table row (L1 → L3 as well as
+    L1 → L2), Holm-adjusted over all of them: a family of its own, apart from the neighbouring levels'."""
+    pairs = []
+    for row, by in by_row(cells).items():
+        ordered = sorted((c for c in by.values() if c.level.isdigit()), key=lambda c: level_key(c.level))
+        pairs += [(row, a, b) for i, a in enumerate(ordered) for b in ordered[i + 1:]]
+    return _tested(pairs, ALL_LEVELS_FAMILY)
 
 
 def source_tests(cells: list[Cell]) -> list[Comparison]:

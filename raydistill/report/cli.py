@@ -12,8 +12,11 @@ Files written into the run folder (docs/report.md explains each):
     results.csv           one row per cell (dataset, teacher, format, student, level), seeds aggregated
     results_table.csv     the paper's layout: one row per (dataset, teacher, format, student),
                           one column group per level
-    paired_tests.csv      exact paired tests, Holm-adjusted per family: neighbouring levels and the
-                          length ablation; sources without levels against the levels
+    paired_tests.csv      exact paired tests with the difference's 95 % interval, Holm-adjusted per
+                          family: neighbouring levels and the length ablation; all pairs of levels;
+                          sources without levels against the levels; every cell against the
+                          constant answer
+    baselines.csv         per dataset the constant answer and chance
     trials.csv            one row per trial (per seed), the records' metrics
     accuracy_vs_level.png one panel per (dataset, student); plots/ holds one PNG per panel
 
@@ -28,15 +31,18 @@ from pathlib import Path
 
 from raydistill import files
 from raydistill.records import TrialRecord
-from raydistill.report.cells import build_cells, neighbour_tests, source_tests
+from raydistill.report.baselines import baseline_tests, build_baselines
+from raydistill.report.cells import all_level_tests, build_cells, neighbour_tests, source_tests
 from raydistill.report.intervals import DEFAULT_N_BOOT, DEFAULT_SEED
 from raydistill.report.markdown import markdown_report
 from raydistill.report.plots import plot_accuracy_vs_level
 from raydistill.report.published import PUBLISHED_CSV, load_published
 from raydistill.report.records import ReportError, Trial, load_records, to_trial
 from raydistill.report.tables import (
+    BASELINE_COLUMNS,
     CELL_COLUMNS,
     PAIRED_COLUMNS,
+    baseline_table_rows,
     TRIAL_COLUMNS,
     cell_rows,
     paired_rows,
@@ -57,13 +63,16 @@ def write_report(records: list[TrialRecord], run_dir: Path, *, n_boot: int = DEF
     trials = [to_trial(r, run_dir) for r in records]
     published = load_published(published_path)
     cells = build_cells(trials, published, n_boot, seed)
-    comparisons = neighbour_tests(cells) + source_tests(cells)
+    baselines = build_baselines(cells)
+    comparisons = (neighbour_tests(cells) + all_level_tests(cells) + source_tests(cells)
+                   + baseline_tests(cells, baselines))
     notes = _notes(trials, published, published_path)
 
     paths = {"markdown": run_dir / "results.md", "csv": run_dir / "results.csv",
              "table_csv": run_dir / "results_table.csv", "paired_csv": run_dir / "paired_tests.csv",
-             "trials_csv": run_dir / "trials.csv"}
-    files.write_text(paths["markdown"], markdown_report(cells, comparisons, published, n_boot, seed, notes))
+             "trials_csv": run_dir / "trials.csv", "baselines_csv": run_dir / "baselines.csv"}
+    files.write_text(paths["markdown"], markdown_report(cells, comparisons, published, n_boot, seed, notes, baselines))
+    write_csv(paths["baselines_csv"], BASELINE_COLUMNS, baseline_table_rows(baselines))
     write_csv(paths["csv"], CELL_COLUMNS, cell_rows(cells))
     write_csv(paths["table_csv"], *table_rows(cells))
     write_csv(paths["paired_csv"], PAIRED_COLUMNS, paired_rows(comparisons))

@@ -6,9 +6,10 @@ With one seed and one sample per question its 95 % interval is the Wilson score 
 degenerate at 0 or n correct); with several seeds or samples it is a percentile bootstrap over
 test questions (each replicate draws questions with replacement and averages the seeds'
 accuracies on them), replaced by the Wilson interval over the questions where the bootstrap has
-zero width. Neighbouring levels are compared with an exact two-sided sign test on the per-question
-differences (the exact McNemar test for one seed), p-values Holm-adjusted over the table, next to
-the smallest difference the question count can show at all. Random numbers come from a fixed
+zero width. Paired comparisons use an exact two-sided sign test on the per-question differences
+(the exact McNemar test for one seed), p-values Holm-adjusted over the table, next to the smallest
+difference the question count can show at all and the difference's 95 % interval (Newcombe's
+hybrid score interval for paired proportions). Random numbers come from a fixed
 seed mixed with the cell's name, so a report is reproducible and a cell's CI does not change when
 other cells are added.
 """
@@ -48,6 +49,8 @@ class PairedTest:
     n_questions: int
     min_detectable: float  # the smallest |diff| that could reach p <= alpha with this many questions
     p_holm: float | None = None  # Holm-adjusted over the report's comparisons
+    ci_low: float | None = None  # 95 % interval of diff: Newcombe's paired hybrid score interval (method 10)
+    ci_high: float | None = None
 
 
 def cell_rng(seed: int, *key: str) -> np.random.Generator:
@@ -114,10 +117,16 @@ def accuracy_interval(scores: np.ndarray, n_boot: int = DEFAULT_N_BOOT, rng: np.
 def paired_test(a: np.ndarray, b: np.ndarray, alpha: float = ALPHA) -> PairedTest:
     """Accuracy difference b - a over the same questions with an exact two-sided sign test on the
     per-question differences: the exact McNemar test on the discordant questions for 0/1 scores
-    (5 discordant questions all one way: p = 0.0625). Seeds averaged per question keep their sign."""
+    (5 discordant questions all one way: p = 0.0625). Seeds averaged per question keep their sign.
+    The difference's 1 - alpha interval is Newcombe's hybrid score interval for paired proportions
+    (`raydistill.stats.newcombe_paired_interval`) on the 2x2 table of the two cells' question scores
+    (b first): for 0/1 scores the counts of questions both got right, only b, only a, neither; for
+    scores averaged over seeds or samples the same sums of products (n11 = sum of b_i a_i, ...)."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if a.shape != b.shape or a.ndim != 1 or not a.size:
         raise ValueError(f"paired scores need two equal-length non-empty vectors, got {a.shape} and {b.shape}")
     test = stats.sign_test(b - a)
+    low, high = stats.newcombe_paired_interval(float((b * a).sum()), float((b * (1 - a)).sum()),
+                                               float(((1 - b) * a).sum()), float(((1 - b) * (1 - a)).sum()), alpha)
     return PairedTest(float((b - a).mean()), test.n_pos, test.n_neg, test.p_value, int(a.size),
-                      stats.min_detectable_difference(int(a.size), alpha))
+                      stats.min_detectable_difference(int(a.size), alpha), ci_low=low, ci_high=high)

@@ -7,7 +7,10 @@ import math
 
 from raydistill import stats
 from raydistill.records import CPU_STAGES, TIME_STAGES
+from raydistill.report.baselines import Baseline
 from raydistill.report.cells import (
+    ALL_LEVELS_FAMILY,
+    BASELINE_FAMILY,
     LEVELS_FAMILY,
     SOURCES_FAMILY,
     TRUNCATION_FLAG,
@@ -49,11 +52,26 @@ def _md_table(headers: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
-def accuracy_section(cells: list[Cell], n_boot: int) -> list[str]:
+def baseline_rows(baselines: dict[str, Baseline], n_levels: int) -> list[list[str]]:
+    """Rows of the accuracy table for the baselines (marked as such; the same value under every level)."""
+    rows = []
+    for b in baselines.values():
+        constant = f"_{100 * b.accuracy:.1f} ({b.n_correct}/{b.n_questions})_"
+        rows.append([b.dataset, f"**baseline**: constant answer \"{b.answer}\"", "—", "(not a trial)",
+                     *[constant] * n_levels])
+        if b.chance is not None:
+            rows.append([b.dataset, f"**baseline**: chance ({b.chance_basis})", "—", "(not a trial)",
+                         *[f"_{100 * b.chance:.1f}_"] * n_levels])
+    return rows
+
+
+def accuracy_section(cells: list[Cell], n_boot: int, baselines: dict[str, Baseline] | None = None) -> list[str]:
     levels = sorted_levels(cells)
     headers = [*ROW_AXES, *(level_label(lvl) for lvl in levels)]
     rows = [[*row, *(cell_text(by[lvl]) if lvl in by else "" for lvl in levels)]
             for row, by in by_row(cells).items()]
+    baselines = baselines or {}
+    rows += baseline_rows(baselines, len(levels))
     n_test = sorted({int(t.metrics.get("n_test", 0)) for c in cells for t in c.trials})
     methods = sorted({c.interval.method for c in cells if c.interval})
     truncated = [c for c in cells if c.truncated]
@@ -61,6 +79,13 @@ def accuracy_section(cells: list[Cell], n_boot: int) -> list[str]:
              f"Accuracy (%) on {', '.join(map(str, n_test))} test questions: mean over seeds, "
              f"[95 % interval: {_methods_text(methods, n_boot)}], ×seeds; "
              "'paper' is the published accuracy for the same dataset, teacher, student and level."]
+    if baselines:
+        undefined = [b.dataset for b in baselines.values() if b.chance is None]
+        lines.append("**baseline** rows are not trials: the constant answer is the accuracy (correct/questions) of "
+                     "always giving the most frequent gold answer of the test questions evaluated; chance is "
+                     "1/number of options (multiple choice) or 1/2 (True/False)"
+                     + (f", undefined for free-form answers ({', '.join(undefined)})" if undefined else "")
+                     + ". Each cell is tested against the constant answer below.")
     if truncated:
         lines.append(f"{TRUNCATED_MARK} more than {100 * TRUNCATION_FLAG:.0f} % of the cell's generations hit "
                      f"max_new_tokens, so its accuracy is bounded by the cut, not only by the student "
@@ -97,25 +122,73 @@ def source_section(comparisons: list[Comparison]) -> list[str]:
             "cell on the questions both answered. " + _test_note(len(comparisons)), ""]
 
 
-_TEST_HEADERS = ["Δ accuracy (pp)", "better / worse", "p", "p (Holm)", "smallest detectable Δ (pp)", "questions",
-                 "paired on"]
+_TEST_HEADERS = ["Δ accuracy (pp)", "Δ 95 % CI (pp)", "better / worse", "p", "p (Holm)", "reading",
+                 "smallest detectable Δ (pp)", "questions", "paired on"]
 
 
 def _test_cells(c: Comparison) -> list:
-    return [f"{100 * c.test.diff:+.1f}", f"{c.test.n_b_better} / {c.test.n_a_better}", _p_text(c.test.p_value),
-            _p_text(c.test.p_holm), _detectable_text(c.test.min_detectable), c.test.n_questions, c.paired_on]
+    return [f"{100 * c.test.diff:+.1f}", _diff_interval_text(c), f"{c.test.n_b_better} / {c.test.n_a_better}",
+            _p_text(c.test.p_value), _p_text(c.test.p_holm), reading(c), _detectable_text(c.test.min_detectable),
+            c.test.n_questions, c.paired_on]
+
+
+def _diff_interval_text(c: Comparison) -> str:
+    if c.test.ci_low is None or c.test.ci_high is None:
+        return ""
+    return f"[{100 * c.test.ci_low:+.1f}, {100 * c.test.ci_high:+.1f}]"
+
+
+def reading(c: Comparison) -> str:
+    """How a comparison reads: 'significant, Δ in [a, b]' (Holm-adjusted p ≤ ALPHA) or 'not significant,
+    Δ in [a, b]'; never 'no difference': a non-significant test does not show the cells equal."""
+    p = c.test.p_holm if c.test.p_holm is not None else c.test.p_value
+    verdict = "significant" if p <= ALPHA else "not significant"
+    interval = _diff_interval_text(c)
+    return f"{verdict}, Δ in {interval}" if interval else verdict
 
 
 def _test_note(n_comparisons: int) -> str:
     return ("'better / worse' counts the questions the right-hand cell scores above / below the left one "
             "(the discordant questions); p is the exact two-sided sign test on them (the exact McNemar test "
             f"for one seed), Holm-adjusted over the {n_comparisons} comparisons of this table. With n "
-            f"questions no difference below {stats.min_discordant_for_significance(ALPHA)}/n can reach "
-            f"p ≤ {ALPHA}: the 'smallest detectable Δ' column.")
+            f"questions a difference below {stats.min_discordant_for_significance(ALPHA)}/n cannot reach "
+            f"p ≤ {ALPHA}: the 'smallest detectable Δ' column. 'Δ 95 % CI' is Newcombe's hybrid score interval "
+            "for a difference of paired proportions (method 10, 1998); 'reading' says whether the Holm-adjusted "
+            f"p is ≤ {ALPHA} and repeats the interval: a test that is not significant leaves every Δ in the "
+            "interval possible, it does not show the two cells equal.")
 
 
 def _detectable_text(value: float) -> str:
     return "none possible" if math.isinf(value) else f"{100 * value:.1f}"
+
+
+def all_levels_section(comparisons: list[Comparison], neighbours: list[Comparison]) -> list[str]:
+    """Every pair of numbered levels of a row (its own Holm family); omitted when it holds only the
+    neighbouring pairs already shown."""
+    pairs = {(c.a.key, c.b.key) for c in comparisons}
+    if not comparisons or pairs <= {(c.a.key, c.b.key) for c in neighbours}:
+        return []
+    headers = [*ROW_AXES, "comparison", *_TEST_HEADERS]
+    rows = [[*c.row, c.label, *_test_cells(c)] for c in comparisons]
+    return ["## All pairs of levels: exact paired tests", "", *_md_table(headers, rows), "",
+            "Δ = accuracy of the higher level minus the lower one on the questions both answered. "
+            + _test_note(len(comparisons)), ""]
+
+
+def baseline_section(comparisons: list[Comparison], baselines: dict[str, Baseline]) -> list[str]:
+    """Every cell against its dataset's constant answer (exact paired test on the same questions)."""
+    if not comparisons:
+        return []
+    headers = [*ROW_AXES, "level", "constant answer", *_TEST_HEADERS]
+    rows = [[*c.b.key[:4], level_label(c.b.level), f"\"{baselines[c.b.key[0]].answer}\"", *_test_cells(c)]
+            for c in comparisons]
+    flagged = sum(1 for c in comparisons if c.b.baseline_flag)
+    return ["## Against the constant answer: exact paired tests", "", *_md_table(headers, rows), "",
+            "Δ = accuracy of the cell minus that of always giving the constant answer (the most frequent gold "
+            "answer), on the questions the cell answered; the constant answer is right exactly on the questions "
+            f"whose gold it is. A cell whose Δ is not positive with Holm-adjusted p ≤ {ALPHA} is "
+            f"flagged under 'Weak numbers' ({flagged} of {len(comparisons)} cells). " + _test_note(len(comparisons)),
+            ""]
 
 
 def quality_section(cells: list[Cell]) -> list[str]:
@@ -265,11 +338,14 @@ def time_section(cells: list[Cell]) -> list[str]:
 
 
 def markdown_report(cells: list[Cell], comparisons: list[Comparison], published: list[dict],
-                    n_boot: int, seed: int, notes: list[str]) -> str:
+                    n_boot: int, seed: int, notes: list[str], baselines: dict[str, Baseline] | None = None) -> str:
     lines = ["# Results", ""]
-    lines += accuracy_section(cells, n_boot)
-    lines += paired_section([c for c in comparisons if c.family == LEVELS_FAMILY])
+    lines += accuracy_section(cells, n_boot, baselines)
+    neighbours = [c for c in comparisons if c.family == LEVELS_FAMILY]
+    lines += paired_section(neighbours)
+    lines += all_levels_section([c for c in comparisons if c.family == ALL_LEVELS_FAMILY], neighbours)
     lines += source_section([c for c in comparisons if c.family == SOURCES_FAMILY])
+    lines += baseline_section([c for c in comparisons if c.family == BASELINE_FAMILY], baselines or {})
     lines += samples_section(cells)
     lines += quality_section(cells)
     lines += published_section(cells, published)

@@ -33,6 +33,7 @@ class Trial:
     scores: dict[str, float] | None = None  # question_id -> mean correctness; None: predictions missing
     record: TrialRecord | None = None
     samples: SampleScores | None = None  # pass@k and maj@k per question, with several samples per question
+    gold: dict[str, str] | None = None  # question_id -> gold answer as evaluated; None: predictions missing
 
     @property
     def key(self) -> tuple[str, ...]:
@@ -90,6 +91,17 @@ def _scores(table) -> dict[str, float]:
     return dict(zip(unique.tolist(), (sums / counts).tolist()))
 
 
+def _gold(table) -> dict[str, str] | None:
+    """question_id -> the gold answer of its prediction rows (the first non-empty one)."""
+    if "gold" not in table.column_names:
+        return None
+    gold: dict[str, str] = {}
+    for q, g in zip(table.column("question_id").to_pylist(), table.column("gold").to_pylist()):
+        if g is not None and str(g) != "":
+            gold.setdefault(str(q), str(g))
+    return gold
+
+
 def _samples(table) -> SampleScores | None:
     if "extracted" not in table.column_names:
         return None
@@ -120,4 +132,5 @@ def to_trial(record: TrialRecord, run_dir: Path) -> Trial:
         scores=_scores(table) if table is not None else None,
         record=record,
         samples=_samples(table) if table is not None else None,
+        gold=_gold(table) if table is not None else None,
     )

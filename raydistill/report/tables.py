@@ -19,7 +19,8 @@ from raydistill.report.cells import (
     seed_key,
     sorted_levels,
 )
-from raydistill.report.markdown import TRUNCATED_MARK, pct
+from raydistill.report.baselines import Baseline
+from raydistill.report.markdown import TRUNCATED_MARK, pct, reading
 from raydistill.report.records import CELL_AXES, ROW_AXES, Trial
 
 TRIAL_COLUMNS = ["trial_hash", "dataset", "teacher", "format", "student", "level", "seed", "accuracy", "n_test",
@@ -34,9 +35,10 @@ CELL_COLUMNS = [*CELL_AXES, "accuracy", "ci_low", "ci_high", "ci_method", "n_see
                 "train_seconds", "eval_seconds", "train_worker_seconds", "eval_actor_seconds",
                 "accuracy_pct_per_usd", "samples_per_question", "pass_at_k", "pass_at_k_ci_low", "pass_at_k_ci_high",
                 "maj_at_k", "maj_at_k_ci_low", "maj_at_k_ci_high"]
-PAIRED_COLUMNS = ["family", *ROW_AXES, "level_a", "teacher_b", "level_b", "accuracy_a", "accuracy_b", "diff", "n_b_better",
-                  "n_a_better", "p_value", "p_holm", "min_detectable_diff", "n_questions", "n_seeds_paired",
-                  "paired_on"]
+PAIRED_COLUMNS = ["family", *ROW_AXES, "level_a", "teacher_b", "level_b", "accuracy_a", "accuracy_b", "diff",
+                  "diff_ci_low", "diff_ci_high", "n_b_better", "n_a_better", "p_value", "p_holm", "reading",
+                  "min_detectable_diff", "n_questions", "n_seeds_paired", "paired_on"]
+BASELINE_COLUMNS = ["dataset", "baseline", "answer", "accuracy", "n_correct", "n_questions", "basis"]
 
 
 def trial_rows(trials: list[Trial]) -> list[dict]:
@@ -123,10 +125,23 @@ def paired_rows(comparisons: list[Comparison]) -> list[dict]:
     return [{"family": c.family, **dict(zip(ROW_AXES, c.row)), "level_a": c.a.level, "teacher_b": c.b.key[1],
              "level_b": c.b.level,
              "accuracy_a": c.a.accuracy, "accuracy_b": c.b.accuracy, "diff": c.test.diff,
+             "diff_ci_low": c.test.ci_low, "diff_ci_high": c.test.ci_high,
              "n_b_better": c.test.n_b_better, "n_a_better": c.test.n_a_better, "p_value": c.test.p_value,
-             "p_holm": c.test.p_holm, "min_detectable_diff": c.test.min_detectable,
+             "p_holm": c.test.p_holm, "reading": reading(c), "min_detectable_diff": c.test.min_detectable,
              "n_questions": c.test.n_questions, "n_seeds_paired": c.n_seeds_paired, "paired_on": c.paired_on}
             for c in comparisons]
+
+
+def baseline_table_rows(baselines: dict[str, Baseline]) -> list[dict]:
+    """One row per baseline: the constant answer of each dataset, and chance where it is defined."""
+    rows = []
+    for b in baselines.values():
+        rows.append({"dataset": b.dataset, "baseline": "constant_answer", "answer": b.answer, "accuracy": b.accuracy,
+                     "n_correct": b.n_correct, "n_questions": b.n_questions,
+                     "basis": "most frequent gold answer of the questions evaluated"})
+        rows.append({"dataset": b.dataset, "baseline": "chance", "answer": "", "accuracy": b.chance, "n_correct": "",
+                     "n_questions": "", "basis": b.chance_basis})
+    return rows
 
 
 def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:

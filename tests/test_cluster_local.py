@@ -277,12 +277,13 @@ STILL_STARTING = "No available agent to submit job|Remote end closed connection 
 
 
 def _again_while_starting(command: str) -> str:
-    """``command`` in bash, run up to three times while its output says the head is still starting."""
+    """``command`` in bash, run again (up to 12 times, 5 s apart) while its output says the head is still
+    starting: on a busy 2-core machine its job agent has taken more than 15 s."""
     return textwrap.dedent(f"""\
-        for attempt in 1 2 3; do
+        for attempt in $(seq 12); do
             if out=$({command} 2>&1); then echo "$out"; break; fi
             echo "$out"
-            if [ "$attempt" = 3 ] || ! grep -qE "{STILL_STARTING}" <<< "$out"; then exit 1; fi
+            if [ "$attempt" = 12 ] || ! grep -qE "{STILL_STARTING}" <<< "$out"; then exit 1; fi
             sleep 5
         done""")
 

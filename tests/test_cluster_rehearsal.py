@@ -111,7 +111,8 @@ def _node_env(shared: Path, hub: str) -> dict[str, str]:
     env = {"PATH": VENV_BIN + os.pathsep + "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
            "RAYDISTILL_OUTPUT_DIR": str(shared / "outputs"), "RAYDISTILL_CACHE_DIR": str(shared / "cache"),
            "LITELLM_LOCAL_MODEL_COST_MAP": "True", "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
-           "RAY_USAGE_STATS_ENABLED": "0", "HF_ENDPOINT": hub,
+           "RAY_USAGE_STATS_ENABLED": "0", "HF_ENDPOINT": hub, "HF_HUB_ETAG_TIMEOUT": "60",
+           "HF_HUB_DOWNLOAD_TIMEOUT": "60",  # the stand-in hub shares 2 busy cores
            # the node image's DeepSpeed ops, built once at install (Makefile)
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
                                                   os.path.expanduser("~/.cache/torch_extensions")), **AUTH}

@@ -407,8 +407,10 @@ def test_hub_students_are_fetched_into_the_cache_dir_with_the_token(tiny_dir, tm
     shutil.copytree(tiny_dir, repo, ignore=shutil.ignore_patterns(".*", "raydistill_student.json"))
     token = "hf_test_" + os.urandom(8).hex()
     with HubProcess(tmp_path / "hub", {"bigscience/bloom-560m": repo}, hashlib.sha256(token.encode()).hexdigest()) as hub:
-        env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HOME": str(tmp_path / "hf-home")}
-        env.pop("HF_TOKEN", None)
+        # nothing of this machine's Hugging Face settings; patient timeouts on a loaded 2-core machine
+        env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "HF_ENDPOINT": hub.endpoint,
+               "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_ETAG_TIMEOUT": "60", "HF_HUB_DOWNLOAD_TIMEOUT": "60",
+               **{k: v for k, v in os.environ.items() if k.startswith("OPENBLAS_")}}
 
         def fetch(**extra: str) -> dict:
             proc = subprocess.run([sys.executable, "-c", HUB_FETCH, str(tmp_path / "cache")], env={**env, **extra},
@@ -421,6 +423,7 @@ def test_hub_students_are_fetched_into_the_cache_dir_with_the_token(tiny_dir, tm
         downloads = [r for r in hub.requests() if r["method"] == "GET" and "/resolve/" in r["path"]]
         again = fetch(HF_TOKEN=token)
     assert refused["error"].startswith("cannot fetch bloom-560m (bigscience/bloom-560m) from the Hugging Face hub")
+    assert "path" in fetched, fetched
     path = Path(fetched["path"])
     assert path.is_relative_to(tmp_path / "cache" / "hub" / "models--bigscience--bloom-560m" / "snapshots")
     assert students.weights_digest(path) == students.weights_digest(repo)

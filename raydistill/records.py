@@ -137,6 +137,8 @@ class TrialRecord(Record):
     train_setup: dict[str, Any] = Field(default_factory=dict)  # precision, checkpointing, attention, ...
     metrics: TrialMetrics
     timings: dict[str, float] = Field(default_factory=dict)  # seconds per TIME_STAGES key (none in older records)
+    started_at: float | None = None  # the trial's start and end (Unix seconds; none in older records)
+    finished_at: float | None = None
 
 
 class TrainState(Record):

@@ -24,6 +24,7 @@ from ray import tune  # noqa: E402
 from raydistill.records import TrialRecord  # noqa: E402
 
 TRIAL_HASH_TAG = "raydistill.trial_hash"
+EVAL_HASH_TAG = "raydistill.eval_hash"
 SWEEP_TAG = "raydistill.sweep"
 PARENT_TAG = "mlflow.parentRunId"
 
@@ -100,14 +101,17 @@ def log_trial(sweep: SweepRun, record: TrialRecord) -> str:
     cell = record.cell or {}
     level = f"L{axes['level']}" if axes["level"] else "no-level"
     run_name = f"{axes['student']} {level} {axes['teacher']} {axes['format']} {axes['dataset']} seed{axes['seed']}"
-    tags = {TRIAL_HASH_TAG: record.trial_hash, PARENT_TAG: sweep.run_id,
+    # hashes are tags (identities, not settings to compare runs by); axes and settings are params
+    tags = {TRIAL_HASH_TAG: record.trial_hash, PARENT_TAG: sweep.run_id, EVAL_HASH_TAG: record.eval_hash,
             **{f"axis.{k}": v for k, v in axes.items()},
             "cell.hash": cell.get("hash", ""), "cell.source": cell.get("source", "")}
-    run_id = client.create_run(sweep.experiment_id, run_name=run_name, tags=tags).info.run_id
+    # the run spans the trial itself (MLflow's duration and time axis), not the moment it was logged
+    started, finished = _ms(record.started_at), _ms(record.finished_at)
+    run_id = client.create_run(sweep.experiment_id, start_time=started, run_name=run_name, tags=tags).info.run_id
     params = {**axes, **{f"train.{k}": v for k, v in record.train_spec.items()},
               **{f"eval.{k}": v for k, v in record.eval_spec.items()},
               "eval_protocol": record.eval_protocol, "grader": record.grader,
-              "eval_hash": record.eval_hash, "raydistill_version": record.raydistill_version}
+              "raydistill_version": record.raydistill_version}
     client.log_batch(run_id, params=[mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()])
     metrics = record.metrics.model_dump()
     annotation = cell.get("annotation") or {}
@@ -115,8 +119,8 @@ def log_trial(sweep: SweepRun, record: TrialRecord) -> str:
         if annotation.get(key) is not None:
             metrics[f"teacher_{key}"] = annotation[key]
     metrics.update({f"time_{stage}_s": seconds for stage, seconds in record.timings.items()})
-    now_ms = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), now_ms, 0) for k, v in metrics.items()
+    at_ms = finished or int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), at_ms, 0) for k, v in metrics.items()
                                       if v is not None])
     for point in record.train_history:
         client.log_metric(run_id, "train_loss", point["loss"], step=point["step"])
@@ -127,8 +131,12 @@ def log_trial(sweep: SweepRun, record: TrialRecord) -> str:
         client.log_figure(run_id, loss_curve(record.train_history), "train_loss.png")
     client.log_artifact(run_id, record.predictions_path)
     client.log_text(run_id, json.dumps(record.model_dump(mode="json"), indent=2), "trial.json")
-    client.set_terminated(run_id)
+    client.set_terminated(run_id, end_time=finished)
     return run_id
+
+
+def _ms(seconds: float | None) -> int | None:
+    return None if seconds is None else int(seconds * 1000)
 
 
 def loss_curve(history: list[dict]):

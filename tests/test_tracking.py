@@ -75,3 +75,18 @@ def test_a_trial_run_left_by_a_driver_killed_while_logging_is_logged_again_whole
     assert run.data.metrics["accuracy"] == 0.5 and run.data.metrics["n_test"] == 6
     assert [m.value for m in client.get_metric_history(run_id, "train_loss")] == [2.0, 1.5]
     assert tracking.log_trial(tracking.SweepRun(uri, experiment, parent), typed) == run_id  # logged once
+
+
+def test_a_trial_run_spans_the_trial_and_carries_its_hashes_as_tags(tmp_path):
+    """MLflow's duration and time axis are the trial's own (not the moment it was logged, long after
+    it started), and identities are tags, so the comparison views offer only axes and settings."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment = tracking.setup_experiment(uri, "times", tmp_path / "mlartifacts")
+    parent = mlflow.MlflowClient(uri).create_run(experiment, run_name="times").info.run_id
+    started, finished = 1_790_000_000.25, 1_790_000_754.5  # a 754 s trial, logged now
+    typed = TrialRecord.model_validate({**_record(tmp_path), "eval_hash": "e" * 64, "started_at": started,
+                                        "finished_at": finished})
+    run = mlflow.MlflowClient(uri).get_run(tracking.log_trial(tracking.SweepRun(uri, experiment, parent), typed))
+    assert (run.info.start_time, run.info.end_time) == (1_790_000_000_250, 1_790_000_754_500)
+    assert run.data.tags[tracking.EVAL_HASH_TAG] == "e" * 64 and run.data.tags[tracking.TRIAL_HASH_TAG] == "f" * 64
+    assert "eval_hash" not in run.data.params and run.data.params["level"] == "2"

@@ -39,6 +39,7 @@ def run_trial(config: dict, payloads: dict[str, dict]) -> dict:
     if not reused:
         record = _train_and_evaluate(trial, payload, trial_dir)
         record.timings["queued"] = max(0.0, started_at - payload.get("submitted_at", started_at))
+        record.started_at, record.finished_at = started_at, time.time()
         record.write(record_path)
     result = {**record.metrics.model_dump(), "record_path": str(record_path), "reused": reused,
               **{f"time_{stage}_s": record.timings[stage] for stage in ("wall", "useful") if stage in record.timings}}

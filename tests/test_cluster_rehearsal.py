@@ -27,13 +27,14 @@ import subprocess
 import tempfile
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
 
 from hub_server import HubProcess
 from openai_server import ServerProcess
-from test_cluster_local import AUTH, VENV_BIN, _free_port, _processes_naming, _ray, _stop_processes
+from test_cluster_local import AUTH, VENV_BIN, _free_port, _processes_naming, _ray, _stop_processes, _wait_job
 
 pytestmark = pytest.mark.slow
 
@@ -129,24 +130,6 @@ def _hub_repo(model_cache: Path, folder: Path) -> Path:
     return folder
 
 
-def _wait(head_env: dict, dashboard: str, job_id: str, timeout: float) -> tuple[str, str]:
-    import time
-
-    from test_cluster_local import JOB_ENDED
-
-    deadline = time.monotonic() + timeout
-    status = "UNKNOWN"
-    while time.monotonic() < deadline:
-        out = _ray("job", "status", "--address", dashboard, job_id, env=head_env, check=False).stdout
-        ended = re.search(r"Job '[^']+' (succeeded|failed|was stopped)", out)
-        if ended:
-            status = JOB_ENDED[ended.group(1)]
-            break
-        time.sleep(10)
-    logs = _ray("job", "logs", "--address", dashboard, job_id, env=head_env, check=False).stdout
-    return status, logs
-
-
 def test_a_hub_student_and_secrets_on_nodes_with_private_disks(model_cache, tmp_path):
     """The sweep trains and evaluates a hub student on a worker node that cannot see the head's disk:
     the student is downloaded once, with the token, into the shared cache; the teacher key and the
@@ -210,7 +193,9 @@ def test_a_hub_student_and_secrets_on_nodes_with_private_disks(model_cache, tmp_
             submit = _ray("job", "submit", "--submission-id", "rd-rehearsal", *command[3:], env=laptop, timeout=300,
                           check=False)
             assert submit.returncode == 0, submit.stdout + submit.stderr
-            status, job_log = _wait(laptop, dashboard, "rd-rehearsal", timeout=1200)
+            cluster = SimpleNamespace(dashboard=dashboard, env=laptop)  # what _wait_job asks of a head
+            status = _wait_job(cluster, "rd-rehearsal", timeout=1200)
+            job_log = _ray("job", "logs", "--address", dashboard, "rd-rehearsal", env=laptop, check=False).stdout
             job_list = _ray("job", "list", "--address", dashboard, env=laptop, check=False).stdout
             secrets_files = {head.home / SECRETS_FILE, worker.home / SECRETS_FILE}  # where the keys belong
             written = [p for p in root.rglob("*") if p.is_file() and not p.is_symlink() and p not in secrets_files]

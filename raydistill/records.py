@@ -100,7 +100,8 @@ class TrialMetrics(Record):
     accuracy: float
     n_test: int | None = None
     extraction_failure_rate: float | None = None
-    truncation_rate: float | None = None
+    truncation_rate: float | None = None  # share cut by max_new_tokens with text in them
+    empty_rate: float | None = None  # share with no text once special tokens are removed (None: not measured)
     max_new_tokens: int | None = None
     target_ceiling: float | None = None  # share of the cell's targets that grade correct
     mean_generated_tokens: float | None = None

@@ -54,7 +54,8 @@ PREDICTION_SCHEMA = pa.schema(
         ("gold", pa.string()),
         ("correct", pa.bool_()),
         ("tokens_generated", pa.int64()),
-        ("truncated", pa.bool_()),  # cut by max_new_tokens: no EOS and no stop string before the budget ran out
+        ("truncated", pa.bool_()),  # cut by max_new_tokens: text, but no end-of-text token or stop string before the budget ran out
+        ("empty", pa.bool_()),  # no text once special tokens are removed (at any length): nothing to grade, never `truncated`
     ]
 )
 

@@ -486,7 +486,7 @@ def test_corrupt_evaluation_part_is_set_aside_and_only_its_questions_redone(tmp_
     def fake_batches(prompts, *engine_args):
         generated.append([p["question_id"] for p in prompts])
         for i in range(0, len(prompts), 2):
-            yield [{**p, "generation": f"The answer is {p['gold']}", "tokens_generated": 5, "truncated": False}
+            yield [{**p, "generation": f"The answer is {p['gold']}", "tokens_generated": 5, "truncated": False, "empty": False}
                    for p in prompts[i:i + 2]]
 
     monkeypatch.setattr(E, "generate_batches", fake_batches)

@@ -316,7 +316,7 @@ def test_pass_at_k_and_majority_vote_from_fixed_predictions():
             ("q3", None, False), ("q3", None, False), ("q3", None, False),
             ("q4", "2", True), ("q4", None, False), ("q4", "9", False)]
     graded = [{"question_id": q, "prompt": "p", "generation": "g", "gold": "x", "extracted": e, "correct": ok,
-               "tokens_generated": 3, "truncated": False, "eval_hash": "h"} for q, e, ok in rows]
+               "tokens_generated": 3, "truncated": False, "empty": False, "eval_hash": "h"} for q, e, ok in rows]
     from raydistill.schemas import PREDICTION_SCHEMA
     import pyarrow as pa
 
@@ -352,7 +352,7 @@ def test_every_task_builds_prompts_and_grades_gold(task, tiny):
     rows = build_prompts(test, get_template("chat"), tokenizer)
     assert len(rows) == 20 and all(r["prompt"].count(q) == 1 for r, q in zip(rows, test["question"].to_pylist()))
     for r in rows:
-        r.update(generation=f"The answer is {r['gold']}", tokens_generated=5, truncated=False)
+        r.update(generation=f"The answer is {r['gold']}", tokens_generated=5, truncated=False, empty=False)
     result = metrics(task, grade(task, rows, "h"), "-")
     assert (result.accuracy, result.extraction_failure_rate, result.truncation_rate) == (1.0, 0.0, 0.0)
 
@@ -529,3 +529,50 @@ def test_eval_cli_never_hands_one_models_predictions_to_another(tmp_path, model_
                       [*spec.stop_strings, *get_template("chat").stop_strings(load_tokenizer(str(second), "chat"))])
     for row in rows:
         assert row["generation"] == engine({"prompt": [row["prompt"]]})["generation"][0]
+
+
+def test_every_end_of_text_token_ends_a_generation_and_special_tokens_alone_are_empty(tiny, tmp_path):
+    """A student that writes its answer, then <|endoftext|> (an end-of-text token that is not its
+    template's EOS), then more text: the generation ends at <|endoftext|>. One that emits only
+    special tokens until the budget runs out is empty, not truncated."""
+    from raydistill.evaluate.hf_engine import END_OF_TEXT_TOKENS, end_token_ids
+    from scripted_model import build_scripted_model
+
+    tokenizer = load_tokenizer(tiny, "chat")
+    answer, after = tokenizer.tokenize("The answer is 7"), tokenizer.tokenize("8")
+    ends = build_scripted_model(tmp_path / "ends", Path(tiny), [*answer, "<|endoftext|>", *after, "</s>"],
+                                special_tokens=("<|endoftext|>",))
+    silent = build_scripted_model(tmp_path / "silent", Path(tiny), ["<s>"])
+    spec = EvalSpec(engine="hf", max_new_tokens=12, batch_size=2).for_task("svamp")
+    prompt = get_template("chat").prompt("How many?", tokenizer)
+
+    engine = HFEngine(str(ends), "chat", spec.model_dump(), [])
+    endoftext = engine.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert "<|endoftext|>" in END_OF_TEXT_TOKENS and endoftext in end_token_ids(engine.tokenizer)
+    assert endoftext != engine.tokenizer.eos_token_id and endoftext not in [engine.model.generation_config.eos_token_id]
+    out = engine({"prompt": [prompt, prompt]})
+    assert list(out["generation"]) == ["The answer is 7"] * 2  # not "The answer is 78"
+    assert list(out["tokens_generated"]) == [len(answer)] * 2
+    assert not any(out["empty"]) and not any(out["truncated"])
+
+    out = HFEngine(str(silent), "chat", spec.model_dump(), [])({"prompt": [prompt]})
+    assert out["generation"][0] == "" and out["tokens_generated"][0] == 12  # twelve <s>, none of them an end
+    assert out["empty"][0] and not out["truncated"][0]
+    rows = [{"question_id": "q", "prompt": prompt, "gold": "7", **{k: v[0] for k, v in out.items()
+                                                                   if k in ("generation", "tokens_generated", "truncated", "empty")}}]
+    result = metrics("svamp", grade("svamp", rows, "h"), "-")
+    assert result.empty_rate == 1.0 and result.truncation_rate == 0.0
+
+    # vLLM is given the same end ids (SamplingParams.stop_token_ids) and its output rows are counted
+    # and flagged as the HF engine's are.
+    from raydistill.evaluate.vllm_engine import vllm_post, vllm_pre
+
+    request = vllm_pre({"question_id": "q", "prompt": prompt, "gold": "7", "sample": 0}, str(ends), "chat",
+                       spec.model_dump(mode="json"), [])
+    assert set(request["sampling_params"]["stop_token_ids"]) == engine.end_ids
+    ids = engine.tokenizer.convert_tokens_to_ids([*answer, "<|endoftext|>"])
+    row = vllm_post({**request, "generated_tokens": ids, "generated_text": "The answer is 7"}, str(ends), "chat", [], 12)
+    assert row["tokens_generated"] == len(answer) and not row["empty"] and not row["truncated"]
+    silent_ids = engine.tokenizer.convert_tokens_to_ids(["<s>"] * 12)
+    row = vllm_post({**request, "generated_tokens": silent_ids, "generated_text": ""}, str(ends), "chat", [], 12)
+    assert row["tokens_generated"] == 12 and row["empty"] and not row["truncated"]

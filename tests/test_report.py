@@ -28,11 +28,12 @@ N_BOOT = 500
 def write_trial(run_dir: Path, correct, *, dataset="svamp", teacher="chatgpt", level="1", fmt="cot",
                 student="tiny-llama", seed="0", cell="absent", num_workers=1, num_actors=1,
                 train_seconds=10.0, eval_seconds=4.0, truncated=0, target_ceiling=0.99, extracted=None,
-                timings=None, gold=None, ids=None) -> dict:
+                timings=None, gold=None, ids=None, empty=None) -> dict:
     """A finished trial: predictions Parquet (one row per question and sample) + record.json.
 
     ``correct`` is (n_questions,) or (n_questions, n_samples) of bools; ``truncated`` is how many
-    of the rows hit max_new_tokens (the first ones); ``cell`` is a record's "cell" value, or
+    of the rows hit max_new_tokens (the first ones) and ``empty`` how many are empty (the last ones; None:
+    a record from before empty generations were counted); ``cell`` is a record's "cell" value, or
     "absent" for an older record without the key; ``gold`` gives each question's gold answer (default
     q % 10 + 1 for question q: ten answers, each 10 % of the questions) and ``ids`` the question ids
     (default q0, q1, ...); ``extracted`` (the shape of
@@ -49,10 +50,13 @@ def write_trial(run_dir: Path, correct, *, dataset="svamp", teacher="chatgpt", l
         extracted, dtype=object).reshape(correct.shape)
     ids = [f"q{q}" for q in range(correct.shape[0])] if ids is None else list(ids)
     rows = [{"eval_hash": trial_hash, "question_id": ids[q], "prompt": "p", "generation": "g",
-             "extracted": answers[q][s], "gold": golds[q], "correct": bool(ok), "tokens_generated": 5, "truncated": False}
+             "extracted": answers[q][s], "gold": golds[q], "correct": bool(ok), "tokens_generated": 5, "truncated": False,
+             "empty": False}
             for q in range(correct.shape[0]) for s, ok in enumerate(correct[q])]
     for row in rows[:truncated]:
         row.update(truncated=True, tokens_generated=64)
+    for row in rows[len(rows) - (empty or 0):]:
+        row.update(generation="", empty=True)
     predictions = trial_dir / "predictions.parquet"
     pq.write_table(pa.Table.from_pylist(rows, schema=PREDICTION_SCHEMA), predictions)
     record = {
@@ -66,7 +70,8 @@ def write_trial(run_dir: Path, correct, *, dataset="svamp", teacher="chatgpt", l
                     "mean_generated_tokens": 5.0, "train_examples": 8,
                     "train_truncated": 0, "train_over_cutoff": 0, "train_padding_fraction": 0.1,
                     "train_steps": 2, "final_train_loss": 0.5, "train_seconds": train_seconds,
-                    "eval_seconds": eval_seconds},
+                    "eval_seconds": eval_seconds,
+                    **({} if empty is None else {"empty_rate": empty / len(rows)})},
     }
     if cell != "absent":
         record["cell"] = cell
@@ -377,8 +382,8 @@ def test_pass_at_k_and_maj_at_k_per_cell_with_intervals(tmp_path):
 
 
 def test_truncated_cells_are_marked_in_table_csv_and_flags(tmp_path):
-    write_trial(tmp_path, draws(0.5, 40, 1), level="1", truncated=1)  # 2.5 %: not marked
-    write_trial(tmp_path, draws(0.5, 40, 2), level="5", truncated=31, target_ceiling=0.86)  # 77.5 %
+    write_trial(tmp_path, draws(0.5, 40, 1), level="1", truncated=1, empty=6)  # 2.5 %: not marked; 15 % empty
+    write_trial(tmp_path, draws(0.5, 40, 2), level="5", truncated=31, target_ceiling=0.86, empty=0)  # 77.5 %
     paths = run_report(tmp_path, plots=True)
     md = paths["markdown"].read_text()
     row = next(line for line in md.splitlines() if line.startswith("| svamp | chatgpt | cot | tiny-llama |"))
@@ -388,7 +393,10 @@ def test_truncated_cells_are_marked_in_table_csv_and_flags(tmp_path):
     cells = {c["level"]: c for c in read_csv(paths["csv"])}
     assert float(cells["5"]["truncation_rate"]) == pytest.approx(31 / 40)
     assert "77.5 % of generations cut at max_new_tokens" in cells["5"]["flags"]
-    assert "target ceiling 86.0 %" in cells["5"]["flags"] and cells["1"]["flags"] == ""
+    assert "target ceiling 86.0 %" in cells["5"]["flags"] and cells["1"]["flags"] == "15.0 % of generations empty"
+    assert float(cells["1"]["empty_rate"]) == pytest.approx(6 / 40) and float(cells["5"]["empty_rate"]) == 0
+    weak = md[md.index("## Weak numbers"):]
+    assert "| truncated | empty |" in weak and "| 2.5 % | 15.0 % |" in weak
     assert "- svamp/chatgpt/cot/tiny-llama L5: 77.5 % of generations cut" in md
     table = read_csv(paths["table_csv"])[0]
     assert table["L5"].endswith("†") and not table["L1"].endswith("†")

@@ -2,13 +2,14 @@
 
 An engine is a Ray Data callable class: built once per actor from a model folder, then called
 on batches ``{"prompt": [...], ...}``; it returns the batch with ``generation`` (text cut at the
-first stop string) and ``tokens_generated`` (new tokens before the first EOS/pad) added; the HF
+first stop string), ``tokens_generated`` (new tokens before the first end-of-text token,
+`end_token_ids`) and ``empty`` (no text once special tokens are removed) added; the HF
 engine also adds its time, ``generate_seconds`` and (first batch) ``load_seconds``, spread over the rows. With
 ``n_samples > 1`` every input row comes back ``n_samples`` times, one generation each.
 
 `HFEngine` runs on CPU or one GPU per actor, in rounds of `ROUND_TOKENS` new tokens that drop the
-rows already finished. `load_tokenizer`, `cut_at_stop`, `is_truncated` and `until_end` are shared
-with the vLLM engine (`raydistill.evaluate.vllm_engine`), so both count and cut generations alike.
+rows already finished. `load_tokenizer`, `end_token_ids`, `cut_at_stop`, `is_truncated`, `is_empty` and
+`until_end` are shared with the vLLM engine (`raydistill.evaluate.vllm_engine`), so both count and cut generations alike.
 """
 
 from __future__ import annotations
@@ -53,14 +54,49 @@ def cut_at_stop(text: str, stop_strings: list[str]) -> str:
     return text[:cut].strip()
 
 
-def is_truncated(tokens: int, max_new_tokens: int, stopped: bool) -> bool:
-    """A generation cut by the token budget: ``max_new_tokens`` generated before any EOS/pad id and
-    no stop string in its text (a stop string on the last token counts as a proper end)."""
-    return tokens >= max_new_tokens and not stopped
+def is_truncated(tokens: int, max_new_tokens: int, stopped: bool, empty: bool = False) -> bool:
+    """A generation cut by the token budget: ``max_new_tokens`` generated before any end-of-text
+    token, no stop string in its text (a stop string on the last token counts as a proper end), and
+    some text in it: a generation of special tokens only is `is_empty`, not cut."""
+    return tokens >= max_new_tokens and not stopped and not empty
+
+
+def is_empty(generation: str) -> bool:
+    """Nothing left of a generation once its special tokens are removed and it is cut at the first
+    stop string (`cut_at_stop`): nothing to grade."""
+    return not generation.strip()
+
+
+# Tokens that end a text in the tokenizers of the student families we know: a student that emits one
+# has finished, whichever of them its chat template trains as end of turn (SmolLM2: <|im_end|> ends a
+# turn, <|endoftext|> a document; Llama 3: <|eot_id|>, <|end_of_text|>; Gemma: <end_of_turn>).
+END_OF_TEXT_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "</s>",
+                      "<|end|>", "<end_of_turn>", "<eos>")
+
+def end_token_ids(tokenizer, generation_eos: int | list[int] | None = None) -> set[int]:
+    """Every token id that ends a generation: the generation config's EOS ids (``generation_eos``),
+    the tokenizer's EOS and pad (as the student's template sets them), and each of the tokenizer's
+    special tokens named in `END_OF_TEXT_TOKENS`."""
+    eos = generation_eos if isinstance(generation_eos, list) else [generation_eos]
+    ids = {i for i in [*eos, tokenizer.eos_token_id, tokenizer.pad_token_id] if i is not None}
+    for token_id, token in getattr(tokenizer, "added_tokens_decoder", {}).items():
+        if token.special and token.content in END_OF_TEXT_TOKENS:
+            ids.add(int(token_id))
+    return ids
+
+
+def generation_config_eos(model_path: str) -> int | list[int] | None:
+    """The EOS id(s) of a model folder's ``generation_config.json`` (None where it has none)."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(model_path).eos_token_id
+    except OSError:
+        return None
 
 
 def until_end(ids: list[int], end_ids: set[int]) -> list[int]:
-    """Generated ids before the first EOS or pad id (both engines count tokens this way)."""
+    """Generated ids before the first end-of-text id (both engines count tokens this way)."""
     for i, token in enumerate(ids):
         if token in end_ids:
             return ids[:i]
@@ -123,9 +159,7 @@ class HFEngine:
             model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
         self.model = model.to(self.device, dtype).eval()
         self.stop_strings = list(stop_strings)
-        eos = self.model.generation_config.eos_token_id
-        eos = eos if isinstance(eos, list) else [eos]
-        self.end_ids = {i for i in [*eos, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id] if i is not None}
+        self.end_ids = end_token_ids(self.tokenizer, self.model.generation_config.eos_token_id)
         self.load_seconds = time.perf_counter() - started  # goes out with the first batch
 
     def generate_ids(self, prompts: list[str], round_tokens: int = ROUND_TOKENS) -> list[list[int]]:
@@ -147,7 +181,7 @@ class HFEngine:
         start = ids.shape[1]
         stop = StopOnStrings(self.tokenizer, self.stop_strings, start) if self.stop_strings else None
         kwargs = {**generate_kwargs(self.spec), "pad_token_id": self.tokenizer.pad_token_id,
-                  "stopping_criteria": [stop] if stop else None, "return_dict_in_generate": True}
+                  "eos_token_id": sorted(self.end_ids), "stopping_criteria": [stop] if stop else None, "return_dict_in_generate": True}
         one_call = self.spec.num_beams > 1 or round_tokens <= 0
         torch.manual_seed(self.spec.seed)
         results: dict[int, list[int]] = {}
@@ -177,7 +211,7 @@ class HFEngine:
             rows = [rows[i] for i in keep]
 
     def _finished(self, sequences, round_start: int, stop: StopOnStrings | None) -> list[bool]:
-        """Rows that ended in this round: an EOS/pad id among its new tokens, or a stop string."""
+        """Rows that ended in this round: an end-of-text id among its new tokens, or a stop string."""
         ended = [bool(self.end_ids & set(row)) for row in sequences[:, round_start:].tolist()]
         if stop is not None:
             ended = [e or bool(s) for e, s in zip(ended, stop(sequences, None).tolist())]
@@ -195,7 +229,8 @@ class HFEngine:
         raw = [self.tokenizer.decode(i, skip_special_tokens=True) for i in ids]
         out["generation"] = np.array([cut_at_stop(text, self.stop_strings) for text in raw], dtype=object)
         out["tokens_generated"] = np.array([len(i) for i in ids], dtype=np.int64)
+        out["empty"] = np.array([is_empty(text) for text in out["generation"]], dtype=bool)
         out["truncated"] = np.array([is_truncated(len(i), self.spec.max_new_tokens,
-                                                  any(s in text for s in self.stop_strings))
-                                     for i, text in zip(ids, raw)], dtype=bool)
+                                                  any(s in text for s in self.stop_strings), empty)
+                                     for i, text, empty in zip(ids, raw, out["empty"])], dtype=bool)
         return out

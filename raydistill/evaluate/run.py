@@ -45,7 +45,7 @@ class EvalResult:
     accuracy: float
     n: int
     extraction_failure_rate: float
-    truncation_rate: float  # share of generations cut by max_new_tokens
+    truncation_rate: float  # share of generations cut by max_new_tokens (with text; empty ones apart)
     mean_generated_tokens: float
     median_generated_tokens: float
     predictions_path: str
@@ -56,6 +56,7 @@ class EvalResult:
     pass_at_k: float | None = None  # with several samples: unbiased pass@k, k = samples_per_question
     maj_at_k: float | None = None  # with several samples: majority vote over the extracted answers
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (records.TIME_STAGES)
+    empty_rate: float = 0.0  # share of generations with no text once special tokens are removed
 
 
 # --------------------------------------------------------------------------- prompts and grading
@@ -77,6 +78,7 @@ def grade(task: str, rows: list[dict], eval_hash: str, options: GraderOptions = 
             "eval_hash": eval_hash, "question_id": r["question_id"], "prompt": r["prompt"],
             "generation": r["generation"], "extracted": extracted, "gold": r["gold"], "correct": correct,
             "tokens_generated": int(r["tokens_generated"]), "truncated": bool(r["truncated"]),
+            "empty": bool(r["empty"]),
         })
     return pa.Table.from_pylist(graded, schema=PREDICTION_SCHEMA)
 
@@ -95,6 +97,7 @@ def metrics(task: str, predictions: pa.Table, path: str, engine: str = "hf", eva
         n=n,
         extraction_failure_rate=sum(r["extracted"] is None for r in rows) / n if n else 0.0,
         truncation_rate=sum(bool(r["truncated"]) for r in rows) / n if n else 0.0,
+        empty_rate=sum(bool(r["empty"]) for r in rows) / n if n else 0.0,
         mean_generated_tokens=float(statistics.fmean(tokens)),
         median_generated_tokens=float(statistics.median(tokens)),
         predictions_path=path,
@@ -109,7 +112,7 @@ def metrics(task: str, predictions: pa.Table, path: str, engine: str = "hf", eva
 
 # --------------------------------------------------------------------------- generation
 
-GENERATED_COLUMNS = ["question_id", "prompt", "gold", "generation", "tokens_generated", "truncated"]
+GENERATED_COLUMNS = ["question_id", "prompt", "gold", "generation", "tokens_generated", "truncated", "empty"]
 ENGINE_TIME_COLUMNS = {"load_seconds": "model_load_eval", "generate_seconds": "generation",
                        "generate_cpu_seconds": "generation_cpu"}  # column -> ACTOR_STAGES
 

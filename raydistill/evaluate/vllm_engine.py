@@ -16,7 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raydistill.evaluate.choose import VLLM_ONE_OUTPUT, EngineError, engine_bundles
-from raydistill.evaluate.hf_engine import cut_at_stop, is_truncated, load_tokenizer, until_end
+from raydistill.evaluate.hf_engine import (
+    cut_at_stop,
+    end_token_ids,
+    generation_config_eos,
+    is_empty,
+    is_truncated,
+    load_tokenizer,
+    until_end,
+)
 from raydistill.spec import EvalSpec
 
 log = logging.getLogger(__name__)
@@ -28,6 +36,12 @@ def _tokenizer(model_path: str, template_name: str):
     return load_tokenizer(model_path, template_name)
 
 
+@functools.cache
+def _end_ids(model_path: str, template_name: str) -> tuple[int, ...]:
+    """`end_token_ids` of the model, once per worker process (the HF engine's set)."""
+    return tuple(sorted(end_token_ids(_tokenizer(model_path, template_name), generation_config_eos(model_path))))
+
+
 def vllm_pre(row: dict, model_path: str, template_name: str, spec: EvalSpec | dict, stop_strings: list[str],
              lora_path: str | None = None) -> dict:
     """Row -> vLLM request: our own token ids (no BOS added twice), sampling params, LoRA adapter.
@@ -35,7 +49,7 @@ def vllm_pre(row: dict, model_path: str, template_name: str, spec: EvalSpec | di
     spec = EvalSpec.model_validate(spec)
     ids = _tokenizer(model_path, template_name)(row["prompt"], add_special_tokens=False)["input_ids"]
     params = {"max_tokens": spec.max_new_tokens, "stop": list(stop_strings), "seed": spec.seed + int(row["sample"]),
-              "temperature": 0.0}
+              "stop_token_ids": list(_end_ids(model_path, template_name)), "temperature": 0.0}
     if spec.do_sample:
         params.update(temperature=spec.temperature, top_p=spec.top_p)
     lora = {"model": lora_path} if lora_path else {}  # ray.data.llm: a row's `model` other than the base = LoRA
@@ -71,15 +85,15 @@ def whole_questions(batches: Iterator[list[dict]], n_samples: int) -> Iterator[l
 
 def vllm_post(row: dict, model_path: str, template_name: str, stop_strings: list[str], max_new_tokens: int) -> dict:
     """vLLM output row -> our columns, tokens counted as `HFEngine` counts them."""
-    tokenizer = _tokenizer(model_path, template_name)
-    end_ids = {i for i in (tokenizer.eos_token_id, tokenizer.pad_token_id) if i is not None}
-    tokens = until_end([int(t) for t in row["generated_tokens"]], end_ids)
-    # vLLM ends a generation at a stop string and leaves the string out of the text, so only a
-    # generation that used the whole budget without an EOS counts as cut short.
-    truncated = is_truncated(len(tokens), max_new_tokens, stopped=False)
+    tokens = until_end([int(t) for t in row["generated_tokens"]], set(_end_ids(model_path, template_name)))
+    # vLLM ends a generation at a stop string and leaves the string out of the text (and decodes
+    # without special tokens), so only a generation that used the whole budget without an
+    # end-of-text token, and left some text, counts as cut short.
+    generation = cut_at_stop(row["generated_text"], stop_strings)
+    empty = is_empty(generation)
     return {"question_id": row["question_id"], "sample": row["sample"], "prompt": row["prompt_text"],
-            "gold": row["gold"], "generation": cut_at_stop(row["generated_text"], stop_strings),
-            "tokens_generated": len(tokens), "truncated": truncated}
+            "gold": row["gold"], "generation": generation, "tokens_generated": len(tokens), "empty": empty,
+            "truncated": is_truncated(len(tokens), max_new_tokens, stopped=False, empty=empty)}
 
 
 # LoRA ranks vLLM accepts (`max_lora_rank`) and the modules its Llama-family LoRA layers cover.

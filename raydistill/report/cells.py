@@ -72,6 +72,12 @@ class Cell:
         return self.mean("truncation_rate")
 
     @property
+    def empty_rate(self) -> float | None:
+        """Share of generations with no text once special tokens are removed (None for records
+        made before empty generations were told from truncated ones)."""
+        return self.mean("empty_rate")
+
+    @property
     def teacher_truncated_share(self) -> float | None:
         """Share of the teacher's replies cut at max_tokens (generated cells only)."""
         shares = [((t.cell or {}).get("annotation") or {}).get("truncated_share") for t in self.trials]
@@ -90,6 +96,9 @@ class Cell:
             out.append("truncation unknown")
         elif rate > TRUNCATION_FLAG:
             out.append(f"{100 * rate:.1f} % of generations cut at max_new_tokens")
+        empty = self.empty_rate
+        if empty is not None and empty > TRUNCATION_FLAG:
+            out.append(f"{100 * empty:.1f} % of generations empty")
         failures = self.mean("extraction_failure_rate")
         if failures is not None and failures > TRUNCATION_FLAG:
             out.append(f"no answer extracted from {100 * failures:.1f} %")

@@ -24,12 +24,12 @@ from raydistill.report.markdown import TRUNCATED_MARK, pct, reading
 from raydistill.report.records import CELL_AXES, ROW_AXES, Trial
 
 TRIAL_COLUMNS = ["trial_hash", "dataset", "teacher", "format", "student", "level", "seed", "accuracy", "n_test",
-                 "extraction_failure_rate", "truncation_rate", "target_ceiling", "mean_generated_tokens",
-                 "max_new_tokens", "train_steps", "final_train_loss", "train_seconds", "eval_seconds", "num_workers",
+                 "extraction_failure_rate", "truncation_rate", "empty_rate", "target_ceiling",
+                 "mean_generated_tokens", "max_new_tokens", "train_steps", "final_train_loss", "train_seconds", "eval_seconds", "num_workers",
                  "num_actors", "cell_source", "eval_protocol", "grader", "raydistill_version",
                  *(f"time_{stage}_s" for stage in TIME_STAGES)]
 CELL_COLUMNS = [*CELL_AXES, "accuracy", "ci_low", "ci_high", "ci_method", "n_seeds", "seeds", "n_test",
-                "n_questions_ci", "truncation_rate", "extraction_failure_rate", "target_ceiling",
+                "n_questions_ci", "truncation_rate", "empty_rate", "extraction_failure_rate", "target_ceiling",
                 "teacher_truncated_share", "flags", "mean_generated_tokens", "max_new_tokens", "published_accuracy",
                 "published_kind", "teacher_source", "teacher_cost_usd", "teacher_tokens_in", "teacher_tokens_out",
                 "train_seconds", "eval_seconds", "train_worker_seconds", "eval_actor_seconds",
@@ -65,6 +65,7 @@ def cell_rows(cells: list[Cell]) -> list[dict]:
             "n_test": statistics.fmean(t.metrics.get("n_test", 0) for t in c.trials),
             "n_questions_ci": c.n_questions_ci,
             "truncation_rate": c.truncation_rate,
+            "empty_rate": c.empty_rate,
             "extraction_failure_rate": _mean_metric(c, "extraction_failure_rate"),
             "target_ceiling": c.mean("target_ceiling"),
             "teacher_truncated_share": c.teacher_truncated_share,

@@ -14,6 +14,11 @@ NO_PROTOCOL = {"max_new_tokens": 640, "num_beams": 1, "stop_strings": []}  # pro
 # How the engines run, not what they generate: dumped only when set, never part of an identity.
 ENGINE_SETTINGS = ("tensor_parallel_size", "gpu_memory_utilization", "enable_prefix_caching", "max_num_seqs",
                    "timeout_s", "shared_engines", "max_loras", "gpu_memory_gb", "generate_batch_size")
+# The rules by which the engines end and count a generation, part of every evaluation's identity
+# (`EvalSpec.identity`, `result_fields`), so predictions made under other rules are never reused.
+# 2: every end-of-text token ends a generation (`raydistill.evaluate.hf_engine.end_token_ids`) and
+# an empty generation is not a truncated one.
+GENERATION_RULES = 2
 VLLM_ONLY = ("max_model_len", "enforce_eager", "tensor_parallel_size", "gpu_memory_utilization",
              "enable_prefix_caching", "max_num_seqs", "max_loras")
 
@@ -146,12 +151,15 @@ class EvalSpec(Strict):
         return source + (f"; overridden: {', '.join(overrides)}" if overrides else "")
 
     def identity(self) -> dict:
-        """The dump that identifies a trial's evaluation: without the engine settings (`ENGINE_SETTINGS`)."""
-        return {k: v for k, v in self.model_dump(mode="json").items() if k not in ENGINE_SETTINGS}
+        """The dump that identifies a trial's evaluation: without the engine settings (`ENGINE_SETTINGS`),
+        with the engines' rules for ending a generation (`GENERATION_RULES`)."""
+        return {**{k: v for k, v in self.model_dump(mode="json").items() if k not in ENGINE_SETTINGS},
+                "generation_rules": GENERATION_RULES}
 
     def result_fields(self) -> dict:
         """The fields that determine the generations (not how the work is spread over actors)."""
         keep = ("protocol", *PROTOCOL_FIELDS, "engine", "use_gpu", "do_sample", "temperature", "top_p",
                 "n_samples", "seed")
-        return {k: v for k, v in self.model_dump(mode="json").items() if k in keep}
+        return {**{k: v for k, v in self.model_dump(mode="json").items() if k in keep},
+                "generation_rules": GENERATION_RULES}
 

@@ -112,6 +112,7 @@ def _train_and_evaluate(trial: TrialSpec, payload: dict, trial_dir: Path) -> Tri
             "n_test": result.n,
             "extraction_failure_rate": result.extraction_failure_rate,
             "truncation_rate": result.truncation_rate,
+            "empty_rate": result.empty_rate,
             "max_new_tokens": result.max_new_tokens,
             "target_ceiling": ceiling,
             "mean_generated_tokens": result.mean_generated_tokens,

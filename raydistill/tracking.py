@@ -65,8 +65,7 @@ def start_sweep_run(spec, config_path: Path) -> SweepRun:
     else:
         run_id = client.create_run(experiment_id, run_name=spec.name, tags={SWEEP_TAG: spec.name}).info.run_id
         grid = {axis: ",".join(map(str, spec.axis_values(axis)))
-                for axis in ("datasets", "teachers", "levels", "formats", "students")}
-        grid["seeds"] = ",".join(map(str, spec.seeds))
+                for axis in ("datasets", "teachers", "levels", "formats", "students", "seeds")}
         grid["grader"] = spec.grader.label()
         grid["eval.protocol"] = spec.eval.protocol
         client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in grid.items()])

@@ -153,3 +153,13 @@ def test_engine_settings_are_dumped_when_set_and_never_change_a_trial_hash():
     dumped = tuned.eval.model_dump(mode="json")
     assert {k: dumped[k] for k in settings} == settings
     assert type(tuned).model_validate(tuned.model_dump(mode="json")).eval == tuned.eval
+
+
+def test_a_grid_can_repeat_some_cells_with_more_seeds():
+    one_seed = sweep_from_dict(BASE)
+    spec = sweep_from_dict({**BASE, "grids": [{}, {"levels": [3], "seeds": [100, 101, 102]}]})
+    seeds = sorted((t.cell.label, t.seed) for t in spec.trials())
+    assert seeds == [("svamp/chatgpt/L1/cot", 100), ("svamp/chatgpt/L3/cot", 100),
+                     ("svamp/chatgpt/L3/cot", 101), ("svamp/chatgpt/L3/cot", 102)]
+    assert {t.trial_hash for t in one_seed.trials()} < {t.trial_hash for t in spec.trials()}
+    assert spec.axis_values("seeds") == [100, 101, 102]

@@ -156,7 +156,7 @@ class AnnotationStageSpec(Strict):
         return value
 
 
-AXES = ("datasets", "teachers", "levels", "formats", "students")
+AXES = ("datasets", "teachers", "levels", "formats", "students", "seeds")
 
 
 class GridSpec(Strict):
@@ -169,6 +169,7 @@ class GridSpec(Strict):
     levels: list[int] | None = None
     formats: list[str] | None = None
     students: list[str] | None = None
+    seeds: list[int] | None = None
     # Pad this grid's cells to the length of the same question's rationale at this level (the
     # length ablation); its levels are then the padded ones, e.g. levels [1], pad_to_level 5.
     pad_to_level: int | None = Field(None, ge=1, le=6)
@@ -318,7 +319,7 @@ class SweepSpec(Strict):
         for grid in self.expanded_grids():
             for cell in self._grid_cells(grid):
                 for student in grid["students"]:
-                    for seed in self.seeds:
+                    for seed in grid["seeds"]:
                         trial = TrialSpec(
                             cell=cell, student=student, seed=seed, test_limit=self.test_limit,
                             train=self.train.model_copy(update={"seed": seed}),

@@ -2,13 +2,18 @@
 
 `run_sweep` decides whether every trial fits its GPUs (`raydistill.sweep.fit`) before Ray starts,
 writes the plan (`PLAN_FILE`), checks the evaluation engines before any training, and runs the
-trials with `TRIAL_DRIVER_RESOURCES` each.
+trials with `TRIAL_DRIVER_RESOURCES` each. Every launch appends its start and end to `RUNS_LOG`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import logging
+import os
+import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -27,6 +32,33 @@ log = logging.getLogger("raydistill.sweep")
 
 
 PLAN_FILE = "trials.json"  # the sweep's current trials; the report leaves out records of earlier plans
+RUNS_LOG = "runs.log"  # one `start` and one `end` line per launch of the sweep (none for a killed one)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@contextlib.contextmanager
+def launch_logged(run_dir: Path) -> Iterator[dict]:
+    """Append ``start <UTC> host pid`` to the run's `RUNS_LOG`, then ``end <UTC> <outcome>``: the
+    trials' count on success, else the exception's type and first line. A killed driver writes no
+    end line, so the log's wall times are never guessed. The caller fills ``outcome["trials"]``."""
+    path = run_dir / RUNS_LOG
+
+    def append(line: str) -> None:
+        with path.open("a") as f:
+            f.write(line + "\n")
+
+    append(f"start {_now()} host {socket.gethostname()} pid {os.getpid()}")
+    outcome: dict = {}
+    try:
+        yield outcome
+    except BaseException as err:
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        append(f"end {_now()} {type(err).__name__}{': ' + first if first else ''}")
+        raise
+    append(f"end {_now()} ok, {outcome.get('trials', 0)} trials")
 
 # A trial driver only waits on its Train workers and Ray Data actors, so it takes no CPU; Tune
 # cannot place a trial that asks for nothing, hence one byte of memory. `max_concurrent_trials`
@@ -44,17 +76,25 @@ def run_sweep(spec: SweepSpec, verbose: bool = False) -> list[TrialRecord]:
     student, cell and seed) -> MLflow (a parent run for the sweep, a nested run per trial) ->
     report.
     """
+    problem = storage_problem(spec.checkpoint_storage) if spec.checkpoint_storage else None
+    if problem:  # before any annotation is paid for
+        raise SpecError(f"sweep {spec.name}: checkpoint_storage {spec.checkpoint_storage!r}: {problem}")
+    run_dir = spec.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with launch_logged(run_dir) as outcome:
+        records = _run(spec, run_dir, verbose)
+        outcome["trials"] = len(records)
+    return records
+
+
+def _run(spec: SweepSpec, run_dir: Path, verbose: bool) -> list[TrialRecord]:
+    """`run_sweep`'s work, logged as one launch."""
     from ray import tune
 
     from raydistill.report import write_report
     from raydistill.students import resolve_student, weights_digest
     from raydistill.tracking import MLflowTrialLogger, finish_sweep_run, start_sweep_run
 
-    problem = storage_problem(spec.checkpoint_storage) if spec.checkpoint_storage else None
-    if problem:  # before any annotation is paid for
-        raise SpecError(f"sweep {spec.name}: checkpoint_storage {spec.checkpoint_storage!r}: {problem}")
-    run_dir = spec.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
     files.write_text(run_dir / "sweep.yaml", yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
     cells, missing = prepare_cells(spec, verbose)
     _write_missing(missing, run_dir)

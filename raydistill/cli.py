@@ -13,6 +13,7 @@ COMMANDS = {
     "annotate": ("raydistill.annotate", "generate teacher annotations with litellm on Ray Data"),
     "data": ("raydistill.datasets", "inspect, export and check the dataset registry"),
     "report": ("raydistill.report", "tables and plots for a finished sweep"),
+    "plan": ("raydistill.plan", "a sweep's requests, tokens, dollars, time and power, before it runs"),
 }
 
 

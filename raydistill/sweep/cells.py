@@ -95,21 +95,27 @@ def prepare_cells(spec: SweepSpec, verbose: bool = False) -> tuple[dict[CellSpec
 def replay_cell(cell: CellSpec, folder: Path) -> dict:
     """Training Parquet of a released annotation cell (padded to another level's length for the
     length ablation), written once."""
-    from raydistill.datasets import load_train, pad_to_length_of
-
     path = folder / "train.parquet"
     if not _readable_parquet(path):
-        table = load_train(cell.dataset, cell.teacher, level=cell.level, fmt=cell.format, repair=cell.repair_targets)
-        if cell.pad_to_level is not None:
-            target = load_train(cell.dataset, cell.teacher, level=cell.pad_to_level, fmt=cell.format,
-                                repair=cell.repair_targets)
-            table = pad_to_length_of(table, target, cell.label)
-        if cell.train_limit is not None:
-            table = table.slice(0, cell.train_limit)
-        files.write_parquet(table, path)
+        files.write_parquet(released_table(cell), path)
         files.write_json(folder / "cell.json", cell.model_dump(mode="json"))
     return {"hash": cell.cell_hash, "dir": str(folder), "source": "replay", "train_path": str(path),
             "annotation": None, "spec": cell.model_dump(mode="json")}
+
+
+def released_table(cell: CellSpec):
+    """The training rows of a released cell: its level's rationales (padded to another level's
+    length for the length ablation), the first ``train_limit`` of them."""
+    from raydistill.datasets import load_train, pad_to_length_of
+
+    table = load_train(cell.dataset, cell.teacher, level=cell.level, fmt=cell.format, repair=cell.repair_targets)
+    if cell.pad_to_level is not None:
+        target = load_train(cell.dataset, cell.teacher, level=cell.pad_to_level, fmt=cell.format,
+                            repair=cell.repair_targets)
+        table = pad_to_length_of(table, target, cell.label)
+    if cell.train_limit is not None:
+        table = table.slice(0, cell.train_limit)
+    return table
 
 
 def _readable_parquet(path: Path) -> bool:

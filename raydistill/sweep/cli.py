@@ -5,6 +5,7 @@ sweeps/<name>.py (`script_main`): runs the sweep, prints where its report and ML
 and prints the errors a user can fix (`USER_ERRORS`) in one line.
 
     raydistill sweep --config sweeps/granularity.yaml [--set train.epochs=1]
+    python sweeps/granularity.py --plan     # what it will cost and detect, before it runs (raydistill plan)
 """
 
 from __future__ import annotations
@@ -58,14 +59,27 @@ def main(argv: list[str], prog: str = "raydistill sweep", default_config: str | 
     parser.add_argument("--verbose", action="store_true",
                         help="also print Tune's status table and every Ray worker's log lines, and start Ray's "
                              "dashboard with a local cluster")
+    parser.add_argument("--plan", action="store_true",
+                        help="run nothing: print and write the sweep's plan (plan.json, plan.md: teacher requests, "
+                             "tokens and dollars, training and evaluation tokens and time, power), as raydistill plan")
+    from raydistill.plan.cli import add_options
+
+    add_options(parser)
     args = parser.parse_args(argv)
+    from raydistill.plan.compute import PlanInputError
+
     try:
         overrides = parse_overrides(args.set)
         if args.output_dir:
             overrides["output_dir"] = args.output_dir
         spec = load_sweep(args.config, overrides)
-        run_and_print(spec, args.verbose)
-    except USER_ERRORS as err:
+        if args.plan:
+            from raydistill.plan import run_plan
+
+            run_plan(spec, args.device, args.throughput, args.discordance)
+        else:
+            run_and_print(spec, args.verbose)
+    except (*USER_ERRORS, PlanInputError) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     return 0

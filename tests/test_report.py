@@ -125,6 +125,18 @@ def test_ci_over_seeds_averages_seeds_and_handles_missing_questions():
     assert 0.0 <= interval.low <= interval.estimate <= interval.high <= 1.0
 
 
+def test_two_stage_bootstrap_covers_training_variance():
+    """Seeds whose accuracies differ far more than the question sample explains (0.2 vs 0.8 on the
+    same 300 questions): the questions-only interval stays near ±0.04 around 0.5, the two-stage one
+    spans most of the seeds' range, since a replicate may draw the same seed twice."""
+    scores = np.stack([draws(0.2, 300, 1), draws(0.8, 300, 2)]).astype(float)
+    questions = report.bootstrap_accuracy(scores, N_BOOT, np.random.default_rng(0))
+    both = report.bootstrap_accuracy(scores, N_BOOT, np.random.default_rng(0), resample_seeds=True)
+    assert questions.method == "bootstrap" and both.method == "bootstrap-seeds"
+    assert both.estimate == questions.estimate
+    assert questions.high - questions.low < 0.1 and both.low < 0.3 and both.high > 0.7
+
+
 def test_paired_test_is_exact_on_the_discordant_questions():
     """Hand-computed McNemar cases: the percentile bootstrap called 5 and 4 one-way discordant
     questions out of 40 'p = 0.008' and 'p = 0.030'; the exact test says 0.0625 and 0.125."""
@@ -158,9 +170,11 @@ def test_one_seed_intervals_are_wilson_and_never_degenerate():
 def test_several_seeds_use_the_bootstrap_and_widen_a_degenerate_one():
     rng = np.random.default_rng(0)
     mixed = report.accuracy_interval(np.stack([draws(0.5, 100, 1), draws(0.5, 100, 2)]).astype(float), N_BOOT, rng)
-    assert mixed.method == "bootstrap" and mixed.low < mixed.estimate < mixed.high
+    assert mixed.method == "bootstrap-seeds" and mixed.low < mixed.estimate < mixed.high
+    samples = report.accuracy_interval(np.array([[0.5, 1.0, 0.0, 0.5] * 10]), N_BOOT, rng)  # one seed, 2 samples
+    assert samples.method == "bootstrap" and samples.low < samples.estimate < samples.high
     zeros = report.accuracy_interval(np.zeros((3, 40)), N_BOOT, rng)
-    assert zeros.method == "bootstrap+wilson" and zeros.low == 0.0 and zeros.high == pytest.approx(0.0876, abs=1e-4)
+    assert zeros.method == "bootstrap-seeds+wilson" and zeros.low == 0.0 and zeros.high == pytest.approx(0.0876, abs=1e-4)
 
 
 # --------------------------------------------------------------------------- run folder
@@ -341,12 +355,19 @@ def test_seeds_are_aggregated(tmp_path):
     assert cell["n_seeds"] == "3" and cell["seeds"] == "0 1 2"
     assert float(cell["accuracy"]) == pytest.approx(np.mean(accuracies))
     assert float(cell["ci_low"]) < np.mean(accuracies) < float(cell["ci_high"])
-    assert cell["ci_method"] == "bootstrap"
-    # The seed-averaged CI is narrower than one seed's alone would be (seeds are independent here).
-    one = report.bootstrap_accuracy(draws(0.5, 200, 11), N_BOOT, np.random.default_rng(0))
-    assert float(cell["ci_high"]) - float(cell["ci_low"]) < one.high - one.low
-    assert f"{100 * np.mean(accuracies):.1f} [" in paths["markdown"].read_text()
-    assert " ×3" in paths["markdown"].read_text()
+    assert cell["ci_method"] == "bootstrap-seeds"
+    # The interval resamples seeds, then questions: wider than the questions-only bootstrap of the
+    # same scores, which averages the seeds' differences away.
+    matrix = np.stack([draws(0.4 + 0.1 * seed, 200, 10 + seed) for seed in range(3)]).astype(float)
+    questions_only = report.bootstrap_accuracy(matrix, N_BOOT, np.random.default_rng(0))
+    assert float(cell["ci_high"]) - float(cell["ci_low"]) > questions_only.high - questions_only.low
+    assert [float(a) for a in cell["seed_accuracies"].split()] == pytest.approx(accuracies, abs=1e-4)
+    assert float(cell["seed_min"]) == pytest.approx(min(accuracies))
+    assert float(cell["seed_sd"]) == pytest.approx(np.std(accuracies, ddof=1))
+    md = paths["markdown"].read_text()
+    assert f"{100 * np.mean(accuracies):.1f} [" in md and " ×3" in md
+    seeds = md[md.index("## Seeds: how far training variance moves a cell"):]
+    assert " / ".join(f"{100 * a:.1f}" for a in accuracies) in seeds.splitlines()[4]
 
 
 def test_several_samples_per_question_use_the_mean_per_question(tmp_path):

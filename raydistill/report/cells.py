@@ -59,6 +59,17 @@ class Cell:
         return sorted((t.axes["seed"] for t in self.trials), key=seed_key)
 
     @property
+    def seed_accuracies(self) -> list[float]:
+        """Each seed's accuracy, in seed order (the trials are kept sorted by seed)."""
+        return [t.metrics["accuracy"] for t in self.trials]
+
+    @property
+    def seed_sd(self) -> float | None:
+        """Standard deviation of the seeds' accuracies (n − 1 in the denominator); None for one seed."""
+        values = self.seed_accuracies
+        return statistics.stdev(values) if len(values) > 1 else None
+
+    @property
     def level(self) -> str:
         return self.key[4]
 

@@ -1,12 +1,13 @@
 """Intervals and paired tests of the report: a cell's accuracy with its 95 % interval (Wilson
-or percentile bootstrap over questions) and the exact paired sign test between two cells.
+or percentile bootstrap) and the exact paired sign test between two cells.
 
 Statistics (docs/report.md): a cell's accuracy is the mean over seeds of each trial's accuracy.
 With one seed and one sample per question its 95 % interval is the Wilson score interval (never
-degenerate at 0 or n correct); with several seeds or samples it is a percentile bootstrap over
-test questions (each replicate draws questions with replacement and averages the seeds'
-accuracies on them), replaced by the Wilson interval over the questions where the bootstrap has
-zero width. Paired comparisons use an exact two-sided sign test on the per-question differences
+degenerate at 0 or n correct); with one seed and several samples it is a percentile bootstrap over
+test questions; with several seeds a two-stage percentile bootstrap, seeds then questions (each
+replicate draws seeds with replacement, then questions, and averages the drawn seeds' accuracies
+on the drawn questions), so the interval covers training variance as well as the question sample.
+Where a bootstrap has zero width the Wilson interval over the questions replaces it. Paired comparisons use an exact two-sided sign test on the per-question differences
 (the exact McNemar test for one seed), p-values Holm-adjusted over the table, next to the smallest
 difference the question count can show at all and the difference's 95 % interval (Newcombe's
 hybrid score interval for paired proportions). Random numbers come from a fixed
@@ -35,7 +36,9 @@ class Interval:
     estimate: float
     low: float
     high: float
-    method: str = "bootstrap"  # "wilson" | "bootstrap" | "bootstrap+wilson" (Wilson where the bootstrap had zero width)
+    # "wilson" | "bootstrap" (questions) | "bootstrap-seeds" (seeds, then questions) | either + "+wilson"
+    # (Wilson where the bootstrap had zero width)
+    method: str = "bootstrap"
 
 
 @dataclass
@@ -66,8 +69,11 @@ def bootstrap_weights(n_items: int, n_boot: int, rng: np.random.Generator) -> np
 
 
 def bootstrap_accuracy(scores: np.ndarray, n_boot: int = DEFAULT_N_BOOT, rng: np.random.Generator | None = None,
-                       alpha: float = ALPHA) -> Interval:
-    """Mean over seeds of per-seed accuracy, with a percentile bootstrap CI resampling questions.
+                       alpha: float = ALPHA, resample_seeds: bool = False) -> Interval:
+    """Mean over seeds of per-seed accuracy, with a percentile bootstrap CI resampling questions,
+    and with ``resample_seeds`` the seeds first (two stages: a replicate's seeds are drawn with
+    replacement, then its questions; its value is the drawn seeds' mean accuracy on the drawn
+    questions, a seed drawn twice counted twice).
 
     ``scores`` is (n_seeds, n_questions) or (n_questions,); NaN marks a question a seed lacks.
     """
@@ -80,9 +86,17 @@ def bootstrap_accuracy(scores: np.ndarray, n_boot: int = DEFAULT_N_BOOT, rng: np
     weights = bootstrap_weights(scores.shape[1], n_boot, rng or np.random.default_rng(DEFAULT_SEED))
     with np.errstate(invalid="ignore", divide="ignore"):
         per_seed = (weights @ values.T) / (weights @ present.T)  # (n_boot, n_seeds)
-    replicates = np.nanmean(per_seed, axis=1) if np.isnan(per_seed).any() else per_seed.mean(1)
+    if resample_seeds and scores.shape[0] > 1:
+        seed_counts = bootstrap_weights(scores.shape[0], n_boot, rng or np.random.default_rng(DEFAULT_SEED))
+        seed_counts = np.where(np.isnan(per_seed), 0, seed_counts)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            replicates = np.nansum(per_seed * seed_counts, axis=1) / seed_counts.sum(1)
+        method = "bootstrap-seeds"
+    else:
+        replicates = np.nanmean(per_seed, axis=1) if np.isnan(per_seed).any() else per_seed.mean(1)
+        method = "bootstrap"
     low, high = np.nanpercentile(replicates, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-    return Interval(estimate, float(low), float(high))
+    return Interval(estimate, float(low), float(high), method)
 
 
 def wilson_accuracy(scores: np.ndarray, alpha: float = ALPHA) -> Interval:
@@ -97,21 +111,22 @@ def accuracy_interval(scores: np.ndarray, n_boot: int = DEFAULT_N_BOOT, rng: np.
                       alpha: float = ALPHA) -> Interval:
     """A cell's accuracy and 95 % interval from its (n_seeds, n_questions) score matrix.
 
-    One seed whose scores are all 0 or 1: the Wilson interval. Otherwise the percentile bootstrap
-    over questions (`bootstrap_accuracy`); where it has zero width (every question scored alike),
-    the Wilson interval over the questions at the same accuracy, so an interval never claims
-    certainty.
+    One seed whose scores are all 0 or 1: the Wilson interval. One seed with several samples per
+    question: the percentile bootstrap over questions; several seeds: the two-stage bootstrap over
+    seeds, then questions (`bootstrap_accuracy`). Where it has zero width (every question scored
+    alike), the Wilson interval over the questions at the same accuracy, so an interval never
+    claims certainty.
     """
     scores = np.atleast_2d(np.asarray(scores, dtype=float))
     present = scores[~np.isnan(scores)]
     if scores.shape[0] == 1 and np.isin(present, (0.0, 1.0)).all():
         return wilson_accuracy(present, alpha)
-    boot = bootstrap_accuracy(scores, n_boot, rng, alpha)
+    boot = bootstrap_accuracy(scores, n_boot, rng, alpha, resample_seeds=scores.shape[0] > 1)
     if boot.high > boot.low:
         return boot
     n = int((~np.isnan(scores)).any(axis=0).sum())
     low, high = stats.wilson_interval(int(round(boot.estimate * n)), n, alpha)
-    return Interval(boot.estimate, low, high, "bootstrap+wilson")
+    return Interval(boot.estimate, low, high, boot.method + "+wilson")
 
 
 def paired_test(a: np.ndarray, b: np.ndarray, alpha: float = ALPHA) -> PairedTest:

@@ -95,8 +95,11 @@ def accuracy_section(cells: list[Cell], n_boot: int, baselines: dict[str, Baseli
 
 def _methods_text(methods: list[str], n_boot: int) -> str:
     words = {"wilson": "Wilson score interval (one seed)",
-             "bootstrap": f"percentile bootstrap over questions, {n_boot} resamples (several seeds or samples)",
-             "bootstrap+wilson": "Wilson over the questions where the bootstrap had zero width"}
+             "bootstrap": f"percentile bootstrap over questions, {n_boot} resamples (one seed, several samples)",
+             "bootstrap-seeds": f"two-stage percentile bootstrap, seeds then questions, {n_boot} resamples "
+                                "(several seeds: training variance and the question sample)",
+             "bootstrap+wilson": "Wilson over the questions where the bootstrap had zero width",
+             "bootstrap-seeds+wilson": "Wilson over the questions where the bootstrap had zero width"}
     return "; ".join(words[m] for m in methods) or "none (no predictions)"
 
 
@@ -211,6 +214,23 @@ def quality_section(cells: list[Cell]) -> list[str]:
         return lines + ["No cell is flagged.", ""]
     return lines + ["Flagged cells:", ""] + [
         f"- {'/'.join(c.key[:4])} {level_label(c.level)}: {'; '.join(c.flags())}" for c in flagged] + [""]
+
+
+def seeds_section(cells: list[Cell]) -> list[str]:
+    """Per cell trained with several seeds: each seed's accuracy, their range and spread."""
+    seeded = [c for c in cells if len(c.trials) > 1]
+    if not seeded:
+        return []
+    headers = [*ROW_AXES, "level", "seeds", "accuracy per seed", "range", "SD", "mean [95 % interval]"]
+    rows = [[*c.key[:4], level_label(c.level), " ".join(c.seeds),
+             " / ".join(f"{100 * a:.1f}" for a in c.seed_accuracies),
+             f"{100 * (max(c.seed_accuracies) - min(c.seed_accuracies)):.1f}", f"{100 * c.seed_sd:.1f}",
+             cell_text(c).split(" ×")[0]] for c in seeded]
+    return ["## Seeds: how far training variance moves a cell", "", *_md_table(headers, rows), "",
+            "Accuracy (%) of each seed's trial on the same test questions; range = max − min, SD with n − 1. "
+            "The interval is the two-stage bootstrap (seeds, then questions), so it covers both; with few "
+            "seeds the seed stage draws from few values and understates training variance (by about "
+            "√((s − 1)/s) for s seeds).", ""]
 
 
 def samples_section(cells: list[Cell]) -> list[str]:
@@ -348,6 +368,7 @@ def markdown_report(cells: list[Cell], comparisons: list[Comparison], published:
     lines += all_levels_section([c for c in comparisons if c.family == ALL_LEVELS_FAMILY], neighbours)
     lines += source_section([c for c in comparisons if c.family == SOURCES_FAMILY])
     lines += baseline_section([c for c in comparisons if c.family == BASELINE_FAMILY], baselines or {})
+    lines += seeds_section(cells)
     lines += samples_section(cells)
     lines += quality_section(cells)
     lines += published_section(cells, published)

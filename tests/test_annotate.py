@@ -21,7 +21,7 @@ from raydistill.annotate.cells import _ensure_trigger
 from raydistill.annotate.selection import Sample
 from raydistill.annotate.questions import question_length_levels
 from raydistill.annotate.teacher import _classify, _scrub
-from raydistill.spec import SpecError
+from raydistill.spec import SpecError, TeacherSpec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -393,3 +393,30 @@ def test_a_sweep_grid_sets_samples_and_policy_of_its_generated_cells():
         sweep_from_dict({**base, "annotation": {"teachers": {"gpt": {"model": "m"}}}, "grids": [{"samples": 2}]})
     with pytest.raises(SpecError, match="only released teachers"):
         sweep_from_dict({**base, "teachers": ["chatgpt"], "grids": [{"policy": "keep_majority"}]})
+
+
+def test_spend_gate_keeps_spent_plus_in_flight_within_the_cap_and_closes_at_the_first_refusal():
+    from raydistill.annotate.spend import SpendGate, request_bound
+
+    gate = SpendGate(1.0)
+    assert gate.reserve(0.4) and gate.reserve(0.4)
+    assert not gate.reserve(0.3)  # 0.8 in flight + 0.3 > 1.0: closed
+    assert gate.state()["in_flight_at_close"] == 2 and gate.state()["closed_at"] is not None
+    gate.settle(0.4, 0.1)
+    assert not gate.reserve(0.01)  # closed stays closed, though 0.01 would fit now
+    gate.settle(0.4, 0.2)
+    assert gate.state()["spent"] == pytest.approx(0.3) and gate.state()["in_flight"] == 0
+    teacher = TeacherSpec(model="openai/mock", max_tokens=100)
+    messages = [{"role": "user", "content": "How many sheep are there now?"}]
+    bound = request_bound(teacher, (1e-6, 2e-6), messages)
+    assert bound > 100 * 2e-6 and bound < 100 * 2e-6 + 50 * 1e-6  # max_tokens as output + a few input tokens
+
+
+def test_a_cap_needs_a_price_from_the_table_or_the_config():
+    from raydistill.annotate.spend import check_priced, token_prices
+
+    assert token_prices(TeacherSpec(model="openai/gpt-4o"))[1] > token_prices(TeacherSpec(model="openai/gpt-4o"))[0]
+    assert token_prices(TeacherSpec(model="openai/mine", output_cost_per_token=2e-6)) == (0.0, 2e-6)
+    check_priced([TeacherSpec(model="openai/mine")], None)  # no cap: nothing to check
+    with pytest.raises(SpecError, match="openai/mine has no price"):
+        check_priced([TeacherSpec(model="openai/gpt-4o"), TeacherSpec(model="openai/mine")], 5.0)

@@ -418,11 +418,18 @@ def test_transient_failures_are_retried_end_to_end(ray_cluster, tmp_path, kind):
 def test_cost_is_attributed_once_per_run_and_every_response_is_priced(ray_cluster, tmp_path):
     """Priced teacher; cells that share requests (L1 and its copy padded to L5) and a hybrid cell
     with answer-only probes. Rows carry the price of every response they use, cells sum their
-    rows, and what the run spent counts each request once: the cells' spend adds up to it."""
+    rows, and what the run spent counts each request once: the cells' spend adds up to it.
+    `raydistill plan` before the run: the requests it plans are the ones the run sends, its input
+    tokens are the server's usage (the server counts OpenAI's way in cl100k_base), its output
+    tokens per level come from the released rationales, its dollars are the run's cost at the run's
+    tokens."""
+    from raydistill import plan as P
+    from raydistill.plan.teacher import plan_requests, released_output_tokens, teacher_prices
+
     n = 12
     price_in, price_out = 1e-6, 3e-6
     qpath, gold = make_questions(tmp_path, n)
-    with ServerProcess(tmp_path / "srv", answers=gold, wrong_rate=0.5) as server:
+    with ServerProcess(tmp_path / "srv", answers=gold, wrong_rate=0.5, usage="tiktoken") as server:
         cfg = tmp_path / "annotate.yaml"
         cfg.write_text(textwrap.dedent(f"""
             output_dir: {tmp_path / 'out'}
@@ -436,6 +443,9 @@ def test_cost_is_attributed_once_per_run_and_every_response_is_priced(ray_cluste
               - {{task: svamp, level: 1}}
               - {{task: svamp, hybrid: {{by: answer_only, easy_level: 1, hard_level: 5}}}}
         """))
+        assert P.main(["--config", str(cfg)]) == 0
+        planned = {k: v for c in plan_requests([(s.cell_name(), s, d) for s, d in A.load_config(cfg).expand()])
+                   for k, v in c.sent.items()}
         assert A.main(["--config", str(cfg), "--json", str(tmp_path / "run.json")]) == 0
         sent = server.log_entries()
         assert A.main(["--config", str(cfg), "--overwrite", "--json", str(tmp_path / "again.json")]) == 0
@@ -446,6 +456,27 @@ def test_cost_is_attributed_once_per_run_and_every_response_is_priced(ray_cluste
     assert len(records) == len(sent)  # one record per request the server answered
     price = {k: r["tokens_in"] * price_in + r["tokens_out"] * price_out for k, r in records.items()}
     assert all(r["cost_usd"] == pytest.approx(price[k]) and price[k] > 0 for k, r in records.items())
+
+    # The plan: every request it planned was sent and nothing else, each with the input tokens the
+    # server reported; output tokens within the stated error; dollars the run's cost at its tokens.
+    plan = json.loads((out / "plan.json").read_text())["teacher"]["totals"]
+    assert plan["requests"] == len(planned) == len(records) and set(planned) == set(records)
+    assert all(records[k]["tokens_in"] == tokens for k, tokens in planned.items())
+    assert plan["tokens_in"] == sum(r["tokens_in"] for r in records.values())
+    # Output tokens: 12 replies each at L1 and L5 and 12 answer-only probes, each estimated from the
+    # released rationales of that level. The L1 replies are within the stated error. The server's
+    # L5 replies copy the 103-word L5 exemplar and its probes echo 12 words of the question, so it
+    # writes longer than every released teacher there and the run's total exceeds the estimate:
+    # the error covers the released teachers' spread, not a teacher unlike all of them.
+    estimate = {lv: released_output_tokens("svamp", lv, "cot", "openai/mock-teacher", 1024) for lv in (1, 5, None)}
+    assert plan["tokens_out"] == pytest.approx(n * sum(e.mean for e in estimate.values()), abs=1)
+    l1_out = sum(r["tokens_out"] for r in pq.read_table(out / "svamp-mock-cot-L1" / "annotations.parquet").to_pylist())
+    assert abs(l1_out - n * estimate[1].mean) <= n * estimate[1].mean * estimate[1].rel_error
+    tokens_out = sum(r["tokens_out"] for r in records.values())
+    teacher = A.load_config(cfg).teacher
+    at_run_tokens = teacher_prices(teacher).usd(plan["tokens_in"], tokens_out)
+    assert at_run_tokens == pytest.approx(sum(r["cost_usd"] for r in records.values()))
+    assert plan["usd_sync"] == pytest.approx(teacher_prices(teacher).usd(plan["tokens_in"], plan["tokens_out"]), abs=1e-4)
 
     def rows(cell: str, name: str = "annotations.parquet") -> dict[str, dict]:
         return {r["question_id"]: r for r in pq.read_table(out / cell / name).to_pylist()}
@@ -592,3 +623,75 @@ def test_k_samples_per_question_with_each_policy(ray_cluster, tmp_path):
     single = json.loads((out / "svamp-mock-cot-L3" / "summary.json").read_text())["result"]
     assert single["samples"] == 1 and single["rows"] == n
     assert single["teacher_pass_at_k"] == pytest.approx(sum(r[0] for r in right.values()) / n)
+
+
+def _cap_config(tmp_path: Path, server: ServerProcess, qpath: Path, prices: bool = True) -> Path:
+    cfg = tmp_path / "annotate.yaml"
+    priced = ", input_cost_per_token: 1.0e-6, output_cost_per_token: 2.0e-6" if prices else ""
+    cfg.write_text(textwrap.dedent(f"""
+        output_dir: {tmp_path / 'out'}
+        teacher: {{model: openai/mock-teacher, name: mock, api_base: "{server.base_url}", api_key_env: {KEY_ENV},
+                   max_tokens: 200{priced}}}
+        questions: {{source: parquet, path: "{qpath}"}}
+        runtime: {{concurrency: 4, num_actors: 1, batch_size: 4, num_cpus_per_actor: 0.5, progress: false}}
+        cells:
+          - {{task: svamp, level: 3}}
+    """))
+    return cfg
+
+
+def test_spending_cap_stops_mid_cell_and_a_rerun_with_a_higher_cap_sends_only_the_rest(ray_cluster, tmp_path,
+                                                                                      capsys):
+    """A priced teacher and a cap that covers about half the cell: the run stops with one line,
+    nothing reaches the server after the cap closed except what was in flight, the answered rows
+    are written (summary.json: complete false, rows_left) and the cache holds them; what was sent
+    costs no more than the cap. A rerun with a higher cap sends exactly the rows left."""
+    n, cap = 24, 0.005
+    qpath, gold = make_questions(tmp_path, n)
+    with ServerProcess(tmp_path / "srv", latency=0.05, answers=gold) as server:
+        cfg = _cap_config(tmp_path, server, qpath)
+        rc = A.main(["--config", str(cfg), "--max-spend", str(cap), "--json", str(tmp_path / "run.json")])
+        first = server.log_entries()
+        err = capsys.readouterr().err.strip().splitlines()
+        cached = A.RequestCache(tmp_path / "out" / "request-cache").load()
+        cell = tmp_path / "out" / "svamp-mock-cot-L3"
+        summary = json.loads((cell / "summary.json").read_text())
+        table = pq.read_table(cell / "annotations.parquet")
+        t_rerun = time.time()
+        assert A.main(["--config", str(cfg), "--max-spend", "1"]) == 0
+        rerun = [e for e in server.log_entries() if e["t_recv"] >= t_rerun]
+
+    assert rc == 3
+    run = json.loads((tmp_path / "run.json").read_text())
+    answered = {e["key"] for e in first if e["kind"] == "ok"}
+    assert 0 < len(answered) < n and len(first) == len(answered)  # stopped mid-cell, nothing sent twice
+    line = err[-1]
+    assert line.startswith("stopped at the spending cap: spent $") and f"of ${cap:.4f}" in line
+    assert f"{n - len(answered)} row(s) left in 1 cell(s)" in line
+    # What the server answered is in the cache, and cost no more than the cap.
+    spent = sum(r["tokens_in"] * 1e-6 + r["tokens_out"] * 2e-6 for r in cached.values())
+    assert len(cached) == len(answered)  # (the server's keys are its own hashes)
+    assert 0 < spent <= cap and f"spent ${spent:.4f}" in line
+    # After the cap closed, only the requests then in flight reached the server.
+    closed_at, in_flight = run["totals"]["cap_closed_at"], run["totals"]["cap_in_flight_at_close"]
+    assert len([e for e in first if e["t_recv"] >= closed_at]) <= in_flight <= 4
+    # The answered rows are written; the cell is not complete, so the next run annotates it.
+    assert summary["complete"] is False and summary["result"]["rows_left"] == n - len(answered)
+    assert table.num_rows == len(answered) and table.column("error").null_count == len(answered)
+    # The rerun with a higher cap sends exactly the rows left, and completes the cell.
+    assert len(rerun) == n - len(answered) and not {e["key"] for e in rerun} & answered
+    summary = json.loads((cell / "summary.json").read_text())
+    assert summary["complete"] is True and summary["result"]["rows"] == n and summary["result"]["rows_left"] == 0
+    assert summary["result"]["cache_hits"] == len(answered)
+
+
+def test_a_cap_on_an_unpriced_teacher_is_refused_before_any_request(tmp_path, capsys):
+    qpath, gold = make_questions(tmp_path, 4)
+    with ServerProcess(tmp_path / "srv", answers=gold) as server:
+        cfg = _cap_config(tmp_path, server, qpath, prices=False)
+        assert A.main(["--config", str(cfg), "--max-spend", "5"]) == 2
+        assert server.stats()["requests"] == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"{cfg}: --max-spend: teacher openai/mock-teacher has no price")
+    assert "input_cost_per_token" in err[0]
+    assert not (tmp_path / "out" / "svamp-mock-cot-L3" / "summary.json").exists()

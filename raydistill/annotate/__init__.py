@@ -26,7 +26,8 @@ Entry points: ``annotate(spec, out_dir) -> AnnotationResult`` (one cell),
 Parts: the specs live in the config layer (`raydistill.spec.annotation`); `cache` (request cache),
 `ratelimit` (shared token buckets), `teacher` (the litellm-calling actor), `questions` (questions,
 padding, hybrid levels), `selection` (which of a question's samples the policy keeps), `cells` (one
-cell's rows and outputs), `pipeline` (the Ray Data driver), `cli` (`raydistill annotate`).
+cell's rows and outputs), `spend` (the spending cap), `pipeline` (the Ray Data driver), `cli`
+(`raydistill annotate`).
 """
 
 import os
@@ -41,6 +42,7 @@ from raydistill.annotate.pipeline import annotate, annotate_cells, cache_write_e
 from raydistill.annotate.questions import load_questions  # noqa: E402
 from raydistill.datasets.tables import pad_rationale  # noqa: E402
 from raydistill.annotate.ratelimit import RateLimiter, TokenBucket  # noqa: E402
+from raydistill.annotate.spend import SpendCapReached  # noqa: E402
 from raydistill.annotate.teacher import TeacherCaller  # noqa: E402
 from raydistill.spec.annotation import (  # noqa: E402
                                         AnnotateConfig,
@@ -56,7 +58,7 @@ from raydistill.spec.annotation import (  # noqa: E402
 
 __all__ = [
     "AnnotateConfig", "AnnotationResult", "AnnotationRun", "AnnotationSpec", "CacheWriteError", "HybridSpec",
-    "PaddingSpec", "Policy", "QuestionsSpec", "RateLimiter", "RequestCache", "RuntimeSpec", "TeacherCaller",
-    "TeacherSpec", "TokenBucket", "annotate", "annotate_cells", "cache_write_error_in", "load_config",
+    "PaddingSpec", "Policy", "QuestionsSpec", "RateLimiter", "RequestCache", "RuntimeSpec", "SpendCapReached",
+    "TeacherCaller", "TeacherSpec", "TokenBucket", "annotate", "annotate_cells", "cache_write_error_in", "load_config",
     "load_questions", "main", "pad_rationale", "prompt_hash", "request_key", "spent_usd", "summary_table",
 ]

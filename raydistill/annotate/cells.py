@@ -65,6 +65,7 @@ class AnnotationResult:
     questions_kept: int = 0  # questions with at least one row in examples.parquet
     policies_would_keep: dict[str, int] = field(default_factory=dict)  # policy -> questions it keeps, same samples
     teacher_pass_at_k: float | None = None  # share of graded questions with a correct sample (k = samples)
+    rows_left: int = 0  # rows not sent because the run reached its spending cap (the cell is not complete)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -123,6 +124,7 @@ class CellState:
         self.errors: Counter[str] = Counter()
         self.levels: Counter[str] = Counter()
         self.written = 0
+        self.left: set[tuple[int, int]] = set()  # (question, sample) not sent: the run reached its spending cap
 
     # rows --------------------------------------------------------------------------------------
     def make_row(self, qidx: int, level: int | None, req: PlannedRequest, res: dict[str, Any], response: str | None = None,
@@ -196,6 +198,10 @@ class CellState:
         return sum(self.responses_cost.get((qidx, sample), {}).values())
 
     def on_result(self, tgt: RequestTarget, req: PlannedRequest, res: dict[str, Any]) -> None:
+        if res.get("error_kind") == "spend_cap":  # not sent: the row is left for the next run
+            samples = range(self.spec.samples) if tgt.role == "pad_target" else [tgt.sample]
+            self.left.update((tgt.qidx, s) for s in samples)
+            return
         self.uses(tgt.qidx, req, res, tgt.sample)
         if tgt.role == "main" and self.spec.pad is None:
             row = self.make_row(tgt.qidx, tgt.level, req, res, cost_usd=self.row_cost(tgt.qidx, tgt.sample),
@@ -213,6 +219,8 @@ class CellState:
         lens = list(self.pad_target_words.values())
         mean_len = round(sum(lens) / len(lens)) if lens else 0
         for qidx, sample in sorted(self.pad_main):
+            if (qidx, sample) in self.left:  # its padding target was not sent
+                continue
             m = self.pad_main[(qidx, sample)]
             res = dict(m["res"])
             response = None
@@ -224,7 +232,10 @@ class CellState:
             self.account(res, row)
             self.emit(row)
 
-    def close(self, wall: float, order: dict[str, int]) -> AnnotationResult:
+    def close(self, wall: float, order: dict[str, int], stopped: bool = False) -> AnnotationResult:
+        """Write the cell. With rows left at the spending cap (or ``stopped`` before its rationales
+        were asked for) the answered rows are written and summary.json says ``complete: false``,
+        so the next run annotates the cell again (its answered rows from the cache)."""
         if self.spec.pad is not None:
             self.finish_padding()
         self.flush()
@@ -296,8 +307,10 @@ class CellState:
             policies_would_keep=selection.questions_kept(list(by_question.values()), same),
             teacher_pass_at_k=self.pass_at_k(by_question),
         )
+        if stopped or self.left:
+            result.rows_left = len(self.qids) * k - table.num_rows
         summary = {
-            "complete": True,
+            "complete": not result.rows_left,
             "cell_name": self.name,
             "cell_hash": self.hash,
             "spec": self.spec.model_dump(mode="json"),

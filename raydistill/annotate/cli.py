@@ -12,6 +12,7 @@ from raydistill import files, prompts
 from raydistill.annotate.cache import CacheWriteError
 from raydistill.annotate.cells import AnnotationResult, reuse_finished_cell
 from raydistill.annotate.pipeline import annotate_cells
+from raydistill.annotate.spend import SpendCapReached, check_priced
 from raydistill.spec.annotation import load_config
 from raydistill.spec.base import SpecError
 
@@ -47,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="run cells even if their outputs exist")
     p.add_argument("--retry-failed", action="store_true",
                    help="run finished cells with failed rows again, sending only those rows")
+    p.add_argument("--max-spend", type=float, metavar="USD",
+                   help="stop before this run spends more than USD on its teachers (over all cells; overrides "
+                        "max_spend_usd): in-flight requests finish, answered rows are written, exit status 3")
     p.add_argument("--dry-run", action="store_true", help="print the cells and cache hits, send nothing")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", help="also write the per-cell results as JSON here")
@@ -72,15 +76,30 @@ def main(argv: list[str] | None = None) -> int:
             done = reuse_finished_cell(spec, out) is not None
             print(f"{spec.cell_name():<48} {spec.cell_hash()[:12]}  {out}{'  (done)' if done else ''}")
         return 0
+    if args.max_spend is not None and args.max_spend <= 0:
+        print(f"--max-spend: {args.max_spend} is not a positive amount of USD", file=sys.stderr)
+        return 2
+    cap = args.max_spend if args.max_spend is not None else cfg.max_spend_usd
+    try:  # before any request: a cap on a teacher without a price is refused
+        check_priced([spec.teacher for spec, _ in cells[:1]], cap,
+                     "--max-spend" if args.max_spend is not None else "max_spend_usd")
+    except SpecError as e:
+        print(f"{args.config}: {e}", file=sys.stderr)
+        return 2
     try:
         run = annotate_cells(cells, overwrite=args.overwrite, retry_failed=args.retry_failed,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, max_spend_usd=cap)
     except (SpecError, prompts.PromptError) as e:
         print(str(e), file=sys.stderr)
         return 2
     except CacheWriteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except SpendCapReached as e:
+        if args.json and e.run is not None:
+            files.write_json(args.json, {"cells": [r.to_dict() for r in e.run.cells], "totals": e.run.totals})
+        print(str(e), file=sys.stderr)
+        return 3
     print(summary_table(run.cells))
     t = run.totals
     if "requests" in t:

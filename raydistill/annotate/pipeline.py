@@ -30,7 +30,8 @@ from raydistill.annotate.cells import (
 )
 from raydistill.annotate.questions import load_questions, question_length_levels
 from raydistill.annotate.ratelimit import LIMITER_NAMESPACE, RateLimiter, limiter_name
-from raydistill.annotate.teacher import TeacherCaller, empty_result, finish_result
+from raydistill.annotate.spend import SpendCapReached, SpendGate, check_priced
+from raydistill.annotate.teacher import SPEND_CAP, TeacherCaller, empty_result, finish_result
 from raydistill.schemas import ANNOTATION_SCHEMA
 from raydistill.spec.annotation import AnnotationSpec, RuntimeSpec, TeacherSpec
 
@@ -49,7 +50,7 @@ def _ensure_ray(runtime: RuntimeSpec, started: list[bool]) -> None:
 
 
 def _run_requests(reqs: list[PlannedRequest], teachers: list[TeacherSpec], runtime: RuntimeSpec, cache_dir: Path,
-                  on_batch) -> None:
+                  on_batch, gate: Any = None) -> None:
     """Send the requests through the actor pool; calls ``on_batch(list[result dict])`` as results arrive."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
@@ -99,6 +100,7 @@ def _run_requests(reqs: list[PlannedRequest], teachers: list[TeacherSpec], runti
             limiters=names,
             in_flight=per_actor,
             cache_since={str(shard): shard.stat().st_size for shard in RequestCache(cache_dir).shards()},
+            gate=gate,
         ),
         batch_size=batch,
         batch_format="pyarrow",
@@ -126,7 +128,8 @@ def cache_write_error_in(err: BaseException) -> CacheWriteError | None:
 
 
 def annotate_cells(cells: Sequence[tuple[AnnotationSpec, str | os.PathLike]], *, overwrite: bool = False,
-                   retry_failed: bool = False, progress: bool | None = None) -> AnnotationRun:
+                   retry_failed: bool = False, progress: bool | None = None,
+                   max_spend_usd: float | None = None) -> AnnotationRun:
     """Annotate several cells in one Ray Data pipeline (requests shared between cells are sent once).
 
     Cells whose ``summary.json`` already carries the same cell hash are returned as they are,
@@ -134,11 +137,17 @@ def annotate_cells(cells: Sequence[tuple[AnnotationSpec, str | os.PathLike]], *,
     completed requests come from the cache, only the failed rows are sent). Outputs of a different cell in a cell's folder (another hash, or a
     damaged summary) are moved to ``<folder>/superseded/`` first, never overwritten. The runtime
     settings (concurrency, actors, cache folder) of the first cell apply to the whole run.
+
+    ``max_spend_usd`` caps what this run spends over all its cells (`raydistill.annotate.spend`):
+    a teacher without a price is refused at once (SpecError) and a run that reaches the cap writes
+    every answered row, marks the cells with rows left ``complete: false`` and raises
+    `SpendCapReached` (its ``run`` holds the cells as written).
     """
     if not cells:
         return AnnotationRun([], {})
     t_start = time.perf_counter()
     specs = [(s if isinstance(s, AnnotationSpec) else AnnotationSpec.model_validate(s), Path(d)) for s, d in cells]
+    check_priced(list({s.teacher.model_dump_json(): s.teacher for s, _ in specs}.values()), max_spend_usd)
     runtime = specs[0][0].runtime
     cache_dir = Path(runtime.cache_dir) if runtime.cache_dir else specs[0][1] / "request-cache"
     show = runtime.progress if progress is None else progress
@@ -153,11 +162,16 @@ def annotate_cells(cells: Sequence[tuple[AnnotationSpec, str | os.PathLike]], *,
                                waiting="{path}: another run is annotating this cell; waiting for it"):
         if not overwrite:
             todo = _cells_to_run(specs, results, False, retry_failed, todo)
-        totals = _annotate(specs, todo, results, runtime, cache_dir, show) if todo else Counter()
+        totals = _annotate(specs, todo, results, runtime, cache_dir, show, max_spend_usd) if todo else Counter()
     totals["wall_time_s"] = time.perf_counter() - t_start
     totals["cells"] = len(specs)
     totals["reused"] = len(specs) - len(todo)
-    return AnnotationRun([r for r in results if r is not None], dict(totals))
+    run = AnnotationRun([r for r in results if r is not None], dict(totals))
+    left = [r for r in run.cells if r.rows_left]
+    if max_spend_usd is not None and totals.get("capped", 0) + totals.get("probe_capped", 0):
+        spent = float(totals.get("new_cost_usd", 0.0)) + float(totals.get("probe_new_cost_usd", 0.0))
+        raise SpendCapReached(spent, max_spend_usd, sum(r.rows_left for r in left), len(left), run)
+    return run
 
 
 CELL_LOCK = ".lock"  # in a cell's folder, held while a run annotates it
@@ -182,7 +196,7 @@ def _cells_to_run(specs: list[tuple[AnnotationSpec, Path]], results: list[Annota
 
 
 def _annotate(specs: list[tuple[AnnotationSpec, Path]], todo: list[int], results: list[AnnotationResult | None],
-              runtime: RuntimeSpec, cache_dir: Path, show: bool) -> Counter:
+              runtime: RuntimeSpec, cache_dir: Path, show: bool, max_spend_usd: float | None = None) -> Counter:
     """Annotate the cells ``todo`` (their locks held); fills ``results``, returns the run's totals."""
     t_start = time.perf_counter()
     # Teachers, questions, cell states.
@@ -206,14 +220,21 @@ def _annotate(specs: list[tuple[AnnotationSpec, Path]], todo: list[int], results
     started: list[bool] = []  # set when this call starts Ray (only if something is not cached)
     cache = RequestCache(cache_dir)
     totals: Counter = Counter()
+    # The run's spending cap: one SpendGate actor, started with the first request sent.
+    cap = {"usd": max_spend_usd, "gate": None}
     try:
         # Stage 1: answer-only probes for hybrid cells that need them.
         probe_cells = [c for c in states if c.spec.hybrid and c.spec.hybrid.by == "answer_only"]
         if probe_cells:
             reqs, targets = _plan(probe_cells, teachers, probe=True)
-            _execute(reqs, targets, states, cache, teachers, runtime, cache_dir, show, totals, "probe", started)
+            _execute(reqs, targets, states, cache, teachers, runtime, cache_dir, show, totals, "probe", started, cap)
             for c in probe_cells:
                 _write_probe(c)
+        if totals["probe_capped"]:  # the cap came during the probes: no rationale is asked for
+            wall = time.perf_counter() - t_start
+            for c in states:
+                results[c.idx] = c.close(wall, {q: k for k, q in enumerate(c.qids)}, stopped=True)
+            return totals
         for c in states:
             if c.spec.hybrid is None:
                 assert c.spec.level is not None
@@ -226,7 +247,7 @@ def _annotate(specs: list[tuple[AnnotationSpec, Path]], todo: list[int], results
                               for p in c.probe_rows]
         # Stage 2: the rationales.
         reqs, targets = _plan(states, teachers, probe=False)
-        _execute(reqs, targets, states, cache, teachers, runtime, cache_dir, show, totals, "annotate", started)
+        _execute(reqs, targets, states, cache, teachers, runtime, cache_dir, show, totals, "annotate", started, cap)
         wall = time.perf_counter() - t_start
         for c in states:
             order = {q: k for k, q in enumerate(c.qids)}
@@ -244,6 +265,10 @@ def _annotate(specs: list[tuple[AnnotationSpec, Path]], todo: list[int], results
             import ray
 
             ray.shutdown()
+        elif cap["gate"] is not None:
+            import ray
+
+            ray.kill(cap["gate"])
     return totals
 
 
@@ -280,7 +305,7 @@ def _plan(states: list[CellState], teachers: list[TeacherSpec], probe: bool
 
 def _execute(reqs: dict[str, PlannedRequest], targets: dict[str, list[RequestTarget]], states: list[CellState],
              cache: RequestCache, teachers: list[TeacherSpec], runtime: RuntimeSpec, cache_dir: Path,
-             show: bool, totals: Counter, stage: str, started: list[bool]) -> None:
+             show: bool, totals: Counter, stage: str, started: list[bool], cap: dict[str, Any] | None = None) -> None:
     from tqdm.auto import tqdm
 
     by_idx = {c.idx: c for c in states}
@@ -294,6 +319,8 @@ def _execute(reqs: dict[str, PlannedRequest], targets: dict[str, list[RequestTar
             for tgt in targets[res["key"]]:
                 c = by_idx[tgt.cell]
                 if tgt.role == "probe":
+                    if res["error_kind"] == SPEND_CAP:
+                        continue  # not sent: the cell's rationales are not asked for in this run
                     if not c.probe_rows:
                         c.probe_rows = [None] * len(c.qids)
                     c.probe_rows[tgt.qidx] = {**res, "req": req}
@@ -304,7 +331,8 @@ def _execute(reqs: dict[str, PlannedRequest], targets: dict[str, list[RequestTar
                 by_idx[targets[res["key"]][0].cell].sums["new_cost"] += res["cost_usd"]
             counts["requests"] += 1
             counts["cache_hits"] += bool(res["cache_hit"])
-            counts["failed"] += res["error"] is not None
+            counts["capped"] += res["error_kind"] == SPEND_CAP  # not sent: a row left for the next run
+            counts["failed"] += res["error"] is not None and res["error_kind"] != SPEND_CAP
             if not res["cache_hit"]:
                 counts["api_calls"] += res["attempts"]
                 counts["new_cost_usd"] += res["cost_usd"]
@@ -312,7 +340,8 @@ def _execute(reqs: dict[str, PlannedRequest], targets: dict[str, list[RequestTar
                 counts["new_tokens_out"] += res["tokens_out"]
             counts["actor_cpu_s"] += res["cpu_s"]
         bar.update(len(results))
-        bar.set_postfix(cached=counts["cache_hits"], failed=counts["failed"], refresh=False)
+        bar.set_postfix(cached=counts["cache_hits"], failed=counts["failed"], refresh=False,
+                        **({"not_sent_cap": counts["capped"]} if counts["capped"] else {}))
 
     try:
         # Cached responses are served here, without Ray; only the rest goes to the actor pool.
@@ -329,7 +358,17 @@ def _execute(reqs: dict[str, PlannedRequest], targets: dict[str, list[RequestTar
         misses = [r for r in reqs.values() if r.key not in cached]
         if misses:
             _ensure_ray(runtime, started)
-            _run_requests(misses, teachers, runtime, cache_dir, on_batch)
+            if cap is not None and cap["usd"] is not None and cap["gate"] is None:
+                import ray
+
+                cap["gate"] = ray.remote(SpendGate).options(num_cpus=0, max_concurrency=1).remote(cap["usd"])
+            _run_requests(misses, teachers, runtime, cache_dir, on_batch, cap["gate"] if cap else None)
+            if counts["capped"]:  # when the cap closed, and what was in flight then (the run's record)
+                import ray
+
+                state = ray.get(cap["gate"].state.remote())
+                totals["cap_closed_at"] = state["closed_at"]
+                totals["cap_in_flight_at_close"] = state["in_flight_at_close"]
     finally:
         bar.close()
     if counts["requests"] != len(reqs):

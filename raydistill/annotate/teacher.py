@@ -18,10 +18,13 @@ import pyarrow as pa
 
 from raydistill.annotate.cache import CacheFollower, CacheWriteError, RequestCache
 from raydistill.annotate.ratelimit import LIMITER_NAMESPACE
+from raydistill.annotate.spend import request_bound, token_prices
 from raydistill.spec.annotation import RuntimeSpec, TeacherSpec
 
 log = logging.getLogger(__name__)
 
+
+SPEND_CAP = "spend_cap"  # error_kind of a row not sent because the run reached its spending cap
 
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 529})
 RETRYABLE_NAMES = frozenset(
@@ -123,7 +126,7 @@ class TeacherCaller:
     SLOT_TOLERANCE_S = 0.1
 
     def __init__(self, teachers: list[dict[str, Any]], runtime: dict[str, Any], cache_dir: str,
-                 limiters: list[str | None], in_flight: int, cache_since: dict[str, int]):
+                 limiters: list[str | None], in_flight: int, cache_since: dict[str, int], gate: Any = None):
         os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
         import litellm
 
@@ -142,6 +145,8 @@ class TeacherCaller:
         self.cpu_mark = time.process_time()
         self.expected_out = [min(t.max_tokens, 256) for t in self.teachers]
         self.unpriced = [False] * len(self.teachers)
+        self.gate = gate  # the run's SpendGate (raydistill.annotate.spend), when it has a cap
+        self.prices = [token_prices(t) for t in self.teachers] if gate is not None else []
         from raydistill import answers
 
         self.answers = answers
@@ -254,11 +259,37 @@ class TeacherCaller:
             return finish_result(out, done, r["task"], r.get("gold"), self.answers)
         assert self.sem is not None
         async with self.sem:
+            bound = None
+            if self.gate is not None:  # the spending cap: room for this request's most expensive reply?
+                bound = request_bound(t, self.prices[i], messages)
+                if not await self.gate.reserve.remote(bound):
+                    out.update(error="not sent: the run reached its spending cap", error_kind=SPEND_CAP)
+                    return out
+            cost = bound
             try:
-                resp, attempts, latency = await self._send(i, messages, int(r.get("sample") or 0))
-            except _Failed as f:
-                out.update(error=f.reason, error_kind=f.kind, attempts=f.attempts)
-                return out
+                try:
+                    resp, attempts, latency = await self._send(i, messages, int(r.get("sample") or 0))
+                except _Failed as f:
+                    cost = 0.0  # a failed attempt brings no usage back
+                    out.update(error=f.reason, error_kind=f.kind, attempts=f.attempts)
+                    return out
+                rec, cost = self._record(r, i, resp, latency)
+            finally:
+                if bound is not None:
+                    self.gate.settle.remote(bound, cost)
+        out["attempts"] = attempts
+        lim = self._limiter(i)
+        tin, tout = rec["tokens_in"], rec["tokens_out"]
+        if lim is not None and t.tokens_per_minute:  # charge what the request really used
+            est = sum(len(m["content"]) for m in messages) / 4 + self.expected_out[i]
+            lim.adjust.remote(tin + tout - est)
+        if tout:
+            self.expected_out[i] = 0.9 * self.expected_out[i] + 0.1 * tout
+        return finish_result(out, rec, r["task"], r.get("gold"), self.answers)
+
+    def _record(self, r: dict[str, Any], i: int, resp: Any, latency: float) -> tuple[dict[str, Any], float]:
+        """The cache record of a reply, appended to the cache before anything else happens to it."""
+        t = self.teachers[i]
         choice = resp.choices[0]
         text = getattr(choice.message, "content", None) or ""
         usage = getattr(resp, "usage", None)
@@ -268,14 +299,7 @@ class TeacherCaller:
                "cost_usd": self._cost(i, resp, tin, tout), "latency_s": latency,
                "finish_reason": getattr(choice, "finish_reason", None), "t": time.time()}
         self.cache.append(rec)  # durable before anything else happens to it
-        out["attempts"] = attempts
-        lim = self._limiter(i)
-        if lim is not None and t.tokens_per_minute:  # charge what the request really used
-            est = sum(len(m["content"]) for m in messages) / 4 + self.expected_out[i]
-            lim.adjust.remote(tin + tout - est)
-        if tout:
-            self.expected_out[i] = 0.9 * self.expected_out[i] + 0.1 * tout
-        return finish_result(out, rec, r["task"], r.get("gold"), self.answers)
+        return rec, rec["cost_usd"]
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         if self.sem is None:

@@ -329,6 +329,8 @@ class AnnotateConfig(Strict):
     questions: QuestionsSpec = Field(default_factory=QuestionsSpec)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     prompt_dir: str | None = None
+    max_spend_usd: float | None = Field(None, gt=0, description="stop before this run spends more (USD); "
+                                        "raydistill.annotate.spend")
 
     @model_validator(mode="after")
     def _some_cells(self) -> AnnotateConfig:

@@ -146,6 +146,9 @@ class AnnotationStageSpec(Strict):
     # package's raydistill/data/prompts. Their texts are part of each generated cell's identity.
     prompt_dir: str | None = None
     runtime: RuntimeSpec = RuntimeSpec()
+    # Stop the annotation stage before it spends more than this (USD, per run, over all cells;
+    # raydistill.annotate.spend). Not part of any cell.
+    max_spend_usd: float | None = Field(None, gt=0)
 
     @field_validator("teachers")
     @classmethod

@@ -33,7 +33,7 @@ def print_summary(spec: SweepSpec) -> None:
 
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors whose message already says what to fix: the sweep CLI prints them in one line."""
-    from raydistill.annotate import CacheWriteError
+    from raydistill.annotate import CacheWriteError, SpendCapReached
     from raydistill.datasets import CellNotReleased, DataUnavailable, MalformedData
     from raydistill.evaluate import EngineError
     from raydistill.prompts import PromptError
@@ -41,7 +41,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from raydistill.train import TrainInputError
 
     return (SpecError, StudentError, DataUnavailable, CellNotReleased, MalformedData, PromptError,
-            EngineError, TrainInputError, CacheWriteError)
+            EngineError, TrainInputError, CacheWriteError, SpendCapReached)
 
 
 USER_ERRORS = _user_errors()

@@ -423,6 +423,34 @@ def test_truncated_cells_are_marked_in_table_csv_and_flags(tmp_path):
     assert table["L5"].endswith("†") and not table["L1"].endswith("†")
 
 
+def test_teachers_and_formats_at_one_level_are_tested_in_families_of_their_own(tmp_path):
+    n = 200
+    cot = draws(0.3, n, 1)
+    write_trial(tmp_path, cot, teacher="chatgpt", level="3")
+    write_trial(tmp_path, draws(0.3, n, 2), teacher="chatgpt", level="1")
+    gemini = cot.copy()
+    gemini[:30] = True  # right on 30 more questions where chatgpt is wrong or right
+    write_trial(tmp_path, gemini, teacher="gemini", level="3")
+    write_trial(tmp_path, draws(0.3, n, 3), teacher="gemini", level="6")  # no chatgpt L6: no pair
+    write_trial(tmp_path, cot, teacher="chatgpt", fmt="bsm", level="3")  # the same predictions as CoT
+    write_trial(tmp_path, draws(0.3, n, 4), teacher="chatgpt", fmt="rar", level="3")
+    paths = run_report(tmp_path)
+    tests = read_csv(paths["paired_csv"])
+    teachers = [t for t in tests if t["family"] == "teachers"]
+    assert [(t["teacher"], t["level_a"], t["teacher_b"], t["level_b"]) for t in teachers] == [("chatgpt", "3", "gemini", "3")]
+    [t] = teachers
+    gained = int((~cot[:30].astype(bool)).sum())
+    assert (int(t["n_b_better"]), int(t["n_a_better"])) == (gained, 0)
+    assert float(t["diff"]) == pytest.approx(gained / n)
+    formats = [t for t in tests if t["family"] == "formats"]
+    assert sorted((t["format"], t["level_a"], t["level_b"]) for t in formats) == [("bsm", "3", "3"), ("cot", "3", "3"), ("cot", "3", "3")]
+    same = next(t for t in formats if t["format"] == "cot" and float(t["diff"]) == 0)
+    assert same["p_value"] == "1.0" and same["reading"].startswith("not significant, Δ in [")
+    md = paths["markdown"].read_text()
+    assert "## Teachers at the same level: exact paired tests" in md and "chatgpt L3 → gemini L3" in md
+    assert "## Formats at the same level: exact paired tests" in md and "cot L3 → bsm L3" in md and "cot L3 → rar L3" in md
+
+
 def test_unpaired_seeds_pair_on_questions_only(tmp_path):
     write_trial(tmp_path, draws(0.2, 100, 1), level="1", seed="0")
     write_trial(tmp_path, draws(0.9, 100, 2), level="2", seed="1")

@@ -30,6 +30,8 @@ from raydistill.report.cells import (
     paired_scores,
     score_matrix,
     source_tests,
+    teacher_tests,
+    format_tests,
 )
 from raydistill.report.cli import main, write_report
 from raydistill.report.intervals import (
@@ -87,6 +89,6 @@ __all__ = [
     "bootstrap_weights", "build_cells", "cell_cost", "cell_rng", "cell_rows", "cell_text", "cost_section",
     "draw_panel", "level_label", "load_published", "load_records", "main", "markdown_report", "neighbour_tests",
     "paired_rows", "paired_scores", "paired_section", "paired_test", "plot_accuracy_vs_level", "published_lookup",
-    "published_section", "quality_section", "question_scores", "samples_section", "score_matrix", "source_section", "source_tests", "table_rows", "to_trial",
+    "published_section", "quality_section", "question_scores", "samples_section", "score_matrix", "source_section", "source_tests", "teacher_tests", "format_tests", "table_rows", "to_trial",
     "trial_rows", "wilson_accuracy", "write_csv", "write_report",
 ]

@@ -235,6 +235,8 @@ LEVELS_FAMILY = "levels"  # neighbouring levels of a row, and each padded cell a
 SOURCES_FAMILY = "sources"  # each source without levels (human, answer-only) against every level
 ALL_LEVELS_FAMILY = "all_levels"  # every pair of numbered levels of a row
 BASELINE_FAMILY = "baseline"  # every cell against its dataset's constant answer
+TEACHERS_FAMILY = "teachers"  # every pair of teachers at one numbered level (dataset, format, student fixed)
+FORMATS_FAMILY = "formats"  # every pair of formats at one level (dataset, teacher, student fixed)
 
 
 @dataclass
@@ -251,7 +253,9 @@ class Comparison:
 
     @property
     def label(self) -> str:
-        """'L1 → L2' within a row; 'chatgpt L3 → human' across teachers."""
+        """'L1 → L2' within a row; 'chatgpt L3 → human' across teachers; 'cot L3 → bsm L3' across formats."""
+        if self.a.key[2] != self.b.key[2]:
+            return f"{self.a.key[2]} {level_label(self.a.level)} → {self.b.key[2]} {level_label(self.b.level)}"
         if self.a.key[1] == self.b.key[1]:
             return f"{level_label(self.a.level)} → {level_label(self.b.level)}"
         return f"{_source_label(self.a)} → {_source_label(self.b)}"
@@ -334,6 +338,31 @@ def source_tests(cells: list[Cell]) -> list[Comparison]:
                   if level.key[1] != source.key[1]]
         pairs += [(a.key[:4], a, b) for i, a in enumerate(levelless) for b in levelless[i + 1:]]
     return _tested(pairs, SOURCES_FAMILY)
+
+
+def teacher_tests(cells: list[Cell]) -> list[Comparison]:
+    """Exact paired tests between every pair of teachers with the same numbered level, dataset, format
+    and student (the paper's teacher comparison), Holm-adjusted over all of them (one family)."""
+    return _tested(_pairs_differing_in(cells, axis=1), TEACHERS_FAMILY)
+
+
+def format_tests(cells: list[Cell]) -> list[Comparison]:
+    """Exact paired tests between every pair of formats with the same level, dataset, teacher and
+    student, CoT first (the paper's format comparison), Holm-adjusted over all of them (one family)."""
+    return _tested(_pairs_differing_in(cells, axis=2), FORMATS_FAMILY)
+
+
+def _pairs_differing_in(cells: list[Cell], axis: int) -> list[tuple[tuple, Cell, Cell]]:
+    """(row of a, a, b) for every two numbered-level cells whose keys differ only at ``axis``."""
+    groups: dict[tuple, list[Cell]] = defaultdict(list)
+    for cell in cells:
+        if cell.level.isdigit():
+            groups[cell.key[:axis] + cell.key[axis + 1:]].append(cell)
+    pairs = []
+    for group in sorted(groups):
+        members = sorted(groups[group], key=lambda c: (c.key[2] != "cot", cell_sort_key(c.key)))
+        pairs += [(a.key[:4], a, b) for i, a in enumerate(members) for b in members[i + 1:]]
+    return pairs
 
 
 def _tested(pairs: list[tuple[tuple, Cell, Cell]], family: str) -> list[Comparison]:

@@ -1,6 +1,7 @@
 """Report stage: trial records -> tables in the paper's layout with confidence intervals, exact
-paired tests between neighbouring granularity levels, of the length ablation and of the sources
-without levels against the levels (Holm-adjusted), the weak numbers flagged
+paired tests between neighbouring granularity levels, of the length ablation, of the sources
+without levels against the levels, of teachers and of formats at one level (Holm-adjusted), the
+seeds' spread, the weak numbers flagged
 (truncated generations, extraction failures, target ceilings, cut teacher replies), the paper's
 published numbers side by side, cost per cell, and accuracy-vs-granularity plots.
 
@@ -14,8 +15,8 @@ Files written into the run folder (docs/report.md explains each):
                           one column group per level
     paired_tests.csv      exact paired tests with the difference's 95 % interval, Holm-adjusted per
                           family: neighbouring levels and the length ablation; all pairs of levels;
-                          sources without levels against the levels; every cell against the
-                          constant answer
+                          sources without levels against the levels; teachers at one level;
+                          formats at one level; every cell against the constant answer
     baselines.csv         per dataset the constant answer and chance
     trials.csv            one row per trial (per seed), the records' metrics
     accuracy_vs_level.png one panel per (dataset, student); plots/ holds one PNG per panel
@@ -32,7 +33,14 @@ from pathlib import Path
 from raydistill import files
 from raydistill.records import TrialRecord
 from raydistill.report.baselines import baseline_tests, build_baselines
-from raydistill.report.cells import all_level_tests, build_cells, neighbour_tests, source_tests
+from raydistill.report.cells import (
+    all_level_tests,
+    build_cells,
+    format_tests,
+    neighbour_tests,
+    source_tests,
+    teacher_tests,
+)
 from raydistill.report.intervals import DEFAULT_N_BOOT, DEFAULT_SEED
 from raydistill.report.markdown import markdown_report
 from raydistill.report.plots import plot_accuracy_vs_level
@@ -64,8 +72,8 @@ def write_report(records: list[TrialRecord], run_dir: Path, *, n_boot: int = DEF
     published = load_published(published_path)
     cells = build_cells(trials, published, n_boot, seed)
     baselines = build_baselines(cells)
-    comparisons = (neighbour_tests(cells) + all_level_tests(cells) + source_tests(cells)
-                   + baseline_tests(cells, baselines))
+    comparisons = (neighbour_tests(cells) + all_level_tests(cells) + source_tests(cells) + teacher_tests(cells)
+                   + format_tests(cells) + baseline_tests(cells, baselines))
     notes = _notes(trials, published, published_path)
 
     paths = {"markdown": run_dir / "results.md", "csv": run_dir / "results.csv",

@@ -11,8 +11,10 @@ from raydistill.report.baselines import Baseline
 from raydistill.report.cells import (
     ALL_LEVELS_FAMILY,
     BASELINE_FAMILY,
+    FORMATS_FAMILY,
     LEVELS_FAMILY,
     SOURCES_FAMILY,
+    TEACHERS_FAMILY,
     TRUNCATION_FLAG,
     Cell,
     Comparison,
@@ -123,6 +125,20 @@ def source_section(comparisons: list[Comparison]) -> list[str]:
     return ["## Sources without levels against the levels: exact paired tests", "", *_md_table(headers, rows),
             "", "Δ = accuracy of the right-hand source (human rationales, bare answers) minus the left-hand "
             "cell on the questions both answered. " + _test_note(len(comparisons)), ""]
+
+
+def across_section(comparisons: list[Comparison], family: str) -> list[str]:
+    """Teachers at one level, or formats at one level: each a Holm family of its own."""
+    if not comparisons:
+        return []
+    what = {TEACHERS_FAMILY: ("Teachers at the same level", "teacher"),
+            FORMATS_FAMILY: ("Formats at the same level", "format (CoT on the left where present)")}[family]
+    headers = [*ROW_AXES, "comparison", *_TEST_HEADERS]
+    rows = [[*c.row, c.label, *_test_cells(c)] for c in comparisons]
+    return [f"## {what[0]}: exact paired tests", "", *_md_table(headers, rows), "",
+            f"Δ = accuracy of the right-hand {what[1]} minus the left-hand one, same dataset, student and "
+            "level, on the questions both answered; the row names the left-hand cell. "
+            + _test_note(len(comparisons)), ""]
 
 
 _TEST_HEADERS = ["Δ accuracy (pp)", "Δ 95 % CI (pp)", "better / worse", "p", "p (Holm)", "reading",
@@ -367,6 +383,8 @@ def markdown_report(cells: list[Cell], comparisons: list[Comparison], published:
     lines += paired_section(neighbours)
     lines += all_levels_section([c for c in comparisons if c.family == ALL_LEVELS_FAMILY], neighbours)
     lines += source_section([c for c in comparisons if c.family == SOURCES_FAMILY])
+    lines += across_section([c for c in comparisons if c.family == TEACHERS_FAMILY], TEACHERS_FAMILY)
+    lines += across_section([c for c in comparisons if c.family == FORMATS_FAMILY], FORMATS_FAMILY)
     lines += baseline_section([c for c in comparisons if c.family == BASELINE_FAMILY], baselines or {})
     lines += seeds_section(cells)
     lines += samples_section(cells)

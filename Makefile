@@ -68,10 +68,10 @@ demo: install
 	$(PY) sweeps/granularity.py
 
 test: install
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra --durations=40 tests
 
 test-fast: install
-	$(PY) -m pytest -q -ra -m "not slow" tests
+	$(PY) -m pytest -q -ra --durations=20 -m "not slow" tests
 
 # The vLLM engine on CPU lives in its own environment (`make test-vllm`): vllm-cpu 0.32 needs
 # transformers<5.20, fastapi<0.137 and numpy<2.4 (via mistral-common), so the fastapi and numpy pins
@@ -98,7 +98,7 @@ install-vllm: $(VLLM_VENV)/.installed
 test-vllm: install install-vllm
 	@$(VLLM_PY) -c "import vllm" 2>/dev/null || { echo "make test-vllm: vLLM does not import in $(VLLM_VENV) (every vLLM test would skip); rebuild it: rm -rf $(VLLM_VENV) && make install-vllm" >&2; exit 1; }
 	@$(VLLM_PY) -c "import importlib.metadata as m, sys; sys.exit(m.version('transformers') != '$(VLLM_TRANSFORMERS)')" || { echo "make test-vllm: $(VLLM_VENV) has another transformers than $(VLLM_TRANSFORMERS) (the GPU nodes'); rebuild it: rm -rf $(VLLM_VENV) && make install-vllm" >&2; exit 1; }
-	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(VLLM_PY) -m pytest -q -ra -m vllm tests/test_vllm.py
+	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} $(VLLM_PY) -m pytest -q -ra --durations=0 -m vllm tests/test_vllm.py
 
 lock: install
 	{ head -n 2 constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -viE '^(torch|raydistill)=='; } > constraints.tmp

@@ -11,6 +11,10 @@ client under test)::
     python tests/openai_server.py --port 0 --log /tmp/log.jsonl --ready-file /tmp/ready.json \
         --latency 0.05 --fail-rate 0.2 --fail-kinds 429,500,timeout --answers gold.json
 
+Usage: ``prompt_tokens`` and ``completion_tokens`` count whitespace words, or with ``--usage
+tiktoken`` tokens as OpenAI's chat API counts them (cl100k_base; the count litellm's token_counter
+makes for an OpenAI-compatible model, so a plan's input tokens can be checked against it).
+
 ``--ready-file`` receives ``{"port": P, "pid": N}`` once the socket listens. ``GET /stats`` returns
 counters, ``GET /health`` answers ``ok``. From Python, :class:`ServerProcess` starts and stops it.
 
@@ -200,8 +204,7 @@ class Server:
                 finish = "stop"
                 if kind == "ok" and a.cut_rate and _unit("cut", a.seed, key) < a.cut_rate:
                     content, finish = " ".join(content.split()[: len(content.split()) // 2]), "length"
-                prompt_tokens = sum(len(_content(m).split()) for m in messages)
-                completion_tokens = len(content.split())
+                prompt_tokens, completion_tokens = self._usage(messages, content)
                 payload = {
                     "id": "chatcmpl-" + key[:24],
                     "object": "chat.completion",
@@ -248,6 +251,16 @@ class Server:
         finally:
             self.in_flight -= 1
 
+    def _usage(self, messages: list[dict], content: str) -> tuple[int, int]:
+        """(prompt_tokens, completion_tokens): whitespace words by default; with ``--usage tiktoken``
+        tokens as OpenAI's chat API counts them (its cookbook's rule: per message 3 tokens plus the
+        tokens of its role and content, 3 to prime the reply) in tiktoken's cl100k_base."""
+        if self.args.usage == "words":
+            return sum(len(_content(m).split()) for m in messages), len(content.split())
+        enc = _cl100k()
+        prompt = sum(3 + len(enc.encode(m.get("role", ""))) + len(enc.encode(_content(m))) for m in messages) + 3
+        return prompt, len(enc.encode(content))
+
     def _log(self, key: str, question: str, status: int, kind: str, t_recv: float, attempt: int,
              auth_ok: bool | None) -> None:
         self.stats[kind] += 1
@@ -276,6 +289,18 @@ class Server:
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": "mock", "object": "model"}]})
+
+
+def _cl100k():
+    """tiktoken's cl100k_base, read offline from the copy litellm ships (as litellm itself does)."""
+    import importlib.util
+
+    import tiktoken
+
+    if "TIKTOKEN_CACHE_DIR" not in os.environ:
+        litellm_dir = Path(importlib.util.find_spec("litellm").origin).parent
+        os.environ["TIKTOKEN_CACHE_DIR"] = str(litellm_dir / "litellm_core_utils" / "tokenizers")
+    return tiktoken.get_encoding("cl100k_base")
 
 
 def _wrong(ans: str) -> str:
@@ -313,6 +338,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cut-rate", type=float, default=0.0,
                    help="share of replies cut in half with finish_reason 'length' (as at max_tokens)")
     p.add_argument("--expect-key-sha256", default=None, help="401 unless the bearer token hashes to this")
+    p.add_argument("--usage", choices=["words", "tiktoken"], default="words",
+                   help="what usage counts: whitespace words, or tokens as OpenAI counts them (cl100k_base)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
     return p.parse_args(argv)

@@ -38,45 +38,54 @@ POWER = 0.80
 DEFAULT_DISCORDANCE = 0.20
 
 
+def _binom_pmf(k: np.ndarray, n: int, p: float) -> np.ndarray:
+    from scipy.special import gammaln
+
+    with np.errstate(divide="ignore"):
+        logp = (gammaln(n + 1) - gammaln(k + 1) - gammaln(n - k + 1)
+                + k * np.log(p if p > 0 else 1e-300) + (n - k) * np.log1p(-p if p < 1 else -1 + 1e-300))
+    return np.exp(logp)
+
+
 def _reject_probability(d: np.ndarray, q: float, alpha: float) -> np.ndarray:
     """P(exact two-sided sign test on d discordant questions rejects | each one goes the second
     cell's way with probability q), for every d."""
-    from scipy.stats import binom
+    from scipy.special import bdtr
 
+    crit = np.array([_critical(int(dd), alpha) for dd in d])
+    ok = crit >= 0
     out = np.zeros(len(d))
-    for i, dd in enumerate(d):
-        dd = int(dd)
-        if dd == 0:
-            continue
-        crit = _critical(dd, alpha)  # reject when wins >= dd - crit or wins <= crit
-        if crit < 0:
-            continue
-        out[i] = binom.cdf(crit, dd, q) + binom.sf(dd - crit - 1, dd, q)
+    dd, cc = d[ok].astype(np.int64), crit[ok].astype(np.int64)
+    # reject when wins <= c or wins >= d - c
+    out[ok] = bdtr(cc, dd, q) + (1 - bdtr(dd - cc - 1, dd, q))
     return out
 
 
 @lru_cache(maxsize=None)
 def _critical(d: int, alpha: float) -> int:
-    """Largest c with two-sided exact sign-test p(c) <= alpha on d questions (-1: none)."""
-    from scipy.stats import binom
+    """Largest c with the two-sided exact sign-test p-value of c wins out of d <= alpha (-1: none)."""
+    from scipy.special import bdtr
 
-    c = int(binom.ppf(alpha / 2, d, 0.5))
-    while c >= 0 and min(1.0, 2 * binom.cdf(c, d, 0.5)) > alpha:
-        c -= 1
-    while c + 1 < d / 2 and min(1.0, 2 * binom.cdf(c + 1, d, 0.5)) <= alpha:
-        c += 1
+    if d == 0:
+        return -1
+    c = -1
+    lo, hi = 0, d // 2
+    while lo <= hi:  # 2 * P(X <= c) grows with c
+        mid = (lo + hi) // 2
+        if min(1.0, 2 * bdtr(mid, d, 0.5)) <= alpha:
+            c, lo = mid, mid + 1
+        else:
+            hi = mid - 1
     return c
 
 
 def sign_test_power(n: int, delta: float, psi: float, alpha: float = ALPHA) -> float:
     """Exact power of the two-sided sign test on n paired questions with discordance psi and
     difference delta (= P(second only) - P(first only))."""
-    from scipy.stats import binom
-
     if delta <= 0 or psi <= 0:
         return 0.0
     d = np.arange(n + 1)
-    weights = binom.pmf(d, n, psi)
+    weights = _binom_pmf(d, n, psi)
     keep = weights > 1e-12
     q = min(1.0, (psi + delta) / (2 * psi))
     return float((weights[keep] * _reject_probability(d[keep], q, alpha)).sum())

@@ -158,9 +158,10 @@ class CellRequests:
     usd_batch: float | None = None
     prices: str = ""
     output_basis: str = ""
+    sent: dict[str, int] = field(default_factory=dict, repr=False)  # request key -> input tokens, of to_send
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k != "sent"}
 
 
 def plan_requests(jobs: list[tuple[str, object, Path]]) -> list[CellRequests]:
@@ -216,7 +217,8 @@ def plan_requests(jobs: list[tuple[str, object, Path]]) -> list[CellRequests]:
             est = released_output_tokens(spec.task, level, spec.format if level is not None else "cot",
                                          t.model, t.max_tokens)
             owner.to_send += 1
-            owner.tokens_in += count_input_tokens(t.model, req.messages)
+            owner.sent[key] = count_input_tokens(t.model, req.messages)
+            owner.tokens_in += owner.sent[key]
             if est.mean is not None:
                 owner.tokens_out += est.mean
                 owner.tokens_out_error += est.mean * est.rel_error

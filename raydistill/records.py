@@ -102,6 +102,9 @@ class TrialMetrics(Record):
     extraction_failure_rate: float | None = None
     truncation_rate: float | None = None  # share cut by max_new_tokens with text in them
     empty_rate: float | None = None  # share with no text once special tokens are removed (None: not measured)
+    think_unfinished_rate: float | None = None  # thinking evaluations: share cut inside the think block
+    mean_think_tokens: float | None = None  # thinking evaluations: mean trace length (student tokens)
+    mean_answer_tokens: float | None = None  # thinking evaluations: mean length of what follows the trace
     max_new_tokens: int | None = None
     target_ceiling: float | None = None  # share of the cell's targets that grade correct
     mean_generated_tokens: float | None = None

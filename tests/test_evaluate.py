@@ -576,3 +576,35 @@ def test_every_end_of_text_token_ends_a_generation_and_special_tokens_alone_are_
     silent_ids = engine.tokenizer.convert_tokens_to_ids(["<s>"] * 12)
     row = vllm_post({**request, "generated_tokens": silent_ids, "generated_text": ""}, str(ends), "chat", [], 12)
     assert row["tokens_generated"] == 12 and row["empty"] and not row["truncated"]
+
+
+def test_a_thinking_evaluation_grades_after_the_think_block_and_never_inside_an_unfinished_one(tiny):
+    """eval.think: the answer comes from the text after </think>; a generation that ended inside its
+    think block has no answer, even where its trace says "The answer is" with the gold in it."""
+    from raydistill.answers import split_think
+
+    assert split_think("<think>2 + 5 = 7</think> The answer is 7") == \
+        split_think("2 + 5 = 7</think> The answer is 7")  # the open marker may be in the prompt
+    assert split_think("The answer is 7").think is None and not split_think("The answer is 7").unfinished
+    tokenizer = load_tokenizer(tiny, "chat")
+    rows = [{"question_id": q, "prompt": "p", "gold": "7", "tokens_generated": 40, "truncated": t, "empty": False,
+             "generation": g} for q, g, t in [
+                ("finished", "<think>First, 2 + 5 = 7. The answer is 9 would be wrong.</think>\nThe answer is 7", False),
+                ("cut", "<think>2 + 5 = 7, so the answer is 7 and", True),
+                ("plain", "The answer is 7", False),
+                ("wrong", "<think>2 + 5</think> The answer is 8", False)]]
+    count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    graded = {r["question_id"]: r for r in grade("svamp", rows, "h", think_markers=("<think>", "</think>"),
+                                                   count_tokens=count).to_pylist()}
+    assert (graded["finished"]["extracted"], graded["finished"]["correct"]) == ("7", True)
+    assert graded["cut"]["think_unfinished"] and graded["cut"]["extracted"] is None and not graded["cut"]["correct"]
+    assert (graded["plain"]["correct"], graded["plain"]["think_tokens"]) == (True, 0)
+    assert graded["wrong"]["extracted"] == "8" and not graded["wrong"]["correct"]
+    assert graded["finished"]["think_tokens"] == count("First, 2 + 5 = 7. The answer is 9 would be wrong.")
+    result = metrics("svamp", grade("svamp", rows, "h", think_markers=("<think>", "</think>"), count_tokens=count), "-")
+    assert result.think_unfinished_rate == 0.25 and result.accuracy == 0.5
+    assert result.mean_think_tokens + result.mean_answer_tokens == 40
+    # Without eval.think the paper's grader reads the whole text: the cut trace counts as right.
+    plain = {r["question_id"]: r for r in grade("svamp", rows, "h").to_pylist()}
+    assert plain["cut"]["correct"] and plain["cut"]["think_unfinished"] is None
+    assert metrics("svamp", grade("svamp", rows, "h"), "-").think_unfinished_rate is None

@@ -28,7 +28,7 @@ N_BOOT = 500
 def write_trial(run_dir: Path, correct, *, dataset="svamp", teacher="chatgpt", level="1", fmt="cot",
                 student="tiny-llama", seed="0", cell="absent", num_workers=1, num_actors=1,
                 train_seconds=10.0, eval_seconds=4.0, truncated=0, target_ceiling=0.99, extracted=None,
-                timings=None, gold=None, ids=None, empty=None) -> dict:
+                timings=None, gold=None, ids=None, empty=None, think_cut=None) -> dict:
     """A finished trial: predictions Parquet (one row per question and sample) + record.json.
 
     ``correct`` is (n_questions,) or (n_questions, n_samples) of bools; ``truncated`` is how many
@@ -71,7 +71,9 @@ def write_trial(run_dir: Path, correct, *, dataset="svamp", teacher="chatgpt", l
                     "train_truncated": 0, "train_over_cutoff": 0, "train_padding_fraction": 0.1,
                     "train_steps": 2, "final_train_loss": 0.5, "train_seconds": train_seconds,
                     "eval_seconds": eval_seconds,
-                    **({} if empty is None else {"empty_rate": empty / len(rows)})},
+                    **({} if empty is None else {"empty_rate": empty / len(rows)}),
+                    **({} if think_cut is None else {"think_unfinished_rate": think_cut / len(rows),
+                                                     "mean_think_tokens": 40.0, "mean_answer_tokens": 8.0})},
     }
     if cell != "absent":
         record["cell"] = cell
@@ -404,7 +406,8 @@ def test_pass_at_k_and_maj_at_k_per_cell_with_intervals(tmp_path):
 
 def test_truncated_cells_are_marked_in_table_csv_and_flags(tmp_path):
     write_trial(tmp_path, draws(0.5, 40, 1), level="1", truncated=1, empty=6)  # 2.5 %: not marked; 15 % empty
-    write_trial(tmp_path, draws(0.5, 40, 2), level="5", truncated=31, target_ceiling=0.86, empty=0)  # 77.5 %
+    write_trial(tmp_path, draws(0.5, 40, 2), level="5", truncated=31, target_ceiling=0.86, empty=0,
+                think_cut=4)  # 77.5 %; a thinking student, 10 % cut inside its think block
     paths = run_report(tmp_path, plots=True)
     md = paths["markdown"].read_text()
     row = next(line for line in md.splitlines() if line.startswith("| svamp | chatgpt | cot | tiny-llama |"))
@@ -418,6 +421,9 @@ def test_truncated_cells_are_marked_in_table_csv_and_flags(tmp_path):
     assert float(cells["1"]["empty_rate"]) == pytest.approx(6 / 40) and float(cells["5"]["empty_rate"]) == 0
     weak = md[md.index("## Weak numbers"):]
     assert "| truncated | empty |" in weak and "| 2.5 % | 15.0 % |" in weak
+    assert "| think cut | think tokens | answer tokens |" in weak and "| 10.0 % | 40 | 8 |" in weak
+    assert "10.0 % of generations ended inside their think block (no answer)" in cells["5"]["flags"]
+    assert float(cells["5"]["mean_think_tokens"]) == 40 and cells["1"]["mean_think_tokens"] == ""
     assert "- svamp/chatgpt/cot/tiny-llama L5: 77.5 % of generations cut" in md
     table = read_csv(paths["table_csv"])[0]
     assert table["L5"].endswith("†") and not table["L1"].endswith("†")

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from raydistill.spec import SpecError, load_sweep, sweep_from_dict
+from raydistill.spec import EvalSpec, SpecError, load_sweep, sweep_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = {"name": "t", "datasets": ["svamp"], "teachers": ["chatgpt"], "levels": [1, 3], "students": ["tiny-llama"]}
@@ -163,3 +163,10 @@ def test_a_grid_can_repeat_some_cells_with_more_seeds():
                      ("svamp/chatgpt/L3/cot", 101), ("svamp/chatgpt/L3/cot", 102)]
     assert {t.trial_hash for t in one_seed.trials()} < {t.trial_hash for t in spec.trials()}
     assert spec.axis_values("seeds") == [100, 101, 102]
+
+
+def test_a_thinking_evaluation_has_its_own_identity_and_older_specs_keep_theirs():
+    plain, thinking = EvalSpec(), EvalSpec(think=True)
+    assert "think" not in plain.model_dump() and thinking.model_dump()["think"] is True
+    assert plain.identity() != thinking.identity()
+    assert thinking.for_task("svamp").result_fields()["think"] is True

@@ -18,7 +18,8 @@ Anything more lenient is an opt-in `GraderOptions` flag; the options are part of
 identity and named in the report.
 
 Public API: ``extract``, ``normalize_gold``, ``is_correct``, ``same_answer`` (by task name), the
-grader classes, ``GraderOptions``, ``PAPER_GRADING`` and ``repair_escapes``.
+grader classes, ``GraderOptions``, ``PAPER_GRADING``, ``repair_escapes`` and ``split_think`` (a
+thinking student's think block and answer, `thinking`).
 
 Parts: `graders` (`GraderOptions`, the shared MAmmoTH2 helpers, `NumberGrader`, `ChoiceGrader`,
 `LabelGrader`), `latex` (MATH's LaTeX normalisation and `MathGrader`); this module grades by task name.
@@ -38,11 +39,12 @@ from raydistill.answers.graders import (
     gold_letter,
 )
 from raydistill.answers.latex import MathGrader, find_box, repair_escapes, strip_string
+from raydistill.answers.thinking import THINK_MARKERS, ThinkSplit, split_think
 
 __all__ = [
-    "PAPER_GRADING", "TRIGGERS", "ChoiceGrader", "GraderOptions", "LabelGrader", "MathGrader", "NumberGrader",
+    "PAPER_GRADING", "THINK_MARKERS", "TRIGGERS", "ThinkSplit", "ChoiceGrader", "GraderOptions", "LabelGrader", "MathGrader", "NumberGrader",
     "extract", "find_box", "gold_letter", "grade", "is_correct", "normalize_gold", "repair_escapes", "same_answer",
-    "strip_string",
+    "split_think", "strip_string",
 ]
 
 

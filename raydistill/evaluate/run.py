@@ -57,6 +57,11 @@ class EvalResult:
     maj_at_k: float | None = None  # with several samples: majority vote over the extracted answers
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (records.TIME_STAGES)
     empty_rate: float = 0.0  # share of generations with no text once special tokens are removed
+    # thinking evaluations (eval.think) only: generations cut inside their think block, and the mean
+    # lengths of the trace and of what follows it, in the student's tokens
+    think_unfinished_rate: float | None = None
+    mean_think_tokens: float | None = None
+    mean_answer_tokens: float | None = None
 
 
 # --------------------------------------------------------------------------- prompts and grading
@@ -69,16 +74,27 @@ def build_prompts(test: pa.Table, template, tokenizer) -> list[dict]:
     ]
 
 
-def grade(task: str, rows: list[dict], eval_hash: str, options: GraderOptions = PAPER_GRADING) -> pa.Table:
-    """Prediction rows with the extracted answer and correctness, in `PREDICTION_SCHEMA`."""
+def grade(task: str, rows: list[dict], eval_hash: str, options: GraderOptions = PAPER_GRADING,
+          think_markers: tuple[str, str] | None = None, count_tokens=None) -> pa.Table:
+    """Prediction rows with the extracted answer and correctness, in `PREDICTION_SCHEMA`.
+
+    ``think_markers`` (a thinking evaluation, ``eval.think``): the answer is extracted from the text
+    after the think block only (`raydistill.answers.split_think`); a generation that ended inside the
+    block has none (``think_unfinished``). ``count_tokens`` gives ``think_tokens`` (the trace's
+    length in the student's tokens)."""
     graded = []
     for r in rows:
-        extracted, correct = answers.grade(task, r["generation"], r["gold"], options)
+        answer, think_tokens, unfinished = r["generation"], None, None
+        if think_markers:
+            part = answers.split_think(r["generation"], think_markers)
+            answer, unfinished = part.answer, part.unfinished
+            think_tokens = count_tokens(part.think) if part.think and count_tokens else 0
+        extracted, correct = (None, False) if unfinished else answers.grade(task, answer, r["gold"], options)
         graded.append({
             "eval_hash": eval_hash, "question_id": r["question_id"], "prompt": r["prompt"],
             "generation": r["generation"], "extracted": extracted, "gold": r["gold"], "correct": correct,
             "tokens_generated": int(r["tokens_generated"]), "truncated": bool(r["truncated"]),
-            "empty": bool(r["empty"]),
+            "empty": bool(r["empty"]), "think_tokens": think_tokens, "think_unfinished": unfinished,
         })
     return pa.Table.from_pylist(graded, schema=PREDICTION_SCHEMA)
 
@@ -91,6 +107,8 @@ def metrics(task: str, predictions: pa.Table, path: str, engine: str = "hf", eva
     several = sample_scores([r["question_id"] for r in rows], [r["extracted"] for r in rows],
                             [r["correct"] for r in rows])
     pass_k, maj_k = several.means() if several else (None, None)
+    thinking = bool(rows) and rows[0].get("think_unfinished") is not None
+    think_tokens = [r["think_tokens"] or 0 for r in rows] if thinking else []
     return EvalResult(
         task=task,
         accuracy=sum(r["correct"] for r in rows) / n if n else 0.0,
@@ -107,6 +125,9 @@ def metrics(task: str, predictions: pa.Table, path: str, engine: str = "hf", eva
         samples_per_question=several.k if several else 1,
         pass_at_k=pass_k,
         maj_at_k=maj_k,
+        think_unfinished_rate=sum(bool(r["think_unfinished"]) for r in rows) / n if thinking else None,
+        mean_think_tokens=float(statistics.fmean(think_tokens)) if thinking else None,
+        mean_answer_tokens=float(statistics.fmean(t - k for t, k in zip(tokens, think_tokens))) if thinking else None,
     )
 
 
@@ -306,6 +327,10 @@ def evaluate(model_path: str, student: str, task: str, test: pa.Table, spec: Eva
         done = set(_current(read_parts(parts, key), prompts)["question_id"].to_pylist())
         todo = [p for p in prompts if p["question_id"] not in done]
         stop_strings = list(dict.fromkeys([*spec.stop_strings, *template.stop_strings(tokenizer)]))
+        think_markers = template.think_markers if spec.think else None
+
+        def count_tokens(text: str) -> int:
+            return len(tokenizer(text, add_special_tokens=False)["input_ids"])
     if todo:
         with tqdm(total=len(todo), desc=f"eval {task}", unit="q", disable=not progress) as bar:
             waiting, stage = time.perf_counter(), "eval_first_batch"
@@ -314,7 +339,7 @@ def evaluate(model_path: str, student: str, task: str, test: pa.Table, spec: Eva
                 for column, engine_stage in ENGINE_TIME_COLUMNS.items():
                     clock.add(engine_stage, sum(r.get(column) or 0.0 for r in rows))
                 with clock("grading"):
-                    write_part(parts, grade(task, rows, key, grader))
+                    write_part(parts, grade(task, rows, key, grader, think_markers, count_tokens))
                 bar.update(len(rows) // spec.n_samples)
                 waiting, stage = time.perf_counter(), "eval_generating"
     with clock("eval_finish"):

@@ -110,6 +110,9 @@ class Cell:
         empty = self.empty_rate
         if empty is not None and empty > TRUNCATION_FLAG:
             out.append(f"{100 * empty:.1f} % of generations empty")
+        think_cut = self.mean("think_unfinished_rate")
+        if think_cut is not None and think_cut > TRUNCATION_FLAG:
+            out.append(f"{100 * think_cut:.1f} % of generations ended inside their think block (no answer)")
         failures = self.mean("extraction_failure_rate")
         if failures is not None and failures > TRUNCATION_FLAG:
             out.append(f"no answer extracted from {100 * failures:.1f} %")
@@ -350,6 +353,14 @@ def format_tests(cells: list[Cell]) -> list[Comparison]:
     """Exact paired tests between every pair of formats with the same level, dataset, teacher and
     student, CoT first (the paper's format comparison), Holm-adjusted over all of them (one family)."""
     return _tested(_pairs_differing_in(cells, axis=2), FORMATS_FAMILY)
+
+
+def paired_tests(cells: list[Cell]) -> list[Comparison]:
+    """Every paired comparison of cells the report runs, family by family (the tests against the
+    constant answer apart: `raydistill.report.baselines.baseline_tests`). `raydistill plan` counts
+    the same comparisons before the run."""
+    return (neighbour_tests(cells) + all_level_tests(cells) + source_tests(cells) + teacher_tests(cells)
+            + format_tests(cells))
 
 
 def _pairs_differing_in(cells: list[Cell], axis: int) -> list[tuple[tuple, Cell, Cell]]:

@@ -33,14 +33,7 @@ from pathlib import Path
 from raydistill import files
 from raydistill.records import TrialRecord
 from raydistill.report.baselines import baseline_tests, build_baselines
-from raydistill.report.cells import (
-    all_level_tests,
-    build_cells,
-    format_tests,
-    neighbour_tests,
-    source_tests,
-    teacher_tests,
-)
+from raydistill.report.cells import build_cells, paired_tests
 from raydistill.report.intervals import DEFAULT_N_BOOT, DEFAULT_SEED
 from raydistill.report.markdown import markdown_report
 from raydistill.report.plots import plot_accuracy_vs_level
@@ -72,8 +65,7 @@ def write_report(records: list[TrialRecord], run_dir: Path, *, n_boot: int = DEF
     published = load_published(published_path)
     cells = build_cells(trials, published, n_boot, seed)
     baselines = build_baselines(cells)
-    comparisons = (neighbour_tests(cells) + all_level_tests(cells) + source_tests(cells) + teacher_tests(cells)
-                   + format_tests(cells) + baseline_tests(cells, baselines))
+    comparisons = paired_tests(cells) + baseline_tests(cells, baselines)
     notes = _notes(trials, published, published_path)
 
     paths = {"markdown": run_dir / "results.md", "csv": run_dir / "results.csv",

@@ -212,20 +212,29 @@ def baseline_section(comparisons: list[Comparison], baselines: dict[str, Baselin
 
 def quality_section(cells: list[Cell]) -> list[str]:
     """Per cell: what can make its number weak, and the cells flagged."""
+    thinking = any(c.mean("think_unfinished_rate") is not None for c in cells)
     headers = [*ROW_AXES, "level", "truncated", "empty", "no answer", "target ceiling", "teacher cut",
-               "mean tokens", "max new tokens", "interval"]
+               "mean tokens", *(["think cut", "think tokens", "answer tokens"] if thinking else []),
+               "max new tokens", "interval"]
     rows = [[*c.key[:4], level_label(c.level), _share_text(c.truncation_rate), _share_text(c.empty_rate),
              _share_text(c.mean("extraction_failure_rate")), _share_text(c.mean("target_ceiling")),
              _share_text(c.teacher_truncated_share), _number_text(c.mean("mean_generated_tokens")),
+             *([_share_text(c.mean("think_unfinished_rate")), _number_text(c.mean("mean_think_tokens")),
+                _number_text(c.mean("mean_answer_tokens"))] if thinking else []),
              _number_text(c.mean("max_new_tokens")), c.interval.method if c.interval else ""] for c in cells]
     flagged = [c for c in cells if c.flags()]
     lines = ["## Weak numbers", "", *_md_table(headers, rows), "",
              "truncated: share of generations that hit max_new_tokens with text in them; empty: share with "
              "no text once special tokens are removed (the student emitted only special tokens or a stop "
              "string; at any length, never counted as truncated; blank for trials evaluated before the two "
-             "were told apart); no answer: share with no extractable answer; target ceiling: share of the cell's training targets graded correct "
-             "against their own answers (a student that copied its targets would score this); teacher cut: "
-             "share of the teacher's replies cut at max_tokens (generated cells).", ""]
+             "were told apart); no answer: share with no extractable answer; target ceiling: share of the "
+             "cell's training targets graded correct against their own answers (a student that copied its "
+             "targets would score this); teacher cut: share of the teacher's replies cut at max_tokens "
+             "(generated cells)."
+             + (" think cut: share of a thinking student's generations that ended inside the think block "
+                "(no answer, never graded from the trace); think / answer tokens: mean lengths of the trace "
+                "and of what follows it (blank for students evaluated without eval.think)." if thinking else ""),
+             ""]
     if not flagged:
         return lines + ["No cell is flagged.", ""]
     return lines + ["Flagged cells:", ""] + [

@@ -24,13 +24,15 @@ from raydistill.report.markdown import TRUNCATED_MARK, pct, reading
 from raydistill.report.records import CELL_AXES, ROW_AXES, Trial
 
 TRIAL_COLUMNS = ["trial_hash", "dataset", "teacher", "format", "student", "level", "seed", "accuracy", "n_test",
-                 "extraction_failure_rate", "truncation_rate", "empty_rate", "target_ceiling",
+                 "extraction_failure_rate", "truncation_rate", "empty_rate", "think_unfinished_rate", "mean_think_tokens",
+                 "mean_answer_tokens", "target_ceiling",
                  "mean_generated_tokens", "max_new_tokens", "train_steps", "final_train_loss", "train_seconds", "eval_seconds", "num_workers",
                  "num_actors", "cell_source", "eval_protocol", "grader", "raydistill_version",
                  *(f"time_{stage}_s" for stage in TIME_STAGES)]
 CELL_COLUMNS = [*CELL_AXES, "accuracy", "ci_low", "ci_high", "ci_method", "n_seeds", "seeds", "seed_accuracies",
                 "seed_min", "seed_max", "seed_sd", "n_test",
-                "n_questions_ci", "truncation_rate", "empty_rate", "extraction_failure_rate", "target_ceiling",
+                "n_questions_ci", "truncation_rate", "empty_rate", "think_unfinished_rate", "mean_think_tokens",
+                "mean_answer_tokens", "extraction_failure_rate", "target_ceiling",
                 "teacher_truncated_share", "flags", "mean_generated_tokens", "max_new_tokens", "published_accuracy",
                 "published_kind", "teacher_source", "teacher_cost_usd", "teacher_tokens_in", "teacher_tokens_out",
                 "train_seconds", "eval_seconds", "train_worker_seconds", "eval_actor_seconds",
@@ -71,6 +73,9 @@ def cell_rows(cells: list[Cell]) -> list[dict]:
             "n_questions_ci": c.n_questions_ci,
             "truncation_rate": c.truncation_rate,
             "empty_rate": c.empty_rate,
+            "think_unfinished_rate": c.mean("think_unfinished_rate"),
+            "mean_think_tokens": c.mean("mean_think_tokens"),
+            "mean_answer_tokens": c.mean("mean_answer_tokens"),
             "extraction_failure_rate": _mean_metric(c, "extraction_failure_rate"),
             "target_ceiling": c.mean("target_ceiling"),
             "teacher_truncated_share": c.teacher_truncated_share,

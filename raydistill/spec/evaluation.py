@@ -12,6 +12,8 @@ from raydistill.tasks import get_task
 PROTOCOL_FIELDS = ("max_new_tokens", "num_beams", "stop_strings")
 NO_PROTOCOL = {"max_new_tokens": 640, "num_beams": 1, "stop_strings": []}  # protocol: none
 # How the engines run, not what they generate: dumped only when set, never part of an identity.
+# Part of the identity, but dumped only when set, so specs written before they existed hash as before.
+IDENTITY_WHEN_SET = ("think",)
 ENGINE_SETTINGS = ("tensor_parallel_size", "gpu_memory_utilization", "enable_prefix_caching", "max_num_seqs",
                    "timeout_s", "shared_engines", "max_loras", "gpu_memory_gb", "generate_batch_size")
 # The rules by which the engines end and count a generation, part of every evaluation's identity
@@ -81,6 +83,11 @@ class EvalSpec(Strict):
     top_p: float = Field(1.0, gt=0, le=1.0)
     n_samples: int = Field(1, ge=1)  # generations per question (one prediction row each)
     seed: int = 0
+    # The student writes a think block before its answer (its template's think markers, `<think>` and
+    # `</think>`): the answer is graded from the text after the block only, and a generation that
+    # ends inside the block has no answer (`think_unfinished`). The sweep sets it for trials whose
+    # supervision has traces; set it for students that think on their own.
+    think: bool = False
 
     @model_validator(mode="after")
     def _samples_possible(self) -> EvalSpec:
@@ -109,10 +116,10 @@ class EvalSpec(Strict):
 
     @model_serializer(mode="wrap")
     def _engine_settings_when_set(self, handler) -> dict:
-        """Engine settings at their defaults are left out of the dump, so specs written before they
-        existed dump (and hash) as before."""
+        """Engine settings and `IDENTITY_WHEN_SET` fields at their defaults are left out of the dump,
+        so specs written before they existed dump (and hash) as before."""
         data = handler(self)
-        for name in ENGINE_SETTINGS:
+        for name in (*ENGINE_SETTINGS, *IDENTITY_WHEN_SET):
             if self._at_default(name):
                 data.pop(name, None)
         return data
@@ -159,7 +166,7 @@ class EvalSpec(Strict):
     def result_fields(self) -> dict:
         """The fields that determine the generations (not how the work is spread over actors)."""
         keep = ("protocol", *PROTOCOL_FIELDS, "engine", "use_gpu", "do_sample", "temperature", "top_p",
-                "n_samples", "seed")
+                "n_samples", "seed", *IDENTITY_WHEN_SET)
         return {**{k: v for k, v in self.model_dump(mode="json").items() if k in keep},
                 "generation_rules": GENERATION_RULES}
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from raydistill.answers.thinking import THINK_MARKERS
 from raydistill.students.errors import StudentError
 
 if TYPE_CHECKING:
@@ -34,6 +35,7 @@ class Template(Protocol):
     """Renders prompts and training pairs for one prompt format."""
 
     name: str
+    think_markers: tuple[str, str]  # around a reasoning trace in a response (`raydistill.answers.thinking`)
 
     def prompt(self, question: str, tokenizer: PreTrainedTokenizerBase | None = None) -> str:
         """The inference prompt: everything the model sees before its answer."""
@@ -89,6 +91,7 @@ class SlotTemplate:
     default_system: str = ""
     stop_words: tuple[str, ...] = ()
     replace_eos: bool = False  # LLaMA-Factory makes ``end_of_turn`` the tokenizer's EOS
+    think_markers: tuple[str, str] = THINK_MARKERS
 
     def _prompt_texts(self, question: str) -> list[str]:
         system = _fill(self.system, self.default_system) if self.default_system else ""
@@ -126,6 +129,7 @@ class ChatTemplate:
     """The tokenizer's own chat template (``tokenizer.apply_chat_template``)."""
 
     name: str = "chat"
+    think_markers: tuple[str, str] = THINK_MARKERS
 
     @staticmethod
     def _require(tokenizer: PreTrainedTokenizerBase | None) -> PreTrainedTokenizerBase:

@@ -2,8 +2,9 @@
 
 The report (`raydistill.report`) tests each pair of cells with the exact two-sided sign test on
 the per-question differences (the exact McNemar test for one seed), Holm-adjusted within each
-family. Here every comparison it would run is enumerated with the report's own functions
-(`neighbour_tests`, `all_level_tests`, `source_tests`; one test per cell against the constant
+family. Here every comparison it would run is enumerated with the report's own function
+(`raydistill.report.cells.paired_tests`: neighbouring levels, all level pairs, sources without
+levels, teachers at a level, formats at a level; and one test per cell against the constant
 answer) on the plan's trials, and for each one the smallest detectable difference is computed:
 
 - exact power of that test at the comparison's question count n: the number of discordant
@@ -111,7 +112,7 @@ def detectable_difference(n: int, psi: float = DEFAULT_DISCORDANCE, alpha: float
 def report_comparisons(trials, test_questions: dict[str, int]) -> list[dict]:
     """Every paired comparison the report would run on these trials, with its family, size and
     question count: the report's own pairing functions on placeholder scores."""
-    from raydistill.report.cells import Cell, all_level_tests, neighbour_tests, source_tests
+    from raydistill.report.cells import Cell, paired_tests
     from raydistill.report.records import Trial
 
     groups: dict[tuple, list] = defaultdict(list)
@@ -124,7 +125,7 @@ def report_comparisons(trials, test_questions: dict[str, int]) -> list[dict]:
         groups[fake.key].append(fake)
     cells = [Cell(key, members) for key, members in sorted(groups.items())]
     out = []
-    for c in neighbour_tests(cells) + all_level_tests(cells) + source_tests(cells):
+    for c in paired_tests(cells):
         out.append({"family": c.family, "row": list(c.row), "a": list(c.a.key), "b": list(c.b.key),
                     "label": c.label, "n": c.test.n_questions, "seeds": len(c.a.seeds)})
     for cell in cells:  # each cell against its dataset's constant answer (baseline family)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from raydistill.records import TrialRecord
 from raydistill.spec import SpecError, SweepSpec, load_sweep, parse_overrides
-from raydistill.sweep.run import run_sweep
+from raydistill.sweep.run import SweepStopped, run_sweep
 
 
 def print_summary(spec: SweepSpec) -> None:
@@ -82,6 +82,9 @@ def main(argv: list[str], prog: str = "raydistill sweep", default_config: str | 
     except (*USER_ERRORS, PlanInputError) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
+    except SweepStopped as err:
+        print(f"stopped: {' '.join(str(err).split())}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -32,6 +32,10 @@ log = logging.getLogger("raydistill.sweep")
 
 
 PLAN_FILE = "trials.json"  # the sweep's current trials; the report leaves out records of earlier plans
+class SweepStopped(RuntimeError):
+    """The sweep was stopped (Ctrl-C, `ray job stop`) before every trial finished; a rerun resumes."""
+
+
 RUNS_LOG = "runs.log"  # one `start` and one `end` line per launch of the sweep (none for a killed one)
 
 
@@ -156,6 +160,11 @@ def _run(spec: SweepSpec, run_dir: Path, verbose: bool) -> list[TrialRecord]:
     errors = [r.error for r in results if r.error]
     if errors:
         raise RuntimeError(f"{len(errors)} of {len(trials)} trials failed; first error: {errors[0]}")
+    unfinished = [r for r in results if "record_path" not in (r.metrics or {})]
+    if unfinished:
+        raise SweepStopped(f"sweep {spec.name}: stopped before {len(unfinished)} of {len(trials)} trials finished; "
+                           f"run the same command again to resume (finished trials and checkpoints are kept in "
+                           f"{run_dir})")
     records = [TrialRecord.read(r.metrics["record_path"]) for r in results]
     report = write_report(records, run_dir)
     finish_sweep_run(parent, records, report)

@@ -15,6 +15,9 @@ Usage: ``prompt_tokens`` and ``completion_tokens`` count whitespace words, or wi
 tiktoken`` tokens as OpenAI's chat API counts them (cl100k_base; the count litellm's token_counter
 makes for an OpenAI-compatible model, so a plan's input tokens can be checked against it).
 
+It also serves OpenAI's files and batches endpoints (``/v1/files``, ``/v1/batches``; see
+:class:`BatchAPI`) with the same replies, for the annotation stage's batch mode.
+
 ``--ready-file`` receives ``{"port": P, "pid": N}`` once the socket listens. ``GET /stats`` returns
 counters, ``GET /health`` answers ``ok``. From Python, :class:`ServerProcess` starts and stops it.
 
@@ -303,6 +306,166 @@ def _cl100k():
     return tiktoken.get_encoding("cl100k_base")
 
 
+class BatchAPI:
+    """OpenAI's files and batches endpoints (``/v1/files``, ``/v1/batches``) over the same replies.
+
+    An uploaded batch input file is kept in memory. A batch goes ``validating`` -> ``in_progress``
+    -> ``completed`` one step per retrieve after ``--batch-polls`` retrieves (no clock involved);
+    on completion every line is answered as ``/v1/chat/completions`` would answer its body (same
+    content, same usage) and logged like a chat request with ``"batch": <id>``. The first
+    ``--batch-expire`` batches created expire instead: their first half is answered, the rest go to
+    the error file with code ``batch_expired``. ``--batch-kinds-by-question`` (JSON: question ->
+    kind) fails a question in the first batch that holds it (an error-file line with that HTTP
+    status); it is answered normally afterwards. ``GET /batch-stats`` counts files and batches.
+    """
+
+    def __init__(self, server: Server):
+        self.server = server
+        self.files: dict[str, dict] = {}
+        self.contents: dict[str, bytes] = {}
+        self.batches: dict[str, dict] = {}
+        self.polls: Counter[str] = Counter()
+        self.failed_once: set[str] = set()
+        self.kinds: dict[str, str] = {}
+        if server.args.batch_kinds_by_question:
+            self.kinds = {q.strip(): k for q, k in
+                          json.loads(Path(server.args.batch_kinds_by_question).read_text()).items()}
+        self.created = 0
+
+    def _new_file(self, content: bytes, purpose: str, filename: str) -> dict:
+        fid = f"file-{len(self.files) + 1:06d}"
+        self.files[fid] = {"id": fid, "object": "file", "bytes": len(content), "created_at": int(time.time()),
+                           "filename": filename, "purpose": purpose, "status": "processed"}
+        self.contents[fid] = content
+        return self.files[fid]
+
+    async def upload(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        upload = form.get("file")
+        content = upload.file.read() if hasattr(upload, "file") else str(upload or "").encode()
+        return web.json_response(self._new_file(content, str(form.get("purpose", "batch")),
+                                                getattr(upload, "filename", "upload.jsonl")))
+
+    async def file(self, request: web.Request) -> web.Response:
+        fid = request.match_info["fid"]
+        if fid not in self.files:
+            return web.json_response({"error": {"message": f"no file {fid}"}}, status=404)
+        return web.json_response(self.files[fid])
+
+    async def content(self, request: web.Request) -> web.Response:
+        fid = request.match_info["fid"]
+        if fid not in self.contents:
+            return web.json_response({"error": {"message": f"no file {fid}"}}, status=404)
+        return web.Response(body=self.contents[fid], content_type="application/octet-stream")
+
+    async def create(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        fid = body.get("input_file_id")
+        if fid not in self.contents:
+            return web.json_response({"error": {"message": f"no file {fid}"}}, status=400)
+        self.created += 1
+        bid = f"batch_{self.created:06d}"
+        lines = [ln for ln in self.contents[fid].decode().splitlines() if ln.strip()]
+        self.batches[bid] = {
+            "id": bid, "object": "batch", "endpoint": body.get("endpoint"), "errors": None,
+            "input_file_id": fid, "completion_window": body.get("completion_window"), "status": "validating",
+            "output_file_id": None, "error_file_id": None, "created_at": int(time.time()),
+            "in_progress_at": None, "expires_at": None, "finalizing_at": None, "completed_at": None,
+            "failed_at": None, "expired_at": None, "cancelling_at": None, "cancelled_at": None,
+            "request_counts": {"total": len(lines), "completed": 0, "failed": 0},
+            "metadata": body.get("metadata"),
+            "_expire": self.created <= self.server.args.batch_expire,
+        }
+        return web.json_response(self._public(bid))
+
+    def _public(self, bid: str) -> dict:
+        return {k: v for k, v in self.batches[bid].items() if not k.startswith("_")}
+
+    async def retrieve(self, request: web.Request) -> web.Response:
+        bid = request.match_info["bid"]
+        if bid not in self.batches:
+            return web.json_response({"error": {"message": f"no batch {bid}"}}, status=404)
+        b = self.batches[bid]
+        self.polls[bid] += 1
+        if b["status"] in ("validating", "in_progress") and self.polls[bid] > self.server.args.batch_polls:
+            if b["status"] == "validating":
+                b["status"], b["in_progress_at"] = "in_progress", int(time.time())
+            else:
+                self._finish(bid)
+        return web.json_response(self._public(bid))
+
+    def _finish(self, bid: str) -> None:
+        b = self.batches[bid]
+        lines = [json.loads(ln) for ln in self.contents[b["input_file_id"]].decode().splitlines() if ln.strip()]
+        out, err = [], []
+        for i, line in enumerate(lines):
+            body = line["body"]
+            messages = body.get("messages") or []
+            users = [_content(m) for m in messages if m.get("role") == "user"]
+            question = users[-1] if users else ""
+            key = request_key(body)
+            t_recv = time.time()
+            if b["_expire"] and i >= len(lines) // 2:
+                err.append({"id": f"batch_req_{bid}_{i}", "custom_id": line["custom_id"], "response": None,
+                            "error": {"code": "batch_expired",
+                                      "message": "This request could not be executed before the completion window expired."}})
+                continue
+            kind = self.kinds.get(question.strip())
+            if kind and question.strip() not in self.failed_once:
+                self.failed_once.add(question.strip())
+                status = int(kind) if kind.isdigit() else 500
+                err.append({"id": f"batch_req_{bid}_{i}", "custom_id": line["custom_id"],
+                            "response": {"status_code": status, "request_id": f"req_{i}",
+                                         "body": {"error": {"message": f"injected {kind} in a batch",
+                                                            "type": "server_error"}}},
+                            "error": None})
+                self._log(key, question, status, kind, t_recv, bid)
+                continue
+            content = self.server._reply(messages, body.get("seed"))
+            prompt_tokens, completion_tokens = self.server._usage(messages, content)
+            reply = {"id": "chatcmpl-" + key[:24], "object": "chat.completion", "created": int(t_recv),
+                     "model": body.get("model", "mock"),
+                     "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                                  "finish_reason": "stop"}],
+                     "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                               "total_tokens": prompt_tokens + completion_tokens}}
+            out.append({"id": f"batch_req_{bid}_{i}", "custom_id": line["custom_id"],
+                        "response": {"status_code": 200, "request_id": f"req_{i}", "body": reply}, "error": None})
+            self._log(key, question, 200, "ok", t_recv, bid)
+        now = int(time.time())
+        if out:
+            b["output_file_id"] = self._new_file("".join(json.dumps(o) + "\n" for o in out).encode(),
+                                                 "batch_output", f"{bid}_output.jsonl")["id"]
+        if err:
+            b["error_file_id"] = self._new_file("".join(json.dumps(e) + "\n" for e in err).encode(),
+                                                "batch_output", f"{bid}_error.jsonl")["id"]
+        b["request_counts"] = {"total": len(lines), "completed": len(out), "failed": len(err)}
+        b["status"] = "expired" if b["_expire"] else "completed"
+        b["expired_at" if b["_expire"] else "completed_at"] = now
+
+    def _log(self, key: str, question: str, status: int, kind: str, t_recv: float, bid: str) -> None:
+        s = self.server
+        s.stats[kind] += 1
+        if kind == "ok":
+            s.by_key_ok[key] += 1
+        if s.log:
+            entry = {"key": key, "question": question, "status": status, "kind": kind, "t_recv": t_recv,
+                     "t_done": time.time(), "attempt": 0, "auth": None, "batch": bid}
+            s.log.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+    async def stats(self, request: web.Request) -> web.Response:
+        return web.json_response({"files": len(self.files), "batches_created": self.created,
+                                  "status": {bid: b["status"] for bid, b in self.batches.items()}})
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_post("/v1/files", self.upload)
+        app.router.add_get("/v1/files/{fid}", self.file)
+        app.router.add_get("/v1/files/{fid}/content", self.content)
+        app.router.add_post("/v1/batches", self.create)
+        app.router.add_get("/v1/batches/{bid}", self.retrieve)
+        app.router.add_get("/batch-stats", self.stats)
+
+
 def _wrong(ans: str) -> str:
     if re.fullmatch(r"-?\d+", ans or ""):
         return str(int(ans) + 1)
@@ -340,6 +503,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--expect-key-sha256", default=None, help="401 unless the bearer token hashes to this")
     p.add_argument("--usage", choices=["words", "tiktoken"], default="words",
                    help="what usage counts: whitespace words, or tokens as OpenAI counts them (cl100k_base)")
+    p.add_argument("--batch-polls", type=int, default=1,
+                   help="retrieves of a batch before each step validating -> in_progress -> completed")
+    p.add_argument("--batch-expire", type=int, default=0, help="the first N batches created expire half done")
+    p.add_argument("--batch-kinds-by-question", default=None,
+                   help="JSON file: question -> HTTP status it fails with in the first batch holding it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
     return p.parse_args(argv)
@@ -353,6 +521,7 @@ async def _serve(args: argparse.Namespace) -> None:
     app.router.add_get("/v1/models", server.models)
     app.router.add_get("/stats", server.stats_handler)
     app.router.add_get("/health", server.health)
+    BatchAPI(server).routes(app)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port, backlog=4096)
@@ -400,7 +569,7 @@ class ServerProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.workdir / "server-requests.jsonl"
         self.ready_path = self.workdir / "server-ready.json"
-        for name in ("answers", "kinds_by_question"):
+        for name in ("answers", "kinds_by_question", "batch_kinds_by_question"):
             value = options.pop(name, None)
             if isinstance(value, dict):
                 p = self.workdir / f"server-{name.replace('_', '-')}.json"
@@ -437,6 +606,10 @@ class ServerProcess:
 
     def stats(self) -> dict:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/stats", timeout=10) as r:
+            return json.loads(r.read())
+
+    def batch_stats(self) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/batch-stats", timeout=10) as r:
             return json.loads(r.read())
 
     def log_entries(self) -> list[dict]:

@@ -695,3 +695,140 @@ def test_a_cap_on_an_unpriced_teacher_is_refused_before_any_request(tmp_path, ca
     assert len(err) == 1 and err[0].startswith(f"{cfg}: --max-spend: teacher openai/mock-teacher has no price")
     assert "input_cost_per_token" in err[0]
     assert not (tmp_path / "out" / "svamp-mock-cot-L3" / "summary.json").exists()
+
+
+PRICED = dict(input_cost_per_token=1e-6, output_cost_per_token=2e-6)
+
+
+def _batch_spec(server: ServerProcess, qpath: Path, n: int, **runtime) -> A.AnnotationSpec:
+    spec = spec_for(server, qpath, n, **runtime)
+    return spec.model_copy(update={"teacher": spec.teacher.model_copy(update=PRICED)})
+
+
+def _rows(path) -> list[dict]:
+    keep = ("question_id", "response", "extracted", "correct", "tokens_in", "tokens_out", "finish_reason", "error")
+    return [{k: r[k] for k in keep} for r in pq.read_table(path).to_pylist()]
+
+
+def test_batch_mode_writes_the_rows_synchronous_mode_writes_at_the_batch_price(ray_cluster, tmp_path, caplog):
+    """A whole cell through the batch API of the local server (files, batches, status changes,
+    output files), cut into batches of 5: the rows equal those of a synchronous run against the
+    same server, each priced at half the declared price; batches.json lists every batch; the
+    replies are in the request cache under the synchronous keys, so a synchronous run of the cell
+    afterwards sends nothing."""
+    import logging
+
+    n = 12
+    qpath, gold = make_questions(tmp_path, n)
+    caplog.set_level(logging.INFO, logger="raydistill.annotate.batch")
+    with ServerProcess(tmp_path / "srv", answers=gold, batch_polls=1) as server:
+        spec = _batch_spec(server, qpath, n)
+        run = A.annotate_cells([(spec, tmp_path / "batch")], mode="batch",
+                               batch=A.BatchSpec(poll_s=0.05, max_requests=5))
+        sent = server.log_entries()
+        stats = server.batch_stats()
+        synced = A.annotate(spec, tmp_path / "sync")
+        t_sync = time.time()
+        again = A.annotate(spec, tmp_path / "batch", overwrite=True)  # now synchronous: all from the cache
+        after = [e for e in server.log_entries() if e["t_recv"] >= t_sync]
+
+    (cell,) = run.cells
+    assert stats["batches_created"] == 3 and set(stats["status"].values()) == {"completed"}
+    assert len(sent) == n and all(e.get("batch") for e in sent) and len(ok_counts(sent)) == n
+    assert cell.batch_rows == n and cell.batch_resent == 0 and cell.failed == 0
+    assert run.totals["batches_created"] == 3 and run.totals["api_calls"] == n
+    assert _rows(cell.annotations_path) == _rows(synced.annotations_path)
+    rows = pq.read_table(cell.annotations_path).to_pylist()
+    for r in rows:
+        assert r["cost_usd"] > 0 and r["cost_usd"] == pytest.approx(0.5 * (r["tokens_in"] * 1e-6 + r["tokens_out"] * 2e-6))
+    ledger = json.loads((tmp_path / "batch" / "batches.json").read_text())["batches"]
+    assert [b["requests"] for b in ledger] == [5, 5, 2] and all(b["closed"] for b in ledger)
+    assert sorted(k for b in ledger for k in b["keys"]) == sorted(A.RequestCache(tmp_path / "batch" / "request-cache").load())
+    states = [m for m in caplog.messages if m.startswith("batch batch_000001")]
+    assert any("validating" in m for m in states) and any("in_progress" in m for m in states)
+    assert any("completed, 5 of 5 done, 0 failed" in m for m in states)
+    assert after == [] and again.cache_hits == n and again.requests_sent == 0
+
+
+def test_a_driver_killed_while_polling_resumes_the_same_batches(tmp_path, monkeypatch):
+    """kill -9 of the driver while its batches are pending; the rerun polls the batches named in
+    batches.json: no batch is created again and every request is answered once."""
+    monkeypatch.setenv(KEY_ENV, SENTINEL)
+    n = 8
+    qpath, gold = make_questions(tmp_path, n)
+    with ServerProcess(tmp_path / "srv", answers=gold, batch_polls=40) as server:
+        spec = _batch_spec(server, qpath, n)
+        (tmp_path / "spec.json").write_text(spec.model_dump_json())
+        out = tmp_path / "cell"
+        script = textwrap.dedent(f"""
+            from raydistill import annotate as A
+            spec = A.AnnotationSpec.model_validate_json(open({str(tmp_path / 'spec.json')!r}).read())
+            A.annotate_cells([(spec, {str(out)!r})], mode="batch", batch=A.BatchSpec(poll_s=0.05, max_requests=3))
+        """)
+        proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
+        try:
+            deadline = time.time() + 120
+            while server.batch_stats()["batches_created"] < 3 or not (out / "batches.json").exists():
+                assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+                assert time.time() < deadline, "the driver never created its batches"
+                time.sleep(0.05)
+            time.sleep(0.3)  # polling
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(30)
+        before = server.batch_stats()
+        assert before["batches_created"] == 3 and "completed" not in before["status"].values()
+        assert not (out / "annotations.parquet").exists()
+        run = A.annotate_cells([(spec, out)], mode="batch", batch=A.BatchSpec(poll_s=0.01, max_requests=3))
+        after = server.batch_stats()
+        log = server.log_entries()
+    assert after["batches_created"] == 3 and set(after["status"].values()) == {"completed"}
+    assert run.totals.get("batches_created", 0) == 0
+    assert len(log) == n and set(ok_counts(log).values()) == {1}
+    (cell,) = run.cells
+    assert cell.rows == n and cell.failed == 0 and cell.batch_rows == n
+
+
+def test_rows_that_fail_inside_a_batch_are_sent_again_synchronously(ray_cluster, tmp_path):
+    n = 8
+    qpath, gold = make_questions(tmp_path, n)
+    broken = list(gold)[:3]
+    with ServerProcess(tmp_path / "srv", answers=gold, batch_polls=0,
+                       batch_kinds_by_question={q: "500" for q in broken}) as server:
+        spec = _batch_spec(server, qpath, n)
+        run = A.annotate_cells([(spec, tmp_path / "cell")], mode="batch", batch=A.BatchSpec(poll_s=0.01))
+        log = server.log_entries()
+    (cell,) = run.cells
+    in_batch = [e for e in log if e.get("batch")]
+    by_hand = [e for e in log if not e.get("batch")]
+    assert {e["question"] for e in in_batch if e["kind"] == "500"} == set(broken)
+    assert sorted(e["question"] for e in by_hand) == sorted(broken)  # sent again synchronously, once each
+    assert cell.batch_rows == n - len(broken) and cell.batch_resent == len(broken) and cell.failed == 0
+    assert run.totals["batch_resent"] == len(broken) and cell.rows == n
+    rows = {r["question"]: r for r in pq.read_table(cell.annotations_path).to_pylist()}
+    for q, r in rows.items():  # the batch price for batch rows, the synchronous price for the others
+        full = r["tokens_in"] * 1e-6 + r["tokens_out"] * 2e-6
+        assert r["cost_usd"] == pytest.approx(full if q in broken else full / 2)
+
+
+def test_an_expired_batch_sends_its_unfinished_rows_in_a_new_batch(tmp_path, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, SENTINEL)
+    n = 8
+    qpath, gold = make_questions(tmp_path, n)
+    with ServerProcess(tmp_path / "srv", answers=gold, batch_polls=0, batch_expire=1) as server:
+        spec = _batch_spec(server, qpath, n)
+        run = A.annotate_cells([(spec, tmp_path / "cell")], mode="batch",
+                               batch=A.BatchSpec(poll_s=0.01, resend="batch"))
+        stats = server.batch_stats()
+        log = server.log_entries()
+    (cell,) = run.cells
+    assert stats["status"] == {"batch_000001": "expired", "batch_000002": "completed"}
+    assert [e["batch"] for e in log] == ["batch_000001"] * (n // 2) + ["batch_000002"] * (n // 2)
+    assert len(ok_counts(log)) == n and cell.failed == 0 and cell.rows == n
+    assert cell.batch_resent == n // 2 and cell.batch_rows == n
+    ledger = json.loads((tmp_path / "cell" / "batches.json").read_text())["batches"]
+    assert [(b["round"], b["status"], b["requests"]) for b in ledger] == [(1, "expired", n), (2, "completed", n // 2)]

@@ -26,7 +26,7 @@ Entry points: ``annotate(spec, out_dir) -> AnnotationResult`` (one cell),
 Parts: the specs live in the config layer (`raydistill.spec.annotation`); `cache` (request cache),
 `ratelimit` (shared token buckets), `teacher` (the litellm-calling actor), `questions` (questions,
 padding, hybrid levels), `selection` (which of a question's samples the policy keeps), `cells` (one
-cell's rows and outputs), `spend` (the spending cap), `pipeline` (the Ray Data driver), `cli`
+cell's rows and outputs), `spend` (the spending cap), `batch` (provider batch APIs), `pipeline` (the Ray Data driver), `cli`
 (`raydistill annotate`).
 """
 
@@ -47,6 +47,7 @@ from raydistill.annotate.teacher import TeacherCaller  # noqa: E402
 from raydistill.spec.annotation import (  # noqa: E402
                                         AnnotateConfig,
                                         AnnotationSpec,
+                                        BatchSpec,
                                         HybridSpec,
                                         PaddingSpec,
                                         Policy,
@@ -57,7 +58,7 @@ from raydistill.spec.annotation import (  # noqa: E402
 )
 
 __all__ = [
-    "AnnotateConfig", "AnnotationResult", "AnnotationRun", "AnnotationSpec", "CacheWriteError", "HybridSpec",
+    "AnnotateConfig", "AnnotationResult", "AnnotationRun", "AnnotationSpec", "BatchSpec", "CacheWriteError", "HybridSpec",
     "PaddingSpec", "Policy", "QuestionsSpec", "RateLimiter", "RequestCache", "RuntimeSpec", "SpendCapReached",
     "TeacherCaller", "TeacherSpec", "TokenBucket", "annotate", "annotate_cells", "cache_write_error_in", "load_config",
     "load_questions", "main", "pad_rationale", "prompt_hash", "request_key", "spent_usd", "summary_table",

@@ -66,6 +66,8 @@ class AnnotationResult:
     policies_would_keep: dict[str, int] = field(default_factory=dict)  # policy -> questions it keeps, same samples
     teacher_pass_at_k: float | None = None  # share of graded questions with a correct sample (k = samples)
     rows_left: int = 0  # rows not sent because the run reached its spending cap (the cell is not complete)
+    batch_rows: int = 0  # (mode: batch) requests of this cell answered inside a provider batch during this run
+    batch_resent: int = 0  # (mode: batch) of its requests that failed or expired in a batch, how many were sent again
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -306,6 +308,8 @@ class CellState:
             questions_kept=len({q for q, _ in keep}),
             policies_would_keep=selection.questions_kept(list(by_question.values()), same),
             teacher_pass_at_k=self.pass_at_k(by_question),
+            batch_rows=st["batch_rows"],
+            batch_resent=st["batch_resent"],
         )
         if stopped or self.left:
             result.rows_left = len(self.qids) * k - table.num_rows

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         run = annotate_cells(cells, overwrite=args.overwrite, retry_failed=args.retry_failed,
-                             progress=not args.no_progress, max_spend_usd=cap)
+                             progress=not args.no_progress, max_spend_usd=cap, mode=cfg.mode, batch=cfg.batch)
     except (SpecError, prompts.PromptError) as e:
         print(str(e), file=sys.stderr)
         return 2
@@ -109,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{t.get('api_calls', 0) + t.get('probe_api_calls', 0)} API calls, "
               f"{t.get('failed', 0) + t.get('probe_failed', 0)} failed; spent ${spent_usd(t):.4f}; "
               f"wall {t.get('wall_time_s', 0.0):.1f} s")
+        if cfg.mode == "batch":
+            print(f"batch mode: {t.get('batches_created', 0) + t.get('probe_batches_created', 0)} batch(es) created, "
+                  f"{t.get('batch_rows', 0) + t.get('probe_batch_rows', 0)} rows answered in batches, "
+                  f"{t.get('batch_resent', 0) + t.get('probe_batch_resent', 0)} failed or expired rows sent again "
+                  f"({cfg.batch.resend}), {t.get('batch_failed', 0) + t.get('probe_batch_failed', 0)} failed for good")
     if args.json:
         files.write_json(args.json, {"cells": [r.to_dict() for r in run.cells], "totals": t})
     return 0

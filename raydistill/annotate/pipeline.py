@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import pyarrow as pa
 
 from raydistill import files, prompts
+from raydistill.annotate.batch import check_batch_teachers, run_batches
 from raydistill.annotate.cache import CacheWriteError, RequestCache, prompt_hash, request_key
 from raydistill.annotate.cells import (
     AnnotationResult,
@@ -33,7 +34,8 @@ from raydistill.annotate.ratelimit import LIMITER_NAMESPACE, RateLimiter, limite
 from raydistill.annotate.spend import SpendCapReached, SpendGate, check_priced
 from raydistill.annotate.teacher import SPEND_CAP, TeacherCaller, empty_result, finish_result
 from raydistill.schemas import ANNOTATION_SCHEMA
-from raydistill.spec.annotation import AnnotationSpec, RuntimeSpec, TeacherSpec
+from raydistill.spec.annotation import AnnotationSpec, BatchSpec, RuntimeSpec, TeacherSpec
+from raydistill.spec.base import SpecError
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +131,8 @@ def cache_write_error_in(err: BaseException) -> CacheWriteError | None:
 
 def annotate_cells(cells: Sequence[tuple[AnnotationSpec, str | os.PathLike]], *, overwrite: bool = False,
                    retry_failed: bool = False, progress: bool | None = None,
-                   max_spend_usd: float | None = None) -> AnnotationRun:
+                   max_spend_usd: float | None = None, mode: str = "sync",
+                   batch: BatchSpec | None = None) -> AnnotationRun:
     """Annotate several cells in one Ray Data pipeline (requests shared between cells are sent once).
 
     Cells whose ``summary.json`` already carries the same cell hash are returned as they are,
@@ -142,12 +145,21 @@ def annotate_cells(cells: Sequence[tuple[AnnotationSpec, str | os.PathLike]], *,
     a teacher without a price is refused at once (SpecError) and a run that reaches the cap writes
     every answered row, marks the cells with rows left ``complete: false`` and raises
     `SpendCapReached` (its ``run`` holds the cells as written).
+
+    ``mode="batch"`` sends the uncached requests through the providers' batch APIs
+    (`raydistill.annotate.batch`, settings in ``batch``); the default ``"sync"`` sends them one by one.
     """
     if not cells:
         return AnnotationRun([], {})
     t_start = time.perf_counter()
     specs = [(s if isinstance(s, AnnotationSpec) else AnnotationSpec.model_validate(s), Path(d)) for s, d in cells]
-    check_priced(list({s.teacher.model_dump_json(): s.teacher for s, _ in specs}.values()), max_spend_usd)
+    teachers = list({s.teacher.model_dump_json(): s.teacher for s, _ in specs}.values())
+    check_priced(teachers, max_spend_usd)
+    if mode not in ("sync", "batch"):
+        raise SpecError(f"mode: {mode!r} is not sync or batch")
+    batch_cfg = (batch or BatchSpec()) if mode == "batch" else None
+    if batch_cfg is not None:
+        check_batch_teachers(teachers)
     runtime = specs[0][0].runtime
     cache_dir = Path(runtime.cache_dir) if runtime.cache_dir else specs[0][1] / "request-cache"
     show = runtime.progress if progress is None else progress
@@ -162,7 +174,8 @@ def annotate_cells(cells: Sequence[tuple[AnnotationSpec, str | os.PathLike]], *,
                                waiting="{path}: another run is annotating this cell; waiting for it"):
         if not overwrite:
             todo = _cells_to_run(specs, results, False, retry_failed, todo)
-        totals = _annotate(specs, todo, results, runtime, cache_dir, show, max_spend_usd) if todo else Counter()
+        totals = (_annotate(specs, todo, results, runtime, cache_dir, show, max_spend_usd, batch_cfg) if todo
+                  else Counter())
     totals["wall_time_s"] = time.perf_counter() - t_start
     totals["cells"] = len(specs)
     totals["reused"] = len(specs) - len(todo)
@@ -196,7 +209,8 @@ def _cells_to_run(specs: list[tuple[AnnotationSpec, Path]], results: list[Annota
 
 
 def _annotate(specs: list[tuple[AnnotationSpec, Path]], todo: list[int], results: list[AnnotationResult | None],
-              runtime: RuntimeSpec, cache_dir: Path, show: bool, max_spend_usd: float | None = None) -> Counter:
+              runtime: RuntimeSpec, cache_dir: Path, show: bool, max_spend_usd: float | None = None,
+              batch: BatchSpec | None = None) -> Counter:
     """Annotate the cells ``todo`` (their locks held); fills ``results``, returns the run's totals."""
     t_start = time.perf_counter()
     # Teachers, questions, cell states.
@@ -221,7 +235,7 @@ def _annotate(specs: list[tuple[AnnotationSpec, Path]], todo: list[int], results
     cache = RequestCache(cache_dir)
     totals: Counter = Counter()
     # The run's spending cap: one SpendGate actor, started with the first request sent.
-    cap = {"usd": max_spend_usd, "gate": None}
+    cap = {"usd": max_spend_usd, "gate": None, "batch": batch}
     try:
         # Stage 1: answer-only probes for hybrid cells that need them.
         probe_cells = [c for c in states if c.spec.hybrid and c.spec.hybrid.by == "answer_only"]
@@ -356,7 +370,20 @@ def _execute(reqs: dict[str, PlannedRequest], targets: dict[str, list[RequestTar
                 chunk.append(finish_result(res, cached[r.key], r.task, r.gold, answers))
             on_batch(chunk)
         misses = [r for r in reqs.values() if r.key not in cached]
-        if misses:
+        if misses and cap is not None and cap["batch"] is not None:  # mode: batch
+            resend, sent = run_batches(misses, targets, by_idx, teachers, cap["batch"], cache_dir, show, on_batch,
+                                       cap["usd"])
+            counts.update(sent)
+            if resend:  # rows that failed or expired inside a batch, sent again one by one
+                _ensure_ray(runtime, started)
+                gate = None
+                if cap["usd"] is not None:
+                    import ray
+
+                    left = cap["usd"] - sent["batch_spent_usd"]
+                    gate = ray.remote(SpendGate).options(num_cpus=0, max_concurrency=1).remote(left)
+                _run_requests(resend, teachers, runtime, cache_dir, on_batch, gate)
+        elif misses:
             _ensure_ray(runtime, started)
             if cap is not None and cap["usd"] is not None and cap["gate"] is None:
                 import ray

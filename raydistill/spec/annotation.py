@@ -178,6 +178,22 @@ class RuntimeSpec(Strict):
 
 Policy = Literal["keep_all", "keep_correct", "keep_first_correct", "keep_majority"]  # raydistill.annotate.selection
 
+Mode = Literal["sync", "batch"]  # how uncached requests are sent: one by one, or through the provider's batch API
+
+
+class BatchSpec(Strict):
+    """Provider batch APIs (``mode: batch``, raydistill.annotate.batch): limits, polling, re-sends."""
+
+    max_requests: int = Field(50_000, ge=1, description="requests per batch (OpenAI's limit: 50,000)")
+    max_bytes: int = Field(200_000_000, ge=1024, description="bytes of a batch's input file (OpenAI's limit: 200 MB)")
+    completion_window: str = Field("24h", description="the provider's completion window")
+    poll_s: float = Field(30.0, gt=0, description="seconds between looks at the pending batches")
+    resend: Literal["batch", "sync"] = Field(
+        "sync", description="how rows that failed or expired inside a batch are sent again")
+    max_rounds: int = Field(3, ge=1, description="batch rounds per cell, re-sends included, with resend: batch")
+    discount: float = Field(0.5, gt=0, le=1, description="batch price / synchronous price, applied to declared "
+                            "prices (litellm's table has batch prices of its own)")
+
 
 class AnnotationSpec(Strict):
     """One annotation cell: a teacher writing rationales for a task's questions at one granularity
@@ -331,6 +347,8 @@ class AnnotateConfig(Strict):
     prompt_dir: str | None = None
     max_spend_usd: float | None = Field(None, gt=0, description="stop before this run spends more (USD); "
                                         "raydistill.annotate.spend")
+    mode: Mode = "sync"
+    batch: BatchSpec = Field(default_factory=BatchSpec)
 
     @model_validator(mode="after")
     def _some_cells(self) -> AnnotateConfig:

@@ -10,7 +10,7 @@ from pydantic import Field, ValidationError, field_validator, model_serializer, 
 
 from raydistill.answers import GraderOptions
 from raydistill import prompts
-from raydistill.spec.annotation import Policy, RuntimeSpec, TeacherSpec, check_samples, selection_identity
+from raydistill.spec.annotation import BatchSpec, Mode, Policy, RuntimeSpec, TeacherSpec, check_samples, selection_identity
 from raydistill.spec.base import (
     SpecError,
     Strict,
@@ -147,8 +147,11 @@ class AnnotationStageSpec(Strict):
     prompt_dir: str | None = None
     runtime: RuntimeSpec = RuntimeSpec()
     # Stop the annotation stage before it spends more than this (USD, per run, over all cells;
-    # raydistill.annotate.spend). Not part of any cell.
+    # raydistill.annotate.spend), and send requests one by one (sync) or through the providers'
+    # batch APIs (batch, settings under `batch`). Neither is part of any cell.
     max_spend_usd: float | None = Field(None, gt=0)
+    mode: Mode = "sync"
+    batch: BatchSpec = BatchSpec()
 
     @field_validator("teachers")
     @classmethod

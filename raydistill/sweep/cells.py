@@ -145,7 +145,8 @@ def generate_cells(spec: SweepSpec, cells: dict[CellSpec, CellSpec], verbose: bo
         files.write_json(folder / "cell.json", identified.model_dump(mode="json"))
         jobs.append((annotation_spec(identified, spec), folder))
     init_ray(verbose)
-    run = annotate_cells(jobs, max_spend_usd=spec.annotation.max_spend_usd)
+    run = annotate_cells(jobs, max_spend_usd=spec.annotation.max_spend_usd, mode=spec.annotation.mode,
+                         batch=spec.annotation.batch)
     log.info("annotation stage:\n%s", summary_table(run.cells))
     out = {}
     for (cell, identified), result in zip(cells.items(), run.cells):

@@ -832,3 +832,37 @@ def test_an_expired_batch_sends_its_unfinished_rows_in_a_new_batch(tmp_path, mon
     assert cell.batch_resent == n // 2 and cell.batch_rows == n
     ledger = json.loads((tmp_path / "cell" / "batches.json").read_text())["batches"]
     assert [(b["round"], b["status"], b["requests"]) for b in ledger] == [(1, "expired", n), (2, "completed", n // 2)]
+
+
+def test_batch_mode_with_k_samples_stops_at_the_cap_and_a_rerun_sends_the_rest(tmp_path, monkeypatch):
+    """Two samples per question, each its own line of a batch, under a cap that covers about half
+    of them at batch prices: only the requests that fit go into batches, the run stops with
+    SpendCapReached and rows left; a rerun without a cap sends only the rest, and every (question,
+    sample) has its row, the samples answered by seed as the synchronous server would."""
+    from openai_server import wrong_by_seed
+
+    monkeypatch.setenv(KEY_ENV, SENTINEL)
+    n, k, seed = 6, 2, 5
+    qpath, gold = make_questions(tmp_path, n)
+    with ServerProcess(tmp_path / "srv", answers=gold, batch_polls=0, wrong_by_seed=0.5) as server:
+        spec = _batch_spec(server, qpath, n)
+        spec = spec.model_copy(update={"samples": k, "teacher": spec.teacher.model_copy(
+            update={"temperature": 0.7, "seed": seed, "max_tokens": 200})})
+        cfg = A.BatchSpec(poll_s=0.01)
+        bound = 0.5 * (400 * 1e-6 + 200 * 2e-6)  # about one request's bound at batch prices
+        with pytest.raises(A.SpendCapReached) as stopped:
+            A.annotate_cells([(spec, tmp_path / "cell")], mode="batch", batch=cfg, max_spend_usd=5.5 * bound)
+        first = server.log_entries()
+        run = A.annotate_cells([(spec, tmp_path / "cell")], mode="batch", batch=cfg)
+        log = server.log_entries()
+    e = stopped.value
+    assert 0 < len(first) < n * k and e.rows_left == n * k - len(first) and e.cells_left == 1
+    assert 0 < e.spent <= e.cap
+    (cell,) = run.cells
+    assert len(log) == n * k and set(ok_counts(log).values()) == {1}  # the rest only, each once
+    assert cell.rows == n * k and cell.failed == 0 and cell.cache_hits == len(first)
+    rows = pq.read_table(cell.annotations_path).to_pylist()
+    assert [(r["question"], r["sample"]) for r in rows] == [(q, i) for q in gold for i in range(k)]
+    for r in rows:
+        sent = prompts.build_messages("svamp", 3, "cot", r["question"])[-1]["content"]
+        assert r["correct"] is not wrong_by_seed(sent, seed + r["sample"], 0.5)

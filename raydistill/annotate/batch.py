@@ -130,7 +130,9 @@ class BatchRunner:
             kw["api_key"] = key
         return kw
 
-    def _call(self, t: TeacherSpec, what: str, fn: Callable[..., Any], **kw: Any) -> Any:
+    def _call(self, t: TeacherSpec, what: str, fn: Callable[..., Any], retry: bool = True, **kw: Any) -> Any:
+        """A provider call, tried up to 4 times; ``retry=False`` for a call that must not be
+        repeated blindly (a batch created by a call whose reply was lost would be paid twice)."""
         tries = 0
         while True:
             tries += 1
@@ -141,7 +143,7 @@ class BatchRunner:
             except Exception as err:  # noqa: BLE001 - retried, then named in one line
                 secret = os.environ.get(t.api_key_env or "", "")
                 msg = _scrub(str(err), [secret]).replace("\n", " ")[:300]
-                if tries >= 4:
+                if tries >= 4 or not retry:
                     raise RuntimeError(f"batch API ({t.model}): {what} failed after {tries} tries: "
                                        f"{type(err).__name__}: {msg}") from None
                 log.warning("batch API (%s): %s failed (%s), trying again", t.model, what, msg)
@@ -187,7 +189,8 @@ class BatchRunner:
             t = self.teachers[chunk[0].teacher_idx]
             upload = self._call(t, "upload", self.litellm.create_file,
                                 file=(f"{cell_name}-r{round_}.jsonl", data), purpose="batch")
-            batch = self._call(t, "create", self.litellm.create_batch, completion_window=self.spec.completion_window,
+            batch = self._call(t, "create", self.litellm.create_batch, retry=False,
+                               completion_window=self.spec.completion_window,
                                endpoint=ENDPOINT, input_file_id=upload.id,
                                metadata={"raydistill_cell": cell_name[:500]})
             entry = {"id": batch.id, "cell": cell_name, "teacher": t.model, "input_file_id": upload.id,

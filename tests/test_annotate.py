@@ -420,3 +420,64 @@ def test_a_cap_needs_a_price_from_the_table_or_the_config():
     check_priced([TeacherSpec(model="openai/mine")], None)  # no cap: nothing to check
     with pytest.raises(SpecError, match="openai/mine has no price"):
         check_priced([TeacherSpec(model="openai/gpt-4o"), TeacherSpec(model="openai/mine")], 5.0)
+
+
+def test_cap_and_batch_settings_in_configs_leave_cells_and_trials_as_they_were(tmp_path):
+    from raydistill.annotate.batch import check_batch_teachers
+    from raydistill.spec import sweep_from_dict
+
+    cfg = A.load_config(_write(tmp_path, """
+output_dir: out
+teacher: {model: openai/gpt-4o}
+grid: {tasks: [svamp], levels: [3]}
+max_spend_usd: 12.5
+mode: batch
+batch: {resend: batch, max_requests: 1000}
+"""))
+    plain = A.load_config(_write(tmp_path, "output_dir: out\nteacher: {model: openai/gpt-4o}\ngrid: {tasks: [svamp], levels: [3]}\n"))
+    assert (cfg.max_spend_usd, cfg.mode, cfg.batch.resend, cfg.batch.max_requests) == (12.5, "batch", "batch", 1000)
+    assert [s.cell_hash() for s, _ in cfg.expand()] == [s.cell_hash() for s, _ in plain.expand()]
+    with pytest.raises(SpecError, match="batch.resend"):
+        A.load_config(_write(tmp_path, "output_dir: o\nteacher: {model: m}\ngrid: {tasks: [svamp]}\nbatch: {resend: later}\n"))
+    with pytest.raises(SpecError, match="max_spend_usd"):
+        A.load_config(_write(tmp_path, "output_dir: o\nteacher: {model: m}\ngrid: {tasks: [svamp]}\nmax_spend_usd: -1\n"))
+    base = {"name": "k", "datasets": ["svamp"], "teachers": ["gpt"], "levels": [3], "students": ["tiny-llama"],
+            "annotation": {"teachers": {"gpt": {"model": "openai/gpt-4o-mini"}}}}
+    capped = sweep_from_dict({**base, "annotation": {**base["annotation"], "max_spend_usd": 3, "mode": "batch"}})
+    assert capped.annotation.max_spend_usd == 3 and capped.annotation.mode == "batch"
+    assert [t.trial_hash for t in capped.trials()] == [t.trial_hash for t in sweep_from_dict(base).trials()]
+    check_batch_teachers([TeacherSpec(model="openai/gpt-4o"), TeacherSpec(model="hosted_vllm/llama")])
+    with pytest.raises(SpecError, match="mode: batch: teacher anthropic/claude-3-5-haiku-20241022 goes through"):
+        check_batch_teachers([TeacherSpec(model="anthropic/claude-3-5-haiku-20241022")])
+
+
+def test_batch_prices_come_from_litellm_s_batch_keys_or_the_discount():
+    from raydistill.annotate.batch import batch_prices
+
+    import litellm
+
+    info = litellm.model_cost["gpt-4o"]
+    assert batch_prices(TeacherSpec(model="openai/gpt-4o"), 0.5) == (info["input_cost_per_token_batches"],
+                                                                      info["output_cost_per_token_batches"])
+    assert batch_prices(TeacherSpec(model="openai/mine", input_cost_per_token=2e-6, output_cost_per_token=4e-6),
+                        0.5) == (1e-6, 2e-6)
+    assert batch_prices(TeacherSpec(model="openai/mine"), 0.5) is None
+
+
+def test_batch_requests_are_cut_within_the_request_and_byte_limits(tmp_path):
+    from raydistill.annotate.batch import BatchRunner
+    from raydistill.annotate.cells import PlannedRequest
+
+    teacher = TeacherSpec(model="openai/mock", temperature=0, max_tokens=64)
+    reqs = [PlannedRequest(f"k{i:03d}", 0, "svamp", "1", [{"role": "user", "content": "x" * (100 + i)}], "h")
+            for i in range(10)]
+    runner = BatchRunner([teacher], A.BatchSpec(max_requests=4, max_bytes=1024), tmp_path, False)
+    chunks = runner.chunks(reqs)
+    assert [r.key for c, _ in chunks for r in c] == [r.key for r in reqs]
+    assert all(len(c) <= 4 and len(data) <= 1024 for c, data in chunks) and len(chunks) >= 3
+    line = json.loads(chunks[0][1].splitlines()[0])
+    assert line == {"custom_id": "k000", "method": "POST", "url": "/v1/chat/completions",
+                    "body": {"model": "mock", "messages": reqs[0].messages, "temperature": 0.0, "max_tokens": 64}}
+    with pytest.raises(SpecError, match="batch.max_bytes"):
+        BatchRunner([teacher], A.BatchSpec(max_requests=4, max_bytes=1024), tmp_path, False).chunks(
+            [PlannedRequest("big", 0, "svamp", "1", [{"role": "user", "content": "x" * 2000}], "h")])

@@ -371,18 +371,21 @@ def _execute(reqs: dict[str, PlannedRequest], targets: dict[str, list[RequestTar
             on_batch(chunk)
         misses = [r for r in reqs.values() if r.key not in cached]
         if misses and cap is not None and cap["batch"] is not None:  # mode: batch
+            # The cap's room: what the earlier stage of this run (the probes) spent is used up.
+            room = None if cap["usd"] is None else cap["usd"] - totals["probe_new_cost_usd"]
             resend, sent = run_batches(misses, targets, by_idx, teachers, cap["batch"], cache_dir, show, on_batch,
-                                       cap["usd"])
+                                       room)
             counts.update(sent)
             if resend:  # rows that failed or expired inside a batch, sent again one by one
                 _ensure_ray(runtime, started)
-                gate = None
-                if cap["usd"] is not None:
+                if room is not None:
                     import ray
 
-                    left = cap["usd"] - sent["batch_spent_usd"]
-                    gate = ray.remote(SpendGate).options(num_cpus=0, max_concurrency=1).remote(left)
-                _run_requests(resend, teachers, runtime, cache_dir, on_batch, gate)
+                    if cap["gate"] is not None:
+                        ray.kill(cap["gate"])
+                    cap["gate"] = ray.remote(SpendGate).options(num_cpus=0, max_concurrency=1).remote(
+                        room - counts["new_cost_usd"])
+                _run_requests(resend, teachers, runtime, cache_dir, on_batch, cap["gate"])
         elif misses:
             _ensure_ray(runtime, started)
             if cap is not None and cap["usd"] is not None and cap["gate"] is None:

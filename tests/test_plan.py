@@ -100,7 +100,7 @@ def test_priced_model_plans_litellm_prices_and_subtracts_the_request_cache(tmp_p
     import litellm
 
     from raydistill.annotate import RequestCache, load_config
-    from raydistill.plan.teacher import count_input_tokens, plan_requests
+    from raydistill.plan.teacher import count_input_tokens, plan_requests, teacher_prices
 
     cfg = _annotate_config(tmp_path, "{model: openai/gpt-4o-mini, max_tokens: 512}")
     assert plan_main(["--config", str(cfg)]) == 0
@@ -121,6 +121,16 @@ def test_priced_model_plans_litellm_prices_and_subtracts_the_request_cache(tmp_p
     assert first["usd_batch"] == pytest.approx(first["tokens_in"] * price["input_cost_per_token_batches"]
                                                + first["tokens_out"] * price["output_cost_per_token_batches"], abs=1e-4)
     assert 0 < first["usd_batch"] < first["usd_sync"]
+    # a teacher with declared prices: batch at the batch annotator's discount; a route without a
+    # batch API (Gemini through litellm's gemini route) has no batch price
+    from raydistill.spec.annotation import TeacherSpec
+
+    declared = teacher_prices(TeacherSpec(model="openai/x", input_cost_per_token=1e-6, output_cost_per_token=2e-6), 0.5)
+    assert (declared.usd(1000, 100), declared.usd(1000, 100, batch=True)) == pytest.approx((1.2e-3, 0.6e-3))
+    gemini = teacher_prices(TeacherSpec(model="gemini/gemini-1.5-flash", input_cost_per_token=1e-7,
+                                        output_cost_per_token=3e-7))
+    assert gemini.usd(10, 10) == pytest.approx(4e-6) and gemini.usd(10, 10, batch=True) is None
+    assert not gemini.batchable
 
     # One of the requests is in the cache already: the plan leaves it out.
     key = next(iter(sent))
@@ -140,7 +150,7 @@ def test_unpriced_model_is_unpriced_never_zero(tmp_path, capsys):
     assert totals["requests"] == 18 and totals["tokens_in"] > 0
     assert totals["usd_sync"] == "unpriced" and totals["usd_batch"] == "unpriced"
     assert totals["unpriced_teachers"] == ["my-local-model"]
-    assert "unpriced synchronous, unpriced batch" in printed
+    assert "synchronous unpriced, batch unpriced" in printed
     assert "Unpriced (no price" in (tmp_path / "out" / "plan.md").read_text()
 
 

@@ -33,7 +33,7 @@ def build_plan(spec, device: str | None = None, throughput: str | None = None,
 
     grid = plan_grid(spec)
     jobs = [(c.cell.label, c.annotation, c.folder) for c in grid.cells if c.status == "generate"]
-    requests = plan_requests(jobs)
+    requests = plan_requests(jobs, spec.annotation.batch.discount)
     teacher = _teacher_totals(requests)
     compute = plan_compute(grid, spec, device, throughput)
     power = power_section(grid.trials, grid.test_questions, discordance or DEFAULT_DISCORDANCE)
@@ -57,7 +57,7 @@ def build_annotate_plan(cfg) -> dict:
             cached.append(spec.cell_name())
         else:
             jobs.append((spec.cell_name(), spec, Path(folder)))
-    requests = plan_requests(jobs)
+    requests = plan_requests(jobs, cfg.batch.discount)
     return {"annotate": cfg.output_dir, "made_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "teacher": {"totals": _teacher_totals(requests), "cells": [r.to_dict() for r in requests],
                         "cached_cells": cached}}
@@ -70,7 +70,9 @@ def _teacher_totals(requests) -> dict:
               "tokens_out_error": round(sum(r.tokens_out_error for r in requests))}
     for kind in ("sync", "batch"):
         values = [getattr(r, f"usd_{kind}") for r in requests if r.to_send]
-        totals[f"usd_{kind}"] = ("unpriced" if any(v is None for v in values) else round(sum(values), 4))
+        none = "no batch route" if kind == "batch" and any(not r.batchable for r in requests if r.to_send) \
+            else "unpriced"
+        totals[f"usd_{kind}"] = (none if any(v is None for v in values) else round(sum(values), 4))
         lo = [v for v in values if v is not None]
         if any(v is None for v in values) and lo:
             totals[f"usd_{kind}_priced_part"] = round(sum(lo), 4)
@@ -91,6 +93,10 @@ def _pp(value) -> str:
 
 def _hours(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds < 3600 else f"{seconds / 3600:,.1f} h"
+
+
+def _no_batch(cell: dict) -> str:
+    return "unpriced" if cell["batchable"] else "no batch route"
 
 
 def _yes_no(value) -> str:
@@ -116,7 +122,8 @@ def teacher_markdown(plan: dict) -> list[str]:
             lines.append(f"| {r['label']} | {r['to_send']} | {r['cached']} | {r['tokens_in']:,} | "
                          f"{round(r['tokens_out']):,} ± {round(r['tokens_out_error']):,} | "
                          f"{_usd(r['usd_sync']) if r['usd_sync'] is not None else 'unpriced'} | "
-                         f"{_usd(r['usd_batch']) if r['usd_batch'] is not None else 'unpriced'} | {r['output_basis']} |")
+                         f"{_usd(r['usd_batch']) if r['usd_batch'] is not None else _no_batch(r)} | "
+                         f"{r['output_basis']} |")
         lines.append("")
     return lines
 
@@ -180,7 +187,7 @@ def table(plan: dict) -> str:
     teacher_rows = [("teacher requests", f"{t['requests']:,} to send ({t['cached']:,} cached)"),
                     ("teacher tokens", f"{t['tokens_in']:,} in, {t['tokens_out']:,} ± {t['tokens_out_error']:,} out "
                                        "(estimated)"),
-                    ("teacher USD", f"{_usd(t['usd_sync'])} synchronous, {_usd(t['usd_batch'])} batch")]
+                    ("teacher USD", f"synchronous {_usd(t['usd_sync'])}, batch {_usd(t['usd_batch'])}")]
     if "grid" not in plan:
         return _aligned(teacher_rows)
     g, c = plan["grid"], plan["compute"]["totals"]

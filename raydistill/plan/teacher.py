@@ -18,9 +18,10 @@ teacher may write longer or shorter than every released one: the error says how 
 ones differ, not a bound).
 
 Dollars: tokens x the teacher's prices: its declared ``input_cost_per_token`` /
-``output_cost_per_token`` (what the annotator charges, synchronous requests only), else litellm's
-price table (`litellm.model_cost` via `litellm.get_model_info`; batch prices from its
-``*_cost_per_token_batches`` keys where present). A model without a price is "unpriced", never 0.
+``output_cost_per_token`` (what the annotator charges), else litellm's price table
+(`litellm.model_cost` via `litellm.get_model_info`); in batch mode the batch annotator's prices
+(`raydistill.annotate.batch.batch_prices`). A model without a price is "unpriced", never 0; a
+teacher whose route has no batch API here has no batch price ("no batch route").
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class Prices:
     output: float | None = None
     input_batch: float | None = None
     output_batch: float | None = None
+    batchable: bool = True  # the teacher's litellm route has a batch API in raydistill.annotate.batch
 
     def usd(self, tokens_in: float, tokens_out: float, batch: bool = False) -> float | None:
         pin, pout = (self.input_batch, self.output_batch) if batch else (self.input, self.output)
@@ -72,24 +74,31 @@ class Prices:
         return tokens_in * pin + tokens_out * pout
 
 
-def teacher_prices(teacher) -> Prices:
-    """The prices the annotator charges a `TeacherSpec`'s requests at: its declared prices, else
-    litellm's price table for its model; batch prices from the table's batch keys (a declared price
-    has none unless the spec declares ``*_cost_per_token_batches`` too)."""
+def teacher_prices(teacher, discount: float | None = None) -> Prices:
+    """The prices the annotator charges a `TeacherSpec`'s requests at: synchronous, its declared
+    prices, else litellm's price table for its model; in batch mode the batch annotator's own
+    (`raydistill.annotate.batch.batch_prices`: litellm's batch keys, else the synchronous price x
+    ``annotation.batch.discount``), None where the teacher's route has no batch API here."""
+    from raydistill.annotate.batch import SUPPORTED, batch_prices, provider_of
+    from raydistill.spec.annotation import BatchSpec
+
+    discount = BatchSpec().discount if discount is None else discount
+    try:
+        batchable = provider_of(teacher)[0] in SUPPORTED
+    except Exception:  # noqa: BLE001 - litellm knows no route for the model string
+        batchable = False
+    batch = batch_prices(teacher, discount) if batchable else None
     pin, pout = teacher.input_cost_per_token, teacher.output_cost_per_token
     if pin is not None or pout is not None:
-        return Prices("declared", pin or 0.0, pout or 0.0,
-                      getattr(teacher, "input_cost_per_token_batches", None),
-                      getattr(teacher, "output_cost_per_token_batches", None))
+        return Prices("declared", pin or 0.0, pout or 0.0, *(batch or (None, None)), batchable=batchable)
     try:
         info = _litellm().get_model_info(teacher.model)
     except Exception:  # noqa: BLE001 - litellm raises for a model it does not know
-        return Prices("unpriced")
+        return Prices("unpriced", batchable=batchable)
     pin, pout = info.get("input_cost_per_token"), info.get("output_cost_per_token")
     if not pin and not pout:
-        return Prices("unpriced")
-    return Prices("litellm", pin or 0.0, pout or 0.0, info.get("input_cost_per_token_batches"),
-                  info.get("output_cost_per_token_batches"))
+        return Prices("unpriced", batchable=batchable)
+    return Prices("litellm", pin or 0.0, pout or 0.0, *(batch or (None, None)), batchable=batchable)
 
 
 # ------------------------------------------------------------------------------- output length
@@ -157,6 +166,7 @@ class CellRequests:
     usd_sync: float | None = None
     usd_batch: float | None = None
     prices: str = ""
+    batchable: bool = True
     output_basis: str = ""
     sent: dict[str, int] = field(default_factory=dict, repr=False)  # request key -> input tokens, of to_send
 
@@ -164,7 +174,7 @@ class CellRequests:
         return {k: v for k, v in self.__dict__.items() if k != "sent"}
 
 
-def plan_requests(jobs: list[tuple[str, object, Path]]) -> list[CellRequests]:
+def plan_requests(jobs: list[tuple[str, object, Path]], discount: float | None = None) -> list[CellRequests]:
     """The requests of ``jobs`` (label, AnnotationSpec, folder) still to send, per cell, planned
     with the annotation driver's own planner: the same `CellState`s, prompts and request keys.
     A request shared by several cells is charged to the first (as the run charges it)."""
@@ -224,8 +234,8 @@ def plan_requests(jobs: list[tuple[str, object, Path]]) -> list[CellRequests]:
                 owner.tokens_out_error += est.mean * est.rel_error
             owner.output_basis = owner.output_basis or est.basis
     for (_label, spec, _folder), cell in zip(jobs, out):
-        prices = teacher_prices(spec.teacher)
-        cell.prices = prices.source
+        prices = teacher_prices(spec.teacher, discount)
+        cell.prices, cell.batchable = prices.source, prices.batchable
         cell.usd_sync = prices.usd(cell.tokens_in, cell.tokens_out)
         cell.usd_batch = prices.usd(cell.tokens_in, cell.tokens_out, batch=True)
     return out

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import psutil
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -69,13 +70,36 @@ def _run_sweep(config: Path, log: Path, env: dict | None = None, timeout: float 
 
 
 def _reap(proc: subprocess.Popen, grace: float = 60) -> None:
-    """Wait for what the driver started (Ray's own processes) to go, then kill what is left."""
+    """Wait for the driver and the Ray cluster it started to go, then kill what is left. The node's
+    dashboard and runtime-env agents outlive their raylet (by more than 50 s here) and do no work
+    of the sweep: they are not waited for, only killed with the rest of the driver's process group.
+    (The driver's own zombie is reaped first: it kept the group alive for the whole grace.)"""
     deadline = time.time() + grace
-    while time.time() < deadline and _group_alive(proc.pid):
-        time.sleep(1)
+    while time.time() < deadline and _cluster_alive(proc):
+        time.sleep(0.2)
     if _group_alive(proc.pid):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+# How the agents of a node name themselves (process title) or are started (script path).
+RAY_AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent", "dashboard/agent.py", "runtime_env/agent/main.py")
+
+
+def _cluster_alive(proc: subprocess.Popen) -> bool:
+    """Whether the driver, or a process of its group other than a zombie or a node agent (the GCS,
+    the raylet, Tune's and Train's workers), still runs."""
+    if proc.poll() is None:  # also reaps the driver once it has ended
+        return True
+    for other in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if os.getpgid(other.pid) != proc.pid or other.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+        except ProcessLookupError:
+            continue
+        if not any(agent in " ".join(other.info["cmdline"] or ()) for agent in RAY_AGENTS):
+            return True
+    return False
 
 
 def _group_alive(pgid: int) -> bool:

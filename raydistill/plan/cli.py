@@ -153,7 +153,8 @@ def markdown(plan: dict) -> str:
         lines += [f"Time ({c['timed_trials']} of {c['trials']} trials have a throughput row): training "
                   f"{_hours(c['train_s'])}, evaluation {_hours(c['eval_s'])} (trial-hours); at "
                   f"max_concurrent_trials, at least {_hours(c['wall_s_lower_bound'])} of wall time; "
-                  f"GPU-hours {c['gpu_hours']:,.1f}.", ""]
+                  f"GPU-hours {c['gpu_hours']:,.1f}. Tokens over throughput only: each trial's start (Ray "
+                  "Train workers, DeepSpeed, model load, evaluation engine) comes on top.", ""]
     lines += ["| student | device | kind | train tokens/s | generate tokens/s | source |", "|---|---|---|---|---|---|"]
     for r in plan["compute"]["throughput"]:
         lines.append(f"| {r['student']} | {r['device']} | {r['kind']} | {r.get('train_tokens_per_s', '–')} | "
@@ -202,7 +203,8 @@ def table(plan: dict) -> str:
             ("training tokens", f"{c['train_tokens']:,.0f}"),
             ("generated tokens", f"{c['generate_expected']:,.0f} expected, {c['generate_limit']:,} at the limit"),
             ("time", (f"training {_hours(c['train_s'])}, evaluation {_hours(c['eval_s'])} on {c['device']} "
-                      f"({c['timed_trials']}/{c['trials']} trials timed), GPU-hours {c['gpu_hours']:,.1f}")
+                      f"({c['timed_trials']}/{c['trials']} trials timed; tokens only, trial start-up not "
+                      f"included), GPU-hours {c['gpu_hours']:,.1f}")
              if c["timed_trials"] else f"no throughput row for {c['device']}"),
             ("memory", _memory_text(plan["memory"])),
             ("published Δ not detectable", f"{len(cant)} of the {len(judged)} on this grid's datasets"

@@ -815,22 +815,27 @@ def test_rows_that_fail_inside_a_batch_are_sent_again_synchronously(ray_cluster,
         assert r["cost_usd"] == pytest.approx(full if q in broken else full / 2)
 
 
-def test_an_expired_batch_sends_its_unfinished_rows_in_a_new_batch(tmp_path, monkeypatch):
+def test_an_expired_batch_sends_its_unfinished_rows_in_a_new_batch(tmp_path, monkeypatch, capsys):
+    """Through `raydistill annotate` with `mode: batch` and `resend: batch`: the first batch expires
+    half done, its other half goes into a second batch; the last lines count both."""
     monkeypatch.setenv(KEY_ENV, SENTINEL)
     n = 8
     qpath, gold = make_questions(tmp_path, n)
     with ServerProcess(tmp_path / "srv", answers=gold, batch_polls=0, batch_expire=1) as server:
-        spec = _batch_spec(server, qpath, n)
-        run = A.annotate_cells([(spec, tmp_path / "cell")], mode="batch",
-                               batch=A.BatchSpec(poll_s=0.01, resend="batch"))
+        cfg = _cap_config(tmp_path, server, qpath)
+        cfg.write_text(cfg.read_text() + "mode: batch\nbatch: {poll_s: 0.01, resend: batch}\n")
+        assert A.main(["--config", str(cfg), "--json", str(tmp_path / "run.json")]) == 0
         stats = server.batch_stats()
         log = server.log_entries()
-    (cell,) = run.cells
+    cell = json.loads((tmp_path / "run.json").read_text())["cells"][0]
     assert stats["status"] == {"batch_000001": "expired", "batch_000002": "completed"}
     assert [e["batch"] for e in log] == ["batch_000001"] * (n // 2) + ["batch_000002"] * (n // 2)
-    assert len(ok_counts(log)) == n and cell.failed == 0 and cell.rows == n
-    assert cell.batch_resent == n // 2 and cell.batch_rows == n
-    ledger = json.loads((tmp_path / "cell" / "batches.json").read_text())["batches"]
+    assert len(ok_counts(log)) == n and cell["failed"] == 0 and cell["rows"] == n
+    assert cell["batch_resent"] == n // 2 and cell["batch_rows"] == n
+    printed = capsys.readouterr().out
+    assert (f"batch mode: 2 batch(es) created, {n} rows answered in batches, {n // 2} failed or expired rows sent "
+            "again (batch), 0 failed for good") in printed
+    ledger = json.loads((tmp_path / "out" / "svamp-mock-cot-L3" / "batches.json").read_text())["batches"]
     assert [(b["round"], b["status"], b["requests"]) for b in ledger] == [(1, "expired", n), (2, "completed", n // 2)]
 
 

@@ -95,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     except CacheWriteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        pending = "; batches still pending are listed in their cells' batches.json" if cfg.mode == "batch" else ""
+        print(f"stopped{pending}; the same command resumes (answered requests come from the cache)", file=sys.stderr)
+        return 130
     except SpendCapReached as e:
         if args.json and e.run is not None:
             files.write_json(args.json, {"cells": [r.to_dict() for r in e.run.cells], "totals": e.run.totals})

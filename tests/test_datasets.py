@@ -386,9 +386,15 @@ def test_cli_export_list_and_contamination(tmp_path, capsys):
     assert "290 id    290 text  of  2290 rows" in capsys.readouterr().out
 
 
-def test_cli_ceiling_prints_released_and_repaired_ceilings(capsys):
+def test_cli_ceiling_prints_released_and_repaired_ceilings(capsys, caplog):
+    caplog.set_level(logging.INFO, logger="raydistill.datasets")
     assert datasets.main(["ceiling", "--task", "obqa"]) == 0
     out = capsys.readouterr().out
+    # one reading per cell for both columns: each log line once, one "dropped" count per cell
+    logged = [r.getMessage() for r in caplog.records if r.name == "raydistill.datasets"]
+    assert len(logged) == len(set(logged)), logged
+    cells = [x for x in out.splitlines()[1:] if "not available offline" not in x]
+    assert len([m for m in logged if "rows whose question is in the obqa test set" in m]) == len(cells) > 1
     line = next(x for x in out.splitlines() if "gemini/L4" in x)
     assert "94.3 %" in line and "100.0 %" in line  # "the best answer is A" is not the paper's pattern
     assert "(not available offline)" in next(x for x in out.splitlines() if "chatgpt/L3/sym" in x)

@@ -63,6 +63,7 @@ from raydistill.datasets.release import (
 from raydistill.datasets.tables import (
     load_test,
     load_train,
+    load_train_variants,
     pad_rationale,
     pad_to_length_of,
     question_id,
@@ -109,6 +110,7 @@ __all__ = [
     "file_digest",
     "load_test",
     "load_train",
+    "load_train_variants",
     "pad_rationale",
     "pad_to_length_of",
     "local_path",

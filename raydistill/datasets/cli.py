@@ -20,7 +20,7 @@ from raydistill.datasets.mirror import (
 from raydistill.datasets.hf_export import TOKEN_ENV, export_hf
 from raydistill.datasets.overlap import contamination
 from raydistill.datasets.release import FORMATS, LEVELLESS, LEVELS, TEACHERS, available_cells, cell_name
-from raydistill.datasets.tables import load_test, load_train, target_ceiling, write_parquet
+from raydistill.datasets.tables import load_test, load_train, load_train_variants, target_ceiling, write_parquet
 from raydistill.tasks import TASKS, get_task
 
 
@@ -63,10 +63,9 @@ def _cmd_ceiling(args: argparse.Namespace) -> int:
             if not c.offline:
                 print(f"{name:<11}{cell:<18}{'':>6}  {'':>8}  {'':>8}  {c.path} (not available offline)")
                 continue
-            table = load_train(name, c.teacher, c.level, c.format)
-            repaired = target_ceiling(name, load_train(name, c.teacher, c.level, c.format, repair=True))
-            print(f"{name:<11}{cell:<18}{table.num_rows:>6}  {_share(target_ceiling(name, table)):>8}  "
-                  f"{_share(repaired):>8}  {c.path}")
+            tables = load_train_variants(name, c.teacher, c.level, c.format)  # one reading, both variants
+            print(f"{name:<11}{cell:<18}{tables[False].num_rows:>6}  {_share(target_ceiling(name, tables[False])):>8}  "
+                  f"{_share(target_ceiling(name, tables[True])):>8}  {c.path}")
     return 0
 
 

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raydistill import answers, files
-from raydistill.datasets.mirror import DATASET_INFO, MalformedData, get_field, read_rows
+from raydistill.datasets.mirror import DATASET_INFO, MalformedData, get_field, local_path, read_rows
 from raydistill.datasets.release import TrainFile, cell_name, train_file
 from raydistill.schemas import EXAMPLE_SCHEMA
 from raydistill.tasks import get_task
@@ -66,8 +66,36 @@ def _gold(task: str, raw: str, relpath: str, i: int) -> str:
 # ---------------------------------------------------------------------------- test sets
 
 
+# A test set read once per process while its files stay as they are: a sweep, `raydistill data
+# ceiling` and every training cell of a task (`load_train` drops its questions) share one reading.
+_TEST_SETS: dict[tuple, pa.Table] = {}
+
+
 def load_test(task: str) -> pa.Table:
     """The task's test set (SVAMP: SVAMP.json minus the training questions = 300)."""
+    key = _files_key(task, test_sources(task))
+    if key is None or key not in _TEST_SETS:
+        table = _read_test(task)
+        key = _files_key(task, test_sources(task))  # a downloaded file is on this machine now
+        if key is None:
+            return table
+        _TEST_SETS[key] = table
+    return _TEST_SETS[key]
+
+
+def _files_key(task: str, relpaths: list[str]) -> tuple | None:
+    """The task and each file's local path, size and modification time; None while one is not local."""
+    key: list = [task]
+    for relpath in relpaths:
+        found = local_path(relpath)
+        if found is None:
+            return None
+        stat = found[0].stat()
+        key.append((str(found[0]), stat.st_size, stat.st_mtime_ns))
+    return tuple(key)
+
+
+def _read_test(task: str) -> pa.Table:
     spec = get_task(task).test
     rows, skip = [], set()
     if spec.minus_train:
@@ -146,11 +174,19 @@ def load_train(task: str, teacher: str, level: int | None = None, fmt: str = "co
     one empty response. A file where no row has it, or a row without (or with an empty) prompt, raises
     MalformedData.
     """
+    return load_train_variants(task, teacher, level, fmt, (repair,))[repair]
+
+
+def load_train_variants(task: str, teacher: str, level: int | None = None, fmt: str = "cot",
+                        repairs: tuple[bool, ...] = (False, True)) -> dict[bool, pa.Table]:
+    """`load_train` as released (False) and repaired (True) from one reading of the cell: its
+    files read, its rows checked and its counts logged once (`raydistill data ceiling`)."""
     tf = train_file(task, teacher, level, fmt)
     raw = read_rows(tf.path)
     test_ids = set(load_test(task).column("question_id").to_pylist())
-    golds = _gold_answers(task, repair)
-    rows, leaked, unannotated = [], 0, []
+    golds = {repair: _gold_answers(task, repair) for repair in repairs}
+    rows: dict[bool, list] = {repair: [] for repair in repairs}
+    leaked, unannotated = 0, []
     for i, row in enumerate(raw):
         question = _nonempty_question(get_field(row, tf.prompt, tf.path, i), tf.prompt, tf.path, i)
         if row.get(tf.response) is None or not str(row[tf.response]).strip():
@@ -160,13 +196,15 @@ def load_train(task: str, teacher: str, level: int | None = None, fmt: str = "co
         if qid in test_ids:
             leaked += 1
             continue
-        rationale = get_field(row, tf.response, tf.path, i)
-        if teacher == "answer_only":
-            rationale = get_task(task).answer_only(repair_gold(rationale) if repair else rationale)
-        answer = _train_answer(task, qid, rationale, golds)
-        if repair:
-            rationale = repair_target(task, rationale, answer)
-        rows.append((question, rationale, answer, f"{tf.path}#{i}"))
+        released = get_field(row, tf.response, tf.path, i)
+        for repair in repairs:
+            rationale = released
+            if teacher == "answer_only":
+                rationale = get_task(task).answer_only(repair_gold(rationale) if repair else rationale)
+            answer = _train_answer(task, qid, rationale, golds[repair])
+            if repair:
+                rationale = repair_target(task, rationale, answer)
+            rows[repair].append((question, rationale, answer, f"{tf.path}#{i}"))
     if raw and len(unannotated) == len(raw):
         raise MalformedData(f"{tf.path}: no row has column {tf.response!r}")
     if unannotated:
@@ -175,11 +213,12 @@ def load_train(task: str, teacher: str, level: int | None = None, fmt: str = "co
     (log.warning if leaked else log.info)(
         "%s %s: dropped %d of %d rows whose question is in the %s test set",
         task, cell_name(tf.cell), leaked, len(raw) - len(unannotated), task)
-    missing = sum(1 for r in rows if not r[2])
-    if missing:
-        log.info("%s %s: %d rows have no gold answer (answer \"\")",
-                 task, cell_name(tf.cell), missing)
-    return _table(rows)
+    for repair in repairs:
+        missing = sum(1 for r in rows[repair] if not r[2])
+        if missing:
+            log.info("%s %s%s: %d rows have no gold answer (answer \"\")",
+                     task, cell_name(tf.cell), " repaired" if repair else "", missing)
+    return {repair: _table(rows[repair]) for repair in repairs}
 
 
 # ----------------------------------------------------------------------- length ablation

@@ -10,7 +10,7 @@ DATA_DIR ?= $(abspath ../shared/data)
 export RAYDISTILL_DATA_DIR ?= $(if $(wildcard $(DATA_DIR)),$(DATA_DIR),)
 export LITELLM_LOCAL_MODEL_COST_MAP := True
 
-.PHONY: install install-gpu install-vllm demo test test-fast test-vllm lock clean
+.PHONY: install install-gpu install-vllm demo test test-fast test-vllm lock clean browser
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -67,7 +67,14 @@ install-gpu: constraints-gpu.txt
 demo: install
 	$(PY) sweeps/granularity.py
 
-test: install
+# Debian's chromium for tests/test_mlflow_ui.py (MLflow's UI read in a real browser): installed with
+# apt-get where `make test` runs as root (CI); elsewhere, without it, that test skips and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null; } || \
+	  echo "make: no chromium (apt-get install chromium as root): tests/test_mlflow_ui.py will skip"
+
+test: install browser
 	$(PY) -m pytest -q -ra --durations=40 tests
 
 test-fast: install

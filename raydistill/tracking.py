@@ -16,6 +16,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # mlflow imports litellm when present
 
@@ -47,7 +48,8 @@ def setup_experiment(tracking_uri: str, experiment: str, artifact_root: Path) ->
     if found is not None:
         return found.experiment_id
     artifact_root.mkdir(parents=True, exist_ok=True)
-    # The kind tag makes MLflow 3's UI open the experiment on its training-runs table.
+    # The kind tag files the experiment under "Machine learning" (its runs, not GenAI traces) where
+    # MLflow's UI reads it; MLflow 3.17's UI takes the kind from the address instead (`ui_addresses`).
     return mlflow.create_experiment(experiment, artifact_location=artifact_root.as_uri(),
                                     tags={"mlflow.experimentKind": "custom_model_development"})
 
@@ -71,6 +73,32 @@ def start_sweep_run(spec, config_path: Path) -> SweepRun:
         client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in grid.items()])
     client.log_artifact(run_id, str(config_path))
     return SweepRun(spec.tracking_uri, experiment_id, run_id)
+
+
+def ui_addresses(tracking_uri: str, sweep: str, trial_hashes: list[str] | None = None,
+                 base: str = "http://127.0.0.1:5000") -> dict[str, str]:
+    """Addresses in `mlflow ui` (served at ``base``) of a sweep's trial runs: "runs", the runs table
+    with every trial in a row of its own (sorted by accuracy), and "compare", MLflow's compare view
+    of the trials (``trial_hashes``, default all of the sweep's runs): their axes and settings side
+    by side, accuracy, and parallel-coordinates and scatter plots of the axes against the metrics.
+
+    ``workflowType=machine_learning`` opens MLflow 3.17's UI on training runs rather than GenAI
+    traces; a sort key other than the start time lists child runs flat instead of folded under
+    the sweep's parent run."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(sweep).experiment_id
+    parents = client.search_runs([experiment], f"tags.`{SWEEP_TAG}` = '{sweep}'")
+    runs = client.search_runs([experiment], f"tags.`{PARENT_TAG}` = '{parents[0].info.run_id}'",
+                              order_by=["attributes.run_name"]) if parents else []
+    wanted = set(trial_hashes) if trial_hashes is not None else None
+    ids = [run.info.run_id for run in runs if wanted is None or run.data.tags.get(TRIAL_HASH_TAG) in wanted]
+    return {
+        "runs": f"{base}/#/experiments/{experiment}/runs?workflowType=machine_learning&orderByKey="
+                + quote("metrics.`accuracy`") + "&orderByAsc=false",
+        "compare": f"{base}/#/compare-runs?runs={quote(json.dumps(ids))}&experiments={quote(json.dumps([experiment]))}",
+    }
 
 
 def finish_sweep_run(sweep: SweepRun, records: list[TrialRecord], report: dict[str, Path]) -> None:

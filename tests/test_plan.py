@@ -161,3 +161,32 @@ def test_bad_throughput_file_is_one_line(tmp_path, capsys):
                       "--throughput", str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(bad) in err[0] and "rows[0].train_tokens_per_s" in err[0]
+
+
+def test_sweep_with_a_generating_teacher_plans_its_cells_k_samples_and_test_sets(tmp_path, capsys):
+    """A sweep whose teacher writes new cells (levels 1 and 3, 8 questions, 2 samples per
+    question): 2 cells to generate, 2 x 8 x 2 requests, priced at the declared prices, the training
+    rows estimated from the release; nothing is sent (the endpoint does not exist)."""
+    import yaml
+
+    config = tmp_path / "gen.yaml"
+    config.write_text(yaml.safe_dump({
+        "name": "gen", "output_dir": str(tmp_path / "outputs"), "datasets": ["svamp"], "teachers": ["local"],
+        "levels": [1, 3], "students": ["smollm2-135m"], "train_limit": 8, "test_limit": 10,
+        "annotation": {"teachers": {"local": {"model": "openai/local", "api_base": "http://127.0.0.1:9/v1",
+                                              "temperature": 0.7, "input_cost_per_token": 1e-6,
+                                              "output_cost_per_token": 2e-6}},
+                       "samples": 2},
+        "train": {"epochs": 2}, "eval": {"max_new_tokens": 100}}))
+    assert plan_main(["--config", str(config)]) == 0
+    plan = json.loads((tmp_path / "outputs" / "gen" / "plan.json").read_text())
+    assert plan["grid"]["cells"]["generate"] == 2 and plan["grid"]["trials"] == 2
+    teacher = plan["teacher"]["totals"]
+    assert teacher["requests"] == 2 * 8 * 2 and teacher["tokens_in"] > 0
+    assert teacher["usd_sync"] == pytest.approx(teacher["tokens_in"] * 1e-6 + teacher["tokens_out"] * 2e-6, abs=1e-4)
+    assert teacher["usd_batch"] == pytest.approx(teacher["usd_sync"] / 2, abs=1e-4)
+    trials = plan["compute"]["trials"]
+    assert all(t["rows_basis"].startswith("estimated") and t["rows"] == 8 and t["epochs"] == 2 for t in trials)
+    assert all(t["generate_limit"] == 10 * 100 for t in trials)
+    assert not (tmp_path / "outputs" / "request-cache").exists()  # nothing was sent or cached
+    capsys.readouterr()

@@ -67,7 +67,8 @@ def _teacher_totals(requests) -> dict:
     totals = {"requests": sum(r.to_send for r in requests), "cached": sum(r.cached for r in requests),
               "tokens_in": sum(r.tokens_in for r in requests),
               "tokens_out": round(sum(r.tokens_out for r in requests)),
-              "tokens_out_error": round(sum(r.tokens_out_error for r in requests))}
+              "tokens_out_error": round(sum(r.tokens_out_error for r in requests)),
+              "tokens_out_unestimated_requests": sum(r.unestimated for r in requests)}
     for kind in ("sync", "batch"):
         values = [getattr(r, f"usd_{kind}") for r in requests if r.to_send]
         none = "no batch route" if kind == "batch" and any(not r.batchable for r in requests if r.to_send) \
@@ -112,6 +113,9 @@ def teacher_markdown(plan: dict) -> list[str]:
              f"| {_usd(t['usd_sync'])} | {_usd(t['usd_batch'])} |", ""]
     if t["unpriced_teachers"]:
         lines += [f"Unpriced (no price in litellm's table or the config): {', '.join(t['unpriced_teachers'])}.", ""]
+    if t["tokens_out_unestimated_requests"]:
+        lines += [f"{t['tokens_out_unestimated_requests']:,} requests have no released rationales to estimate their "
+                  "output from: their output tokens (and dollars) are not in the totals.", ""]
     if plan["teacher"]["cached_cells"]:
         lines += [f"Finished cells (nothing to send): {', '.join(plan['teacher']['cached_cells'])}.", ""]
     cells = [r for r in plan["teacher"]["cells"] if r["to_send"] or r["cached"]]
@@ -187,7 +191,9 @@ def table(plan: dict) -> str:
     t = plan["teacher"]["totals"]
     teacher_rows = [("teacher requests", f"{t['requests']:,} to send ({t['cached']:,} cached)"),
                     ("teacher tokens", f"{t['tokens_in']:,} in, {t['tokens_out']:,} ± {t['tokens_out_error']:,} out "
-                                       "(estimated)"),
+                                       "(estimated" + (f"; {t['tokens_out_unestimated_requests']:,} requests without an "
+                                                       "estimate left out" if t["tokens_out_unestimated_requests"]
+                                                       else "") + ")"),
                     ("teacher USD", f"synchronous {_usd(t['usd_sync'])}, batch {_usd(t['usd_batch'])}")]
     if "grid" not in plan:
         return _aligned(teacher_rows)

@@ -139,7 +139,7 @@ def cell_rows(planned) -> tuple[list[dict], str]:
             try:
                 table = load_train(cell.dataset, teacher, level=cell.level, fmt=cell.format)
                 break
-            except (CellNotReleased, DataUnavailable):
+            except (CellNotReleased, DataUnavailable, ValueError):  # ValueError: a format the release has not
                 continue
         if table is None:
             return [], "no stand-in"

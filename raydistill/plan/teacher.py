@@ -128,7 +128,7 @@ def released_output_tokens(task: str, level: int | None, fmt: str, model: str, m
     for teacher in teachers:
         try:
             table = load_train(task, teacher, level=level, fmt=fmt)
-        except (CellNotReleased, DataUnavailable):
+        except (CellNotReleased, DataUnavailable, ValueError):  # ValueError: a format the release has not
             continue
         texts = table.column("rationale").to_pylist()
         if not texts:
@@ -163,6 +163,7 @@ class CellRequests:
     tokens_in: int = 0  # of the requests to send
     tokens_out: float = 0.0  # estimated, of the requests to send
     tokens_out_error: float = 0.0  # absolute
+    unestimated: int = 0  # requests to send whose output length the release cannot estimate (not in tokens_out)
     usd_sync: float | None = None
     usd_batch: float | None = None
     prices: str = ""
@@ -224,14 +225,20 @@ def plan_requests(jobs: list[tuple[str, object, Path]], discount: float | None =
             spec = jobs[tgts[0].cell][1]
             t = teachers[req.teacher_idx]
             level = tgts[0].level
-            est = released_output_tokens(spec.task, level, spec.format if level is not None else "cot",
-                                         t.model, t.max_tokens)
+            fmt = spec.format if level is not None else "cot"
+            est = released_output_tokens(spec.task, level, fmt, t.model, t.max_tokens)
+            if est.mean is None and fmt != "cot":  # no released rationales in this format: its level's CoT
+                est = released_output_tokens(spec.task, level, "cot", t.model, t.max_tokens)
+                est = OutputEstimate(est.mean, est.rel_error, est.per_teacher,
+                                     f"{est.basis} (no released {fmt} rationales at this level)")
             owner.to_send += 1
             owner.sent[key] = count_input_tokens(t.model, req.messages)
             owner.tokens_in += owner.sent[key]
             if est.mean is not None:
                 owner.tokens_out += est.mean
                 owner.tokens_out_error += est.mean * est.rel_error
+            else:
+                owner.unestimated += 1
             owner.output_basis = owner.output_basis or est.basis
     for (_label, spec, _folder), cell in zip(jobs, out):
         prices = teacher_prices(spec.teacher, discount)

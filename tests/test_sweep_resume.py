@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from openai_server import ServerProcess
+from sweep_console import check_quiet_console
 
 pytestmark = pytest.mark.slow
 
@@ -168,6 +169,7 @@ def test_killed_driver_rerun_skips_finished_trials(tmp_path, model_cache):
         assert f"] svamp chatgpt L{other} cot tiny-llama seed 100: {stage}" in console
     assert "Trial status:" not in console and "(RayTrainWorker" not in console
     assert "Setting accelerator to CPU" not in console  # DeepSpeed's warning in every worker
+    check_quiet_console(console, run_dir)  # raydistill's own lines only; Ray's and Tune's in sweep.log
 
     # The local cluster runs what the sweep needs only: both trials of the rerun (one at a time)
     # went through one Tune trial process (reuse_actors), the one it evaluated went to the shared

@@ -11,6 +11,7 @@ and prints the errors a user can fix (`USER_ERRORS`) in one line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -19,16 +20,22 @@ from pathlib import Path
 
 from raydistill.records import TrialRecord
 from raydistill.spec import SpecError, SweepSpec, load_sweep, parse_overrides
+from raydistill.sweep.console import LOG_FILE, LOG_FORMAT, quiet_console, say
 from raydistill.sweep.run import SweepStopped, run_sweep
 
 
-def print_summary(spec: SweepSpec) -> None:
+def print_summary(spec: SweepSpec, records: list[TrialRecord] | None = None) -> None:
+    from raydistill.tracking import ui_addresses
+
     run_dir = spec.run_dir
-    print((run_dir / "results.md").read_text())
-    print(f"report        : {run_dir / 'results.md'} (CSV: results.csv, results_table.csv, paired_tests.csv)")
-    print(f"plot          : {run_dir / 'accuracy_vs_level.png'} (one panel per dataset and student in plots/)")
-    print(f"MLflow store  : {spec.tracking_uri}")
-    print(f"open the UI   : LITELLM_LOCAL_MODEL_COST_MAP=True mlflow ui --backend-store-uri {spec.tracking_uri} --port 5000")
+    say((run_dir / "results.md").read_text())
+    say(f"report        : {run_dir / 'results.md'} (CSV: results.csv, results_table.csv, paired_tests.csv)")
+    say(f"plot          : {run_dir / 'accuracy_vs_level.png'} (one panel per dataset and student in plots/)")
+    say(f"MLflow store  : {spec.tracking_uri}")
+    say(f"open the UI   : LITELLM_LOCAL_MODEL_COST_MAP=True mlflow ui --backend-store-uri {spec.tracking_uri} --port 5000")
+    pages = ui_addresses(spec.tracking_uri, spec.name, [r.trial_hash for r in records] if records is not None else None)
+    say(f"trial runs    : {pages['runs']}")
+    say(f"compare them  : {pages['compare']}")
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -57,8 +64,9 @@ def main(argv: list[str], prog: str = "raydistill sweep", default_config: str | 
                         help="parent folder of the sweep's outputs (default: $RAYDISTILL_OUTPUT_DIR, "
                              "else the config's output_dir)")
     parser.add_argument("--verbose", action="store_true",
-                        help="also print Tune's status table and every Ray worker's log lines, and start Ray's "
-                             "dashboard with a local cluster")
+                        help="also print Tune's status table, every Ray worker's log lines and the other libraries' "
+                             "output (else in the run folder's sweep.log), and start Ray's dashboard with a local "
+                             "cluster")
     parser.add_argument("--plan", action="store_true",
                         help="run nothing: print and write the sweep's plan (plan.json, plan.md: teacher requests, "
                              "tokens and dollars, training and evaluation tokens and time, power), as raydistill plan")
@@ -95,9 +103,15 @@ def script_main(script: str) -> int:
 
 
 def run_and_print(spec: SweepSpec, verbose: bool = False) -> list[TrialRecord]:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    """Run the sweep and print its summary. Without ``verbose`` the console shows raydistill's own
+    lines only; the rest goes to the run folder's log file (`raydistill.sweep.console.quiet_console`)."""
     started = time.perf_counter()
-    records = run_sweep(spec, verbose)
-    print_summary(spec)
-    print(f"wall time     : {time.perf_counter() - started:.0f} s for {len(records)} trials")
+    with contextlib.nullcontext() if verbose else quiet_console(spec.run_dir / LOG_FILE):
+        if verbose:
+            logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+        records = run_sweep(spec, verbose)
+        print_summary(spec, records)
+        if not verbose:
+            say(f"log           : {spec.run_dir / LOG_FILE}")
+        say(f"wall time     : {time.perf_counter() - started:.0f} s for {len(records)} trials")
     return records

@@ -455,6 +455,7 @@ class BatchAPI:
 
     async def stats(self, request: web.Request) -> web.Response:
         return web.json_response({"files": len(self.files), "batches_created": self.created,
+                                  "retrieves": sum(self.polls.values()),
                                   "status": {bid: b["status"] for bid, b in self.batches.items()}})
 
     def routes(self, app: web.Application) -> None:

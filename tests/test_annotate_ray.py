@@ -756,7 +756,7 @@ def test_a_driver_killed_while_polling_resumes_the_same_batches(tmp_path, monkey
     monkeypatch.setenv(KEY_ENV, SENTINEL)
     n = 8
     qpath, gold = make_questions(tmp_path, n)
-    with ServerProcess(tmp_path / "srv", answers=gold, batch_polls=40) as server:
+    with ServerProcess(tmp_path / "srv", answers=gold, batch_polls=10) as server:
         spec = _batch_spec(server, qpath, n)
         (tmp_path / "spec.json").write_text(spec.model_dump_json())
         out = tmp_path / "cell"
@@ -769,11 +769,10 @@ def test_a_driver_killed_while_polling_resumes_the_same_batches(tmp_path, monkey
                                 stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
         try:
             deadline = time.time() + 120
-            while server.batch_stats()["batches_created"] < 3 or not (out / "batches.json").exists():
+            while server.batch_stats()["retrieves"] == 0:  # all three created, and polling
                 assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-                assert time.time() < deadline, "the driver never created its batches"
-                time.sleep(0.05)
-            time.sleep(0.3)  # polling
+                assert time.time() < deadline, "the driver never polled its batches"
+                time.sleep(0.02)
             proc.send_signal(signal.SIGKILL)
             proc.wait(30)
         finally:
@@ -782,6 +781,7 @@ def test_a_driver_killed_while_polling_resumes_the_same_batches(tmp_path, monkey
                 proc.wait(30)
         before = server.batch_stats()
         assert before["batches_created"] == 3 and "completed" not in before["status"].values()
+        assert len(json.loads((out / "batches.json").read_text())["batches"]) == 3
         assert not (out / "annotations.parquet").exists()
         run = A.annotate_cells([(spec, out)], mode="batch", batch=A.BatchSpec(poll_s=0.01, max_requests=3))
         after = server.batch_stats()

@@ -297,8 +297,9 @@ def run_batches(misses: list[PlannedRequest], targets: dict[str, list[RequestTar
     for idx, c in cells.items():  # batches of this run's requests pending under another cell's folder
         if idx not in ledgers and (c.out_dir / LEDGER).exists():
             ledgers[idx] = Ledger(c.out_dir)
-    pending = {k for lg in ledgers.values() for b in lg.open() for k in b["keys"]}
-    resumed = sum(len(lg.open()) for lg in ledgers.values())
+    models = {t.model for t in teachers}
+    pending = {k for lg in ledgers.values() for b in lg.open() if b["teacher"] in models for k in b["keys"]}
+    resumed = sum(b["teacher"] in models for lg in ledgers.values() for b in lg.open())
     if resumed:
         log.info("resuming %d batch(es) created by an earlier run (polling them, not creating them again)", resumed)
     stats = runner.stats
@@ -321,7 +322,8 @@ def run_batches(misses: list[PlannedRequest], targets: dict[str, list[RequestTar
         rounds: dict[str, int] = {}
         last: dict[str, tuple] = {}
         while True:
-            live = [(idx, b) for idx, lg in ledgers.items() for b in lg.open()]
+            # (a batch of a teacher this run does not use holds none of its requests: left for its own run)
+            live = [(idx, b) for idx, lg in ledgers.items() for b in lg.open() if b["teacher"] in models]
             if not live:
                 break
             again: dict[int, list[PlannedRequest]] = {}
@@ -374,7 +376,7 @@ def run_batches(misses: list[PlannedRequest], targets: dict[str, list[RequestTar
                     by_round.setdefault(rounds[r.key], []).append(r)
                 for round_, rs in by_round.items():
                     runner.submit(ledgers[idx], cells[idx].name, rs, round_)
-            if any(lg.open() for lg in ledgers.values()):
+            if any(b["teacher"] in models for lg in ledgers.values() for b in lg.open()):
                 time.sleep(spec.poll_s)
     finally:
         runner.close()

@@ -316,7 +316,7 @@ class BatchAPI:
     ``--batch-expire`` batches created expire instead: their first half is answered, the rest go to
     the error file with code ``batch_expired``. ``--batch-kinds-by-question`` (JSON: question ->
     kind) fails a question in the first batch that holds it (an error-file line with that HTTP
-    status); it is answered normally afterwards. ``GET /batch-stats`` counts files and batches.
+    status); it is answered normally afterwards. ``GET /batch-stats`` counts files, batches and retrieves.
     """
 
     def __init__(self, server: Server):

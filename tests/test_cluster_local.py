@@ -67,6 +67,14 @@ def _ray(*args: str, env: dict | None = None, timeout: float = 180, check: bool 
     return proc
 
 
+def _agent_ports() -> list[str]:
+    """Ports of their own for a node's agents: the defaults (52365 and others) may be held by another
+    Ray instance of this machine, and the job agent would not start."""
+    return [a for option in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                             "--runtime-env-agent-port", "--metrics-export-port")
+            for a in (option, str(_free_port()))]
+
+
 class LocalHead:
     """A Ray head started with the real CLI in a private temp dir; `stop()` ends only its processes."""
 
@@ -87,11 +95,7 @@ class LocalHead:
                     "--num-cpus", str(num_cpus), "--temp-dir", self.temp_dir, "--disable-usage-stats",
                     "--object-store-memory", str(object_store_mb * 1024 * 1024),
                     "--min-worker-port", "0", "--max-worker-port", "0"]
-            # Ports of their own for the node's agents too: the defaults (52365 and others) may be held
-            # by another Ray instance of this machine, and the job agent would not start.
-            for option in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
-                           "--runtime-env-agent-port", "--metrics-export-port"):
-                args += [option, str(_free_port())]
+            args += _agent_ports()
             if dashboard:
                 args += ["--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
                          "--dashboard-port", str(self.dashboard_port)]
@@ -141,13 +145,16 @@ def _processes_naming(text: str) -> list[psutil.Process]:
     return list(found.values())
 
 
-def _stop_processes(procs: list[psutil.Process]) -> None:
+def _stop_processes(procs: list[psutil.Process], grace: float = 5) -> None:
+    """SIGTERM, then SIGKILL for what is left after ``grace`` seconds. A head's GCS server and one
+    of its Python processes have outlasted 20 s after SIGTERM on this 2-core machine; every process
+    of the node is in ``procs``, so killing them leaves none behind."""
     for proc in procs:
         try:
             proc.send_signal(signal.SIGTERM)
         except psutil.NoSuchProcess:
             pass
-    _, alive = psutil.wait_procs(procs, timeout=15)
+    _, alive = psutil.wait_procs(procs, timeout=grace)
     for proc in alive:
         try:
             proc.kill()
@@ -201,12 +208,22 @@ def _logs(head: LocalHead, job_id: str) -> str:
 
 
 def _wait_job(head: LocalHead, job_id: str, timeout: float, every: float = 10) -> str:
-    """Poll `ray job status` (each call is a Python start of about 1.5 CPU-seconds, hence not often)."""
+    """Wait for the job's end and return its status. `ray job logs --follow` returns once the job
+    has ended (the head closes the stream after it saw a final status), so one call waits on the
+    event itself; `ray job status` is then read, and polled (each call is a Python start of about
+    1.5 CPU-seconds, hence not often) only if the follow ended early."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    try:
+        _ray("job", "logs", "--address", head.dashboard, "--follow", job_id, env=head.env, timeout=timeout,
+             check=False)
+    except subprocess.TimeoutExpired:
+        pass
+    while True:
         status = _status(head, job_id)
         if status in ("SUCCEEDED", "FAILED", "STOPPED"):
             return status
+        if time.monotonic() >= deadline:
+            break
         time.sleep(every)
     raise AssertionError(f"job {job_id} still running after {timeout} s\n{_logs(head, job_id)}")
 
@@ -431,13 +448,11 @@ class NodeWatcher:
 
 
 def test_autoscaler_adds_and_removes_nodes_for_a_sweep(model_cache, tmp_path):
-    port = _free_port()
-    config = _fake_cluster_config(tmp_path / "fake.yaml", f"127.0.0.1:{port}")
     env = _env(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_AUTH_MODE="disabled")
     env.pop("RAY_AUTH_TOKEN")
     head = watcher = None
     try:
-        head = _start_fake_head(config, env, port)
+        head = _start_fake_head(tmp_path / "fake.yaml", env)
         watcher = NodeWatcher(head.gcs, env)
         nodes = watcher.wait_for(lambda nodes: len(nodes) >= 1, 120, "the watcher saw no node")
         assert len(nodes) == 1 and not nodes[0].get("CPU")  # only the head, which has no CPU
@@ -463,16 +478,29 @@ def test_autoscaler_adds_and_removes_nodes_for_a_sweep(model_cache, tmp_path):
             head.stop()
 
 
-def _start_fake_head(config: Path, env: dict, port: int) -> LocalHead:
+def _start_fake_head(config: Path, env: dict, tries: int = 3) -> LocalHead:
+    """A 0-CPU head whose autoscaler runs the fake provider of ``config`` (written here: it names the
+    head's GCS port). The port is free when chosen but may be taken before Ray binds it: a head that
+    fails to start is stopped and started again on a new port, with the config rewritten."""
     head = LocalHead.__new__(LocalHead)
     head.temp_dir = tempfile.mkdtemp(prefix="rdf-", dir="/tmp")
-    head.port, head.gcs, head.env = port, f"127.0.0.1:{port}", env
-    head.dashboard_port, head.dashboard = None, None
+    head.env, head.dashboard_port, head.dashboard = env, None, None
     try:
-        _ray("start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "0",
-             "--temp-dir", head.temp_dir, "--disable-usage-stats", "--include-dashboard", "false",
-             "--object-store-memory", str(200 * 2**20), f"--autoscaling-config={config}", env=env)
+        for attempt in range(tries):
+            head.port = _free_port()
+            head.gcs = f"127.0.0.1:{head.port}"
+            _fake_cluster_config(config, head.gcs)
+            try:
+                _ray("start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(head.port), "--num-cpus", "0",
+                     "--temp-dir", head.temp_dir, "--disable-usage-stats", "--include-dashboard", "false",
+                     "--object-store-memory", str(200 * 2**20), f"--autoscaling-config={config}",
+                     *_agent_ports(), env=env)
+                return head
+            except AssertionError:
+                _stop_processes(head.processes())
+                if attempt == tries - 1:
+                    raise
     except BaseException:
         head.stop()
         raise
-    return head
+    raise AssertionError("unreachable")

@@ -22,6 +22,12 @@ def model_cache(tmp_path_factory) -> Path:
     return path
 
 
+# The local S3 endpoint's credentials (any pair works with moto's server); a module's own Ray cluster
+# passes them to its workers so that its runs may keep checkpoints there.
+S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "test-key", "AWS_SECRET_ACCESS_KEY": "test-secret",
+               "AWS_DEFAULT_REGION": "us-east-1"}
+
+
 @pytest.fixture
 def ray_local():
     """A fresh 2-CPU local Ray cluster, shut down afterwards (`address="local"`: never a head this
@@ -46,17 +52,30 @@ def s3_storage(tmp_path, monkeypatch):
 
     import pyarrow.fs
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     log_path = tmp_path / "s3-server.log"
     with log_path.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT)
+        # The port is free when chosen but may be taken before the server binds it: a server that
+        # exits before it answers is started again on another port.
+        for attempt in range(3):
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                                    stdout=log, stderr=subprocess.STDOUT)
+            try:
+                _wait_until_serving(f"http://127.0.0.1:{port}/", proc, log_path)
+                if proc.poll() is None:
+                    break
+            except RuntimeError:
+                if proc.poll() is None or attempt == 2:
+                    proc.kill()
+                    proc.wait(10)
+                    raise
+            proc.wait(10)
+        else:
+            raise RuntimeError(f"the local S3 server did not start; see {log_path}")
         try:
-            _wait_until_serving(f"http://127.0.0.1:{port}/", proc, log_path)
-            for name, value in [("AWS_ACCESS_KEY_ID", "test-key"), ("AWS_SECRET_ACCESS_KEY", "test-secret"),
-                                ("AWS_DEFAULT_REGION", "us-east-1")]:
+            for name, value in S3_TEST_ENV.items():
                 monkeypatch.setenv(name, value)
             uri = f"s3://raydistill-test/runs?endpoint_override=127.0.0.1:{port}&scheme=http"
             admin, _ = pyarrow.fs.FileSystem.from_uri(uri + "&allow_bucket_creation=true")

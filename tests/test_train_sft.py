@@ -31,6 +31,22 @@ def svamp_small(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def ray_module():
+    """One local 2-CPU Ray cluster for the training runs of this module (a start and stop is 10 to
+    25 s here): conftest's ray_local, with the local S3 endpoint's credentials in the workers'
+    environment, so that runs with checkpoints on S3 share it too."""
+    import ray
+
+    from conftest import S3_TEST_ENV
+
+    ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"RAYDISTILL_DATA_DIR": os.environ["RAYDISTILL_DATA_DIR"], **S3_TEST_ENV}})
+    yield ray
+    ray.shutdown()
+
+
 def _job(tmp_path: Path, data: Path, name: str, **spec):
     from raydistill.students import resolve_student
     from raydistill.train import TrainJob
@@ -83,7 +99,7 @@ def _assert_plain_hf_folder(model_path: str) -> None:
     (3, None, "zero3_offload.json", "cpu", 2, False),
     (0, None, None, "none", 1, False),
 ], ids=["zero2-full", "zero3-lora-checkpointing", "zero3-offload-full", "zero0-one-worker"])
-def test_loss_decreases_and_model_is_a_plain_hf_folder(tmp_path, model_cache, ray_local, svamp_small, zero_stage,
+def test_loss_decreases_and_model_is_a_plain_hf_folder(tmp_path, model_cache, ray_module, svamp_small, zero_stage,
                                                        lora, deepspeed_config, offload, workers, checkpointing):
     """ZeRO stage 0 on one worker runs without DeepSpeed's gradient all-reduce (nothing to average);
     the offloaded optimizer is DeepSpeed's CPU Adam; LoRA learns under gradient checkpointing."""
@@ -122,7 +138,7 @@ def storage(request, tmp_path) -> str:
     return str(tmp_path / "ray") if request.param == "local" else request.getfixturevalue("s3_storage")
 
 
-def test_sigkilled_worker_resumes_from_the_last_checkpoint(tmp_path, model_cache, storage, ray_local, svamp_small):
+def test_sigkilled_worker_resumes_from_the_last_checkpoint(tmp_path, model_cache, ray_module, storage, svamp_small):
     """ZeRO-3, full fine-tuning: kill rank 1 once a checkpoint exists; the run must restore the
     DeepSpeed state from storage, finish with the planned number of steps and not redo the saved
     ones. With S3 storage the final model comes back as a local HF folder."""

@@ -153,6 +153,10 @@ def test_killed_driver_rerun_skips_finished_trials(tmp_path, model_cache):
     assert {p: records[p] for p in finished} == finished
     rows = (run_dir / "results.csv").read_text().splitlines()
     assert len(rows) == 1 + 2
+    # runs.log: both launches started, only the rerun ended (the killed one wrote no end line)
+    launches = (run_dir / "runs.log").read_text().splitlines()
+    assert [line.split()[0] for line in launches] == ["start", "start", "end"], launches
+    assert launches[2].endswith(" ok, 2 trials")
     assert [line for line in (run_dir / "results.md").read_text().splitlines() if "tiny-llama" in line]
 
     # MLflow: one nested run per trial under the sweep's one parent run, none logged twice.

@@ -101,7 +101,7 @@ class TrialMetrics(Record):
     n_test: int | None = None
     extraction_failure_rate: float | None = None
     truncation_rate: float | None = None  # share cut by max_new_tokens with text in them
-    empty_rate: float | None = None  # share with no text once special tokens are removed (None: not measured)
+    empty_rate: float | None = None  # share with only whitespace once special tokens are removed (None: not measured)
     think_unfinished_rate: float | None = None  # thinking evaluations: share cut inside the think block
     mean_think_tokens: float | None = None  # thinking evaluations: mean trace length (student tokens)
     mean_answer_tokens: float | None = None  # thinking evaluations: mean length of what follows the trace

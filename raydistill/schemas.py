@@ -55,7 +55,7 @@ PREDICTION_SCHEMA = pa.schema(
         ("correct", pa.bool_()),
         ("tokens_generated", pa.int64()),
         ("truncated", pa.bool_()),  # cut by max_new_tokens: text, but no end-of-text token or stop string before the budget ran out
-        ("empty", pa.bool_()),  # no text once special tokens are removed (at any length): nothing to grade, never `truncated`
+        ("empty", pa.bool_()),  # only whitespace once special tokens are removed (at any length): nothing to grade, never `truncated`
         # thinking evaluations only (eval.think; null otherwise): the think block's length in the
         # student's tokens (0 without one), and whether the generation ended inside it (then no answer)
         ("think_tokens", pa.int64()),

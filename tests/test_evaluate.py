@@ -535,8 +535,11 @@ def test_every_end_of_text_token_ends_a_generation_and_special_tokens_alone_are_
     """A student that writes its answer, then <|endoftext|> (an end-of-text token that is not its
     template's EOS), then more text: the generation ends at <|endoftext|>. One that emits only
     special tokens until the budget runs out is empty, not truncated."""
-    from raydistill.evaluate.hf_engine import END_OF_TEXT_TOKENS, end_token_ids
+    from raydistill.evaluate.hf_engine import END_OF_TEXT_TOKENS, end_token_ids, is_empty, is_truncated
     from scripted_model import build_scripted_model
+
+    # 400 newlines (what a runaway student wrote) are empty too, and not truncated
+    assert is_empty("\n" * 400) and not is_empty("\n7") and not is_truncated(400, 400, False, is_empty("\n" * 400))
 
     tokenizer = load_tokenizer(tiny, "chat")
     answer, after = tokenizer.tokenize("The answer is 7"), tokenizer.tokenize("8")

@@ -3,7 +3,7 @@
 An engine is a Ray Data callable class: built once per actor from a model folder, then called
 on batches ``{"prompt": [...], ...}``; it returns the batch with ``generation`` (text cut at the
 first stop string), ``tokens_generated`` (new tokens before the first end-of-text token,
-`end_token_ids`) and ``empty`` (no text once special tokens are removed) added; the HF
+`end_token_ids`) and ``empty`` (only whitespace once special tokens are removed) added; the HF
 engine also adds its time, ``generate_seconds`` and (first batch) ``load_seconds``, spread over the rows. With
 ``n_samples > 1`` every input row comes back ``n_samples`` times, one generation each.
 
@@ -57,12 +57,12 @@ def cut_at_stop(text: str, stop_strings: list[str]) -> str:
 def is_truncated(tokens: int, max_new_tokens: int, stopped: bool, empty: bool = False) -> bool:
     """A generation cut by the token budget: ``max_new_tokens`` generated before any end-of-text
     token, no stop string in its text (a stop string on the last token counts as a proper end), and
-    some text in it: a generation of special tokens only is `is_empty`, not cut."""
+    some text in it: a generation of special tokens or whitespace only is `is_empty`, not cut."""
     return tokens >= max_new_tokens and not stopped and not empty
 
 
 def is_empty(generation: str) -> bool:
-    """Nothing left of a generation once its special tokens are removed and it is cut at the first
+    """Only whitespace left of a generation once its special tokens are removed and it is cut at the first
     stop string (`cut_at_stop`): nothing to grade."""
     return not generation.strip()
 

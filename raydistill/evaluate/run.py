@@ -56,7 +56,7 @@ class EvalResult:
     pass_at_k: float | None = None  # with several samples: unbiased pass@k, k = samples_per_question
     maj_at_k: float | None = None  # with several samples: majority vote over the extracted answers
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (records.TIME_STAGES)
-    empty_rate: float = 0.0  # share of generations with no text once special tokens are removed
+    empty_rate: float = 0.0  # share of generations with only whitespace once special tokens are removed
     # thinking evaluations (eval.think) only: generations cut inside their think block, and the mean
     # lengths of the trace and of what follows it, in the student's tokens
     think_unfinished_rate: float | None = None

@@ -225,7 +225,8 @@ def quality_section(cells: list[Cell]) -> list[str]:
     flagged = [c for c in cells if c.flags()]
     lines = ["## Weak numbers", "", *_md_table(headers, rows), "",
              "truncated: share of generations that hit max_new_tokens with text in them; empty: share with "
-             "no text once special tokens are removed (the student emitted only special tokens or a stop "
+             "only whitespace once special tokens are removed (the student emitted only special tokens, "
+             "blank lines or a stop "
              "string; at any length, never counted as truncated; blank for trials evaluated before the two "
              "were told apart); no answer: share with no extractable answer; target ceiling: share of the "
              "cell's training targets graded correct against their own answers (a student that copied its "

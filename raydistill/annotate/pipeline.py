@@ -13,7 +13,7 @@ import re
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import pyarrow as pa
 
@@ -208,18 +208,14 @@ def _cells_to_run(specs: list[tuple[AnnotationSpec, Path]], results: list[Annota
     return todo
 
 
-def _annotate(specs: list[tuple[AnnotationSpec, Path]], todo: list[int], results: list[AnnotationResult | None],
-              runtime: RuntimeSpec, cache_dir: Path, show: bool, max_spend_usd: float | None = None,
-              batch: BatchSpec | None = None) -> Counter:
-    """Annotate the cells ``todo`` (their locks held); fills ``results``, returns the run's totals."""
-    t_start = time.perf_counter()
-    # Teachers, questions, cell states.
+def cell_states(jobs: Iterable[tuple[int, AnnotationSpec, Path]]) -> tuple[list[TeacherSpec], list[CellState]]:
+    """The distinct teachers of (index, spec, output folder) cells and each cell's state, its
+    questions loaded once per (task, question set)."""
     teachers: list[TeacherSpec] = []
     tindex: dict[str, int] = {}
     qcache: dict[str, pa.Table] = {}
     states: list[CellState] = []
-    for i in todo:
-        spec, out = specs[i]
+    for i, spec, out in jobs:
         tk = spec.teacher.model_dump_json()
         if tk not in tindex:
             tindex[tk] = len(teachers)
@@ -228,6 +224,15 @@ def _annotate(specs: list[tuple[AnnotationSpec, Path]], todo: list[int], results
         if qk not in qcache:
             qcache[qk] = load_questions(spec.task, spec.questions)
         states.append(CellState(i, spec, out, qcache[qk], tindex[tk]))
+    return teachers, states
+
+
+def _annotate(specs: list[tuple[AnnotationSpec, Path]], todo: list[int], results: list[AnnotationResult | None],
+              runtime: RuntimeSpec, cache_dir: Path, show: bool, max_spend_usd: float | None = None,
+              batch: BatchSpec | None = None) -> Counter:
+    """Annotate the cells ``todo`` (their locks held); fills ``results``, returns the run's totals."""
+    t_start = time.perf_counter()
+    teachers, states = cell_states((i, *specs[i]) for i in todo)
     for c in states:  # every cell's questions loaded: now make room for its outputs
         set_aside_other_outputs(c.spec, c.out_dir)
 

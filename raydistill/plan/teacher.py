@@ -180,24 +180,14 @@ def plan_requests(jobs: list[tuple[str, object, Path]], discount: float | None =
     with the annotation driver's own planner: the same `CellState`s, prompts and request keys.
     A request shared by several cells is charged to the first (as the run charges it)."""
     from raydistill.annotate.cache import RequestCache
-    from raydistill.annotate.cells import CellState
-    from raydistill.annotate.pipeline import _plan
-    from raydistill.annotate.questions import load_questions, question_length_levels
+    from raydistill.annotate.pipeline import _plan, cell_states
+    from raydistill.annotate.questions import question_length_levels
 
     if not jobs:
         return []
     first = jobs[0][1]
     cache_dir = Path(first.runtime.cache_dir) if first.runtime.cache_dir else jobs[0][2] / "request-cache"
-    teachers, tindex, qcache, states = [], {}, {}, []
-    for i, (_label, spec, folder) in enumerate(jobs):
-        tk = spec.teacher.model_dump_json()
-        if tk not in tindex:
-            tindex[tk] = len(teachers)
-            teachers.append(spec.teacher)
-        qk = spec.task + "|" + spec.questions.model_dump_json()
-        if qk not in qcache:
-            qcache[qk] = load_questions(spec.task, spec.questions)
-        states.append(CellState(i, spec, Path(folder), qcache[qk], tindex[tk]))
+    teachers, states = cell_states((i, spec, Path(folder)) for i, (_label, spec, folder) in enumerate(jobs))
     probe_states = [c for c in states if c.spec.hybrid and c.spec.hybrid.by == "answer_only"]
     for c in states:
         if c.spec.hybrid is None:

@@ -294,13 +294,14 @@ STILL_STARTING = "No available agent to submit job|Remote end closed connection 
 
 
 def _again_while_starting(command: str) -> str:
-    """``command`` in bash, run again (up to 12 times, 5 s apart) while its output says the head is still
-    starting: on a busy 2-core machine its job agent has taken more than 15 s."""
+    """``command`` in bash, run again (up to 36 times, 5 s apart) while its output says the head is still
+    starting: on a busy 2-core machine its job agent has taken more than 15 s, and once more than 60 s
+    (a fresh-clone run beside other work, 2026-12-07)."""
     return textwrap.dedent(f"""\
-        for attempt in $(seq 12); do
+        for attempt in $(seq 36); do
             if out=$({command} 2>&1); then echo "$out"; break; fi
             echo "$out"
-            if [ "$attempt" = 12 ] || ! grep -qE "{STILL_STARTING}" <<< "$out"; then exit 1; fi
+            if [ "$attempt" = 36 ] || ! grep -qE "{STILL_STARTING}" <<< "$out"; then exit 1; fi
             sleep 5
         done""")
 

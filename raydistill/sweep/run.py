@@ -160,12 +160,13 @@ def _run(spec: SweepSpec, run_dir: Path, verbose: bool) -> list[TrialRecord]:
     errors = [r.error for r in results if r.error]
     if errors:
         raise RuntimeError(f"{len(errors)} of {len(trials)} trials failed; first error: {errors[0]}")
-    unfinished = [r for r in results if "record_path" not in (r.metrics or {})]
-    if unfinished:
-        raise SweepStopped(f"sweep {spec.name}: stopped before {len(unfinished)} of {len(trials)} trials finished; "
+    finished = [r for r in results if "record_path" in (r.metrics or {})]
+    if len(finished) < len(trials):  # Tune returns no result for a trial it never started
+        raise SweepStopped(f"sweep {spec.name}: stopped with {len(trials) - len(finished)} of {len(trials)} trials "
+                           "unfinished; "
                            f"run the same command again to resume (finished trials and checkpoints are kept in "
                            f"{run_dir})")
-    records = [TrialRecord.read(r.metrics["record_path"]) for r in results]
+    records = [TrialRecord.read(r.metrics["record_path"]) for r in finished]
     report = write_report(records, run_dir)
     finish_sweep_run(parent, records, report)
     return records

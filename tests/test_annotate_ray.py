@@ -73,6 +73,28 @@ def ok_counts(entries: list[dict]) -> Counter:
     return Counter(e["key"] for e in entries if e["kind"] == "ok")
 
 
+def _kill_driver_when(script: str, ready, timeout: float, never: str, poll_s: float) -> float:
+    """Run ``script`` as a driver process of its own and SIGKILL it as soon as ``ready()`` holds
+    (failing with ``never`` after ``timeout`` s, or with its output if it ends first); the time of
+    the kill."""
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        deadline = time.time() + timeout
+        while not ready():
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            assert time.time() < deadline, never
+            time.sleep(poll_s)
+        killed_at = time.time()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    return killed_at
+
+
 def test_kill_half_way_then_rerun_sends_no_completed_request_twice(ray_cluster, tmp_path):
     n = 80
     qpath, gold = make_questions(tmp_path, n)
@@ -87,21 +109,8 @@ def test_kill_half_way_then_rerun_sends_no_completed_request_twice(ray_cluster, 
             A.annotate(spec, {str(out)!r})
             print("finished")
         """)
-        proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
-        try:
-            deadline = time.time() + 150
-            while server.stats()["ok"] < n // 2 + 4:
-                assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-                assert time.time() < deadline, "the first run never reached half way"
-                time.sleep(0.05)
-            t_kill = time.time()
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(30)
+        t_kill = _kill_driver_when(script, lambda: server.stats()["ok"] >= n // 2 + 4, 150,
+                                   "the first run never reached half way", poll_s=0.05)
         # Let the dead job's actors go quiet before the rerun.
         last, quiet_since = -1, time.time()
         while time.time() - quiet_since < 1.5:
@@ -765,20 +774,9 @@ def test_a_driver_killed_while_polling_resumes_the_same_batches(tmp_path, monkey
             spec = A.AnnotationSpec.model_validate_json(open({str(tmp_path / 'spec.json')!r}).read())
             A.annotate_cells([(spec, {str(out)!r})], mode="batch", batch=A.BatchSpec(poll_s=0.05, max_requests=3))
         """)
-        proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
-        try:
-            deadline = time.time() + 120
-            while server.batch_stats()["retrieves"] == 0:  # all three created, and polling
-                assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-                assert time.time() < deadline, "the driver never polled its batches"
-                time.sleep(0.02)
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(30)
+        # all three batches created, and polling
+        _kill_driver_when(script, lambda: server.batch_stats()["retrieves"] > 0, 120, "the driver never polled its batches",
+                          poll_s=0.02)
         before = server.batch_stats()
         assert before["batches_created"] == 3 and "completed" not in before["status"].values()
         assert len(json.loads((out / "batches.json").read_text())["batches"]) == 3
